@@ -1,0 +1,122 @@
+"""The `infra` command line: a thin typer layer over the library modules.
+
+Each command group lives in its own module and imports its library lazily, so `infra --help` stays
+fast and never imports torch, pandas or the Docker SDK. `main()` is the one error boundary: it turns
+the `InfraError` family into one-line messages (or a JSON error document with `--json`) and the exit
+codes of DESIGN §5; tracebacks only with `--debug`.
+"""
+
+import importlib
+import logging
+import sys
+from typing import Annotated
+
+import typer
+
+from runner import __version__
+from runner.cli import validate as _validate
+from runner.cli import workdir as _workdir
+
+app = typer.Typer(
+    name="infra",
+    help="Validate protein-fitness experiment plans and run them in containers.\n\nExample: infra run plan.json --gpus all",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: rich formatting costs ~0.1 s of start-up
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class _State:
+    debug = False
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"infra {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More log output (-v info, -vv debug).")
+    ] = 0,
+) -> None:
+    """Validate protein-fitness experiment plans and run them in containers."""
+    _State.debug = debug
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+app.command("validate")(_validate.validate)
+app.command("schema")(_validate.schema)
+app.add_typer(_workdir.app, name="workdir")
+
+
+def _click_module():
+    """The click that typer runs on: typer >= 0.29 vendors it as `typer._click`, older releases use `click`."""
+    base = next(
+        c
+        for c in typer.Context.__mro__
+        if c.__name__ == "Context" and c.__module__.startswith(("click", "typer._click"))
+    )
+    return importlib.import_module(base.__module__.rsplit(".", 1)[0])
+
+
+def _wants_json(argv: list[str]) -> bool:
+    return "--json" in argv
+
+
+def _report(exc: Exception, argv: list[str]) -> int:
+    from runner.cli.output import emit_json, say
+    from runner.errors import InfraError, PlanError
+
+    assert isinstance(exc, InfraError)
+    if _wants_json(argv):
+        doc = {"error": {"type": type(exc).__name__, "message": exc.message, "exit_code": exc.exit_code}}
+        if isinstance(exc, PlanError):
+            doc["error"]["errors"] = [i.to_dict() for i in exc.issues]
+        emit_json(doc)
+    if isinstance(exc, PlanError):
+        for issue in exc.issues:
+            say(f"infra: error: {exc.source}: {issue}")
+    else:
+        say(f"infra: error: {exc.message}")
+    tail = getattr(exc, "log_tail", "")
+    if tail and not _wants_json(argv):
+        say(tail.rstrip())
+    return exc.exit_code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `infra` console script."""
+    from runner.errors import EXIT_INTERRUPTED, EXIT_USAGE, InfraError
+
+    click = _click_module()
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = app(args=args, prog_name="infra", standalone_mode=False)
+    except InfraError as exc:
+        if _State.debug:
+            import traceback
+
+            traceback.print_exc()
+        code = _report(exc, args)
+    except click.exceptions.UsageError as exc:
+        exc.show()
+        code = EXIT_USAGE
+    except click.exceptions.Abort:
+        code = EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("infra: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    sys.exit(code if isinstance(code, int) else 0)

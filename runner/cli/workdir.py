@@ -1,0 +1,61 @@
+"""`infra workdir get|set|clear`: the node-local workdir setting."""
+
+import os
+from typing import Annotated
+
+import typer
+
+from runner.cli.output import emit_json, say
+
+app = typer.Typer(
+    help="Show or change the node's workdir (INFRA_WORKDIR overrides the stored setting).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+JSON_OPT = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+@app.command("get")
+def get(json_out: JSON_OPT = False) -> None:
+    """Print the effective workdir; exit 2 with a hint when none is set.
+
+    Example: infra workdir get
+    """
+    from runner.workdir import get_workdir
+
+    path = get_workdir(required=True)
+    if json_out:
+        emit_json({"workdir": str(path)})
+    else:
+        typer.echo(str(path))
+
+
+@app.command("set")
+def set_(path: Annotated[str, typer.Argument(help="An existing directory.")], json_out: JSON_OPT = False) -> None:
+    """Store PATH as this node's workdir.
+
+    Example: infra workdir set ~/protein-work
+    """
+    from runner.workdir import ENV_VAR, set_workdir
+
+
+    stored = set_workdir(path)
+    if json_out:
+        emit_json({"workdir": str(stored)})
+    say(f"workdir set to {stored}")
+    if os.environ.get(ENV_VAR):
+        say(f"note: {ENV_VAR} is set in this environment and takes precedence")
+
+
+@app.command("clear")
+def clear(json_out: JSON_OPT = False) -> None:
+    """Forget the stored workdir.
+
+    Example: infra workdir clear
+    """
+    from runner.workdir import clear_workdir
+
+    had = clear_workdir()
+    if json_out:
+        emit_json({"cleared": had})
+    say("workdir cleared" if had else "no workdir was stored")

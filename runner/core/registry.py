@@ -1,0 +1,84 @@
+"""Named registries: the single way built-ins and plugins make vocabularies, embeddings, models,
+metrics and splits available.
+
+A registry maps a name to a factory. Registering a name twice is an error that names both
+origins, so two plugins can never silently shadow each other or a built-in.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class RegistryError(ValueError):
+    """Unknown name or duplicate registration."""
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    name: str
+    factory: Callable[..., T]
+    origin: str  # "module:qualname (file:line)" of the factory, for messages and `infra plugins list`
+    source_file: str
+
+
+def _origin(obj: Any) -> tuple[str, str]:
+    module = getattr(obj, "__module__", "?")
+    qualname = getattr(obj, "__qualname__", repr(obj))
+    try:
+        source_file = inspect.getsourcefile(obj) or "?"
+        line = inspect.getsourcelines(obj)[1]
+    except (TypeError, OSError):
+        source_file, line = "?", 0
+    return f"{module}:{qualname} ({source_file}:{line})", source_file
+
+
+class Registry(Generic[T]):
+    """Name → factory map for one kind of component (e.g. 'model')."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, factory: Callable[..., T] | None = None):
+        """Register `factory` under `name`; usable directly or as a decorator (`@registry.register("x")`)."""
+
+        def add(obj: Callable[..., T]) -> Callable[..., T]:
+            origin, source_file = _origin(obj)
+            existing = self._entries.get(name)
+            if existing is not None:
+                raise RegistryError(
+                    f"{self.kind} {name!r} is registered twice: by {existing.origin} and by {origin}; rename one of them"
+                )
+            self._entries[name] = Entry(name, obj, origin, source_file)
+            return obj
+
+        return add(factory) if factory is not None else add
+
+    def get(self, name: str) -> Callable[..., T]:
+        try:
+            return self._entries[name].factory
+        except KeyError:
+            known = ", ".join(sorted(self._entries)) or "none"
+            raise RegistryError(f"unknown {self.kind} {name!r}; registered: {known}") from None
+
+    def create(self, name: str, **params: Any) -> T:
+        return self.get(name)(**params)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry[T]]:
+        return [self._entries[n] for n in self.names()]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def unregister(self, name: str) -> None:
+        """Remove an entry (tests and plugin reloads only)."""
+        self._entries.pop(name, None)

@@ -1,0 +1,105 @@
+"""The one exception family of infra, each class mapped to a documented exit code.
+
+Library code raises these; only the CLI's error boundary (`runner.cli.main`) turns them into a
+one-line message and an exit code. Messages name the file, key, image or container involved and say
+what to do next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXIT_OK = 0
+EXIT_EXPERIMENT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ENVIRONMENT = 3
+EXIT_UNKNOWN_EXPERIMENT = 4
+EXIT_INTERRUPTED = 130
+
+
+class InfraError(Exception):
+    """Root of every error infra reports to a user."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(InfraError):
+    """Bad command-line input or configuration (exit 2)."""
+
+
+@dataclass(frozen=True)
+class PlanIssue:
+    """One problem in a plan: the dotted key path (or '' for the document) and what is wrong."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "message": self.message}
+
+
+class PlanError(InfraError):
+    """A plan that does not validate; carries every issue found, not just the first (exit 2)."""
+
+    def __init__(self, source: str, issues: list[PlanIssue]):
+        self.source = source
+        self.issues = list(issues)
+        first = str(self.issues[0]) if self.issues else "invalid plan"
+        more = f" (and {len(self.issues) - 1} more)" if len(self.issues) > 1 else ""
+        super().__init__(f"{source}: {first}{more}")
+
+
+class WorkdirError(UsageError):
+    """No usable workdir where one is required (exit 2)."""
+
+
+class DataError(InfraError):
+    """Bad input data: a database, CSV or selection that cannot be used (exit 2)."""
+
+
+class EnvironmentProblem(InfraError):
+    """The node cannot do what was asked: Docker unreachable, GPU runtime missing, disk full (exit 3)."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
+class BuildError(EnvironmentProblem):
+    """An image build failed; carries the failing step and the tail of the build log (exit 3)."""
+
+    def __init__(self, message: str, step: str = "", log_tail: str = ""):
+        super().__init__(message)
+        self.step = step
+        self.log_tail = log_tail
+
+
+class ExperimentFailed(InfraError):
+    """The experiment ran and failed: training or plugin code, container exited non-zero (exit 1)."""
+
+    exit_code = EXIT_EXPERIMENT_FAILED
+
+    def __init__(self, message: str, exit_status: int | None = None, log_tail: str = ""):
+        super().__init__(message)
+        self.exit_status = exit_status
+        self.log_tail = log_tail
+
+
+class UnknownExperiment(InfraError):
+    """No experiment with that id in the workdir (exit 4)."""
+
+    exit_code = EXIT_UNKNOWN_EXPERIMENT
+
+
+class Interrupted(InfraError):
+    """The user interrupted; the experiment was stopped and marked cancelled (exit 130)."""
+
+    exit_code = EXIT_INTERRUPTED

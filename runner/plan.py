@@ -1,0 +1,417 @@
+"""Loading a plan: JSON text → dotted keys expanded → `--set` overrides → typed `Plan` → semantic checks.
+
+Every problem is collected as a `PlanIssue(path, message)` and reported together in one `PlanError`,
+so a user fixes a plan in one round. Validation never needs Docker, torch or pandas: the database
+checks use the standard library's sqlite3.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sqlite3
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from runner.dbschema import check_database, connect_readonly
+from runner.errors import PlanError, PlanIssue, UsageError
+from runner.plan_models import (
+    GPU_LIST_PATTERN,
+    IDENTIFIER_PATTERN,
+    NAME_PATTERN,
+    REGISTRY_NAME_PATTERN,
+    SIZE_PATTERN,
+    Plan,
+)
+
+STDIN = "-"
+# Below these keys the user's dictionaries are passed to factories as they are: no dotted expansion.
+OPAQUE_KEYS = {"params"}
+UNION_MESSAGES = {
+    "data.dataset": "must be a dataset name or a list of dataset names",
+    "resources.gpus": 'must be "all", "none", a GPU count or a device list like "0,2"',
+    "train.devices": 'must be a positive integer or "auto"',
+}
+
+PATTERN_RULES = {
+    NAME_PATTERN: "use 1-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit",
+    IDENTIFIER_PATTERN: "must be a column name (letters, digits, '_'; not starting with a digit)",
+    REGISTRY_NAME_PATTERN: "must be a registered name (letters, digits, '.', '_', '-'; 1-64 characters)",
+    GPU_LIST_PATTERN: 'must be "all", "none", a GPU count or a device list like "0,2"',
+    SIZE_PATTERN: "must be a size like '512m' or '2g'",
+}
+
+
+@dataclass(frozen=True)
+class LoadedPlan:
+    """A validated plan plus where it came from; `resolved` is the JSON form with defaults filled in."""
+
+    plan: Plan
+    source: str
+    base_dir: Path
+
+    @property
+    def resolved(self) -> dict[str, Any]:
+        return self.plan.model_dump(mode="json")
+
+
+def read_plan_text(source: str) -> tuple[str, str, Path]:
+    """Return (text, display name, folder relative paths resolve against) for a file path or '-'."""
+    if source == STDIN:
+        return sys.stdin.read(), "<stdin>", Path.cwd()
+    path = Path(source)
+    if path.is_dir():
+        raise UsageError(f"{source} is a directory; pass the plan's JSON file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UsageError(f"plan file {source} does not exist; check the path (or pass '-' to read stdin)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"plan file {source} cannot be read: {exc}") from None
+    return text, source, path.resolve().parent
+
+
+def parse_json(text: str, source: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError(
+            source, [PlanIssue("", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")]
+        ) from None
+    if not isinstance(doc, dict):
+        raise PlanError(source, [PlanIssue("", f"a plan must be a JSON object, not {_json_type(doc)}")])
+    return doc
+
+
+def expand_dotted(doc: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], list[PlanIssue]]:
+    """Expand {"train.lr": 1} into {"train": {"lr": 1}} at every level except below OPAQUE_KEYS."""
+    issues: list[PlanIssue] = []
+    out: dict[str, Any] = {}
+    # Nested keys first, so a dotted key that collides with one is reported against the dotted form.
+    for key in sorted(doc, key=lambda k: "." in k):
+        value = doc[key]
+        parts = key.split(".")
+        if any(not p for p in parts):
+            issues.append(PlanIssue(prefix + key, "empty segment in dotted key"))
+            continue
+        target = out
+        for i, part in enumerate(parts[:-1]):
+            here = prefix + ".".join(parts[: i + 1])
+            existing = target.setdefault(part, {})
+            if not isinstance(existing, dict):
+                issues.append(PlanIssue(here, f"is {_json_type(existing)}, but '{prefix + key}' sets a key inside it"))
+                target = None
+                break
+            target = existing
+        if target is None:
+            continue
+        leaf = parts[-1]
+        path = prefix + key
+        if isinstance(value, dict) and leaf not in OPAQUE_KEYS:
+            value, sub = expand_dotted(value, path + ".")
+            issues.extend(sub)
+        if leaf in target:
+            if isinstance(target[leaf], dict) and isinstance(value, dict):
+                clash = set(target[leaf]) & set(value)
+                if clash:
+                    first = sorted(clash)[0]
+                    issues.append(PlanIssue(f"{path}.{first}", "given twice (nested and as a dotted key); keep one"))
+                    continue
+                target[leaf].update(value)
+                continue
+            issues.append(PlanIssue(path, "given twice (nested and as a dotted key); keep one"))
+            continue
+        target[leaf] = value
+    return out, issues
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse one `--set key=value`: the value is JSON when it parses, else the literal string."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=0.001")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set` items in order; later ones win. Intermediate objects are created as needed."""
+    for item in overrides:
+        key, value = parse_override(item)
+        parts = key.split(".")
+        target = doc
+        for i, part in enumerate(parts[:-1]):
+            nxt = target.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                where = ".".join(parts[: i + 1])
+                raise UsageError(f"--set {key}: '{where}' is {_json_type(nxt)} in the plan, not an object")
+            target = nxt
+        target[parts[-1]] = value
+    return doc
+
+
+def load_plan(
+    source: str,
+    overrides: list[str] | None = None,
+    workdir: Path | None = None,
+    check_db: bool = True,
+    text: str | None = None,
+) -> LoadedPlan:
+    """Read, expand, override, validate and semantically check a plan; raise PlanError with every issue.
+
+    `text` replaces reading `source` (used when stdin was already read). Relative `data.db` resolves
+    against the plan file's folder (the current directory for stdin), then `workdir`.
+    """
+    if text is None:
+        text, name, base_dir = read_plan_text(source)
+    else:
+        name, base_dir = ("<stdin>", Path.cwd()) if source == STDIN else (source, Path(source).resolve().parent)
+    doc = parse_json(text, name)
+    doc, issues = expand_dotted(doc)
+    if issues:
+        raise PlanError(name, issues)
+    doc = apply_overrides(doc, list(overrides or []))
+    doc, issues = expand_dotted(doc)
+    if issues:
+        raise PlanError(name, issues)
+    try:
+        plan = Plan.model_validate(doc)
+    except ValidationError as exc:
+        raise PlanError(name, _issues_from_pydantic(exc)) from None
+    plan = _resolve_db(plan, base_dir, workdir)
+    issues = semantic_issues(plan, check_db=check_db)
+    if issues:
+        raise PlanError(name, issues)
+    return LoadedPlan(plan=plan, source=name, base_dir=base_dir)
+
+
+def _resolve_db(plan: Plan, base_dir: Path, workdir: Path | None) -> Plan:
+    db = Path(os.path.expanduser(plan.data.db))
+    if not db.is_absolute():
+        candidates = [base_dir / db] + ([Path(workdir) / db] if workdir else [])
+        db = next((c for c in candidates if c.exists()), candidates[0])
+    data = plan.data.model_copy(update={"db": str(db.resolve())})
+    return plan.model_copy(update={"data": data})
+
+
+def semantic_issues(plan: Plan, check_db: bool = True) -> list[PlanIssue]:
+    """Checks a schema cannot express: cross-field rules and the database's real contents."""
+    issues: list[PlanIssue] = []
+    split = plan.split
+    if split.n_folds is not None and split.fold >= split.n_folds:
+        issues.append(PlanIssue("split.fold", f"must be < split.n_folds ({split.n_folds}); folds count from 0"))
+    if split.n_folds is None and split.fold != 0:
+        issues.append(PlanIssue("split.fold", "needs split.n_folds (k-fold cross-validation)"))
+    if split.n_folds is None and split.val_fraction + split.test_fraction >= 1:
+        issues.append(PlanIssue("split.val_fraction", "split.val_fraction + split.test_fraction must be < 1"))
+    if split.strategy == "column" and not split.column:
+        issues.append(PlanIssue("split.column", "required when split.strategy is 'column'"))
+    if split.strategy != "column" and split.column:
+        issues.append(
+            PlanIssue("split.column", "only used with split.strategy 'column'; remove it or set the strategy")
+        )
+    if plan.data.target == "DMS_score_bin" and plan.data.transform != "none":
+        issues.append(PlanIssue("data.transform", "applies to regression only; use 'none' with target DMS_score_bin"))
+    issues.extend(_where_shape_issues(plan))
+    if check_db:
+        issues.extend(_database_issues(plan))
+    return issues
+
+
+def _where_shape_issues(plan: Plan) -> list[PlanIssue]:
+    issues = []
+    for i, clause in enumerate(plan.data.where):
+        path, op, value = f"data.where[{i}].value", clause.op, clause.value
+        if op in ("is_null", "not_null"):
+            if value is not None:
+                issues.append(PlanIssue(path, f"must be absent for op '{op}'"))
+        elif op in ("in", "not_in"):
+            if not isinstance(value, list) or not value or not all(_is_scalar(v) for v in value):
+                issues.append(PlanIssue(path, f"must be a non-empty list of scalars for op '{op}'"))
+        elif op == "between":
+            if not isinstance(value, list) or len(value) != 2 or not all(_is_scalar(v) for v in value):
+                issues.append(PlanIssue(path, "must be [low, high] for op 'between'"))
+        elif not _is_scalar(value):
+            issues.append(PlanIssue(path, f"must be a string, number or boolean for op '{op}'"))
+    return issues
+
+
+def _database_issues(plan: Plan) -> list[PlanIssue]:
+    db = Path(plan.data.db)
+    problem = check_database(db)
+    if problem:
+        return [PlanIssue("data.db", problem)]
+    issues = []
+    try:
+        conn = connect_readonly(db)
+        try:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(mutations)")}
+            columns |= {row[1] for row in conn.execute("PRAGMA table_info(sources)")}
+            for i, clause in enumerate(plan.data.where):
+                if clause.column not in columns:
+                    issues.append(
+                        PlanIssue(
+                            f"data.where[{i}].column",
+                            f"no column {clause.column!r} in {db.name}; {_suggest(clause.column, columns)}",
+                        )
+                    )
+            wanted = [plan.data.dataset] if isinstance(plan.data.dataset, str) else list(plan.data.dataset or [])
+            if wanted:
+                known = {row[0] for row in conn.execute("SELECT source_text FROM sources")}
+                for name in wanted:
+                    if name not in known:
+                        issues.append(
+                            PlanIssue("data.dataset", f"no dataset {name!r} in {db.name}; {_suggest(name, known)}")
+                        )
+            if plan.split.column and plan.split.column not in columns:
+                issues.append(
+                    PlanIssue(
+                        "split.column",
+                        f"no column {plan.split.column!r} in {db.name}; {_suggest(plan.split.column, columns)}",
+                    )
+                )
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        issues.append(PlanIssue("data.db", f"{db} cannot be read: {exc}"))
+    return issues
+
+
+def _suggest(word: str, options: set[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(options), n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    listed = ", ".join(sorted(options)[:12])
+    return f"available: {listed}" if listed else "the table is empty"
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool)
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "null"
+    return "an object"
+
+
+# --- pydantic errors → PlanIssue ---------------------------------------------------------------
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel class inside an annotation (X, list[X], X | None, Annotated[X, ...]) if any."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _model_in(typing.get_args(annotation)[0])
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if origin in (list, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found:
+                return found
+    return None
+
+
+def _clean_loc(loc: tuple) -> tuple[str, type[BaseModel] | None, str | None]:
+    """Turn a pydantic loc into 'a.b[0].c', dropping union-member tags; also return the model at the end."""
+    model: type[BaseModel] | None = Plan
+    path = ""
+    last_field = None
+    for item in loc:
+        if isinstance(item, int):
+            path += f"[{item}]"
+            continue
+        if model is not None and item in model.model_fields:
+            path = f"{path}.{item}" if path else item
+            last_field = item
+            model = _model_in(model.model_fields[item].annotation)
+        elif model is None and last_field in OPAQUE_KEYS:
+            path = f"{path}.{item}"
+        # anything else is a union tag such as 'constrained-str' or 'list[...]'
+    return path, model, last_field
+
+
+def _issues_from_pydantic(exc: ValidationError) -> list[PlanIssue]:
+    issues: list[PlanIssue] = []
+    seen: set[str] = set()
+    for err in exc.errors(include_url=False):
+        loc = err["loc"]
+        if err["type"] == "extra_forbidden":
+            parent_path, parent_model, _ = _clean_loc(loc[:-1])
+            key = str(loc[-1])
+            path = f"{parent_path}.{key}" if parent_path else key
+            allowed = sorted(parent_model.model_fields) if parent_model else []
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(allowed)}"
+            issue = PlanIssue(path, f"unknown key; {hint}")
+        else:
+            path, _, _ = _clean_loc(loc)
+            union = next((u for u in UNION_MESSAGES if path == u or path.startswith((u + "[", u + "."))), None)
+            issue = PlanIssue(union, UNION_MESSAGES[union]) if union else PlanIssue(path, _message(err))
+        if str(issue) not in seen:
+            seen.add(str(issue))
+            issues.append(issue)
+    return issues
+
+
+def _message(err: dict) -> str:
+    kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
+    simple = {
+        "missing": "required key is missing",
+        "string_type": "must be a string",
+        "int_type": "must be an integer",
+        "int_parsing": "must be an integer",
+        "int_from_float": "must be an integer",
+        "float_type": "must be a number",
+        "float_parsing": "must be a number",
+        "bool_type": "must be true or false",
+        "bool_parsing": "must be true or false",
+        "dict_type": "must be an object",
+        "model_type": "must be an object",
+        "model_attributes_type": "must be an object",
+        "list_type": "must be a list",
+        "finite_number": "must be a finite number",
+    }
+    if kind in simple:
+        return simple[kind]
+    bounds = {
+        "greater_than": (">", "gt"),
+        "greater_than_equal": (">=", "ge"),
+        "less_than": ("<", "lt"),
+        "less_than_equal": ("<=", "le"),
+    }
+    if kind in bounds:
+        symbol, key = bounds[kind]
+        return f"must be {symbol} {ctx[key]:g}"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "string_too_long":
+        return f"must be at most {ctx['max_length']} characters"
+    if kind == "too_short":
+        return f"must have at least {ctx['min_length']} item(s)"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}"
+    if kind == "string_pattern_mismatch":
+        rule = PATTERN_RULES.get(ctx["pattern"], f"must match {ctx['pattern']}")
+        return f"{value!r} is not allowed: {rule}"
+    return err["msg"]

@@ -1,0 +1,143 @@
+"""The typed view of a plan (DESIGN §3): pydantic models that `schemas/plan.schema.json` is generated from.
+
+Every model forbids unknown keys. Defaults here are the documented defaults; `runner.plan` loads,
+expands dotted keys, applies overrides and runs the semantic checks a schema cannot express.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+REGISTRY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+GPU_LIST_PATTERN = r"^(all|none|[0-9]+(,[0-9]+)*)$"
+SIZE_PATTERN = r"^[0-9]+(\.[0-9]+)?[bkmgBKMG]?$"
+
+WHERE_OPS = ("=", "!=", "<", "<=", ">", ">=", "in", "not_in", "like", "between", "is_null", "not_null")
+SPLIT_STRATEGIES = ("random", "mut_num", "modulo", "contiguous", "column")
+DEFAULT_METRICS = ["spearman", "pearson", "mse", "rmse", "mae", "ndcg"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WhereClause(Strict):
+    """One filter on the `mutations` (or `sources`) columns; the value is always bound as a parameter."""
+
+    column: Annotated[str, Field(pattern=IDENTIFIER_PATTERN, description="column of the mutations table")]
+    op: Literal[WHERE_OPS] = Field(description="comparison operator")  # type: ignore[valid-type]
+    value: Any = Field(
+        default=None, description="scalar; a list for in/not_in; [low, high] for between; absent for is_null/not_null"
+    )
+
+
+class DataSpec(Strict):
+    db: Annotated[
+        str,
+        Field(min_length=1, description="SQLite database on the host; relative to the plan's folder, then the workdir"),
+    ]
+    dataset: str | list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, description="one sources.source_text value or a list of them; all when absent"
+    )
+    where: list[WhereClause] = Field(default_factory=list, description="filters, combined with AND")
+    target: Literal["DMS_score", "DMS_score_bin"] = Field(
+        default="DMS_score", description="DMS_score: regression; DMS_score_bin: classification"
+    )
+    transform: Literal["none", "log", "standardize", "rank"] = Field(
+        default="none", description="target transform for training; metrics stay on the original scale"
+    )
+    on_mismatch: Literal["error", "drop"] = Field(
+        default="error",
+        description="rows whose mutant does not match the template: fail naming the row, or drop them and report the count",
+    )
+    drop_nan: bool = Field(default=True, description="drop rows whose target is NaN/NULL (their count is reported)")
+    limit: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="read at most this many rows (in id order)"
+    )
+
+
+class NamedComponent(Strict):
+    name: Annotated[str, Field(pattern=REGISTRY_NAME_PATTERN, description="registered name (built-in or plugin)")]
+    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the component's factory")
+
+
+class VocabSpec(NamedComponent):
+    name: Annotated[str, Field(pattern=REGISTRY_NAME_PATTERN)] = "IUPAC"
+
+
+class EmbeddingSpec(NamedComponent):
+    name: Annotated[str, Field(pattern=REGISTRY_NAME_PATTERN)] = "onehot"
+
+
+class ModelSpec(NamedComponent):
+    pass
+
+
+class SplitSpec(Strict):
+    strategy: Literal[SPLIT_STRATEGIES] = "random"  # type: ignore[valid-type]
+    n_folds: Annotated[int, Field(ge=2, le=100)] | None = Field(
+        default=None, description="k-fold: the test set is fold `fold` of n_folds"
+    )
+    fold: Annotated[int, Field(ge=0)] = 0
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    seed: int = 0
+    column: Annotated[str, Field(pattern=IDENTIFIER_PATTERN)] | None = Field(
+        default=None, description="strategy=column: a mutations column holding train/val/test (or fold numbers)"
+    )
+    max_train_mut_num: Annotated[int, Field(ge=0)] = Field(
+        default=1,
+        description="strategy=mut_num: train/val on variants with at most this many mutations, test on the rest",
+    )
+
+
+class TrainSpec(Strict):
+    lr: Annotated[float, Field(gt=0, le=10)] = 1e-3
+    batch_size: Annotated[int, Field(gt=0, le=1_048_576)] = 256
+    max_epochs: Annotated[int, Field(gt=0, le=100_000)] = 30
+    seed: int = 0
+    precision: Literal["auto", "32", "bf16-mixed", "16-mixed", "64"] = Field(
+        default="auto", description="auto: bf16-mixed on a GPU that supports it, else 32"
+    )
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    early_stopping_patience: Annotated[int, Field(ge=0)] = Field(
+        default=5, description="epochs without val improvement; 0 disables early stopping"
+    )
+    devices: int | Literal["auto"] = "auto"
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    gradient_clip_val: Annotated[float, Field(ge=0)] | None = None
+    deterministic: bool = False
+
+
+class ResourcesSpec(Strict):
+    gpus: Annotated[str, Field(pattern=GPU_LIST_PATTERN)] | Annotated[int, Field(ge=0)] = Field(
+        default="none", description='"all", a count, a device list "0,2", or "none"; --gpus overrides it'
+    )
+    shm_size: Annotated[str, Field(pattern=SIZE_PATTERN)] = "1g"
+    memory: Annotated[str, Field(pattern=SIZE_PATTERN)] | None = None
+    cpus: Annotated[float, Field(gt=0)] | None = None
+    network: Literal["none", "bridge", "host"] = "none"
+
+
+class Plan(Strict):
+    """One experiment: what data, which components, how to split and train, what to report."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN, description="experiment name")]
+    experiment_id: Annotated[str, Field(pattern=NAME_PATTERN)] | None = Field(
+        default=None, description="explicit id; default <name>-<10 hex of sha256(plan + plugin image hash)>"
+    )
+    data: DataSpec
+    vocab: VocabSpec = Field(default_factory=VocabSpec)
+    embeddings: EmbeddingSpec = Field(default_factory=EmbeddingSpec)
+    model: ModelSpec
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    metrics: Annotated[list[Annotated[str, Field(pattern=REGISTRY_NAME_PATTERN)]], Field(min_length=1)] = Field(
+        default_factory=lambda: list(DEFAULT_METRICS)
+    )
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)

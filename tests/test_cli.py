@@ -1,0 +1,190 @@
+"""The `infra` command line as a user runs it: real subprocesses, exit codes, stdout/stderr discipline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def infra(*args, input=None, env=None, cwd=None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", "from runner.cli import main; main()", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or REPO,
+        timeout=120,
+    )
+
+
+def wkdir(*args, env=None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from runner.cli.wkdir import main; sys.exit(main())", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=60,
+    )
+
+
+def plan_file(tmp_path: Path, db: Path, **extra) -> Path:
+    doc = {"name": "demo", "data": {"db": str(db)}, "model": {"name": "linear"}, **extra}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_validate_good_plan(tmp_path, mini_db):
+    result = infra("validate", str(plan_file(tmp_path, mini_db)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert "valid (name demo, model linear" in result.stderr
+
+
+def test_validate_json_good_and_bad(tmp_path, mini_db):
+    good = infra("validate", str(plan_file(tmp_path, mini_db)), "--json")
+    doc = json.loads(good.stdout)
+    assert good.returncode == 0 and doc["valid"] is True and doc["errors"] == []
+    assert doc["plan"]["train"]["lr"] == 0.001
+    bad = infra("validate", str(plan_file(tmp_path, mini_db, train={"lr": 0})), "--json")
+    assert bad.returncode == 2
+    assert json.loads(bad.stdout) == {
+        "valid": False,
+        "source": str(tmp_path / "plan.json"),
+        "errors": [{"path": "train.lr", "message": "must be > 0"}],
+    }
+
+
+def test_validate_stdin_and_set(tmp_path, mini_db):
+    doc = {"name": "demo", "data": {"db": str(mini_db)}, "model": {"name": "linear"}}
+    result = infra("validate", "-", "--set", "train.lr=-1", "--set", "model.name=cnn", input=json.dumps(doc))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "<stdin>: train.lr: must be > 0"
+
+
+def test_validate_missing_file_exit_2():
+    result = infra("validate", "no-such-plan.json")
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == "infra: error: plan file no-such-plan.json does not exist; check the path (or pass '-' to read stdin)"
+    )
+
+
+def test_unknown_command_and_option_exit_2():
+    assert infra("frobnicate").returncode == 2
+    assert infra("validate", "--nope").returncode == 2
+
+
+def test_version():
+    result = infra("--version")
+    assert result.returncode == 0 and result.stdout.startswith("infra ")
+
+
+def test_schema_command_prints_published_schema():
+    result = infra("schema")
+    assert result.returncode == 0
+    assert result.stdout == (REPO / "schemas" / "plan.schema.json").read_text()
+
+
+def test_workdir_roundtrip_and_alias(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    assert infra("workdir", "get").returncode == 2
+    unset = wkdir("--get")
+    assert unset.returncode == 2
+    assert "no workdir is set; set one with 'infra workdir set PATH'" in unset.stderr
+    assert infra("workdir", "set", str(work)).returncode == 0
+    assert infra("workdir", "get").stdout.strip() == str(work)
+    assert wkdir("--get").stdout.strip() == str(work)
+    assert json.loads(infra("workdir", "get", "--json").stdout) == {"workdir": str(work)}
+    # INFRA_WORKDIR overrides the stored value
+    other = tmp_path / "other"
+    other.mkdir()
+    assert infra("workdir", "get", env={"INFRA_WORKDIR": str(other)}).stdout.strip() == str(other)
+    assert wkdir("--clear").returncode == 0
+    assert infra("workdir", "get").returncode == 2
+    assert wkdir("--set", str(work)).returncode == 0
+    assert infra("workdir", "get").stdout.strip() == str(work)
+    assert infra("workdir", "clear").returncode == 0
+    assert wkdir("--get").returncode == 2
+
+
+def test_workdir_set_nonexistent_is_exit_2(tmp_path):
+    result = infra("workdir", "set", str(tmp_path / "missing"))
+    assert result.returncode == 2
+    assert f"workdir {tmp_path / 'missing'} is not an existing directory" in result.stderr
+
+
+def test_wkdir_alias_flags_are_exclusive():
+    assert wkdir("--get", "--clear").returncode == 2
+    assert wkdir().returncode == 2
+
+
+def test_json_error_document_for_infra_errors():
+    result = infra("workdir", "get", "--json")
+    assert result.returncode == 2
+    doc = json.loads(result.stdout)
+    assert doc["error"]["type"] == "WorkdirError" and doc["error"]["exit_code"] == 2
+
+
+def _commands(group, prefix=()):
+    for name, cmd in sorted(group.commands.items()):
+        yield prefix + (name,), cmd
+        if hasattr(cmd, "commands"):
+            yield from _commands(cmd, prefix + (name,))
+
+
+def test_every_command_has_help_and_example():
+    import typer.main
+
+    from runner.cli import app
+
+    root = typer.main.get_command(app)
+    missing = []
+    for path, cmd in _commands(root):
+        text = cmd.help or ""
+        if not text.strip():
+            missing.append(" ".join(path))
+        elif not hasattr(cmd, "commands") and "Example:" not in text:
+            missing.append(" ".join(path) + " (no example)")
+    assert missing == []
+
+
+@pytest.mark.parametrize("entry", ["runner.cli", "runner.cli.wkdir"])
+def test_cli_import_stays_light(entry):
+    code = (
+        f"import sys; import {entry}; "
+        "heavy = [m for m in ('torch', 'docker', 'pandas', 'numpy', 'lightning', 'runner.core') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_validate_does_not_import_heavy_modules(tmp_path, mini_db):
+    path = plan_file(tmp_path, mini_db)
+    code = (
+        "import sys\n"
+        "from runner.cli import main\n"
+        "try:\n"
+        f"    main(['validate', {str(path)!r}])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "print(','.join(m for m in ('torch', 'docker', 'pandas', 'numpy', 'jsonschema') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""

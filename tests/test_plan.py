@@ -1,0 +1,323 @@
+"""The plan contract: loading, dotted keys, overrides, and every kind of bad plan with its exact message."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from runner.errors import PlanError, UsageError
+from runner.plan import expand_dotted, load_plan
+from runner.schema import SCHEMA_PATH, plan_schema, render
+
+
+def good(db: Path, **extra) -> dict:
+    doc = {"name": "blat-linear", "data": {"db": str(db)}, "model": {"name": "linear"}}
+    doc.update(extra)
+    return doc
+
+
+def issues_of(doc, **kw) -> list[str]:
+    with pytest.raises(PlanError) as info:
+        load_plan("plan.json", text=doc if isinstance(doc, str) else json.dumps(doc), **kw)
+    return [str(i) for i in info.value.issues]
+
+
+def test_good_plan_fills_defaults(mini_db):
+    loaded = load_plan("plan.json", text=json.dumps(good(mini_db)))
+    resolved = loaded.resolved
+    assert resolved["train"]["lr"] == 0.001
+    assert resolved["embeddings"]["name"] == "onehot"
+    assert resolved["vocab"]["name"] == "IUPAC"
+    assert resolved["split"]["strategy"] == "random"
+    assert resolved["data"]["db"] == str(mini_db.resolve())
+    assert resolved["resources"]["network"] == "none"
+
+
+def test_dotted_and_nested_are_equivalent(mini_db):
+    nested = load_plan("p", text=json.dumps(good(mini_db, train={"lr": 0.01, "batch_size": 32}))).resolved
+    dotted = load_plan("p", text=json.dumps(good(mini_db, **{"train.lr": 0.01, "train.batch_size": 32}))).resolved
+    mixed = load_plan("p", text=json.dumps(good(mini_db, train={"lr": 0.01}, **{"train.batch_size": 32}))).resolved
+    assert nested == dotted == mixed
+
+
+def test_set_overrides_parse_json_else_string(mini_db):
+    loaded = load_plan(
+        "p",
+        text=json.dumps(good(mini_db)),
+        overrides=["train.lr=0.05", "model.params.hidden=[64, 32]", "name=other", "split.strategy=mut_num"],
+    )
+    assert loaded.plan.train.lr == 0.05
+    assert loaded.plan.model.params == {"hidden": [64, 32]}
+    assert loaded.plan.name == "other"
+    assert loaded.plan.split.strategy == "mut_num"
+
+
+def test_set_without_equals_is_usage_error(mini_db):
+    with pytest.raises(UsageError, match=r"--set 'train.lr': expected KEY=VALUE"):
+        load_plan("p", text=json.dumps(good(mini_db)), overrides=["train.lr"])
+
+
+def test_params_keep_dotted_keys(mini_db):
+    loaded = load_plan("p", text=json.dumps(good(mini_db, model={"name": "mlp", "params": {"a.b": 1}})))
+    assert loaded.plan.model.params == {"a.b": 1}
+
+
+def test_relative_db_resolves_against_plan_folder_then_workdir(tmp_path, mini_db):
+    plan_dir = tmp_path / "plans"
+    plan_dir.mkdir()
+    (plan_dir / "p.json").write_text(json.dumps(good(Path("mini.db"))))
+    # not beside the plan: falls back to the workdir (tmp_path holds mini.db)
+    assert load_plan(str(plan_dir / "p.json"), workdir=tmp_path).plan.data.db == str(mini_db.resolve())
+    # beside the plan wins
+    from tests.conftest import make_db
+
+    local = make_db(plan_dir / "mini.db")
+    assert load_plan(str(plan_dir / "p.json"), workdir=tmp_path).plan.data.db == str(local.resolve())
+
+
+def test_all_errors_reported_at_once(mini_db):
+    found = issues_of(good(mini_db, train={"lr": -1, "batch_size": 0}, resources={"gpus": "some"}))
+    assert found == [
+        "train.lr: must be > 0",
+        "train.batch_size: must be > 0",
+        'resources.gpus: must be "all", "none", a GPU count or a device list like "0,2"',
+    ]
+
+
+BAD_PLANS = [
+    # (id, plan (dict or raw text), exact messages)
+    ("missing-name", lambda db: {"data": {"db": db}, "model": {"name": "linear"}}, ["name: required key is missing"]),
+    (
+        "missing-data-model",
+        lambda db: {"name": "x"},
+        ["data: required key is missing", "model: required key is missing"],
+    ),
+    ("name-wrong-type", lambda db: good(db, name=5), ["name: must be a string"]),
+    (
+        "name-uppercase",
+        lambda db: good(db, name="BLAT"),
+        [
+            "name: 'BLAT' is not allowed: use 1-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+        ],
+    ),
+    (
+        "name-traversal",
+        lambda db: good(db, name="../etc"),
+        [
+            "name: '../etc' is not allowed: use 1-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+        ],
+    ),
+    (
+        "name-slash",
+        lambda db: good(db, name="a/b"),
+        [
+            "name: 'a/b' is not allowed: use 1-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+        ],
+    ),
+    (
+        "name-too-long",
+        lambda db: good(db, name="a" * 65),
+        [
+            f"name: '{'a' * 65}' is not allowed: use 1-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+        ],
+    ),
+    (
+        "experiment-id-traversal",
+        lambda db: good(db, experiment_id=".."),
+        [
+            "experiment_id: '..' is not allowed: use 1-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+        ],
+    ),
+    ("unknown-top-key", lambda db: good(db, modle={"name": "x"}), ["modle: unknown key; did you mean 'model'?"]),
+    (
+        "unknown-nested-key",
+        lambda db: good(db, train={"lrate": 0.1}),
+        [
+            "train.lrate: unknown key; allowed: accelerator, batch_size, deterministic, devices, early_stopping_patience, gradient_clip_val, lr, max_epochs, optimizer, precision, seed, weight_decay"
+        ],
+    ),
+    (
+        "unknown-dotted-key",
+        lambda db: good(db, **{"train.epochs": 3}),
+        ["train.epochs: unknown key; did you mean 'max_epochs'?"],
+    ),
+    ("negative-lr", lambda db: good(db, train={"lr": -0.1}), ["train.lr: must be > 0"]),
+    ("lr-string", lambda db: good(db, train={"lr": "fast"}), ["train.lr: must be a number"]),
+    ("batch-float", lambda db: good(db, train={"batch_size": 3.5}), ["train.batch_size: must be an integer"]),
+    ("empty-model", lambda db: good(db, model={}), ["model.name: required key is missing"]),
+    (
+        "empty-model-name",
+        lambda db: good(db, model={"name": ""}),
+        ["model.name: '' is not allowed: must be a registered name (letters, digits, '.', '_', '-'; 1-64 characters)"],
+    ),
+    ("model-not-object", lambda db: good(db, model="linear"), ["model: must be an object"]),
+    (
+        "bad-target",
+        lambda db: good(db, data={"db": db, "target": "score"}),
+        ["data.target: must be one of 'DMS_score' or 'DMS_score_bin'"],
+    ),
+    (
+        "bad-split",
+        lambda db: good(db, split={"strategy": "stratified"}),
+        ["split.strategy: must be one of 'random', 'mut_num', 'modulo', 'contiguous' or 'column'"],
+    ),
+    (
+        "fold-out-of-range",
+        lambda db: good(db, split={"n_folds": 5, "fold": 5}),
+        ["split.fold: must be < split.n_folds (5); folds count from 0"],
+    ),
+    (
+        "fold-without-folds",
+        lambda db: good(db, split={"fold": 1}),
+        ["split.fold: needs split.n_folds (k-fold cross-validation)"],
+    ),
+    (
+        "fractions-too-big",
+        lambda db: good(db, split={"val_fraction": 0.5, "test_fraction": 0.5}),
+        ["split.val_fraction: split.val_fraction + split.test_fraction must be < 1"],
+    ),
+    (
+        "column-split-without-column",
+        lambda db: good(db, split={"strategy": "column"}),
+        ["split.column: required when split.strategy is 'column'"],
+    ),
+    (
+        "bad-gpus",
+        lambda db: good(db, resources={"gpus": "0,,1"}),
+        ['resources.gpus: must be "all", "none", a GPU count or a device list like "0,2"'],
+    ),
+    (
+        "bad-network",
+        lambda db: good(db, resources={"network": "overlay"}),
+        ["resources.network: must be one of 'none', 'bridge' or 'host'"],
+    ),
+    ("empty-metrics", lambda db: good(db, metrics=[]), ["metrics: must have at least 1 item(s)"]),
+    (
+        "where-bad-op",
+        lambda db: good(db, data={"db": db, "where": [{"column": "mut_num", "op": "~", "value": 1}]}),
+        [
+            "data.where[0].op: must be one of '=', '!=', '<', '<=', '>', '>=', 'in', 'not_in', 'like', 'between', 'is_null' or 'not_null'"
+        ],
+    ),
+    (
+        "where-injection-column",
+        lambda db: good(
+            db, data={"db": db, "where": [{"column": "mut_num; DROP TABLE mutations", "op": "=", "value": 1}]}
+        ),
+        [
+            "data.where[0].column: 'mut_num; DROP TABLE mutations' is not allowed: must be a column name (letters, digits, '_'; not starting with a digit)"
+        ],
+    ),
+    (
+        "where-unknown-column",
+        lambda db: good(db, data={"db": db, "where": [{"column": "mutnum", "op": "=", "value": 1}]}),
+        ["data.where[0].column: no column 'mutnum' in plan-db.sqlite; did you mean 'mut_num'?"],
+    ),
+    (
+        "where-between-shape",
+        lambda db: good(db, data={"db": db, "where": [{"column": "mut_num", "op": "between", "value": 1}]}),
+        ["data.where[0].value: must be [low, high] for op 'between'"],
+    ),
+    (
+        "where-in-empty",
+        lambda db: good(db, data={"db": db, "where": [{"column": "mut_num", "op": "in", "value": []}]}),
+        ["data.where[0].value: must be a non-empty list of scalars for op 'in'"],
+    ),
+    (
+        "unknown-dataset",
+        lambda db: good(db, data={"db": db, "dataset": "BLAT"}),
+        ["data.dataset: no dataset 'BLAT' in plan-db.sqlite; did you mean 'BLAT_mini'?"],
+    ),
+    (
+        "transform-on-classification",
+        lambda db: good(db, data={"db": db, "target": "DMS_score_bin", "transform": "log"}),
+        ["data.transform: applies to regression only; use 'none' with target DMS_score_bin"],
+    ),
+    (
+        "missing-db",
+        lambda db: good(db, data={"db": "/nonexistent/x.db"}),
+        ["data.db: /nonexistent/x.db does not exist; create it with 'infra data import' or fix the path"],
+    ),
+    ("db-not-sqlite", lambda db: good(db, data={"db": "NOTSQLITE"}), ["data.db: NOTSQLITE is not a SQLite database"]),
+    (
+        "db-without-tables",
+        lambda db: good(db, data={"db": "NO_TABLES"}),
+        ["data.db: NO_TABLES has no 'sources' and no 'mutations' table; import data with 'infra data import'"],
+    ),
+    (
+        "dotted-nested-conflict",
+        lambda db: good(db, train={"lr": 0.1}, **{"train.lr": 0.2}),
+        ["train.lr: given twice (nested and as a dotted key); keep one"],
+    ),
+    (
+        "dotted-into-scalar",
+        lambda db: good(db, train=3, **{"train.lr": 0.2}),
+        ["train: is a number, but 'train.lr' sets a key inside it"],
+    ),
+    (
+        "malformed-json",
+        lambda db: '{"name": "x",\n  "data": {"db": 1}\n  "model": {}}',
+        ["invalid JSON at line 3, column 3: Expecting ',' delimiter"],
+    ),
+    ("not-an-object", lambda db: "[1, 2]", ["a plan must be a JSON object, not a list"]),
+]
+
+
+@pytest.fixture
+def bad_plan_env(tmp_path):
+    from tests.conftest import make_db
+
+    db = make_db(tmp_path / "plan-db.sqlite")
+    (tmp_path / "NOTSQLITE").write_text("hello")
+    sqlite3.connect(tmp_path / "NO_TABLES").execute("CREATE TABLE other(x)").connection.close()
+    return tmp_path, db
+
+
+@pytest.mark.parametrize("case_id,make,expected", BAD_PLANS, ids=[c[0] for c in BAD_PLANS])
+def test_bad_plans(case_id, make, expected, bad_plan_env, monkeypatch):
+    folder, db = bad_plan_env
+    monkeypatch.chdir(folder)
+    doc = make(str(db))
+    messages = issues_of(doc)
+    # data.db paths are reported as resolved; compare on the user-facing part
+    messages = [m.replace(str(folder) + "/", "") for m in messages]
+    assert messages == expected
+
+
+def test_at_least_25_distinct_bad_plans():
+    assert len({c[0] for c in BAD_PLANS}) >= 25
+
+
+def test_schema_file_is_current():
+    assert SCHEMA_PATH.read_text(encoding="utf-8") == render(plan_schema()), "run: python -m runner.schema"
+
+
+def test_schema_agrees_with_models_on_cases(mini_db):
+    validator = jsonschema.Draft202012Validator(plan_schema())
+    jsonschema.Draft202012Validator.check_schema(plan_schema())
+    ok = good(
+        str(mini_db),
+        train={"lr": 0.01, "devices": 1},
+        resources={"gpus": "0,2"},
+        data={"db": str(mini_db), "dataset": ["a"]},
+    )
+    assert not list(validator.iter_errors(ok))
+    for doc in (
+        good(str(mini_db), train={"lr": -1}),
+        good(str(mini_db), model={}),
+        good(str(mini_db), extra=1),
+        good(str(mini_db), resources={"gpus": "x"}),
+        good(str(mini_db), name="UPPER"),
+    ):
+        assert list(validator.iter_errors(doc)), doc
+        with pytest.raises(PlanError):
+            load_plan("p", text=json.dumps(doc), check_db=False)
+
+
+def test_expand_dotted_deep():
+    out, issues = expand_dotted({"a.b.c": 1, "a": {"b": {"d": 2}}})
+    assert issues == [] and out == {"a": {"b": {"c": 1, "d": 2}}}
