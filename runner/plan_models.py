@@ -66,11 +66,15 @@ class NamedComponent(Strict):
 
 
 class VocabSpec(NamedComponent):
-    name: Annotated[str, Field(pattern=REGISTRY_NAME_PATTERN)] = "IUPAC"
+    name: Annotated[str, Field(pattern=REGISTRY_NAME_PATTERN)] = Field(
+        default="IUPAC", description="registered vocabulary"
+    )
 
 
 class EmbeddingSpec(NamedComponent):
-    name: Annotated[str, Field(pattern=REGISTRY_NAME_PATTERN)] = "onehot"
+    name: Annotated[str, Field(pattern=REGISTRY_NAME_PATTERN)] = Field(
+        default="onehot", description="registered embedding, applied per batch on the training device"
+    )
 
 
 class ModelSpec(NamedComponent):
@@ -78,14 +82,23 @@ class ModelSpec(NamedComponent):
 
 
 class SplitSpec(Strict):
-    strategy: Literal[SPLIT_STRATEGIES] = "random"  # type: ignore[valid-type]
+    strategy: Literal[SPLIT_STRATEGIES] = Field(  # type: ignore[valid-type]
+        default="random",
+        description="random; mut_num (train on fewer mutations, test on more); modulo / contiguous (ProteinGym position folds); column",
+    )
     n_folds: Annotated[int, Field(ge=2, le=100)] | None = Field(
         default=None, description="k-fold: the test set is fold `fold` of n_folds"
     )
-    fold: Annotated[int, Field(ge=0)] = 0
-    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
-    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    seed: int = 0
+    fold: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="which fold is the test set (0-based); needs n_folds"
+    )
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        default=0.2, description="share of rows in the test set (no n_folds)"
+    )
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.1, description="share of the non-test rows used for validation"
+    )
+    seed: int = Field(default=0, description="seed of the split's shuffling")
     column: Annotated[str, Field(pattern=IDENTIFIER_PATTERN)] | None = Field(
         default=None, description="strategy=column: a mutations column holding train/val/test (or fold numbers)"
     )
@@ -96,32 +109,40 @@ class SplitSpec(Strict):
 
 
 class TrainSpec(Strict):
-    lr: Annotated[float, Field(gt=0, le=10)] = 1e-3
-    batch_size: Annotated[int, Field(gt=0, le=1_048_576)] = 256
-    max_epochs: Annotated[int, Field(gt=0, le=100_000)] = 30
-    seed: int = 0
+    lr: Annotated[float, Field(gt=0, le=10)] = Field(default=1e-3, description="learning rate")
+    batch_size: Annotated[int, Field(gt=0, le=1_048_576)] = Field(default=256, description="variants per step")
+    max_epochs: Annotated[int, Field(gt=0, le=100_000)] = Field(default=30, description="upper bound on epochs")
+    seed: int = Field(default=0, description="seed of weights, shuffling and dropout (Lightning seed_everything)")
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed", "64"] = Field(
         default="auto", description="auto: bf16-mixed on a GPU that supports it, else 32"
     )
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0)] = Field(
+        default=0.0, description="optimizer weight decay (L2)"
+    )
     early_stopping_patience: Annotated[int, Field(ge=0)] = Field(
         default=5, description="epochs without val improvement; 0 disables early stopping"
     )
-    devices: int | Literal["auto"] = "auto"
-    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
-    gradient_clip_val: Annotated[float, Field(ge=0)] | None = None
-    deterministic: bool = False
+    devices: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(default="auto", description="Lightning devices")
+    accelerator: Literal["auto", "cpu", "gpu"] = Field(default="auto", description="auto: the GPU when one is visible")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field(default="adamw", description="optimizer")
+    gradient_clip_val: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="clip gradients to this norm"
+    )
+    deterministic: bool = Field(default=False, description="torch deterministic algorithms (slower)")
 
 
 class ResourcesSpec(Strict):
     gpus: Annotated[str, Field(pattern=GPU_LIST_PATTERN)] | Annotated[int, Field(ge=0)] = Field(
         default="none", description='"all", a count, a device list "0,2", or "none"; --gpus overrides it'
     )
-    shm_size: Annotated[str, Field(pattern=SIZE_PATTERN)] = "1g"
-    memory: Annotated[str, Field(pattern=SIZE_PATTERN)] | None = None
-    cpus: Annotated[float, Field(gt=0)] | None = None
-    network: Literal["none", "bridge", "host"] = "none"
+    shm_size: Annotated[str, Field(pattern=SIZE_PATTERN)] = Field(default="1g", description="container /dev/shm size")
+    memory: Annotated[str, Field(pattern=SIZE_PATTERN)] | None = Field(
+        default=None, description="container memory limit, e.g. 16g"
+    )
+    cpus: Annotated[float, Field(gt=0)] | None = Field(default=None, description="container CPU limit")
+    network: Literal["none", "bridge", "host"] = Field(
+        default="none", description="container network; none keeps training offline"
+    )
 
 
 class Plan(Strict):
@@ -138,6 +159,6 @@ class Plan(Strict):
     split: SplitSpec = Field(default_factory=SplitSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     metrics: Annotated[list[Annotated[str, Field(pattern=REGISTRY_NAME_PATTERN)]], Field(min_length=1)] = Field(
-        default_factory=lambda: list(DEFAULT_METRICS)
+        default_factory=lambda: list(DEFAULT_METRICS), description="registered metrics reported on val and test"
     )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)

@@ -29,14 +29,55 @@ def plan_schema() -> dict:
     return doc
 
 
+def plan_keys_table() -> str:
+    """A Markdown table of every plan key with its type, default and description (docs/plans.md)."""
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    rows = ["| key | default | description |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            sub = (
+                field.annotation
+                if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+                else None
+            )
+            if sub is not None:
+                walk(sub, f"{key}.")
+                continue
+            if field.is_required():
+                default = "required"
+            elif field.default_factory is not None:
+                default = f"`{json.dumps(field.default_factory())}`"
+            elif field.default is PydanticUndefined:
+                default = ""
+            else:
+                default = f"`{json.dumps(field.default)}`"
+            desc = (field.description or "").replace("|", "\\|")
+            rows.append(f"| `{key}` | {default} | {desc} |")
+
+    walk(Plan, "")
+    return "\n".join(rows) + "\n"
+
+
 def render(schema: dict) -> str:
     return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+DOCS_PATH = SCHEMA_PATH.parent.parent / "docs" / "plans.md"
+
+
 def main() -> int:
+    """Rewrite schemas/plan.schema.json and the key table in docs/plans.md from the models."""
     SCHEMA_PATH.parent.mkdir(parents=True, exist_ok=True)
     SCHEMA_PATH.write_text(render(plan_schema()), encoding="utf-8")
-    print(f"wrote {SCHEMA_PATH}", file=sys.stderr)
+    text = DOCS_PATH.read_text(encoding="utf-8")
+    start = text.index("-->\n", text.index("<!-- keys:start")) + 4
+    end = text.index("<!-- keys:end -->")
+    DOCS_PATH.write_text(text[:start] + plan_keys_table() + text[end:], encoding="utf-8")
+    print(f"wrote {SCHEMA_PATH} and the key table of {DOCS_PATH}", file=sys.stderr)
     return 0
 
 

@@ -321,3 +321,12 @@ def test_schema_agrees_with_models_on_cases(mini_db):
 def test_expand_dotted_deep():
     out, issues = expand_dotted({"a.b.c": 1, "a": {"b": {"d": 2}}})
     assert issues == [] and out == {"a": {"b": {"c": 1, "d": 2}}}
+
+
+def test_docs_plan_keys_table_is_current():
+    from runner.schema import plan_keys_table
+
+    text = (SCHEMA_PATH.parent.parent / "docs" / "plans.md").read_text(encoding="utf-8")
+    start = text.index("-->\n", text.index("<!-- keys:start")) + 4
+    end = text.index("<!-- keys:end -->")
+    assert text[start:end] == plan_keys_table(), "regenerate the table in docs/plans.md from runner.schema.plan_keys_table()"

@@ -14,6 +14,9 @@ from typing import Annotated
 import typer
 
 from runner import __version__
+from runner.cli import data as _data
+from runner.cli import lifecycle as _lifecycle
+from runner.cli import run as _run
 from runner.cli import validate as _validate
 from runner.cli import workdir as _workdir
 
@@ -55,8 +58,16 @@ def _root(
 
 
 app.command("validate")(_validate.validate)
+app.command("run")(_run.run)
+app.command("build")(_run.build)
+app.command("status")(_lifecycle.status)
+app.command("logs")(_lifecycle.logs)
+app.command("stop")(_lifecycle.stop)
+app.command("ls")(_lifecycle.ls)
 app.command("schema")(_validate.schema)
+app.command("init")(_workdir.init)
 app.add_typer(_workdir.app, name="workdir")
+app.add_typer(_data.app, name="data")
 
 
 def _click_module():
@@ -111,9 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.UsageError as exc:
         exc.show()
         code = EXIT_USAGE
-    except click.exceptions.Abort:
-        code = EXIT_INTERRUPTED
-    except KeyboardInterrupt:
+    except (typer.Abort, KeyboardInterrupt):
         print("infra: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
     except click.exceptions.ClickException as exc:

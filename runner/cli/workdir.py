@@ -1,6 +1,7 @@
 """`infra workdir get|set|clear`: the node-local workdir setting."""
 
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -38,7 +39,6 @@ def set_(path: Annotated[str, typer.Argument(help="An existing directory.")], js
     """
     from runner.workdir import ENV_VAR, set_workdir
 
-
     stored = set_workdir(path)
     if json_out:
         emit_json({"workdir": str(stored)})
@@ -59,3 +59,27 @@ def clear(json_out: JSON_OPT = False) -> None:
     if json_out:
         emit_json({"cleared": had})
     say("workdir cleared" if had else "no workdir was stored")
+
+
+def init(
+    directory: Annotated[Path, typer.Argument(help="Directory to create (must be empty or absent).")],
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Add missing template files to a non-empty directory; existing files are kept."),
+    ] = False,
+    set_default: Annotated[bool, typer.Option("--set-workdir", help="Also make it this node's workdir.")] = False,
+    json_out: JSON_OPT = False,
+) -> None:
+    """Create a new workdir from plugins_template/ (example plugins, plans, README).
+
+    Example: infra init ~/protein-work --set-workdir
+    """
+    from runner.template import init_workdir
+    from runner.workdir import set_workdir
+
+    created = init_workdir(directory, force=force)
+    if set_default:
+        set_workdir(directory)
+    if json_out:
+        emit_json({"workdir": str(directory.resolve()), "created": created})
+    say(f"workdir {directory} ready ({len(created)} files); next: infra data demo --db {directory}/data/blat_ecolx.db")

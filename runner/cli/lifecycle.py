@@ -1,0 +1,123 @@
+"""`infra status`, `infra logs`, `infra stop`, `infra ls`: experiments as the engine really sees them."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from runner.cli.output import emit_json, say
+from runner.cli.run import WORKDIR_OPT, _metrics, _workdir
+
+JSON_OPT = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+ID_ARG = Annotated[str, typer.Argument(help="Experiment id (from 'infra run' or 'infra ls').")]
+STATUS_KEYS = (
+    "experiment_id",
+    "name",
+    "state",
+    "attempt",
+    "backend",
+    "exp_dir",
+    "image",
+    "image_id",
+    "container_id",
+    "pid",
+    "exit_code",
+    "message",
+    "host",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "updated_at",
+)
+
+
+def status_document(record: dict) -> dict:
+    doc = {k: record.get(k) for k in STATUS_KEYS}
+    doc["verified"] = record.get("verified", True)
+    if record.get("state") == "succeeded":
+        doc.update(_metrics(Path(record["exp_dir"])))
+    return doc
+
+
+def status(experiment_id: ID_ARG, json_out: JSON_OPT = False, workdir: WORKDIR_OPT = None) -> None:
+    """Show an experiment's state, checked against the engine (exit 4 if unknown).
+
+    Example: infra status blat-linear-3f2a9c01de --json
+    """
+    from runner.experiments import find
+    from runner.lifecycle import reconcile
+
+    record = reconcile(find(_workdir(workdir), experiment_id))
+    doc = status_document(record)
+    if json_out:
+        emit_json(doc)
+        return
+    for key, value in doc.items():
+        if value is not None and not isinstance(value, dict):
+            typer.echo(f"{key:14} {value}")
+    if doc.get("test"):
+        typer.echo(
+            "test           " + ", ".join(f"{k} {v:.4f}" for k, v in doc["test"].items() if isinstance(v, float))
+        )
+
+
+def logs(
+    experiment_id: ID_ARG,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the training ends.")] = False,
+    tail: Annotated[int | None, typer.Option("--tail", help="Only the last N lines.")] = None,
+    workdir: WORKDIR_OPT = None,
+) -> None:
+    """Print an experiment's training output (stdout and stderr of the container or process).
+
+    Example: infra logs blat-linear-3f2a9c01de --follow
+    """
+    from runner.experiments import find
+    from runner.lifecycle import follow_logs
+
+    exp = find(_workdir(workdir), experiment_id)
+    follow_logs(exp, lambda line: typer.echo(line), follow=follow, tail=tail)
+
+
+def stop(
+    experiment_id: ID_ARG,
+    timeout: Annotated[int, typer.Option("--timeout", help="Seconds to wait for a graceful stop before killing.")] = 60,
+    json_out: JSON_OPT = False,
+    workdir: WORKDIR_OPT = None,
+) -> None:
+    """Stop a running experiment gracefully (it checkpoints) and mark it cancelled.
+
+    Stopping an experiment that already ended only reports its state.
+
+    Example: infra stop blat-linear-3f2a9c01de --timeout 30
+    """
+    from runner.experiments import find
+    from runner.launch import stop_experiment
+
+    record = stop_experiment(
+        find(_workdir(workdir), experiment_id), timeout=timeout, reason="stopped with 'infra stop'"
+    )
+    if json_out:
+        emit_json(status_document(record))
+    say(f"experiment {experiment_id} {record['state']}")
+
+
+def ls(
+    state: Annotated[list[str] | None, typer.Option("--state", help="Only these states (repeatable).")] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Only experiments created since: ISO time or 30m / 12h / 7d.")
+    ] = None,
+    json_out: JSON_OPT = False,
+    workdir: WORKDIR_OPT = None,
+) -> None:
+    """List the workdir's experiments with their reconciled states, newest first.
+
+    Example: infra ls --state running --since 24h --json
+    """
+    from runner.lifecycle import list_experiments
+
+    rows = list_experiments(_workdir(workdir), states=state or None, since=since)
+    if json_out:
+        emit_json({"experiments": [status_document(r) for r in rows]})
+        return
+    for r in rows:
+        typer.echo(f"{r['experiment_id']:48} {r['state']:10} {r.get('backend') or '':7} {r.get('created_at') or ''}")

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The bundled demo, end to end on a fresh machine: install infra, start Docker, make the local base
+# image (nothing can be pulled here), build the demo database from the bundled BLAT_ECOLX scan, and
+# run the template workdir's demo plan in a container. Run as root (it installs Debian packages).
+#
+#   bash scripts/demo.sh            # workdir: ./demo-workdir (made from plugins_template/)
+#   INFRA_DEMO_WORKDIR=/path bash scripts/demo.sh
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
+PYTHON=${PYTHON:-python3}
+WORK=${INFRA_DEMO_WORKDIR:-$ROOT/demo-workdir}
+
+need=()
+for pkg in docker.io debootstrap curl; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
+if ((${#need[@]})); then apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; fi
+"$PYTHON" -m pip install -q -e .          # the host needs no torch: training runs in the container
+
+bash scripts/start-services.sh docker
+bash scripts/make-base-os-image.sh        # debootstrap → docker import (infra-os:bookworm)
+bash scripts/make-wheelhouse.sh           # offline wheels for the image build (CPU torch)
+export INFRA_BASE_OS=${INFRA_BASE_OS:-infra-os:bookworm} INFRA_TORCH_SPEC=${INFRA_TORCH_SPEC:-torch==2.13.0}
+
+[ -d "$WORK" ] || cp -r plugins_template "$WORK"
+[ -f "$WORK/data/blat_ecolx.db" ] || infra data demo --db "$WORK/data/blat_ecolx.db"
+infra run "$WORK/plans/demo.json" --workdir "$WORK"
