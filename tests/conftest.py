@@ -67,3 +67,7 @@ def docker_client():
             pytest.fail(f"Docker engine unreachable in CI: {exc}")
         pytest.skip(f"Docker engine unreachable: {exc}")
     return client
+
+
+# End-to-end fixtures (run user, base image, demo workdir) live in tests/e2e.py.
+pytest_plugins = ["tests.e2e"]

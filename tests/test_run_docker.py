@@ -10,21 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pwd
-import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+from tests.e2e import epoch_events, infra_as, labelled_containers, wait_for
 
-REPO = Path(__file__).resolve().parent.parent
-TEST_USER = "infra-e2e"
-BASE_ENV = {"INFRA_BASE_OS": "infra-os:bookworm", "INFRA_TORCH_SPEC": "torch==2.13.0"}
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
 LAYOUT = [
     "status.json",
     "events.jsonl",
@@ -48,97 +41,11 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="session")
-def run_user():
-    """(uid, gid, name) of a non-root user in the docker group; the current user when not root."""
-    if os.geteuid() != 0:
-        return os.getuid(), os.getgid(), pwd.getpwuid(os.getuid()).pw_name
-    try:
-        entry = pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--groups", "docker", TEST_USER], check=True)
-        entry = pwd.getpwnam(TEST_USER)
-    probe = subprocess.run(
-        ["runuser", "-u", TEST_USER, "--", sys.executable, "-c", "import runner, docker"],
-        capture_output=True,
-        text=True,
-    )
-    if probe.returncode != 0:
-        pytest.fail(
-            f"user {TEST_USER} cannot import infra with {sys.executable} (make the interpreter's folders "
-            f"traversable, e.g. chmod o+x /root): {probe.stderr.strip()[-300:]}"
-        )
-    return entry.pw_uid, entry.pw_gid, TEST_USER
-
-
-@pytest.fixture(scope="session")
-def base_image(docker_client):
-    """The CPU base image for this checkout (built once per session when missing)."""
-    from runner import images
-
-    os.environ.update(BASE_ENV)
-    ref = images.ensure_base_image(
-        docker_client, base_image=BASE_ENV["INFRA_BASE_OS"], torch_spec=BASE_ENV["INFRA_TORCH_SPEC"]
-    )
-    return ref
-
-
-@pytest.fixture
-def workdir(tmp_path, run_user):
-    """A workdir from the template with the demo database, owned by the run user."""
-    uid, gid, _ = run_user
-    work = tmp_path / "work"
-    shutil.copytree(REPO / "plugins_template", work)
-    from runner.dataimport import build_demo_db
-
-    build_demo_db(work / "data" / "blat_ecolx.db")
-    for path in [tmp_path, *work.rglob("*"), work]:
-        os.chown(path, uid, gid)
-    return work
-
-
-def infra(run_user, *args, workdir: Path, background=False, timeout=900):
-    uid, _, name = run_user
-    env = {**os.environ, **BASE_ENV, "INFRA_WORKDIR": str(workdir), "PYTHONUNBUFFERED": "1"}
-    env.pop("XDG_CONFIG_HOME", None)
-    cmd = [sys.executable, "-c", "from runner.cli import main; main()", *args]
-    if os.geteuid() == 0 and uid != 0:
-        env["HOME"] = pwd.getpwnam(name).pw_dir
-        cmd = ["runuser", "-u", name, "--", *cmd]
-    if background:
-        return subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=workdir, start_new_session=True
-        )
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=workdir)
-
-
-def labelled_containers(client) -> list:
-    return client.containers.list(all=True, filters={"label": "infra.experiment_id"})
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def epoch_events(exp_dir: Path) -> int:
-    try:
-        lines = (exp_dir / "events.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    return sum(1 for line in lines if json.loads(line).get("event") == "epoch")
-
-
 def test_demo_plan_trains_in_container(base_image, workdir, run_user, docker_client):
     uid, gid, _ = run_user
     db = workdir / "data" / "blat_ecolx.db"
     before = sha256(db)
-    result = infra(run_user, "run", "plans/demo.json", "--json", workdir=workdir)
+    result = infra_as(run_user, "run", "plans/demo.json", "--json", workdir=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads(result.stdout)
     assert doc["state"] == "succeeded" and doc["backend"] == "docker"
@@ -157,7 +64,7 @@ def test_demo_plan_trains_in_container(base_image, workdir, run_user, docker_cli
     assert json.dumps(env)  # written by the core inside the container
     assert labelled_containers(docker_client) == []  # finished containers are removed, logs kept
 
-    again = infra(run_user, "run", "plans/demo.json", "--json", workdir=workdir)
+    again = infra_as(run_user, "run", "plans/demo.json", "--json", workdir=workdir)
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads(again.stdout)["reused"] is True
     assert "already succeeded" in again.stderr
@@ -176,7 +83,7 @@ def test_failing_plugin_exit_1_with_traceback(base_image, workdir, run_user):
         "        raise ValueError('plugin exploded on purpose')\n"
     )
     os.chown(workdir / "model" / "exploding.py", *run_user[:2])
-    result = infra(run_user, "run", "plans/demo.json", "--set", "model.name=exploding", "--json", workdir=workdir)
+    result = infra_as(run_user, "run", "plans/demo.json", "--set", "model.name=exploding", "--json", workdir=workdir)
     assert result.returncode == 1, result.stderr[-2000:]
     doc = json.loads(result.stdout)
     assert doc["state"] == "failed" and doc["exit_code"] == 1
@@ -190,7 +97,7 @@ def test_gpus_without_runtime_exit_3_and_nothing_left(base_image, workdir, run_u
     if engine.gpu_runtime_available(docker_client):
         pytest.skip("this engine has a GPU runtime")
     before = {c.id for c in labelled_containers(docker_client)}
-    result = infra(run_user, "run", "plans/demo.json", "--gpus", "all", workdir=workdir)
+    result = infra_as(run_user, "run", "plans/demo.json", "--gpus", "all", workdir=workdir)
     assert result.returncode == 3
     assert "NVIDIA Container Toolkit" in result.stderr
     assert {c.id for c in labelled_containers(docker_client)} == before
@@ -198,7 +105,7 @@ def test_gpus_without_runtime_exit_3_and_nothing_left(base_image, workdir, run_u
 
 
 def test_docker_kill_leaves_failed_with_logs(base_image, workdir, run_user, docker_client):
-    result = infra(
+    result = infra_as(
         run_user,
         "run",
         "plans/demo.json",
@@ -216,8 +123,9 @@ def test_docker_kill_leaves_failed_with_logs(base_image, workdir, run_user, dock
     assert doc["state"] == "running"
     wait_for(lambda: epoch_events(exp_dir) >= 1, 180, "the first epoch")
     docker_client.containers.get(doc["container_id"]).kill()
+
     def final_status():
-        doc = json.loads(infra(run_user, "status", exp_id, "--json", workdir=workdir).stdout)
+        doc = json.loads(infra_as(run_user, "status", exp_id, "--json", workdir=workdir).stdout)
         return doc if doc["state"] != "running" else None
 
     status = wait_for(final_status, 60, "a final state")
@@ -226,7 +134,7 @@ def test_docker_kill_leaves_failed_with_logs(base_image, workdir, run_user, dock
 
 
 def test_ctrl_c_leaves_cancelled_with_checkpoint(base_image, workdir, run_user):
-    proc = infra(
+    proc = infra_as(
         run_user,
         "run",
         "plans/demo.json",

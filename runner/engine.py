@@ -1,0 +1,424 @@
+"""The one adapter that talks to the Docker engine: client, images, builds, containers, logs, GPUs.
+
+Everything else in infra goes through these functions and never imports `docker` itself. The client
+is made lazily by `get_client()` and passed in explicitly; importing this module contacts nothing.
+Engine failures come out as infra errors: `EnvironmentProblem` (exit 3) with what to install or
+start, `BuildError` (exit 3) with the failing build step and the tail of the build log.
+
+Pure helpers (`device_requests`, `container_args`) build the arguments without an engine, so they
+are unit-tested and printable with `--dry-run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import IO, Any
+
+from runner.errors import BuildError, EnvironmentProblem
+
+log = logging.getLogger(__name__)
+
+LogCallback = Callable[[str], None]
+
+START_DOCKER_HINT = (
+    "start it (as root: 'bash scripts/start-services.sh docker', or 'systemctl start docker') or install it "
+    "('apt-get install -y docker.io'); set DOCKER_HOST to use another engine"
+)
+NVIDIA_HINT = (
+    "install the NVIDIA Container Toolkit "
+    "(https://docs.nvidia.com/datacenter/cloud-native/container-toolkit/install-guide.html), run "
+    "'nvidia-ctk runtime configure --runtime=docker' and restart Docker, or run with --gpus none"
+)
+BUILD_LOG_TAIL_LINES = 40
+_STEP_RE = re.compile(r"^Step \d+/\d+ : ")
+
+
+def get_client(base_url: str | None = None, timeout: int = 120):
+    """Return a `docker.DockerClient` connected to a live engine (DOCKER_HOST or the local socket).
+
+    Raises EnvironmentProblem (exit 3) saying how to start or install Docker when the engine does not
+    answer a ping. `timeout` is the per-request timeout in seconds (builds stream, so it is per chunk).
+    """
+    import docker
+    from docker.errors import DockerException
+
+    try:
+        if base_url:
+            client = docker.DockerClient(base_url=base_url, timeout=timeout)
+        else:
+            client = docker.from_env(timeout=timeout)
+        client.ping()
+    except DockerException as exc:
+        where = base_url or "DOCKER_HOST / unix:///var/run/docker.sock"
+        raise EnvironmentProblem(
+            f"Docker engine not reachable at {where} ({_short(exc)}): {START_DOCKER_HINT}"
+        ) from None
+    except Exception as exc:  # requests' connection errors, a socket refusing: all mean "no engine"
+        raise EnvironmentProblem(f"Docker engine not reachable ({_short(exc)}): {START_DOCKER_HINT}") from None
+    return client
+
+
+def engine_info(client) -> dict:
+    """A small summary of the engine for `infra node` and `config/environment.json`."""
+    info = client.info()
+    version = client.version()
+    runtimes = sorted((info.get("Runtimes") or {}).keys())
+    return {
+        "server_version": version.get("Version"),
+        "api_version": version.get("ApiVersion"),
+        "os": info.get("OperatingSystem"),
+        "kernel": info.get("KernelVersion"),
+        "cpus": info.get("NCPU"),
+        "memory_bytes": info.get("MemTotal"),
+        "root_dir": info.get("DockerRootDir"),
+        "runtimes": runtimes,
+        "default_runtime": info.get("DefaultRuntime"),
+        "gpu_runtime": "nvidia" in runtimes,
+    }
+
+
+def gpu_runtime_available(client) -> bool:
+    """True when the engine has the NVIDIA runtime (`docker info` Runtimes lists `nvidia`)."""
+    return "nvidia" in (client.info().get("Runtimes") or {})
+
+
+# --- images ---------------------------------------------------------------------------------------
+
+
+def get_image_id(client, tag: str) -> str | None:
+    """The image id (`sha256:…`) for a tag or id, or None when the engine does not have it."""
+    from docker.errors import ImageNotFound
+
+    try:
+        return client.api.inspect_image(tag)["Id"]
+    except ImageNotFound:
+        return None
+
+
+def image_exists(client, tag: str) -> bool:
+    """True when the engine has an image with this tag or id (one inspect call, no listing)."""
+    return get_image_id(client, tag) is not None
+
+
+def image_labels(client, tag: str) -> dict:
+    """The labels of an image, {} when it has none; raises EnvironmentProblem when it is missing."""
+    from docker.errors import ImageNotFound
+
+    try:
+        return client.api.inspect_image(tag)["Config"].get("Labels") or {}
+    except ImageNotFound:
+        raise EnvironmentProblem(f"image {tag} not found in the Docker engine: build it with 'infra build'") from None
+
+
+def remove_image(client, tag: str, force: bool = False) -> bool:
+    """Remove an image by tag or id; False when it was not there."""
+    from docker.errors import ImageNotFound
+
+    try:
+        client.api.remove_image(tag, force=force)
+    except ImageNotFound:
+        return False
+    return True
+
+
+def find_images(client, labels: Mapping[str, str]) -> list:
+    """Images carrying all these labels (e.g. {"infra.kind": "plugins"})."""
+    return client.images.list(filters={"label": [f"{k}={v}" for k, v in labels.items()]})
+
+
+def build_image(
+    client,
+    context: bytes | IO[bytes],
+    tag: str,
+    *,
+    buildargs: Mapping[str, str] | None = None,
+    labels: Mapping[str, str] | None = None,
+    dockerfile: str = "Dockerfile",
+    on_log: LogCallback | None = None,
+    nocache: bool = False,
+) -> str:
+    """Build an image from a tar build context (bytes or a binary file object) and tag it.
+
+    Uses the engine's classic builder (what the SDK speaks), so Dockerfiles must not use
+    `RUN --mount`. Each build-log line goes to `on_log` as it arrives (and to the debug log).
+    Returns the new image id. On failure raises BuildError whose `step` is the Dockerfile
+    instruction that failed and `log_tail` the last lines of the build log.
+    """
+    from docker.errors import APIError
+
+    fileobj = io.BytesIO(context) if isinstance(context, bytes | bytearray) else context
+    tail: deque[str] = deque(maxlen=BUILD_LOG_TAIL_LINES)
+    step = ""
+    image_id = None
+    error = None
+    partial = ""
+
+    def emit(line: str) -> None:
+        nonlocal step
+        if _STEP_RE.match(line):
+            step = line
+        tail.append(line)
+        log.debug("build %s: %s", tag, line)
+        if on_log is not None:
+            on_log(line)
+
+    try:
+        stream = client.api.build(
+            fileobj=fileobj,
+            custom_context=True,
+            tag=tag,
+            buildargs=dict(buildargs or {}),
+            labels=dict(labels or {}),
+            dockerfile=dockerfile,
+            rm=True,
+            forcerm=True,
+            nocache=nocache,
+            decode=True,
+        )
+        for chunk in stream:
+            if "stream" in chunk:
+                text = partial + chunk["stream"]
+                *lines, partial = text.split("\n")
+                for line in lines:
+                    if line.strip():
+                        emit(line.rstrip())
+            if "aux" in chunk and isinstance(chunk["aux"], dict) and "ID" in chunk["aux"]:
+                image_id = chunk["aux"]["ID"]
+            if "error" in chunk or "errorDetail" in chunk:
+                error = (chunk.get("errorDetail") or {}).get("message") or chunk.get("error") or "build failed"
+        if partial.strip():
+            emit(partial.rstrip())
+    except APIError as exc:
+        error = _short(exc)
+    if error is not None:
+        if not tail or tail[-1] != error:
+            tail.append(error)
+        where = f" at '{step}'" if step else ""
+        raise BuildError(
+            f"building image {tag} failed{where}: {error.strip().splitlines()[-1] if error.strip() else error}",
+            step=step,
+            log_tail="\n".join(tail),
+        )
+    return image_id or get_image_id(client, tag) or ""
+
+
+# --- containers -----------------------------------------------------------------------------------
+
+
+def device_requests(gpus: None | str | int) -> list | None:
+    """Docker device requests for a GPU spec: None/"none"/0 → no GPUs, "all" or -1 → every GPU,
+    an int n → n GPUs, "0,2" → those device ids. Raises ValueError for anything else."""
+    from docker.types import DeviceRequest
+
+    if gpus is None or gpus == 0 or (isinstance(gpus, str) and gpus.strip().lower() in ("", "none", "0")):
+        return None
+    caps = [["gpu"]]
+    if isinstance(gpus, bool):
+        raise ValueError(f"invalid GPU spec {gpus!r}: use 'all', a count, a device list like '0,2', or 'none'")
+    if isinstance(gpus, int):
+        if gpus < -1:
+            raise ValueError(f"invalid GPU count {gpus}: use 'all', a count >= 1, a device list like '0,2', or 'none'")
+        return [DeviceRequest(count=gpus, capabilities=caps)]
+    spec = str(gpus).strip().lower()
+    if spec == "all":
+        return [DeviceRequest(count=-1, capabilities=caps)]
+    ids = [part.strip() for part in spec.split(",")]
+    if all(part.isdigit() for part in ids):
+        return [DeviceRequest(device_ids=ids, capabilities=caps)]
+    raise ValueError(f"invalid GPU spec {gpus!r}: use 'all', a count, a device list like '0,2', or 'none'")
+
+
+def container_args(
+    image: str,
+    command: Sequence[str] | str | None,
+    *,
+    name: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    mounts: Sequence[tuple[str, str, str]] = (),
+    user: str | None = None,
+    environment: Mapping[str, str] | None = None,
+    shm_size: str | int | None = None,
+    mem_limit: str | int | None = None,
+    nano_cpus: int | None = None,
+    network_mode: str | None = "none",
+    gpus: None | str | int = None,
+    working_dir: str | None = None,
+    init: bool = True,
+) -> dict:
+    """The keyword arguments for `client.containers.create` (pure; no engine needed).
+
+    `mounts` are (host path, container path, mode) with mode "ro" or "rw". `init` runs docker-init
+    as PID 1 so SIGTERM from `docker stop` reaches the training process.
+    """
+    volumes = {}
+    for host, target, mode in mounts:
+        if mode not in ("ro", "rw"):
+            raise ValueError(f"mount {host}:{target}: mode must be 'ro' or 'rw', not {mode!r}")
+        volumes[str(host)] = {"bind": str(target), "mode": mode}
+    args: dict[str, Any] = {
+        "image": image,
+        "command": list(command) if isinstance(command, list | tuple) else command,
+        "labels": dict(labels or {}),
+        "environment": dict(environment or {}),
+        "volumes": volumes,
+        "detach": True,
+        "init": init,
+        "privileged": False,
+    }
+    optional = {
+        "name": name,
+        "user": user,
+        "shm_size": shm_size,
+        "mem_limit": mem_limit,
+        "nano_cpus": nano_cpus,
+        "network_mode": network_mode,
+        "working_dir": working_dir,
+        "device_requests": device_requests(gpus),
+    }
+    args.update({k: v for k, v in optional.items() if v is not None})
+    return args
+
+
+def run_container(client, image: str, command: Sequence[str] | str | None, **kwargs):
+    """Create and start a container (keyword arguments as `container_args`) and return it.
+
+    If the start fails the container is removed again, so nothing is left behind. A GPU request on an
+    engine without the NVIDIA runtime raises EnvironmentProblem saying to install the NVIDIA
+    Container Toolkit; a missing image raises EnvironmentProblem saying to build it.
+    """
+    from docker.errors import APIError, ImageNotFound
+
+    args = container_args(image, command, **kwargs)
+    try:
+        container = client.containers.create(**args)
+    except ImageNotFound:
+        raise EnvironmentProblem(f"image {image} not found in the Docker engine: build it with 'infra build'") from None
+    except APIError as exc:
+        raise _container_error(exc, image, kwargs.get("gpus")) from None
+    try:
+        container.start()
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            container.remove(force=True)
+        if isinstance(exc, APIError):
+            raise _container_error(exc, image, kwargs.get("gpus")) from None
+        raise
+    return container
+
+
+@contextlib.contextmanager
+def started_container(
+    client, image: str, command: Sequence[str] | str | None, *, remove: bool = True, stop_timeout: int = 30, **kwargs
+) -> Iterator:
+    """Context manager around `run_container`: yields the started container and, on leaving, stops it
+    (giving it `stop_timeout` seconds to checkpoint) and removes it when `remove` is true."""
+    container = run_container(client, image, command, **kwargs)
+    try:
+        yield container
+    finally:
+        stop(container, timeout=stop_timeout)
+        if remove:
+            remove_container(container)
+
+
+def stream_logs(container, on_line: LogCallback, *, follow: bool = True, since: int | None = None) -> None:
+    """Call `on_line` with each line of the container's stdout+stderr (decoded, no newline) until the
+    container exits (follow) or the current end of its log."""
+    kwargs: dict[str, Any] = {"stream": True, "follow": follow, "stdout": True, "stderr": True}
+    if since is not None:
+        kwargs["since"] = since
+    partial = b""
+    for chunk in container.logs(**kwargs):
+        data = partial + chunk
+        *lines, partial = data.split(b"\n")
+        for line in lines:
+            on_line(line.decode("utf-8", errors="replace").rstrip("\r"))
+    if partial:
+        on_line(partial.decode("utf-8", errors="replace").rstrip("\r"))
+
+
+def log_tail(container, lines: int = 50) -> str:
+    """The last `lines` lines of the container's log ('' when the container is gone)."""
+    from docker.errors import NotFound
+
+    try:
+        return container.logs(stdout=True, stderr=True, tail=lines).decode("utf-8", errors="replace")
+    except NotFound:
+        return ""
+
+
+def wait(container, timeout: float | None = None) -> int:
+    """Block until the container exits and return its exit code."""
+    result = container.wait(timeout=timeout) if timeout is not None else container.wait()
+    return int(result.get("StatusCode", -1))
+
+
+def stop(container, timeout: int = 30) -> None:
+    """Stop gracefully: SIGTERM, then SIGKILL after `timeout` seconds. A gone container is fine."""
+    from docker.errors import APIError, NotFound
+
+    try:
+        container.stop(timeout=timeout)
+    except NotFound:
+        pass
+    except APIError as exc:
+        log.warning("stopping container %s: %s", getattr(container, "short_id", "?"), _short(exc))
+
+
+def remove_container(container, force: bool = True) -> None:
+    """Remove a container; one already gone is fine."""
+    from docker.errors import NotFound
+
+    try:
+        container.remove(force=force)
+    except NotFound:
+        pass
+
+
+def get_container(client, container_id: str):
+    """The container with this id or name, or None."""
+    from docker.errors import NotFound
+
+    try:
+        return client.containers.get(container_id)
+    except NotFound:
+        return None
+
+
+def find_containers(client, labels: Mapping[str, str], all: bool = True) -> list:  # noqa: A002 - docker's name
+    """Containers carrying all these labels (e.g. {"infra.experiment_id": "x"}); stopped ones too
+    unless `all` is false."""
+    return client.containers.list(all=all, filters={"label": [f"{k}={v}" for k, v in labels.items()]})
+
+
+def container_state(container) -> dict:
+    """The engine's state of a container: {"status", "exit_code", "oom_killed", "started_at", "finished_at"}."""
+    container.reload()
+    state = container.attrs.get("State", {})
+    return {
+        "status": state.get("Status"),
+        "exit_code": state.get("ExitCode"),
+        "oom_killed": state.get("OOMKilled"),
+        "started_at": state.get("StartedAt"),
+        "finished_at": state.get("FinishedAt"),
+    }
+
+
+def _container_error(exc, image: str, gpus) -> EnvironmentProblem:
+    text = _short(exc)
+    if "could not select device driver" in text or ("nvidia" in text.lower() and "runtime" in text.lower()):
+        return EnvironmentProblem(
+            f"GPUs requested (gpus={gpus}) but the Docker engine has no GPU support: {NVIDIA_HINT}"
+        )
+    return EnvironmentProblem(f"could not start a container from {image}: {text}")
+
+
+def _short(exc: BaseException) -> str:
+    explanation = getattr(exc, "explanation", None)
+    text = str(explanation or exc).strip()
+    return " ".join(text.split())[:500]
