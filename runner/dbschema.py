@@ -6,10 +6,14 @@ training core and the importer use the same DDL.
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 from pathlib import Path
 
 from runner.errors import DataError
+
+log = logging.getLogger(__name__)
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 REQUIRED_TABLES = ("sources", "mutations")
@@ -34,14 +38,24 @@ CREATE INDEX IF NOT EXISTS mutations_source ON mutations(source_id);
 
 
 def connect_readonly(path: Path) -> sqlite3.Connection:
-    """Open a database read-only without ever writing to it (no journal, no WAL checkpoint).
+    """Open a database read-only without ever writing to it, also a WAL database in a read-only folder.
 
-    `mode=ro` alone still lets SQLite create `-shm`/`-wal` files for a WAL database when the folder
-    is writable; `immutable=1` would skip locking entirely, which is wrong if another process
-    writes. We use `mode=ro` and rely on SQLite not modifying the main database file's bytes.
+    `mode=ro` needs the `-shm`/`-wal` files of a WAL database to exist or be creatable; in a
+    read-only folder (the container's read-only mount) they are neither and SQLite says "unable to
+    open database file". Nobody can be writing through such a folder, so the file is then opened
+    `immutable=1` (no locking, no side files). The main file's bytes are never written either way.
     """
-    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
-    return sqlite3.connect(uri, uri=True)
+    path = Path(path).resolve()
+    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+        if os.access(path.parent, os.W_OK):
+            raise
+    log.info("%s: opened immutable (WAL database in a read-only folder)", path)
+    return sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True)
 
 
 def check_database(path: Path) -> str | None:

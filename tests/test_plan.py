@@ -329,4 +329,6 @@ def test_docs_plan_keys_table_is_current():
     text = (SCHEMA_PATH.parent.parent / "docs" / "plans.md").read_text(encoding="utf-8")
     start = text.index("-->\n", text.index("<!-- keys:start")) + 4
     end = text.index("<!-- keys:end -->")
-    assert text[start:end] == plan_keys_table(), "regenerate the table in docs/plans.md from runner.schema.plan_keys_table()"
+    assert text[start:end] == plan_keys_table(), (
+        "regenerate the table in docs/plans.md from runner.schema.plan_keys_table()"
+    )

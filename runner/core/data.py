@@ -1,0 +1,445 @@
+"""The selected variants of a plan, read from the mutation database and encoded as uint8 tokens.
+
+`load_variants(plan, db_path)` turns `data.*` of a resolved plan into one SQL query (columns
+checked against the real tables, values always bound as parameters), reads the rows from a
+read-only connection, builds the mutated sequences as a token matrix (runner.core.variants) and
+returns a `VariantSet`. The database's bytes are never changed, also in WAL mode and when its
+folder is read-only.
+
+Example::
+
+    vs = load_variants(plan.model_dump(mode="json"), "dms.sqlite")
+    vs.tokens.shape, vs.target.dtype        # (N, L), float32
+    vs.query                                # {"sql": "...", "params": [...]} -> config/query.json
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from runner.core.variants import MutantText, apply_mutants
+from runner.core.vocab import BaseVocabProcessor, get_vocab_processor
+from runner.dbschema import check_database, connect_readonly
+from runner.errors import DataError
+
+log = logging.getLogger(__name__)
+
+BASE_COLUMNS = ("id", "source_id", "mutant", "mut_num", "DMS_score", "DMS_score_bin")
+TARGETS = ("DMS_score", "DMS_score_bin")
+SCALAR_OPS = {"=": "=", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">=", "like": "LIKE"}
+LIST_OPS = {"in": "IN", "not_in": "NOT IN"}
+NULL_OPS = {"is_null": "IS NULL", "not_null": "IS NOT NULL"}
+WHERE_OPS = (*SCALAR_OPS, *LIST_OPS, "between", *NULL_OPS)
+SQLITE_MAX_PARAMS = 32766  # SQLITE_MAX_VARIABLE_NUMBER since 3.32
+
+
+@dataclass
+class VariantSet:
+    """The selection of a plan, row-aligned across every array (row i is `ids[i]`)."""
+
+    ids: np.ndarray  # int64 mutations.id
+    tokens: np.ndarray  # uint8 N × L, right-padded with vocab.pad_id
+    target: np.ndarray  # float32, data.target on its original scale
+    mut_num: np.ndarray  # int32 substitutions per variant (0 = wild type)
+    first_pos: np.ndarray  # int32 smallest mutated 1-based position, 0 for the wild type
+    source: np.ndarray  # int32 code into source_names / templates
+    source_names: list[str]
+    templates: list[str]
+    lengths: np.ndarray  # int32 sequence length per row (its template's length)
+    frame: pd.DataFrame  # id, source_text, mutant, mut_num, DMS_score, DMS_score_bin, extras…, sequence
+    query: dict[str, Any]  # {"sql": str, "params": list} exactly as executed
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows left out (nan_target, mismatch…)
+    vocab: BaseVocabProcessor | None = None
+    target_name: str = "DMS_score"
+
+    def __len__(self) -> int:
+        return int(self.ids.size)
+
+    @property
+    def extra_columns(self) -> list[str]:
+        """The `mutations` columns beyond the standard schema (e.g. predefined split columns)."""
+        standard = {"id", "source_text", "mutant", "mut_num", "DMS_score", "DMS_score_bin", "sequence"}
+        return [c for c in self.frame.columns if c not in standard]
+
+
+def sequences_from_tokens(
+    tokens: np.ndarray, vocab: BaseVocabProcessor, lengths: np.ndarray | None = None
+) -> pd.Series:
+    """The sequences of a token matrix as a pandas string Series, built without a per-row loop.
+
+    The letters are gathered from the matrix into one buffer and wrapped as an Arrow string array
+    (offsets from `lengths`, or from the padding when `lengths` is None), so no Python string is
+    made per variant until someone asks for one.
+    """
+    tokens = np.asarray(tokens, dtype=np.uint8)
+    if lengths is None:
+        lengths = (tokens != vocab.pad_id).sum(axis=1)
+    return pd.Series(_ascii_to_strings(vocab.inverse[tokens], lengths), name="sequence")
+
+
+def _ascii_to_strings(ascii: np.ndarray, lengths: np.ndarray) -> pd.arrays.ArrowExtensionArray:
+    """Wrap an N × L ASCII matrix (right-padded) as an Arrow string array of the first lengths[i] letters."""
+    ascii = np.ascontiguousarray(ascii, dtype=np.uint8)
+    n, width = ascii.shape
+    lengths = np.asarray(lengths, dtype=np.int64)
+    # zero-copy when nothing is padded; padding is always on the right, so masking keeps row order
+    full = bool(n) and bool(np.all(lengths == width))
+    data = ascii.reshape(-1) if full else ascii[np.arange(width)[None, :] < lengths[:, None]]
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    arr = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+    return pd.arrays.ArrowExtensionArray(arr)
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    """Open the mutation database read-only (see `runner.dbschema.connect_readonly`), or raise DataError."""
+    problem = check_database(path)
+    if problem:
+        raise DataError(f"data.db: {problem}")
+    return connect_readonly(path)
+
+
+def _table_columns(conn: sqlite3.Connection, table: str) -> list[str]:
+    return [row[1] for row in conn.execute(f"PRAGMA table_info({table})").fetchall()]
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _check_scalar(value: Any, key: str, op: str) -> Any:
+    if isinstance(value, bool):
+        return int(value)
+    if value is None or isinstance(value, (list, tuple, dict)):
+        raise DataError(f"{key}: op {op!r} needs one number or string as value, got {value!r}")
+    if not isinstance(value, (int, float, str)):
+        raise DataError(f"{key}: value {value!r} must be a number or a string")
+    return value
+
+
+def build_query(
+    data: Mapping[str, Any], mutation_columns: list[str], source_columns: list[str]
+) -> tuple[str, list[Any], list[str]]:
+    """The SELECT for `data.*` and its parameters, plus the extra mutations columns it returns.
+
+    Pure: takes the real column lists (PRAGMA table_info) so it can be tested without a database.
+    Identifiers only ever come from those lists; every value is a bound parameter.
+    """
+    missing = [c for c in BASE_COLUMNS if c not in mutation_columns]
+    if missing:
+        raise DataError(
+            f"the mutations table lacks column(s) {', '.join(missing)}; rebuild it with 'infra data import'"
+        )
+    extras = [c for c in mutation_columns if c not in BASE_COLUMNS]
+    select = ["m.id", "m.source_id", "m.mutant", "m.DMS_score", "m.DMS_score_bin"]
+    select += [f'm."{c}"' for c in extras]
+    clauses: list[str] = []
+    params: list[Any] = []
+
+    # Filters on `sources` become `m.source_id IN (SELECT id FROM sources WHERE ...)`: evaluated
+    # once, where a JOIN would cost a B-tree seek per row (a third of the read time on 1M rows).
+    datasets = _as_list(data.get("dataset"))
+    if datasets:
+        if not all(isinstance(d, str) and d for d in datasets):
+            raise DataError(f"data.dataset: expected a source name or a list of them, got {data.get('dataset')!r}")
+        clauses.append(
+            f"m.source_id IN (SELECT id FROM sources WHERE source_text IN ({', '.join('?' * len(datasets))}))"
+        )
+        params += datasets
+
+    for i, clause in enumerate(data.get("where") or []):
+        key = f"data.where[{i}]"
+        if not isinstance(clause, Mapping):
+            raise DataError(f"{key}: expected an object with column, op and value, got {clause!r}")
+        column, op, value = clause.get("column"), clause.get("op"), clause.get("value")
+        on_sources = False
+        if isinstance(column, str) and column in mutation_columns:
+            ref = f'm."{column}"'
+        elif isinstance(column, str) and column in source_columns:
+            ref, on_sources = f'"{column}"', True
+        else:
+            known = ", ".join(mutation_columns + [c for c in source_columns if c not in mutation_columns])
+            raise DataError(f"{key}.column: unknown column {column!r}; the database has: {known}")
+        if op in SCALAR_OPS:
+            if op == "like" and not isinstance(value, str):
+                raise DataError(f"{key}: op 'like' needs a string pattern, got {value!r}")
+            cond = f"{ref} {SCALAR_OPS[op]} ?"
+            params.append(_check_scalar(value, key, op))
+        elif op in LIST_OPS:
+            if not isinstance(value, (list, tuple)) or not value:
+                raise DataError(f"{key}: op {op!r} needs a non-empty list as value, got {value!r}")
+            cond = f"{ref} {LIST_OPS[op]} ({', '.join('?' * len(value))})"
+            params += [_check_scalar(v, key, op) for v in value]
+        elif op == "between":
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                raise DataError(f"{key}: op 'between' needs [low, high] as value, got {value!r}")
+            cond = f"{ref} BETWEEN ? AND ?"
+            params += [_check_scalar(v, key, op) for v in value]
+        elif op in NULL_OPS:
+            if value is not None:
+                raise DataError(f"{key}: op {op!r} takes no value, got {value!r}; remove 'value'")
+            cond = f"{ref} {NULL_OPS[op]}"
+        else:
+            raise DataError(f"{key}.op: unknown op {op!r}; use one of {', '.join(WHERE_OPS)}")
+        clauses.append(f"m.source_id IN (SELECT id FROM sources WHERE {cond})" if on_sources else cond)
+    if len(params) > SQLITE_MAX_PARAMS:
+        raise DataError(f"data.where: {len(params)} values exceed SQLite's limit of {SQLITE_MAX_PARAMS}; use fewer")
+
+    sql = f"SELECT {', '.join(select)} FROM mutations AS m"
+    if clauses:
+        sql += " WHERE " + " AND ".join(clauses)
+    sql += " ORDER BY m.id"
+    limit = data.get("limit")
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise DataError(f"data.limit: must be a positive integer, got {limit!r}")
+        sql += " LIMIT ?"
+        params.append(limit)
+    return sql, params, extras
+
+
+def _describe_selection(data: Mapping[str, Any]) -> str:
+    parts = []
+    if data.get("dataset"):
+        parts.append(f"dataset={data['dataset']!r}")
+    for i, clause in enumerate(data.get("where") or []):
+        parts.append(f"where[{i}]={clause.get('column')} {clause.get('op')} {clause.get('value')!r}")
+    return ", ".join(parts) or "no filters"
+
+
+def _read_columns(conn: sqlite3.Connection, sql: str, params: list[Any], extras: list[str], aggregate: bool = True):
+    """Run the selection and return its columns as arrays: (ids, source_ids, MutantText, score, score_bin, extras).
+
+    The fast path wraps the selection in one aggregate query, so SQLite builds each column as one
+    text in C instead of Python building a tuple per row (the per-row tuples dominate a naive
+    read). Aggregates of one query see the rows in the same order, so the columns stay aligned;
+    scores travel with 17 significant digits, which round-trips a double exactly. A selection too
+    big for one SQLite string falls back to reading rows.
+    """
+    if aggregate:
+        # NULL mutant -> '?' (reported as malformed); text in a score column -> 'not-a-number' (a DataError)
+        agg = (
+            "SELECT count(*), group_concat(id), group_concat(source_id), group_concat(ifnull(mutant, '?'), char(10)), "
+            f"group_concat({_number_text('DMS_score')}), group_concat({_number_text('DMS_score_bin')}) FROM ({sql})"
+        )
+        try:
+            n, ids_text, src_text, mutants, score_text, bin_text = conn.execute(agg, params).fetchone()
+        except (sqlite3.DataError, sqlite3.OperationalError, MemoryError) as exc:
+            log.info("aggregate read failed (%s); reading rows instead", exc)
+        else:
+            if n == 0:
+                return None
+            ids = _split_numbers(ids_text, pa.int64())
+            source_ids = _split_numbers(src_text, pa.int64())
+            score = _split_numbers(score_text, pa.float64())
+            score_bin = _split_numbers(bin_text, pa.float64())
+            if not ids.size == source_ids.size == score.size == score_bin.size == n:
+                raise DataError(
+                    "data: the database returned columns of different lengths; is a score column not numeric?"
+                )
+            text = MutantText.from_joined(mutants, int(n))
+            extra_values = _read_extras(conn, sql, params, extras) if extras else []
+            return ids, source_ids, text, score, score_bin, extra_values
+    rows = conn.execute(sql, params).fetchall()
+    if not rows:
+        return None
+    table = np.array(rows, dtype=object)
+    del rows
+    ids = table[:, 0].astype(np.int64)
+    source_ids = table[:, 1].astype(np.int64)
+    text = MutantText.from_strings(table[:, 2])
+    score = _float_column(table[:, 3], "DMS_score")
+    score_bin = _float_column(table[:, 4], "DMS_score_bin")
+    return ids, source_ids, text, score, score_bin, [table[:, 5 + j] for j in range(len(extras))]
+
+
+def _number_text(column: str) -> str:
+    # reals with 17 significant digits (exact); integers as SQLite prints them (cheaper than printf)
+    return (
+        f"CASE typeof({column}) WHEN 'real' THEN printf('%!.17g', {column}) WHEN 'integer' THEN {column} "
+        f"WHEN 'null' THEN 'nan' ELSE 'not-a-number' END"
+    )
+
+
+def _split_numbers(text: str, type_: pa.DataType) -> np.ndarray:
+    """Parse a comma-separated list of numbers ('nan' allowed for floats) with Arrow's C parser."""
+    parts = pc.split_pattern(pa.array([text], type=pa.large_string()), ",")[0].values
+    try:
+        return pc.cast(parts, type_).to_numpy(zero_copy_only=False)
+    except pa.ArrowInvalid as exc:
+        raise DataError(
+            f"data: a score or id column holds a value that is not a number ({exc}); re-import the data"
+        ) from None
+
+
+def _float_column(values: np.ndarray, name: str) -> np.ndarray:
+    try:
+        return np.array(values, dtype=np.float64)  # None -> nan
+    except (TypeError, ValueError):
+        raise DataError(f"data: column {name} holds a value that is not a number; re-import the data") from None
+
+
+def _read_extras(conn: sqlite3.Connection, sql: str, params: list[Any], extras: list[str]) -> list[np.ndarray]:
+    cols = ", ".join(f'"{c}"' for c in extras)  # names come from PRAGMA table_info
+    table = np.array(conn.execute(f"SELECT {cols} FROM ({sql})", params).fetchall(), dtype=object)
+    return [table[:, j] for j in range(len(extras))]
+
+
+def _extra_column(values: np.ndarray) -> Any:
+    """An extra column as the narrowest pandas type that holds it (numbers stay numbers, text is str)."""
+    return pd.Series(values, dtype=object).infer_objects().array
+
+
+def load_variants(
+    plan: Mapping[str, Any], db_path: str | Path | None = None, *, aggregate_read: bool = True
+) -> VariantSet:
+    """Read, check and encode the variants a resolved plan selects.
+
+    `plan` is `Plan.model_dump(mode="json")`; `db_path` overrides `plan["data"]["db"]` (the
+    container sees the DB at its mount point). Raises DataError for an unusable database, an
+    unknown column or dataset, a malformed where clause, an empty selection, and (with
+    `data.on_mismatch="error"`) a mutant that does not fit its template. `aggregate_read=False`
+    forces the plain row-by-row read (the fallback; tests compare both).
+    """
+    data = dict(plan.get("data") or {})
+    path = Path(db_path if db_path is not None else data.get("db", ""))
+    target = data.get("target", "DMS_score")
+    if target not in TARGETS:
+        raise DataError(f"data.target: {target!r} is not one of {', '.join(TARGETS)}")
+    on_mismatch = data.get("on_mismatch", "error")
+    if on_mismatch not in ("error", "drop"):
+        raise DataError(f"data.on_mismatch: {on_mismatch!r} is not 'error' or 'drop'")
+    vocab_spec = plan.get("vocab") or {}
+    vocab = get_vocab_processor(vocab_spec.get("name", "IUPAC"), **(vocab_spec.get("params") or {}))
+
+    conn = open_database(path)
+    try:
+        mutation_columns = _table_columns(conn, "mutations")
+        source_columns = _table_columns(conn, "sources")
+        sql, params, extras = build_query(data, mutation_columns, source_columns)
+        sources = conn.execute("SELECT id, source_text, template FROM sources ORDER BY id").fetchall()
+        known = {name for _, name, _ in sources}
+        unknown = [d for d in _as_list(data.get("dataset")) if d not in known]
+        if unknown:
+            raise DataError(
+                f"data.dataset: {', '.join(map(repr, unknown))} not in {path}; sources there: {', '.join(sorted(known)) or 'none'}"
+            )
+        try:
+            columns = _read_columns(conn, sql, params, extras, aggregate=aggregate_read)
+        except sqlite3.Error as exc:
+            raise DataError(f"data: reading {path} failed: {exc}") from None
+    finally:
+        conn.close()
+    query = {"sql": sql, "params": params}
+    if columns is None:
+        raise DataError(
+            f"data: the selection is empty: {_describe_selection(data)} matched no rows in {path}; "
+            "check data.dataset / data.where"
+        )
+    ids, source_ids, text, score, score_bin, extra_values = columns
+    if ids.size > 1 and np.any(ids[1:] <= ids[:-1]):
+        raise DataError(f"data: rows of {path} did not come back in id order; is mutations.id the primary key?")
+
+    target_raw = score if target == "DMS_score" else score_bin
+    dropped: dict[str, int] = {}
+    select = ~np.isnan(target_raw)
+    if data.get("drop_nan", True):
+        if not select.all():
+            dropped["nan_target"] = int((~select).sum())
+            log.info("dropped %d rows whose %s is NULL/NaN", dropped["nan_target"], target)
+        if not select.any():
+            raise DataError(
+                f"data: the selection is empty: every one of the {ids.size} rows selected by "
+                f"{_describe_selection(data)} has a NULL/NaN {target}; check data.target / data.where"
+            )
+    else:
+        select[:] = True
+
+    # source codes 0..S-1 in order of sources.id, only for the sources the selection touches
+    by_id = {sid: (name, template) for sid, name, template in sources}
+    used, codes = np.unique(source_ids, return_inverse=True)
+    orphans = [int(s) for s in used if int(s) not in by_id]
+    if orphans:
+        first = int(ids[np.flatnonzero(source_ids == orphans[0])[0]])
+        raise DataError(
+            f"data: row id {first} of {path} refers to source_id {orphans[0]}, which is not in sources; "
+            "re-import the data"
+        )
+    source_names = [by_id[int(s)][0] for s in used]
+    templates = [by_id[int(s)][1] for s in used]
+    result = apply_mutants(
+        templates,
+        codes,
+        text,
+        vocab,
+        row_ids=ids,
+        source_names=source_names,
+        on_mismatch=on_mismatch,
+        select=select,
+        want_ascii=True,
+    )
+    dropped.update(result.dropped)
+    sel = np.flatnonzero(result.keep)
+    if sel.size == 0:
+        raise DataError(
+            f"data: the selection is empty: every row of {_describe_selection(data)} was dropped "
+            f"({dropped}); check the templates or data.on_mismatch"
+        )
+
+    template_lengths = np.array([len(t) for t in templates], dtype=np.int32)
+    lengths = template_lengths[codes[sel]]
+    mutant_arr = pa.LargeStringArray.from_buffers(
+        len(text), pa.py_buffer(text.offsets()), pa.py_buffer(np.ascontiguousarray(text.letters()))
+    )
+    if sel.size != len(text):
+        mutant_arr = mutant_arr.take(pa.array(sel))
+    bins = score_bin[sel]
+    frame_cols: dict[str, Any] = {
+        "id": ids[sel],
+        "source_text": pd.Categorical.from_codes(codes[sel], categories=source_names),
+        "mutant": pd.arrays.ArrowExtensionArray(mutant_arr),
+        "mut_num": result.mut_num,
+        "DMS_score": score[sel],
+        "DMS_score_bin": pd.arrays.IntegerArray(np.nan_to_num(bins).astype(np.int64), np.isnan(bins)),
+    }
+    for name, values in zip(extras, extra_values, strict=True):
+        frame_cols[name] = _extra_column(values[sel])
+    frame = pd.DataFrame(frame_cols)
+    frame["sequence"] = _ascii_to_strings(result.ascii, lengths)
+
+    log.info(
+        "selected %d variants from %s (%d sources, length %d); dropped %s",
+        sel.size,
+        path,
+        len(source_names),
+        result.tokens.shape[1],
+        dropped or "none",
+    )
+    return VariantSet(
+        ids=ids[sel],
+        tokens=result.tokens,
+        target=target_raw[sel].astype(np.float32),
+        mut_num=result.mut_num,
+        first_pos=result.first_pos,
+        source=codes[sel].astype(np.int32),
+        source_names=source_names,
+        templates=templates,
+        lengths=lengths,
+        frame=frame,
+        query=query,
+        dropped=dropped,
+        vocab=vocab,
+        target_name=target,
+    )
