@@ -96,6 +96,8 @@ def invoking_user() -> tuple[int, int]:
 
 
 def resolve_gpus(plan_gpus, override) -> str | int:
+    if isinstance(override, list | tuple):  # exact device ids (a queue worker's GPU slot), never a count
+        return ",".join(str(d) for d in override)
     value = plan_gpus if override is None else override
     if isinstance(value, str) and value.isdigit():
         value = int(value)

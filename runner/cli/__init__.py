@@ -16,6 +16,7 @@ import typer
 from runner import __version__
 from runner.cli import data as _data
 from runner.cli import lifecycle as _lifecycle
+from runner.cli import queue as _queue
 from runner.cli import run as _run
 from runner.cli import validate as _validate
 from runner.cli import workdir as _workdir
@@ -68,6 +69,10 @@ app.command("schema")(_validate.schema)
 app.command("init")(_workdir.init)
 app.add_typer(_workdir.app, name="workdir")
 app.add_typer(_data.app, name="data")
+app.command("submit")(_queue.submit)
+app.command("worker")(_queue.worker)
+app.add_typer(_queue.queue_app, name="queue")
+app.command("node")(_queue.node)
 
 
 def _click_module():
