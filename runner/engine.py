@@ -198,9 +198,14 @@ def build_image(
     if error is not None:
         if not tail or tail[-1] != error:
             tail.append(error)
-        where = f" at '{step}'" if step else ""
+        short_step = step if len(step) <= 100 else step[:97] + "..."
+        where = f" at '{short_step}'" if step else ""
+        # the engine's error repeats the whole RUN command; its exit code is the useful part
+        reason = error.strip().splitlines()[-1] if error.strip() else error
+        code = re.search(r"returned a non-zero code: (\d+)", reason)
+        reason = f"the step exited with code {code.group(1)} (log tail below)" if code else reason[:300]
         raise BuildError(
-            f"building image {tag} failed{where}: {error.strip().splitlines()[-1] if error.strip() else error}",
+            f"building image {tag} failed{where}: {reason}",
             step=step,
             log_tail="\n".join(tail),
         )

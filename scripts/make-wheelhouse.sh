@@ -27,7 +27,9 @@ REQS=$("$PYTHON" - "$ROOT/pyproject.toml" <<'EOF'
 import sys, tomllib
 with open(sys.argv[1], "rb") as f:
     doc = tomllib.load(f)
-reqs = list(doc.get("build-system", {}).get("requires", [])) + ["wheel"]
+# pip evaluates environment markers with the host's interpreter, not the container's: the image's
+# Python is Debian's 3.11.2, for which redis needs async-timeout (python_full_version < 3.11.3).
+reqs = list(doc.get("build-system", {}).get("requires", [])) + ["wheel", "async-timeout>=4.0.3"]
 reqs += doc["project"].get("dependencies", [])
 reqs += doc["project"].get("optional-dependencies", {}).get("core", [])
 print("\n".join(reqs))

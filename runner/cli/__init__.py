@@ -98,6 +98,8 @@ def _report(exc: Exception, argv: list[str]) -> int:
         doc = {"error": {"type": type(exc).__name__, "message": exc.message, "exit_code": exc.exit_code}}
         if isinstance(exc, PlanError):
             doc["error"]["errors"] = [i.to_dict() for i in exc.issues]
+        if getattr(exc, "log_tail", ""):
+            doc["error"]["log_tail"] = exc.log_tail
         emit_json(doc)
     if isinstance(exc, PlanError):
         for issue in exc.issues:
