@@ -1,0 +1,105 @@
+"""`infra-train PLAN --exp-dir DIR [--workdir W] [--db PATH]`: the training core's entry point.
+
+Exit codes: 0 success, 2 bad plan or data (one line on stderr), 1 any other failure (traceback on
+stderr), 143 stopped by SIGTERM (last.ckpt saved; the host marks the run cancelled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from runner.errors import EXIT_EXPERIMENT_FAILED, EXIT_USAGE, InfraError, PlanError, PlanIssue
+
+log = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="infra-train",
+        description="Train one experiment from a resolved plan into an experiment directory.",
+        epilog="example: infra-train exp/config/plan.json --exp-dir exp --db data/dms.db --workdir /workdir",
+    )
+    parser.add_argument("plan", help="plan JSON file (usually <exp-dir>/config/plan.json), or - for stdin")
+    parser.add_argument("--exp-dir", required=True, help="experiment directory to write (created if missing)")
+    parser.add_argument("--workdir", default=None, help="workdir with plugin folders (default: $INFRA_WORKDIR, /workdir)")
+    parser.add_argument("--db", default=None, help="SQLite database path; overrides data.db")
+    parser.add_argument("--limit-batches", type=int, default=None, help=argparse.SUPPRESS)  # smoke tests
+    return parser
+
+
+def read_plan(source: str) -> dict:
+    """Load and validate a plan file; return the resolved JSON form (defaults filled in)."""
+    from pydantic import ValidationError
+
+    from runner.plan import _issues_from_pydantic, expand_dotted
+    from runner.plan_models import Plan
+
+    name = "<stdin>" if source == "-" else source
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PlanError(name, [PlanIssue("", f"cannot read the plan: {exc.strerror}")]) from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError(name, [PlanIssue("", f"not JSON: {exc.msg} at line {exc.lineno}")]) from None
+    if not isinstance(doc, dict):
+        raise PlanError(name, [PlanIssue("", "a plan must be a JSON object")])
+    doc, issues = expand_dotted(doc)
+    if issues:
+        raise PlanError(name, issues)
+    try:
+        return Plan.model_validate(doc).model_dump(mode="json")
+    except ValidationError as exc:
+        raise PlanError(name, _issues_from_pydantic(exc)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the core; return the exit code (the console script exits with it)."""
+    args = _parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("runner", "infra_ext"):  # lightning logs through its own handler
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+    from runner.core.training import EXIT_CANCELLED, Cancelled, GracefulStop
+
+    stop = GracefulStop().install()
+    try:
+        from runner.core.experiment import run_experiment
+        from runner.core.plugins import resolve_workdir
+        from runner.core.registry import RegistryError
+
+        plan = read_plan(args.plan)
+        result = run_experiment(plan, args.exp_dir, db_path=args.db, workdir=resolve_workdir(args.workdir), stop=stop,
+                                limit_batches=args.limit_batches)
+        test = ", ".join(f"{k}={v:.4f}" for k, v in result["test"].items() if isinstance(v, float))
+        print(f"infra-train: done; test {test}", file=sys.stderr)
+        return 0
+    except Cancelled as exc:
+        print(f"infra-train: cancelled: {exc}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except (InfraError, RegistryError) as exc:
+        print(f"infra-train: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", EXIT_USAGE)
+    except Exception:
+        traceback.print_exc()
+        return EXIT_EXPERIMENT_FAILED
+    finally:
+        stop.uninstall()
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def entry() -> None:
+    """Console-script wrapper: `sys.exit(main())`."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

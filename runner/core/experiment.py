@@ -1,0 +1,346 @@
+"""One training run from a resolved plan to the complete experiment directory (DESIGN §6).
+
+`run_experiment` is what `infra-train` calls: plugins → variants → split → Lightning training →
+predictions, metrics, artifacts and plots. Every file is written atomically (temp + rename);
+`events.jsonl` only ever receives whole lines in one `write` call, because the host appends its
+own state events to the same file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import platform
+import socket
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+LAYOUT_DIRS = ("config", "data", "splits", "logs", "metrics", "ckpts", "artifacts/visualization")
+CORE_VERSION = "0.1.0"
+
+
+def core_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("infra")
+    except Exception:  # running from a source tree
+        return CORE_VERSION
+
+
+class Layout:
+    """The experiment directory: atomic file writes and append-only JSON lines."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        for sub in LAYOUT_DIRS:
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.experiment_id = os.environ.get("INFRA_EXPERIMENT_ID") or self.root.name
+
+    def path(self, rel: str | Path) -> Path:
+        return self.root / rel
+
+    def write_bytes(self, rel: str | Path, data: bytes) -> Path:
+        path = self.path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def write_json(self, rel: str | Path, doc: Any) -> Path:
+        return self.write_bytes(rel, (json.dumps(doc, indent=2, default=_json_default) + "\n").encode())
+
+    def append_line(self, rel: str | Path, doc: dict) -> None:
+        line = (json.dumps(doc, default=_json_default) + "\n").encode()
+        fd = os.open(self.path(rel), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)  # one write: never interleaves with the host's own lines
+        finally:
+            os.close(fd)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        ts = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        self.append_line("events.jsonl", {"ts": ts, "event": kind, "experiment_id": self.experiment_id, **fields})
+
+
+def _json_default(obj: Any):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def environment_info() -> dict:
+    """Versions and hardware for config/environment.json."""
+    import lightning
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "core": core_version(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "numpy": np.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": cuda,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "image_id": os.environ.get("INFRA_IMAGE_ID"),
+    }
+
+
+def _file_logging(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    for name in ("runner", "lightning", "lightning.pytorch", "infra_ext"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            logger.setLevel(logging.INFO)
+    return handler
+
+
+def _drop_file_logging(handler: logging.Handler) -> None:
+    for name in ("runner", "lightning", "lightning.pytorch", "infra_ext"):
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()
+
+
+def run_experiment(plan: dict, exp_dir: str | Path, db_path: str | Path | None = None,
+                   workdir: str | Path | None = None, stop=None, limit_batches: int | None = None) -> dict:
+    """Run the resolved `plan` into `exp_dir`; return metrics.json's document.
+
+    `db_path` overrides `data.db`; `workdir` holds the plugin folders; `stop` is a
+    `training.GracefulStop` (SIGTERM handling); `limit_batches` caps batches per epoch (smoke tests).
+    Raises DataError / PlanError for bad input, `training.Cancelled` after a graceful stop.
+    """
+    layout = Layout(exp_dir)
+    handler = _file_logging(layout.path("logs/train.log"))
+    try:
+        return _run(plan, layout, db_path, workdir, stop, limit_batches)
+    finally:
+        _drop_file_logging(handler)
+
+
+def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
+    import lightning as L
+
+    from runner.core import plots
+    from runner.core.data import load_variants
+    from runner.core.metrics import METRICS, compute_metrics
+    from runner.core.plugins import load_plugins
+    from runner.core.splits import make_split, write_split
+    from runner.core.training import (
+        Cancelled,
+        EpochReporter,
+        VariantDataModule,
+        VariantModule,
+        build_trainer,
+        fit,
+        predict,
+    )
+    from runner.core.transforms import TargetTransform
+
+    if not layout.path("config/plan.json").exists():
+        layout.write_json("config/plan.json", plan)
+    layout.write_json("config/environment.json", environment_info())
+    if workdir is not None:
+        load_plugins(workdir)
+    for name in plan.get("metrics", []):
+        METRICS.get(name)  # unknown metric: fail before the expensive part
+
+    started = time.perf_counter()
+    variants = load_variants(plan, db_path=db_path)
+    layout.write_json("config/query.json", {**variants.query, "dropped": variants.dropped, "n_selected": len(variants)})
+    buf = io.BytesIO()
+    variants.frame.to_parquet(buf, index=False)
+    layout.write_bytes("data/selected.parquet", buf.getvalue())
+    log.info("selected %d variants (dropped %s) in %.2fs", len(variants), variants.dropped, time.perf_counter() - started)
+
+    split_spec = dict(plan.get("split") or {})
+    split = make_split(variants, split_spec)
+    write_split(layout.path("splits"), variants, split, split_spec, lambda p, b: layout.write_bytes(p, b))
+    sizes = {k: int(len(v)) for k, v in split.items()}
+    layout.event("progress", phase="data", n_selected=len(variants), split=sizes, dropped=variants.dropped)
+
+    data, train = plan["data"], dict(plan.get("train") or {})
+    classification = data.get("target", "DMS_score") == "DMS_score_bin"
+    y_raw = variants.target.astype(np.float64)
+    if classification:
+        labels = y_raw.astype(np.int64)
+        if (labels < 0).any() or not np.array_equal(labels, y_raw):
+            raise _data_error("data.target: DMS_score_bin must hold class numbers 0, 1, …")
+        n_outputs = max(int(labels.max()) + 1, 2)
+        y_train_scale = labels
+        transform = TargetTransform("none")
+    else:
+        transform = TargetTransform(data.get("transform", "none")).fit(y_raw[split["train"]])
+        y_train_scale = transform.forward(y_raw).astype(np.float32)
+        n_outputs = 1
+
+    L.seed_everything(int(train.get("seed", 0)), workers=True, verbose=False)
+    metric_names = list(plan.get("metrics") or ["spearman"])
+
+    def to_scores(pred: np.ndarray) -> np.ndarray:
+        return pred if classification else transform.inverse(pred)
+
+    module = VariantModule(
+        model_name=plan["model"]["name"], model_params=dict(plan["model"].get("params") or {}),
+        embedding_name=plan.get("embeddings", {}).get("name", "onehot"),
+        embedding_params=dict(plan.get("embeddings", {}).get("params") or {}),
+        vocab_name=plan.get("vocab", {}).get("name", "IUPAC"), vocab_params=dict(plan.get("vocab", {}).get("params") or {}),
+        seq_len=int(variants.tokens.shape[1]), task="classification" if classification else "regression",
+        n_outputs=n_outputs, lr=float(train.get("lr", 1e-3)), weight_decay=float(train.get("weight_decay", 0.0)),
+        optimizer=train.get("optimizer", "adamw"),
+    )
+    module.val_metrics_fn = lambda y, p: compute_metrics(
+        metric_names, y if classification else transform.inverse(y), to_scores(p))
+    datamodule = VariantDataModule(variants.tokens, y_train_scale, split, int(train.get("batch_size", 256)),
+                                   seed=int(train.get("seed", 0)))
+    epochs: list[dict] = []
+
+    def on_epoch(record: dict) -> None:
+        epochs.append(record)
+        layout.append_line("metrics/metrics.jsonl", record)
+        layout.event("epoch", **record)
+        log.info("epoch %s: %s", record["epoch"], {k: v for k, v in record.items() if k != "epoch"})
+
+    callbacks = [EpochReporter(on_epoch)]
+    if stop is not None:
+        callbacks.append(stop.callback())
+    trainer = build_trainer(train, layout.path("ckpts"), has_val=sizes["val"] > 0, callbacks=callbacks,
+                            limit_batches=limit_batches)
+    last = layout.path("ckpts/last.ckpt")
+    resume = str(last) if last.exists() else None
+    if resume:
+        log.info("resuming from %s", last)
+        layout.event("progress", phase="resume", checkpoint="ckpts/last.ckpt")
+    layout.event("progress", phase="train", max_epochs=int(train.get("max_epochs", 30)))
+    t_train = time.perf_counter()
+    fit(trainer, module, datamodule, resume, stop)
+    training_seconds = time.perf_counter() - t_train
+    if stop is not None and stop.requested:
+        trainer.save_checkpoint(str(last))
+        layout.event("progress", phase="cancelled", checkpoint="ckpts/last.ckpt", epoch=int(trainer.current_epoch))
+        raise Cancelled("stopped by SIGTERM; ckpts/last.ckpt saved")
+    samples = sum(int(r.get("samples", 0)) for r in epochs)
+
+    best = layout.path("ckpts/best.ckpt")
+    if best.exists():
+        import torch
+
+        state = torch.load(str(best), map_location=module.device, weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+    pred_all = to_scores(predict(module, variants.tokens))
+    y_all = y_raw
+
+    result: dict[str, Any] = {}
+    for name in ("val", "test"):
+        idx = split[name]
+        result[name] = compute_metrics(metric_names, y_all[idx], pred_all[idx]) if len(idx) else {}
+    result["train"] = compute_metrics(metric_names, y_all[split["train"]], pred_all[split["train"]])
+    result["n"] = {**sizes, "selected": len(variants), "dropped": dict(variants.dropped)}
+    result["epochs"] = len(epochs)
+    result["best_epoch"] = _best_epoch(epochs)
+    result["training_seconds"] = round(training_seconds, 3)
+    result["samples_per_second"] = round(samples / training_seconds, 1) if training_seconds > 0 else None
+    result["transform"] = transform.state()
+    result["task"] = "classification" if classification else "regression"
+    layout.write_json("metrics/metrics.json", result)
+
+    _write_artifacts(layout, plan, module, variants, split, y_all, pred_all, transform)
+    try:
+        _write_plots(layout, epochs, variants, split, y_all, pred_all, result, data.get("target", "DMS_score"), plots,
+                     METRICS)
+    except Exception:  # a plot must never fail a finished training run
+        log.exception("writing plots failed")
+    layout.event("progress", phase="done", test=result["test"], training_seconds=result["training_seconds"])
+    return result
+
+
+def _data_error(message: str):
+    from runner.errors import DataError
+
+    return DataError(message)
+
+
+def _best_epoch(epochs: list[dict]) -> int | None:
+    key = "val_loss" if any(r.get("val_loss") is not None for r in epochs) else "train_loss"
+    scored = [(r[key], r["epoch"]) for r in epochs if r.get(key) is not None]
+    return min(scored)[1] if scored else None
+
+
+def _write_artifacts(layout: Layout, plan, module, variants, split, y_all, pred_all, transform) -> None:
+    import pandas as pd
+    import torch
+
+    hp = dict(module.hparams)
+    buf = io.BytesIO()
+    torch.save({"model_name": hp["model_name"], "model_params": hp["model_params"], "hparams": hp,
+                "embedding": {"name": hp["embedding_name"], "params": hp["embedding_params"]},
+                "transform": transform.state(),
+                "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}, buf)
+    layout.write_bytes("artifacts/model.pth", buf.getvalue())
+
+    arrays = {}
+    split_col = np.empty(len(variants.ids), dtype=object)
+    for name, idx in split.items():
+        arrays[f"{name}_ids"] = np.asarray(variants.ids)[idx]
+        arrays[f"{name}_y_true"] = y_all[idx]
+        arrays[f"{name}_y_pred"] = pred_all[idx]
+        split_col[idx] = name
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    layout.write_bytes("artifacts/labels.npz", buf.getvalue())
+
+    in_split = np.array([s is not None for s in split_col])
+    frame = pd.DataFrame({
+        "id": np.asarray(variants.ids)[in_split],
+        "mutant": variants.frame["mutant"].to_numpy()[in_split],
+        "mut_num": np.asarray(variants.mut_num)[in_split],
+        "split": split_col[in_split].astype(str),
+        "y_true": y_all[in_split],
+        "y_pred": pred_all[in_split],
+    })
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    layout.write_bytes("artifacts/predictions.parquet", buf.getvalue())
+
+
+def _write_plots(layout, epochs, variants, split, y_all, pred_all, result, target, plots, metrics) -> None:
+    write = layout.write_bytes
+    vis = Path("artifacts/visualization")
+    # every epoch on record, including those of an earlier attempt this run resumed from
+    lines = layout.path("metrics/metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    history = {r["epoch"]: r for r in map(json.loads, filter(None, lines))}
+    plots.learning_curves([history[k] for k in sorted(history)] or epochs, vis / "learning_curves.png", write)
+    test = split["test"]
+    plots.predicted_vs_measured(y_all[test], pred_all[test], result["test"].get("spearman"), target,
+                                vis / "predicted_vs_measured.png", write)
+    spearman = metrics.get("spearman")
+    plots.per_mut_num(np.asarray(variants.mut_num)[test], y_all[test], pred_all[test], spearman,
+                      vis / "per_mut_num.png", write)

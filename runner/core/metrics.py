@@ -1,0 +1,131 @@
+"""Metric registry: numpy/scipy functions `metric(y_true, y_pred, **params) -> float`.
+
+`y_pred` is on the original target scale for regression and the predicted probability of the
+positive class for binary classification. `auc` and `mcc` binarise a continuous `y_true` at
+`threshold` (default: its median); `mcc` binarises `y_pred` at `pred_threshold` (default: 0.5 when
+`y_true` is already 0/1, otherwise the same threshold as `y_true`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+from scipy import stats
+
+from runner.core.registry import Registry
+
+METRICS: Registry[float] = Registry("metric")
+
+
+def register_metric(name: str, fn: Callable[..., float] | None = None):
+    """Register `fn(y_true, y_pred, **params) -> float` under `name`; also a decorator."""
+    return METRICS.register(name, fn)
+
+
+def _arrays(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(y_true, dtype=np.float64).ravel(), np.asarray(y_pred, dtype=np.float64).ravel()
+
+
+def _is_binary(y: np.ndarray) -> bool:
+    return bool(np.isin(y, (0.0, 1.0)).all())
+
+
+def _binarise_true(y: np.ndarray, threshold: float | None) -> tuple[np.ndarray, float | None]:
+    if threshold is None and _is_binary(y):
+        return y.astype(bool), None
+    cut = float(np.median(y)) if threshold is None else float(threshold)
+    return y > cut, cut
+
+
+def _constant(a: np.ndarray) -> bool:
+    return a.size < 2 or bool(np.all(a == a[0]))
+
+
+@register_metric("spearman")
+def spearman(y_true, y_pred) -> float:
+    t, p = _arrays(y_true, y_pred)
+    if _constant(t) or _constant(p):
+        return float("nan")
+    return float(stats.spearmanr(t, p).statistic)
+
+
+@register_metric("pearson")
+def pearson(y_true, y_pred) -> float:
+    t, p = _arrays(y_true, y_pred)
+    if _constant(t) or _constant(p):
+        return float("nan")
+    return float(stats.pearsonr(t, p).statistic)
+
+
+@register_metric("mse")
+def mse(y_true, y_pred) -> float:
+    t, p = _arrays(y_true, y_pred)
+    return float(np.mean((t - p) ** 2)) if t.size else float("nan")
+
+
+@register_metric("rmse")
+def rmse(y_true, y_pred) -> float:
+    return math.sqrt(mse(y_true, y_pred))
+
+
+@register_metric("mae")
+def mae(y_true, y_pred) -> float:
+    t, p = _arrays(y_true, y_pred)
+    return float(np.mean(np.abs(t - p))) if t.size else float("nan")
+
+
+@register_metric("ndcg")
+def ndcg(y_true, y_pred, top_fraction: float = 0.1) -> float:
+    """NDCG of the top `top_fraction` of variants ranked by prediction (ProteinGym style).
+
+    Gains are the true scores shifted to be non-negative, so the measure rewards putting the
+    truly best variants at the top of the predicted ranking.
+    """
+    t, p = _arrays(y_true, y_pred)
+    if t.size == 0:
+        return float("nan")
+    k = max(1, int(math.ceil(top_fraction * t.size)))
+    gains = t - t.min()
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = float(np.sum(gains[np.argsort(-p, kind="stable")[:k]] * discounts))
+    idcg = float(np.sum(np.sort(gains)[::-1][:k] * discounts))
+    return dcg / idcg if idcg > 0 else float("nan")
+
+
+@register_metric("auc")
+def auc(y_true, y_pred, threshold: float | None = None) -> float:
+    """ROC AUC (Mann–Whitney form, ties counted half) of `y_pred` for the binarised `y_true`."""
+    t, p = _arrays(y_true, y_pred)
+    labels, _ = _binarise_true(t, threshold)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = stats.rankdata(p)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+@register_metric("mcc")
+def mcc(y_true, y_pred, threshold: float | None = None, pred_threshold: float | None = None) -> float:
+    """Matthews correlation of binarised truth and prediction."""
+    t, p = _arrays(y_true, y_pred)
+    labels, cut = _binarise_true(t, threshold)
+    if pred_threshold is None:
+        pred_threshold = 0.5 if cut is None else cut
+    pred = p > pred_threshold if cut is not None else p >= pred_threshold
+    tp = float(np.sum(labels & pred))
+    tn = float(np.sum(~labels & ~pred))
+    fp = float(np.sum(~labels & pred))
+    fn = float(np.sum(labels & ~pred))
+    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / denom if denom > 0 else 0.0
+
+
+def compute_metrics(names: list[str], y_true, y_pred) -> dict[str, float | None]:
+    """Every named metric on one split; NaN (undefined, e.g. a constant prediction) becomes None for JSON."""
+    out: dict[str, float | None] = {}
+    for name in names:
+        value = float(METRICS.get(name)(y_true, y_pred))
+        out[name] = None if math.isnan(value) else value
+    return out

@@ -1,0 +1,160 @@
+"""Split registry: assign every selected variant to train / val / test.
+
+A split function is `fn(variants, spec) -> {"train": idx, "val": idx, "test": idx}` where `idx`
+are row positions into the VariantSet arrays and `spec` is the plan's `split` dict (`n_folds`,
+`fold`, `test_fraction`, `val_fraction`, `seed`, `column`, `max_train_mut_num`). The validation
+set is always a seeded random `val_fraction` of what is not test, unless the strategy defines it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from runner.core.registry import Registry
+from runner.errors import DataError, PlanError, PlanIssue
+
+SPLITS: Registry[dict] = Registry("split")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def register_split(name: str, fn: Callable[..., dict] | None = None):
+    """Register `fn(variants, spec) -> {"train", "val", "test"}` index arrays under `name`; also a decorator."""
+    return SPLITS.register(name, fn)
+
+
+def _plan_error(key: str, message: str) -> PlanError:
+    return PlanError("plan", [PlanIssue(f"split.{key}", message)])
+
+
+def _rng(spec: dict) -> np.random.Generator:
+    return np.random.default_rng(int(spec.get("seed", 0)))
+
+
+def _carve_val(rest: np.ndarray, spec: dict, rng: np.random.Generator, n_total: int) -> tuple[np.ndarray, np.ndarray]:
+    # val_fraction is a fraction of all selected variants (the plan checks val + test < 1)
+    rest = rng.permutation(rest)
+    n_val = min(int(round(float(spec.get("val_fraction", 0.1)) * n_total)), max(len(rest) - 1, 0))
+    return np.sort(rest[n_val:]), np.sort(rest[:n_val])
+
+
+def _by_test_mask(test_mask: np.ndarray, spec: dict) -> dict[str, np.ndarray]:
+    rng = _rng(spec)
+    train, val = _carve_val(np.flatnonzero(~test_mask), spec, rng, len(test_mask))
+    return {"train": train, "val": val, "test": np.flatnonzero(test_mask)}
+
+
+def _fold(spec: dict, default_folds: int | None = None) -> tuple[int, int] | None:
+    n_folds = spec.get("n_folds") or default_folds
+    if n_folds is None:
+        return None
+    fold = int(spec.get("fold", 0))
+    if fold >= n_folds:
+        raise _plan_error("fold", f"fold {fold} is out of range for n_folds={n_folds}; use 0..{n_folds - 1}")
+    return int(n_folds), fold
+
+
+@register_split("random")
+def random_split(variants, spec: dict) -> dict[str, np.ndarray]:
+    """Seeded random split; with `n_folds`, the test set is fold `fold` of a seeded k-fold partition."""
+    n = len(variants.ids)
+    rng = _rng(spec)
+    perm = rng.permutation(n)
+    folds = _fold(spec)
+    if folds:
+        n_folds, fold = folds
+        test = np.array_split(perm, n_folds)[fold]
+    else:
+        test = perm[: int(round(float(spec.get("test_fraction", 0.2)) * n))]
+    mask = np.zeros(n, dtype=bool)
+    mask[test] = True
+    return _by_test_mask(mask, spec)
+
+
+@register_split("mut_num")
+def mut_num_split(variants, spec: dict) -> dict[str, np.ndarray]:
+    """Train/val on variants with at most `max_train_mut_num` mutations, test on those with more."""
+    limit = int(spec.get("max_train_mut_num", 1))
+    return _by_test_mask(np.asarray(variants.mut_num) > limit, spec)
+
+
+@register_split("modulo")
+def modulo_split(variants, spec: dict) -> dict[str, np.ndarray]:
+    """ProteinGym 'modulo' folds: test = variants whose first mutated position % n_folds == fold (default 5 folds).
+
+    Wild-type rows (no position) always train.
+    """
+    n_folds, fold = _fold(spec, default_folds=5)
+    pos = np.asarray(variants.first_pos)
+    return _by_test_mask((pos > 0) & ((pos - 1) % n_folds == fold), spec)
+
+
+@register_split("contiguous")
+def contiguous_split(variants, spec: dict) -> dict[str, np.ndarray]:
+    """ProteinGym 'contiguous' folds: the mutated span cut into n_folds equal position blocks (default 5)."""
+    n_folds, fold = _fold(spec, default_folds=5)
+    pos = np.asarray(variants.first_pos)
+    mutated = pos > 0
+    if not mutated.any():
+        return _by_test_mask(np.zeros(len(pos), dtype=bool), spec)
+    lo, hi = int(pos[mutated].min()), int(pos[mutated].max())
+    block = np.minimum(((pos - lo) * n_folds) // max(hi - lo + 1, 1), n_folds - 1)
+    return _by_test_mask(mutated & (block == fold), spec)
+
+
+_NAMED = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+@register_split("column")
+def column_split(variants, spec: dict) -> dict[str, np.ndarray]:
+    """A predefined split column: values train/val/test (rows with other values are left out), or fold integers
+    (test = rows whose value equals `fold`, val a random `val_fraction` of the rest)."""
+    column = spec.get("column")
+    if not column:
+        raise _plan_error("column", "strategy 'column' needs split.column (a column of the mutations table)")
+    frame = variants.frame
+    if column not in frame.columns:
+        raise DataError(f"split column {column!r} is not in the selected data; columns: {', '.join(map(str, frame.columns))}")
+    values = frame[column]
+    if values.dtype.kind in "iuf":
+        if values.isna().any():
+            raise DataError(f"split column {column!r} has {int(values.isna().sum())} empty values; fill or filter them")
+        return _by_test_mask(values.to_numpy() == int(spec.get("fold", 0)), spec)
+    names = values.astype("string").str.strip().str.lower().map(_NAMED)
+    out = {name: np.flatnonzero((names == name).fillna(False).to_numpy()) for name in SPLIT_NAMES}
+    if not len(out["val"]):
+        out["train"], out["val"] = _carve_val(out["train"], spec, _rng(spec), len(frame))
+    return out
+
+
+def make_split(variants, spec: dict) -> dict[str, np.ndarray]:
+    """Run the plan's split strategy and check the result (non-empty train and test, disjoint)."""
+    name = spec.get("strategy", "random")
+    result = SPLITS.get(name)(variants, spec)
+    out = {key: np.sort(np.asarray(result.get(key, []), dtype=np.int64)) for key in SPLIT_NAMES}
+    for key in ("train", "test"):
+        if len(out[key]) == 0:
+            raise DataError(
+                f"split strategy {name!r} left the {key} set empty ({len(variants.ids)} variants selected); "
+                "change split.* or select more data"
+            )
+    total = sum(len(v) for v in out.values())
+    if len(np.unique(np.concatenate(list(out.values())))) != total:
+        raise DataError(f"split strategy {name!r} put a variant into more than one of train/val/test")
+    return out
+
+
+def write_split(directory: Path, variants, split: dict[str, np.ndarray], spec: dict, atomic_write) -> None:
+    """Write splits/<name>.npy (row ids) and splits/split.json (strategy, sizes) via `atomic_write(path, bytes)`."""
+    import io
+
+    directory = Path(directory)
+    for key in SPLIT_NAMES:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(variants.ids)[split[key]].astype(np.int64))
+        atomic_write(directory / f"{key}.npy", buf.getvalue())
+    info = {"spec": spec, "sizes": {key: int(len(split[key])) for key in SPLIT_NAMES}, "ids": "splits/<name>.npy (mutations.id)"}
+    atomic_write(directory / "split.json", (json.dumps(info, indent=2) + "\n").encode())

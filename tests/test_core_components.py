@@ -1,0 +1,164 @@
+"""Built-in embeddings, models, metrics, splits and target transforms on real arrays."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from runner.core.embeddings import EMBEDDINGS, create_embedding
+from runner.core.metrics import METRICS, compute_metrics
+from runner.core.models import MODELS, ProteinModel, create_model
+from runner.core.splits import SPLITS, make_split
+from runner.core.transforms import TargetTransform
+from runner.core.vocab import get_vocab_processor
+from runner.errors import DataError, PlanError
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return get_vocab_processor("IUPAC")
+
+
+def test_embeddings_expand_per_batch(vocab):
+    tokens = torch.from_numpy(vocab.encode(["MKVW*", "MK"]))
+    onehot = create_embedding("onehot", vocab)
+    out = onehot(tokens)
+    assert out.shape == (2, 5, vocab.size) and out.dtype == torch.float32
+    assert out[1, 3].sum() == 0  # padding row is all zeros
+    assert torch.equal(out[0].argmax(-1), tokens[0].long())
+    blosum = create_embedding("blosum62", vocab)
+    b = blosum(tokens)
+    assert b.shape == (2, 5, 24)
+    w, m = vocab.token_id("W"), vocab.token_id("M")
+    assert blosum.table[w, "ARNDCQEGHILKMFPSTWYVBZX*".index("W")] == pytest.approx(11 / 4)
+    assert blosum.table[m, "ARNDCQEGHILKMFPSTWYVBZX*".index("M")] == pytest.approx(5 / 4)
+    assert create_embedding("blosum62", vocab, {"with_onehot": True}).dim == 24 + vocab.size
+    assert {"onehot", "blosum62"} <= set(EMBEDDINGS.names())
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp", "cnn"])
+@pytest.mark.parametrize("n_outputs", [1, 3])
+def test_models_shapes_and_gradients(name, n_outputs):
+    model = create_model(name, seq_len=12, in_dim=28, n_outputs=n_outputs)
+    assert isinstance(model, ProteinModel)
+    x = torch.randn(5, 12, 28)
+    y = model(x)
+    assert y.shape == ((5,) if n_outputs == 1 else (5, n_outputs))
+    loss = y.float().pow(2).mean() + (model.penalty() if model.penalty() is not None else 0)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert {"linear", "mlp", "cnn"} <= set(MODELS.names())
+
+
+def test_linear_penalty_is_ridge():
+    model = create_model("linear", seq_len=2, in_dim=3, n_outputs=1, params={"l2": 2.0, "lr_scale": 1.0})
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    assert model.penalty().item() == pytest.approx(2.0)  # l2 * sum(w^2) / n_features
+
+
+def test_metrics_against_references():
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=200)
+    p = t + rng.normal(scale=0.5, size=200)
+    m = compute_metrics(["spearman", "pearson", "mse", "rmse", "mae", "ndcg", "auc", "mcc"], t, p)
+    assert m["spearman"] == pytest.approx(stats.spearmanr(t, p).statistic)
+    assert m["pearson"] == pytest.approx(stats.pearsonr(t, p).statistic)
+    assert m["mse"] == pytest.approx(np.mean((t - p) ** 2))
+    assert m["rmse"] == pytest.approx(np.sqrt(m["mse"]))
+    assert m["mae"] == pytest.approx(np.mean(np.abs(t - p)))
+    assert 0.5 < m["ndcg"] <= 1.0 and 0.5 < m["auc"] <= 1.0 and 0 < m["mcc"] <= 1.0
+    assert METRICS.get("ndcg")(t, t) == pytest.approx(1.0)
+    # AUC against the pairwise definition, with a binary truth and ties in the prediction
+    labels = np.array([0, 0, 1, 1, 1, 0])
+    scores = np.array([0.1, 0.4, 0.4, 0.8, 0.9, 0.2])
+    pairs = [(s1 > s0) + 0.5 * (s1 == s0) for s1 in scores[labels == 1] for s0 in scores[labels == 0]]
+    assert METRICS.get("auc")(labels, scores) == pytest.approx(np.mean(pairs))
+    assert METRICS.get("mcc")(labels, labels.astype(float)) == pytest.approx(1.0)
+    assert METRICS.get("mcc")(labels, 1 - labels) == pytest.approx(-1.0)
+    assert compute_metrics(["spearman"], t, np.zeros_like(t)) == {"spearman": None}  # undefined, not NaN in JSON
+
+
+def _variants(n=100, mut_num=None, first_pos=None, frame=None):
+    rng = np.random.default_rng(1)
+    return SimpleNamespace(
+        ids=np.arange(1000, 1000 + n), mut_num=np.asarray(mut_num if mut_num is not None else rng.integers(1, 4, n)),
+        first_pos=np.asarray(first_pos if first_pos is not None else rng.integers(1, 51, n)),
+        frame=frame if frame is not None else pd.DataFrame({"id": np.arange(n)}),
+    )
+
+
+def _check_partition(split, n):
+    allidx = np.concatenate([split["train"], split["val"], split["test"]])
+    assert len(allidx) == len(np.unique(allidx)) == n
+
+
+def test_random_and_kfold_splits():
+    v = _variants(100)
+    s = make_split(v, {"strategy": "random", "test_fraction": 0.2, "val_fraction": 0.1, "seed": 3})
+    _check_partition(s, 100)
+    assert (len(s["train"]), len(s["val"]), len(s["test"])) == (70, 10, 20)
+    assert all(np.array_equal(s[k], make_split(v, {"strategy": "random", "seed": 3, "test_fraction": 0.2})[k])
+               for k in s)  # seeded
+    tests = [make_split(v, {"strategy": "random", "n_folds": 5, "fold": f})["test"] for f in range(5)]
+    assert sorted(np.concatenate(tests).tolist()) == list(range(100))  # folds partition the data
+
+
+def test_mut_num_modulo_contiguous_splits():
+    v = _variants(200)
+    s = make_split(v, {"strategy": "mut_num", "max_train_mut_num": 1})
+    assert (v.mut_num[s["test"]] > 1).all() and (v.mut_num[np.concatenate([s["train"], s["val"]])] <= 1).all()
+    s = make_split(v, {"strategy": "modulo", "n_folds": 4, "fold": 2})
+    assert ((v.first_pos[s["test"]] - 1) % 4 == 2).all()
+    assert not ((v.first_pos[s["train"]] - 1) % 4 == 2).any()
+    s = make_split(v, {"strategy": "contiguous", "n_folds": 5, "fold": 0})
+    test_pos = v.first_pos[s["test"]]
+    assert test_pos.max() < v.first_pos[s["train"]].max() and test_pos.min() == v.first_pos.min()
+    _check_partition(s, 200)
+
+
+def test_column_split():
+    names = np.array(["train"] * 6 + ["valid"] * 2 + ["test"] * 2 + [None] * 2, dtype=object)
+    v = _variants(12, frame=pd.DataFrame({"sampled": names}))
+    s = make_split(v, {"strategy": "column", "column": "sampled"})
+    assert (len(s["train"]), len(s["val"]), len(s["test"])) == (6, 2, 2)  # unlabelled rows left out
+    folds = _variants(10, frame=pd.DataFrame({"fold": np.arange(10) % 5}))
+    s = make_split(folds, {"strategy": "column", "column": "fold", "fold": 3, "val_fraction": 0.1})
+    assert s["test"].tolist() == [3, 8]
+    with pytest.raises(DataError, match="'nope' is not in the selected data"):
+        make_split(v, {"strategy": "column", "column": "nope"})
+
+
+def test_split_errors():
+    with pytest.raises(DataError, match="test set empty"):
+        make_split(_variants(20, mut_num=np.ones(20)), {"strategy": "mut_num", "max_train_mut_num": 1})
+    with pytest.raises(PlanError, match="split.fold"):
+        make_split(_variants(20), {"strategy": "random", "n_folds": 3, "fold": 3})
+    assert {"random", "mut_num", "modulo", "contiguous", "column"} <= set(SPLITS.names())
+
+
+@pytest.mark.parametrize("name", ["none", "log", "standardize", "rank"])
+def test_transforms_invert(name):
+    rng = np.random.default_rng(0)
+    y = np.concatenate([np.zeros(50), rng.gamma(2.0, 1.0, 200)])  # GB1-like: exact zeros plus a long tail
+    tr = TargetTransform(name).fit(y[:150])
+    z = tr.forward(y)
+    assert np.isfinite(z).all()
+    if name != "rank":
+        np.testing.assert_allclose(tr.inverse(z), y, atol=1e-9)
+    else:  # rank inverts exactly on training values and monotonically elsewhere
+        np.testing.assert_allclose(tr.inverse(tr.forward(y[:150])), y[:150], atol=1e-9)
+        order = np.argsort(y)
+        assert (np.diff(tr.inverse(z)[order]) >= -1e-12).all()
+    if name == "standardize":
+        assert abs(z[:150].mean()) < 1e-9
+
+
+def test_unknown_transform_is_a_plan_error():
+    with pytest.raises(PlanError, match="data.transform"):
+        TargetTransform("sqrt")
