@@ -85,6 +85,7 @@ class RunOutcome:
             "exp_dir": str(self.exp_dir),
             **{k: self.record.get(k) for k in keys},
             "reused": self.reused,
+            "attached": self.attached,
         }
 
 

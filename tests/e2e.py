@@ -29,6 +29,9 @@ def run_user():
     except KeyError:
         subprocess.run(["useradd", "--create-home", "--groups", "docker", TEST_USER], check=True)
         entry = pwd.getpwnam(TEST_USER)
+    # useradd leaves the account locked ("!"), which sshd refuses even for key logins; "*" means
+    # "no password" without locking.
+    subprocess.run(["usermod", "-p", "*", TEST_USER], check=True)
     probe = subprocess.run(
         ["runuser", "-u", TEST_USER, "--", sys.executable, "-c", "import runner, docker"],
         capture_output=True,

@@ -100,8 +100,8 @@ def test_concurrent_submissions_start_one_container(sshd, base_image, workdir, d
         p.stdin.close()
     docs = []
     for p in procs:
-        out, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-2000:]
+        out, err = p.stdout.read(), p.stderr.read()  # stdin is closed already: no communicate()
+        assert p.wait(timeout=600) == 0, err[-2000:]
         docs.append(json.loads(out))
     assert docs[0]["experiment_id"] == docs[1]["experiment_id"]
     exp_id = docs[0]["experiment_id"]
