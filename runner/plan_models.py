@@ -96,7 +96,7 @@ class SplitSpec(Strict):
         default=0.2, description="share of rows in the test set (no n_folds)"
     )
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
-        default=0.1, description="share of the non-test rows used for validation"
+        default=0.1, description="share of all selected rows used for validation (taken from the non-test rows)"
     )
     seed: int = Field(default=0, description="seed of the split's shuffling")
     column: Annotated[str, Field(pattern=IDENTIFIER_PATTERN)] | None = Field(
