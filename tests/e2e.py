@@ -110,6 +110,18 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def wait_for_training(workdir: Path, epochs: int = 1, timeout: float = 300) -> Path:
+    """The directory of the workdir's (only) demo experiment, once it has finished `epochs` epochs."""
+    root = workdir / "experiments"
+    exp_dir = wait_for(
+        lambda: next(iter(root.glob("blat-demo-*")), None) if root.exists() else None,
+        timeout,
+        "the experiment directory",
+    )
+    wait_for(lambda: epoch_events(exp_dir) >= epochs, timeout, f"{epochs} epoch(s)")
+    return exp_dir
+
+
 def epoch_events(exp_dir: Path) -> int:
     try:
         lines = (exp_dir / "events.jsonl").read_text().splitlines()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import epoch_events, infra_as, labelled_containers, wait_for
+from tests.e2e import epoch_events, infra_as, labelled_containers, wait_for, wait_for_training
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 LAYOUT = [
@@ -148,16 +148,7 @@ def test_ctrl_c_leaves_cancelled_with_checkpoint(base_image, workdir, run_user):
         background=True,
     )
     try:
-        exp_dir = wait_for(
-            lambda: (
-                next(iter((workdir / "experiments").glob("blat-demo-*")), None)
-                if (workdir / "experiments").exists()
-                else None
-            ),
-            300,
-            "the experiment directory",
-        )
-        wait_for(lambda: epoch_events(exp_dir) >= 2, 300, "two epochs")
+        exp_dir = wait_for_training(workdir, epochs=2)
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from tests.e2e import REPO, epoch_events, infra_as, labelled_containers, remote_infra, wait_for
+from tests.e2e import REPO, epoch_events, infra_as, labelled_containers, remote_infra, wait_for, wait_for_training
 
 pytestmark = [pytest.mark.docker, pytest.mark.ssh, pytest.mark.slow]
 STATUS_SCHEMA = json.loads((REPO / "schemas" / "status.schema.json").read_text())
@@ -67,16 +67,7 @@ def test_killed_ssh_client_mid_run_then_poll(sshd, base_image, workdir):
     )
     proc.stdin.write(plan_text(workdir))
     proc.stdin.close()
-    exp_dir = wait_for(
-        lambda: (
-            next(iter((workdir / "experiments").glob("blat-demo-*")), None)
-            if (workdir / "experiments").exists()
-            else None
-        ),
-        300,
-        "the experiment directory",
-    )
-    wait_for(lambda: epoch_events(exp_dir) >= 1, 300, "the first epoch")
+    exp_dir = wait_for_training(workdir, epochs=1)
     proc.kill()  # the Master's SSH client dies mid-run
     proc.wait()
     final = wait_for(
@@ -132,16 +123,7 @@ def test_sigkill_of_foreground_runner_status_tells_truth(base_image, workdir, ru
         workdir=workdir,
         background=True,
     )
-    exp_dir = wait_for(
-        lambda: (
-            next(iter((workdir / "experiments").glob("blat-demo-*")), None)
-            if (workdir / "experiments").exists()
-            else None
-        ),
-        300,
-        "the experiment directory",
-    )
-    wait_for(lambda: epoch_events(exp_dir) >= 1, 300, "the first epoch")
+    exp_dir = wait_for_training(workdir, epochs=1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     now = json.loads(infra_as(run_user, "status", exp_dir.name, "--json", workdir=workdir).stdout)
