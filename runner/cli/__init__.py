@@ -14,8 +14,10 @@ from typing import Annotated
 import typer
 
 from runner import __version__
+from runner.cli import compare as _compare
 from runner.cli import data as _data
 from runner.cli import lifecycle as _lifecycle
+from runner.cli import plugins as _plugins
 from runner.cli import queue as _queue
 from runner.cli import run as _run
 from runner.cli import validate as _validate
@@ -65,10 +67,12 @@ app.command("status")(_lifecycle.status)
 app.command("logs")(_lifecycle.logs)
 app.command("stop")(_lifecycle.stop)
 app.command("ls")(_lifecycle.ls)
+app.command("compare")(_compare.compare)
 app.command("schema")(_validate.schema)
 app.command("init")(_workdir.init)
 app.add_typer(_workdir.app, name="workdir")
 app.add_typer(_data.app, name="data")
+app.add_typer(_plugins.app, name="plugins")
 app.command("submit")(_queue.submit)
 app.command("worker")(_queue.worker)
 app.add_typer(_queue.queue_app, name="queue")

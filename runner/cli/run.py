@@ -50,6 +50,21 @@ def run(
     ] = False,
     json_out: JSON_OPT = False,
     workdir: WORKDIR_OPT = None,
+    sweeps: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sweep",
+            help="Run a grid: KEY=V1,V2,... (values JSON, else strings; a value with a comma needs the JSON "
+            "list form KEY='[\"a,b\",\"c\"]'). Repeatable: the cartesian product, one experiment each.",
+        ),
+    ] = None,
+    submit: Annotated[
+        bool, typer.Option("--submit", help="With --sweep: put the grid on the queue (--redis) instead of running it.")
+    ] = False,
+    redis_url: Annotated[
+        str | None, typer.Option("--redis", envvar="INFRA_REDIS_URL", help="Redis URL for --submit.")
+    ] = None,
+    queue: Annotated[str, typer.Option("--queue", help="Queue for --submit.")] = "infra",
 ) -> None:
     """Validate the plan, build or reuse the plugin image, and run the experiment.
 
@@ -58,13 +73,28 @@ def run(
     cancelled one resumes from its last checkpoint. Exit codes: 0 ok, 1 training failed, 2 bad plan,
     3 environment, 130 interrupted.
 
+    With --sweep the grid's experiments run one after another and a summary table follows (with
+    --json one document {"experiments": [...]}); the exit code is the worst of the runs.
+
     Example: infra run plan.json --gpus all --set train.lr=0.0005
+    Example: infra run plan.json --sweep train.lr=1e-3,1e-4 --sweep model.params.hidden=64,128
     """
-    from runner.errors import ExperimentFailed, Interrupted
+    from runner.errors import ExperimentFailed, Interrupted, UsageError
     from runner.launch import RunOptions
     from runner.launch import run as run_experiment
     from runner.plan import load_plan
 
+    if sweeps:
+        from runner.cli.sweep import run_sweep_command
+
+        run_sweep_command(
+            plan, sweeps, overrides or [], gpus=gpus, detach=detach, backend=backend, rerun=rerun,
+            stop_timeout=stop_timeout, events=events, json_out=json_out, workdir=_workdir(workdir),
+            submit=submit, redis_url=redis_url, queue=queue,
+        )
+        return
+    if submit:
+        raise UsageError("--submit goes with --sweep; to queue one plan use 'infra submit PLAN --redis URL'")
     wd = _workdir(workdir)
     loaded = load_plan(plan, overrides or [], workdir=wd)
     quiet = json_out or events

@@ -1,0 +1,75 @@
+"""The `--sweep` branch of `infra run`: parse, validate every point, run or submit, render the summary."""
+
+from pathlib import Path
+
+import typer
+
+from runner.cli.output import emit_json, say
+
+
+def run_sweep_command(
+    plan: str,
+    sweeps: list[str],
+    overrides: list[str],
+    *,
+    gpus: str | None,
+    detach: bool,
+    backend: str,
+    rerun: bool,
+    stop_timeout: int,
+    events: bool,
+    json_out: bool,
+    workdir: Path,
+    submit: bool,
+    redis_url: str | None,
+    queue: str,
+) -> None:
+    """Expand the grid, then run its points one after another (or submit them); exit with the worst code."""
+    from runner import sweep
+    from runner.errors import UsageError
+    from runner.launch import RunOptions
+    from runner.plan import STDIN, read_plan_text
+
+    if detach:
+        raise UsageError("--detach does not go with --sweep (the grid runs one after another); use --submit")
+    if events:
+        raise UsageError("--events does not go with --sweep; use --json for one summary document")
+    if submit and not redis_url:
+        raise UsageError("--submit needs --redis URL (or INFRA_REDIS_URL)")
+    points = sweep.grid(sweeps)
+    keys = list(points[0])
+    text = read_plan_text(plan)[0] if plan == STDIN else None
+    loaded = sweep.load_points(plan, text, overrides, points, workdir)
+
+    if submit:
+        docs = sweep.submit_sweep(loaded, points, workdir, redis_url, queue)
+        if json_out:
+            emit_json({"experiments": docs})
+        for doc in docs:
+            state = f"already {doc['status']}" if doc["duplicate"] else "queued"
+            say(f"[{doc['index']}/{len(docs)}] {sweep.label(doc['values'])}: job {doc['job_id']} {state} on {queue!r}")
+        return
+
+    def make_opts() -> RunOptions:
+        return RunOptions(backend=backend, gpus=gpus, rerun=rerun, stop_timeout=stop_timeout)
+
+    def on_done(result: sweep.PointResult, total: int) -> None:
+        if json_out:
+            return
+        reused = " (already succeeded, not rerun)" if result.reused else ""
+        spearman = result.test.get("spearman")
+        score = f", test spearman {spearman:.4f}" if isinstance(spearman, float) else ""
+        say(f"[{result.index}/{total}] {sweep.label(result.values)}: {result.experiment_id or '-'} "
+            f"{result.state}{reused}{score}")
+        if result.message and result.state != "succeeded":
+            say(f"  {result.message}")
+
+    if not json_out:
+        say(f"sweep: {len(points)} experiment(s) over {', '.join(keys)}")
+    results, code = sweep.run_sweep(loaded, points, workdir, make_opts, on_done)
+    if json_out:
+        emit_json({"experiments": [r.to_dict() for r in results], "exit_code": code})
+    else:
+        typer.echo(sweep.summary_table(results, keys))
+    if code:
+        raise typer.Exit(code)

@@ -1,0 +1,213 @@
+"""`infra run PLAN --sweep KEY=V1,V2 …`: a grid of experiments, run one after another or put on the queue.
+
+Decisions (see docs/plugins.md, "Sweeps"):
+
+- `--sweep KEY=V1,V2,…` lists the values of one key. The text after `=` is first tried as a JSON
+  array (its elements are the values); otherwise it is split on every comma and each part is parsed
+  as JSON, else kept as a string. A value containing a comma therefore needs the JSON array form:
+  `--sweep 'data.dataset=["A,B","C"]'`; sweeping a list-valued key needs a list of lists:
+  `--sweep 'metrics=[["spearman"],["spearman","ndcg"]]'`.
+- Several `--sweep`s make the cartesian product, the first one varying slowest. Each point is the
+  plan with `--set` applied first and then the point's values (so a swept key wins over a `--set`).
+- Every point is validated before anything runs: a bad value fails the whole sweep with exit 2 and
+  the offending point named.
+- Points run one after another through `runner.launch.run` (same idempotency: a point that already
+  succeeded is reported, not rerun). A failed point does not stop the sweep; an environment error
+  (no Docker, a failed image build) or Ctrl-C stops it, and the rest are reported `not run`.
+- Exit code: 130 when interrupted, else the environment error's code, else 1 if any point failed,
+  else 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner.errors import EXIT_EXPERIMENT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InfraError, PlanError, UsageError
+
+log = logging.getLogger(__name__)
+
+MAX_POINTS = 1000
+
+
+def parse_sweep(item: str) -> tuple[str, list[Any]]:
+    """One `--sweep KEY=V1,V2` → (key, values); see the module docstring for the value syntax."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or not raw.strip():
+        raise UsageError(f"--sweep {item!r}: expected KEY=V1,V2,…, e.g. --sweep train.lr=1e-3,1e-4")
+    values: list[Any] | None = None
+    if raw.lstrip().startswith("["):
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, list):
+            values = parsed
+    if values is None:
+        values = [_scalar(part) for part in raw.split(",")]
+    if not values:
+        raise UsageError(f"--sweep {key}: give at least one value")
+    seen: list[str] = []
+    for value in values:
+        text = json.dumps(value, sort_keys=True)
+        if text in seen:
+            raise UsageError(f"--sweep {key}: value {text} is given twice")
+        seen.append(text)
+    return key, values
+
+
+def _scalar(part: str) -> Any:
+    try:
+        return json.loads(part)
+    except json.JSONDecodeError:
+        return part
+
+
+def grid(items: list[str]) -> list[dict[str, Any]]:
+    """The cartesian product of the `--sweep` items as `[{key: value, …}, …]` (first sweep slowest)."""
+    sweeps = [parse_sweep(item) for item in items]
+    keys = [k for k, _ in sweeps]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise UsageError(f"--sweep {dupes[0]} is given more than once; list all its values in one --sweep")
+    size = 1
+    for _, values in sweeps:
+        size *= len(values)
+    if size > MAX_POINTS:
+        raise UsageError(f"--sweep makes {size} experiments (limit {MAX_POINTS}); sweep fewer values")
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in sweeps))]
+
+
+def point_overrides(point: dict[str, Any]) -> list[str]:
+    """A grid point as `--set` items (values JSON-encoded, so strings stay strings)."""
+    return [f"{key}={json.dumps(value)}" for key, value in point.items()]
+
+
+def show(value: Any) -> str:
+    """A swept value as text: strings bare, everything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def label(point: dict[str, Any]) -> str:
+    return " ".join(f"{k}={show(v)}" for k, v in point.items())
+
+
+@dataclass
+class PointResult:
+    """The outcome of one grid point, as reported in the summary and `--json`."""
+
+    index: int
+    values: dict[str, Any]
+    experiment_id: str | None = None
+    state: str = "not run"
+    exit_code: int | None = None  # infra's exit code for this point (0, 1, 3, 130 …)
+    reused: bool = False
+    exp_dir: str | None = None
+    message: str | None = None
+    test: dict = field(default_factory=dict)
+    val: dict = field(default_factory=dict)
+    n: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_points(source: str, text: str | None, overrides: list[str], points: list[dict], workdir: Path) -> list:
+    """Validate every point's plan up front; a PlanError names the point."""
+    from runner.plan import load_plan
+
+    loaded = []
+    for i, point in enumerate(points, 1):
+        try:
+            loaded.append(load_plan(source, [*overrides, *point_overrides(point)], workdir=workdir, text=text))
+        except PlanError as exc:
+            raise PlanError(f"{exc.source} (sweep point {i}: {label(point)})", exc.issues) from None
+    return loaded
+
+
+def run_sweep(
+    loaded_plans: list,
+    points: list[dict],
+    workdir: Path,
+    make_opts: Callable[[], Any],
+    on_done: Callable[[PointResult, int], None] = lambda result, total: None,
+) -> tuple[list[PointResult], int]:
+    """Run the points one after another; return their results and the sweep's exit code."""
+    from runner.errors import ExperimentFailed, Interrupted
+    from runner.launch import run
+
+    results = [PointResult(i, point) for i, point in enumerate(points, 1)]
+    code = EXIT_OK
+    for result, loaded in zip(results, loaded_plans, strict=True):
+        try:
+            outcome = run(loaded, workdir, make_opts())
+        except ExperimentFailed as exc:
+            _from_record(result, getattr(exc, "record", None), exc.exit_code, exc.message)
+            code = max(code, EXIT_EXPERIMENT_FAILED)
+            on_done(result, len(results))
+            continue
+        except Interrupted as exc:
+            _from_record(result, getattr(exc, "record", None), exc.exit_code, exc.message)
+            result.state = result.state if result.experiment_id else "cancelled"
+            on_done(result, len(results))
+            return results, EXIT_INTERRUPTED
+        except InfraError as exc:  # engine unreachable, image build failed …: the next point would fail too
+            result.state, result.exit_code, result.message = "error", exc.exit_code, exc.message
+            on_done(result, len(results))
+            return results, exc.exit_code
+        _from_record(result, outcome.record, EXIT_OK, None)
+        result.experiment_id, result.exp_dir, result.reused = outcome.experiment_id, str(outcome.exp_dir), outcome.reused
+        _add_metrics(result)
+        on_done(result, len(results))
+    return results, code
+
+
+def _from_record(result: PointResult, record: dict | None, code: int, message: str | None) -> None:
+    result.exit_code, result.message = code, message
+    if record:
+        result.experiment_id = record.get("experiment_id")
+        result.state = record.get("state") or result.state
+        result.exp_dir = record.get("exp_dir")
+        if result.exp_dir:
+            _add_metrics(result)
+
+
+def _add_metrics(result: PointResult) -> None:
+    try:
+        metrics = json.loads((Path(result.exp_dir) / "metrics" / "metrics.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return
+    result.test, result.val, result.n = metrics.get("test") or {}, metrics.get("val") or {}, metrics.get("n") or {}
+
+
+def submit_sweep(loaded_plans: list, points: list[dict], workdir: Path, redis_url: str, queue: str) -> list[dict]:
+    """Put every point on the RQ queue (`runner.queue.submit`: job id = experiment id, duplicates reported)."""
+    from runner import queue as q
+
+    conn = q.connect(redis_url)
+    docs = []
+    for i, (point, loaded) in enumerate(zip(points, loaded_plans, strict=True), 1):
+        docs.append({"index": i, "values": point, **q.submit(conn, loaded.resolved, workdir, queue_name=queue)})
+    return docs
+
+
+def summary_table(results: list[PointResult], keys: list[str]) -> str:
+    """The sweep's human summary: one row per point with its values, state and up to four test metrics."""
+    from runner.compare import render_table
+
+    names = sorted({m for r in results for m in r.test})
+    names = (["spearman"] if "spearman" in names else []) + [m for m in names if m != "spearman"]
+    names = names[:4]
+    headers = ["#", *keys, "experiment", "state", *[f"test.{m}" for m in names]]
+    rows = [
+        [r.index, *[show(r.values[k]) for k in keys], r.experiment_id,
+         r.state + (" (reused)" if r.reused else ""), *[r.test.get(m) for m in names]]
+        for r in results
+    ]
+    return render_table(headers, rows)
