@@ -397,13 +397,25 @@ def get_container(client, container_id: str):
 
 def find_containers(client, labels: Mapping[str, str], all: bool = True) -> list:  # noqa: A002 - docker's name
     """Containers carrying all these labels (e.g. {"infra.experiment_id": "x"}); stopped ones too
-    unless `all` is false."""
-    return client.containers.list(all=all, filters={"label": [f"{k}={v}" for k, v in labels.items()]})
+    unless `all` is false.
+
+    Sparse: no inspect per container, so a container that another process removes between the list
+    and an inspect cannot make the listing itself fail (`container_state` then says it is gone).
+    """
+    return client.containers.list(all=all, sparse=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]})
 
 
 def container_state(container) -> dict:
-    """The engine's state of a container: {"status", "exit_code", "oom_killed", "started_at", "finished_at"}."""
-    container.reload()
+    """The engine's state of a container: {"status", "exit_code", "oom_killed", "started_at", "finished_at"}.
+
+    A container removed meanwhile has status "removed" (and no exit code).
+    """
+    from docker.errors import NotFound
+
+    try:
+        container.reload()
+    except NotFound:
+        return {"status": "removed", "exit_code": None, "oom_killed": None, "started_at": None, "finished_at": None}
     state = container.attrs.get("State", {})
     return {
         "status": state.get("Status"),

@@ -74,18 +74,21 @@ def save_container_log(exp: Experiment, container) -> None:
 def finalize(exp: Experiment, record: dict, exit_code: int | None, container=None, message: str | None = None) -> dict:
     """Record the final state of an attempt; save the log and remove the container when given one."""
     state = final_state(exit_code, bool(record.get("stop_requested")))
+    if container is not None and not record.get("log_complete"):
+        try:
+            save_container_log(exp, container)
+        except Exception as exc:  # the record must still be finalised; say why the log is partial
+            log.warning("could not save the log of %s: %s", exp.id, exc)
+    if message is None and state == "failed":
+        message = f"training exited with code {exit_code}; see {exp.container_log}"
+    # Record first, remove second: a concurrent reader then sees either the final record or a
+    # container that still exists, never an active record without its container (which reads as lost).
+    record = exp.update(state=state, exit_code=exit_code, finished_at=now_iso(), log_complete=True, message=message)
     if container is not None:
         from runner import engine
 
-        if not record.get("log_complete"):
-            try:
-                save_container_log(exp, container)
-            except Exception as exc:  # the record must still be finalised; say why the log is partial
-                log.warning("could not save the log of %s: %s", exp.id, exc)
         engine.remove_container(container)
-    if message is None and state == "failed":
-        message = f"training exited with code {exit_code}; see {exp.container_log}"
-    return exp.update(state=state, exit_code=exit_code, finished_at=now_iso(), log_complete=True, message=message)
+    return record
 
 
 def reconcile(exp: Experiment, engine_handle: EngineHandle | None = None) -> dict:
@@ -118,6 +121,11 @@ def reconcile(exp: Experiment, engine_handle: EngineHandle | None = None) -> dic
             message="the container is gone from the engine (removed or the engine was reset)",
         )
     state = engine.container_state(container)
+    if state["status"] == "removed":  # finalised by another reader just now
+        record = exp.read()
+        if record.get("state") in ACTIVE:
+            return exp.update(state="lost", finished_at=now_iso(), message="the container was removed while running")
+        return record
     if state["status"] in ("created", "running", "restarting", "paused"):
         if record.get("state") != "running":
             record = exp.update(state="running")
