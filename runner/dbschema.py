@@ -37,8 +37,8 @@ CREATE INDEX IF NOT EXISTS mutations_source ON mutations(source_id);
 """
 
 
-def connect_readonly(path: Path) -> sqlite3.Connection:
-    """Open a database read-only without ever writing to it, also a WAL database in a read-only folder.
+def readonly_uri(path: Path) -> str:
+    """The SQLite URI that opens `path` read-only without ever writing to it.
 
     `mode=ro` needs the `-shm`/`-wal` files of a WAL database to exist or be creatable; in a
     read-only folder (the container's read-only mount) they are neither and SQLite says "unable to
@@ -46,16 +46,23 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     `immutable=1` (no locking, no side files). The main file's bytes are never written either way.
     """
     path = Path(path).resolve()
-    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    uri = f"{path.as_uri()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True)
     try:
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        return conn
+        return uri
     except sqlite3.OperationalError:
-        conn.close()
         if os.access(path.parent, os.W_OK):
             raise
+    finally:
+        conn.close()
     log.info("%s: opened immutable (WAL database in a read-only folder)", path)
-    return sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True)
+    return f"{uri}&immutable=1"
+
+
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only sqlite3 connection to `path` (see `readonly_uri`)."""
+    return sqlite3.connect(readonly_uri(path), uri=True)
 
 
 def check_database(path: Path) -> str | None:

@@ -27,12 +27,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from runner.core.variants import MutantText, apply_mutants
+from runner.core.variants import ROW_SEP, MutantText, apply_mutants
 from runner.core.vocab import BaseVocabProcessor, get_vocab_processor
-from runner.dbschema import check_database, connect_readonly
+from runner.dbschema import check_database, connect_readonly, readonly_uri
 from runner.errors import DataError
 
 log = logging.getLogger(__name__)
+ROW_SEP_BYTE = ROW_SEP[0]
 
 BASE_COLUMNS = ("id", "source_id", "mutant", "mut_num", "DMS_score", "DMS_score_bin")
 TARGETS = ("DMS_score", "DMS_score_bin")
@@ -265,6 +266,62 @@ def _read_columns(conn: sqlite3.Connection, sql: str, params: list[Any], extras:
     return ids, source_ids, text, score, score_bin, [table[:, 5 + j] for j in range(len(extras))]
 
 
+def _read_columns_arrow(uri: str, sql: str, params: list[Any], extras: list[str]):
+    """Fastest path: the selection as one Arrow table through the ADBC SQLite driver (a C reader
+    that builds columns without a Python object per row; about 3x the aggregate read on 1 M rows).
+
+    Returns the same tuple as `_read_columns`, or None whenever this path does not apply — the
+    driver is not installed, the driver fails (it infers column types from the first rows, so a
+    column mixing types can fail), or the result needs the checks of the sqlite3 path (NULL or
+    non-ASCII mutants, non-numeric scores, an empty selection). The caller then reads with sqlite3.
+    """
+    try:
+        import adbc_driver_sqlite.dbapi as adbc
+    except ImportError:
+        return None
+    try:
+        with adbc.connect(uri) as conn, conn.cursor() as cur:
+            cur.execute(sql, tuple(params))
+            table = cur.fetch_arrow_table()
+    except Exception as exc:  # any driver-level problem: the sqlite3 path reads the same rows
+        log.info("ADBC read not used (%s: %s); reading with sqlite3", type(exc).__name__, exc)
+        return None
+    numeric = (pa.types.is_integer, pa.types.is_floating, pa.types.is_null)
+    mutant = table.column("mutant").combine_chunks() if table.num_rows else None
+    if (
+        mutant is None
+        or mutant.null_count
+        or not pa.types.is_string(mutant.type)
+        or table.column("id").null_count
+        or table.column("source_id").null_count
+        or not all(any(check(table.column(c).type) for check in numeric) for c in ("DMS_score", "DMS_score_bin"))
+    ):
+        return None
+    offsets = np.frombuffer(mutant.buffers()[1], dtype=np.int32)[mutant.offset : mutant.offset + len(mutant) + 1]
+    letters = np.frombuffer(mutant.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    if letters.size and letters.max() > 127:
+        return None
+    # the parser's layout: every mutant followed by a newline, in one buffer
+    n = len(mutant)
+    buf = np.full(letters.size + n, ROW_SEP_BYTE, dtype=np.uint8)
+    is_text = np.ones(buf.size, dtype=bool)
+    is_text[(offsets[1:] - offsets[0]) + np.arange(n)] = False
+    buf[is_text] = letters
+
+    def floats(name: str) -> np.ndarray:
+        return pc.cast(table.column(name), pa.float64()).to_numpy(zero_copy_only=False)
+
+    extra_values = [np.array(table.column(c).to_pylist(), dtype=object) for c in extras]
+    return (
+        table.column("id").to_numpy(),
+        table.column("source_id").to_numpy(),
+        MutantText(buf, n),
+        floats("DMS_score"),
+        floats("DMS_score_bin"),
+        extra_values,
+    )
+
+
 def _number_text(column: str) -> str:
     # reals with 17 significant digits (exact); integers as SQLite prints them (cheaper than printf)
     return (
@@ -337,7 +394,9 @@ def load_variants(
                 f"data.dataset: {', '.join(map(repr, unknown))} not in {path}; sources there: {', '.join(sorted(known)) or 'none'}"
             )
         try:
-            columns = _read_columns(conn, sql, params, extras, aggregate=aggregate_read)
+            columns = _read_columns_arrow(readonly_uri(path), sql, params, extras) if aggregate_read else None
+            if columns is None:
+                columns = _read_columns(conn, sql, params, extras, aggregate=aggregate_read)
         except sqlite3.Error as exc:
             raise DataError(f"data: reading {path} failed: {exc}") from None
     finally:
