@@ -11,6 +11,7 @@ own session writing `logs/container.log`), so a runner killed with SIGKILL leave
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -200,6 +201,12 @@ def run(loaded: LoadedPlan, workdir: Path, opts: RunOptions) -> RunOutcome:
         decision = decide_image(client, workdir, opts.on_log)
         image_hash = decision.spec.content_hash
     else:
+        missing = [m for m in ("torch", "lightning", "pandas") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise EnvironmentProblem(
+                f"--backend local runs the training core in this Python, which lacks {', '.join(missing)}: "
+                "install it with \"pip install 'infra[core]'\" (or use the docker backend)"
+            )
         if _gpus_requested(gpus):
             log.info("local backend: GPUs are used when torch sees them; --gpus only sets CUDA_VISIBLE_DEVICES")
         image_hash = local_image_hash(workdir)
