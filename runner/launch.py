@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -49,6 +50,7 @@ from runner.lifecycle import (
     reconcile,
 )
 from runner.plan import LoadedPlan
+from runner.plan_models import GPU_LIST_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +100,11 @@ def invoking_user() -> tuple[int, int]:
 
 
 def resolve_gpus(plan_gpus, override) -> str | int:
+    """The GPU request: `--gpus` (validated like resources.gpus) over the plan's value; "2" → count 2."""
     if isinstance(override, list | tuple):  # exact device ids (a queue worker's GPU slot), never a count
         return ",".join(str(d) for d in override)
+    if isinstance(override, str) and not re.fullmatch(GPU_LIST_PATTERN, override.strip()):
+        raise UsageError(f"--gpus {override!r}: use all, none, a GPU count or a device list like 0,2")
     value = plan_gpus if override is None else override
     if isinstance(value, str) and value.isdigit():
         value = int(value)

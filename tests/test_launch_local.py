@@ -26,3 +26,21 @@ def test_local_backend_without_core_is_environment_error(tmp_path, mini_db, monk
         "install it with \"pip install 'infra[core]'\" (or use the docker backend)"
     )
     assert not list((tmp_path / "experiments").glob("*/status.json"))  # nothing created
+
+
+@pytest.mark.parametrize("bad", ["abc", "0,,1", "-1", "all,0"])
+def test_bad_gpus_flag_is_a_usage_error(bad):
+    from runner.errors import UsageError
+
+    with pytest.raises(UsageError) as info:
+        launch.resolve_gpus("none", bad)
+    assert info.value.exit_code == 2
+    assert info.value.message == f"--gpus {bad!r}: use all, none, a GPU count or a device list like 0,2"
+
+
+@pytest.mark.parametrize(
+    ("plan", "flag", "expected"),
+    [("none", None, "none"), ("all", "2", 2), (1, None, 1), ("none", "0,2", "0,2"), ("none", ["1"], "1")],
+)
+def test_gpus_flag_overrides_plan(plan, flag, expected):
+    assert launch.resolve_gpus(plan, flag) == expected
