@@ -188,3 +188,18 @@ def test_validate_does_not_import_heavy_modules(tmp_path, mini_db):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("command", [["status"], ["logs"], ["stop"], ["status", "--json"]])
+def test_unknown_experiment_exit_4(tmp_path, command):
+    result = infra(command[0], "blat-0000000000", *command[1:], env={"INFRA_WORKDIR": str(tmp_path)})
+    assert result.returncode == 4
+    assert f"no experiment 'blat-0000000000' in {tmp_path / 'experiments'}; list them with 'infra ls'" in (
+        result.stderr + result.stdout
+    )
+
+
+def test_run_without_workdir_is_exit_2(tmp_path, mini_db):
+    result = infra("run", str(plan_file(tmp_path, mini_db)))
+    assert result.returncode == 2
+    assert "no workdir is set; set one with 'infra workdir set PATH'" in result.stderr
