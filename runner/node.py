@@ -91,8 +91,8 @@ def gpu_info() -> tuple[list[dict], str | None]:
     finally:
         try:
             pynvml.nvmlShutdown()
-        except Exception:
-            pass
+        except pynvml.NVMLError as exc:  # the readings are complete; only the handle release failed
+            log.debug("nvmlShutdown: %s", exc)
     return gpus, None if gpus else "NVML found no GPU"
 
 
@@ -111,15 +111,15 @@ def _one_gpu(pynvml, index: int, driver: str) -> dict:
     }
     try:
         gpu["utilization_percent"] = int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-    except Exception:  # not supported on every board (MIG slices, some vGPUs)
-        pass
+    except pynvml.NVMLError as exc:  # not supported on every board (MIG slices, some vGPUs): left None
+        log.debug("GPU %d utilisation unavailable: %s", index, exc)
     try:
         gpu["processes"] = [
             {"pid": p.pid, "used_memory_bytes": p.usedGpuMemory}
             for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
         ]
-    except Exception:
-        pass
+    except pynvml.NVMLError as exc:  # some drivers refuse process queries without privileges: left empty
+        log.debug("GPU %d processes unavailable: %s", index, exc)
     return gpu
 
 

@@ -406,13 +406,15 @@ class Heartbeat(threading.Thread):
                 )
 
     def stop(self) -> None:
+        import redis.exceptions
+
         self.stop_event.set()
         self.wake.set()
         self.join(timeout=5)
         try:
             self.worker.connection.delete(self.key)
-        except Exception:
-            pass
+        except redis.exceptions.RedisError as exc:  # the heartbeat key expires by its TTL anyway
+            log.debug("could not delete heartbeat %s: %s", self.key, exc)
 
 
 def run_worker(cfg: WorkerConfig) -> bool:
