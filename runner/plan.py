@@ -7,7 +7,6 @@ checks use the standard library's sqlite3.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import sqlite3
@@ -289,6 +288,8 @@ def _database_issues(plan: Plan) -> list[PlanIssue]:
 
 
 def _suggest(word: str, options: set[str]) -> str:
+    import difflib
+
     close = difflib.get_close_matches(word, sorted(options), n=1)
     if close:
         return f"did you mean {close[0]!r}?"
@@ -357,6 +358,8 @@ def _issues_from_pydantic(exc: ValidationError) -> list[PlanIssue]:
     for err in exc.errors(include_url=False):
         loc = err["loc"]
         if err["type"] == "extra_forbidden":
+            import difflib
+
             parent_path, parent_model, _ = _clean_loc(loc[:-1])
             key = str(loc[-1])
             path = f"{parent_path}.{key}" if parent_path else key

@@ -8,12 +8,17 @@ codes of DESIGN §5; tracebacks only with `--debug`.
 
 import importlib
 import logging
+import os
 import sys
 from typing import Annotated
 
 import typer
 
 from runner import __version__
+
+# pydantic scans every installed distribution's entry points for plugins on first use (~10 ms of
+# each start); the host CLI uses none. Set before pydantic is imported; a caller's value wins.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 from runner.cli import compare as _compare
 from runner.cli import data as _data
 from runner.cli import lifecycle as _lifecycle
