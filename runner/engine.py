@@ -347,14 +347,20 @@ def stream_logs(container, on_line: LogCallback, *, follow: bool = True, since: 
         on_line(partial.decode("utf-8", errors="replace").rstrip("\r"))
 
 
-def log_tail(container, lines: int = 50) -> str:
-    """The last `lines` lines of the container's log ('' when the container is gone)."""
+def container_output(container, *, stdout: bool = True, stderr: bool = True, tail: int | None = None) -> str:
+    """The container's recorded output as text (both streams interleaved by default; '' when gone)."""
     from docker.errors import NotFound
 
     try:
-        return container.logs(stdout=True, stderr=True, tail=lines).decode("utf-8", errors="replace")
+        data = container.logs(stdout=stdout, stderr=stderr, tail=tail if tail is not None else "all")
     except NotFound:
         return ""
+    return data.decode("utf-8", errors="replace")
+
+
+def log_tail(container, lines: int = 50) -> str:
+    """The last `lines` lines of the container's log ('' when the container is gone)."""
+    return container_output(container, tail=lines)
 
 
 def wait(container, timeout: float | None = None) -> int:

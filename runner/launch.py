@@ -47,6 +47,7 @@ from runner.lifecycle import (
     LABEL_VERSION,
     EngineHandle,
     finalize,
+    follow_file,
     reconcile,
 )
 from runner.plan import LoadedPlan
@@ -294,7 +295,7 @@ def _start_container(exp, resolved, decision, client, gpus, db, workdir, opts) -
     if image_id is None:
         _set_state(exp, opts, "building", image=decision.spec.tag)
         image_id = images.build(client, decision.spec, opts.on_log).id
-    _set_state(exp, opts, "starting", image=decision.spec.tag, image_id=image_id)
+    record = _set_state(exp, opts, "starting", image=decision.spec.tag, image_id=image_id)
     # A container of an earlier attempt (kept after a runner crash) would hold the name.
     for old in engine.find_containers(client, {LABEL_EXPERIMENT: exp.id}):
         engine.remove_container(old)
@@ -317,8 +318,8 @@ def _start_container(exp, resolved, decision, client, gpus, db, workdir, opts) -
         name=f"infra-{exp.id}",
         labels={
             LABEL_EXPERIMENT: exp.id,
-            LABEL_ATTEMPT: str(exp.read()["attempt"]),
-            LABEL_PLAN: exp.read()["plan_sha256"],
+            LABEL_ATTEMPT: str(record["attempt"]),
+            LABEL_PLAN: record["plan_sha256"],
             LABEL_VERSION: __version__,
         },
         mounts=[(str(db_dir), CONTAINER_DATA, "ro"), (str(exp.root), CONTAINER_EXP, "rw")],
@@ -436,21 +437,14 @@ def _follow_container(exp, record, opts, handle) -> dict:
 def _follow_local(exp, record, opts) -> dict:
     pid = int(record["pid"])
     exit_file = exp.root / EXIT_FILE
-    with open(exp.container_log, encoding="utf-8", errors="replace") as logf:
-        while True:
-            line = logf.readline()
-            if line:
-                opts.on_log(line.rstrip("\n"))
-                continue
-            if exit_file.exists():
-                for rest in logf:
-                    opts.on_log(rest.rstrip("\n"))
-                break
-            try:  # reap our own child so it does not linger as a zombie
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            time.sleep(0.1)
+
+    def reap() -> None:  # our own child must not linger as a zombie
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+    follow_file(exp.container_log, exit_file, opts.on_log, on_idle=reap)
     record = exp.update(log_complete=True)
     return finalize(exp, record, int(exit_file.read_text().strip()))
 

@@ -65,10 +65,10 @@ def container_for(client, record: dict):
 
 def save_container_log(exp: Experiment, container) -> None:
     """Replace logs/container.log with the engine's complete log of the container (atomic)."""
+    from runner import engine
     from runner.experiments import atomic_write_text
 
-    data = container.logs(stdout=True, stderr=True)
-    atomic_write_text(exp.container_log, data.decode("utf-8", errors="replace"))
+    atomic_write_text(exp.container_log, engine.container_output(container))
 
 
 def finalize(exp: Experiment, record: dict, exit_code: int | None, container=None, message: str | None = None) -> dict:
@@ -183,39 +183,38 @@ def follow_logs(exp: Experiment, on_line, follow: bool = False, tail: int | None
         if container is not None:
             from runner import engine
 
-            text = container.logs(stdout=True, stderr=True, tail=tail if tail is not None else "all")
-            for line in text.decode("utf-8", errors="replace").splitlines():
+            for line in engine.container_output(container, tail=tail).splitlines():
                 on_line(line)
             if follow:
                 engine.stream_logs(container, on_line, follow=True, since=int(time.time()))
             return
-    lines = _read_lines(exp.container_log)
+    try:
+        data = exp.container_log.read_bytes()
+    except FileNotFoundError:
+        data = b""
+    lines = data.decode("utf-8", errors="replace").splitlines()
     for line in lines[-tail:] if tail else lines:
         on_line(line)
     if follow and record.get("backend") == "local" and record.get("state") == "running":
-        _follow_file(exp, on_line, start=len("\n".join(lines)))
+        follow_file(exp.container_log, exp.root / EXIT_FILE, on_line, offset=len(data))
 
 
-def _read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except FileNotFoundError:
-        return []
-
-
-def _follow_file(exp: Experiment, on_line, start: int) -> None:
-    exit_file = exp.root / EXIT_FILE
-    with open(exp.container_log, encoding="utf-8", errors="replace") as fh:
-        fh.seek(0, 2)
+def follow_file(path: Path, exit_file: Path, on_line, offset: int = 0, on_idle=None) -> None:
+    """Pass each line of a growing log file from byte `offset` to `on_line` until `exit_file` appears
+    (the local backend's wrapper writes it when the training ends); `on_idle` runs between polls."""
+    with open(path, "rb") as fh:
+        fh.seek(offset)
         while True:
             line = fh.readline()
             if line:
-                on_line(line.rstrip("\n"))
+                on_line(line.decode("utf-8", errors="replace").rstrip("\n"))
             elif exit_file.exists():
                 for rest in fh:
-                    on_line(rest.rstrip("\n"))
+                    on_line(rest.decode("utf-8", errors="replace").rstrip("\n"))
                 return
             else:
+                if on_idle is not None:
+                    on_idle()
                 time.sleep(0.1)
 
 

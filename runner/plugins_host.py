@@ -90,8 +90,10 @@ def parse_output(code: int, stdout: str, stderr: str, workdir: Path, where: str)
     if lines:
         raise PluginLoadError(map_paths(lines[-1][len(CORE_PREFIX) :].strip(), workdir))
     tail = "\n".join((stderr or stdout).strip().splitlines()[-15:])
-    raise EnvironmentProblem(f"plugin discovery in {where} exited with code {code}; is the training core installed there?"
-                             + (f" Output tail:\n{tail}" if tail else ""))
+    raise EnvironmentProblem(
+        f"plugin discovery in {where} exited with code {code}; is the training core installed there?"
+        + (f" Output tail:\n{tail}" if tail else "")
+    )
 
 
 def discover(
@@ -113,11 +115,13 @@ def _discover_local(workdir: Path) -> list[dict]:
     cmd = [sys.executable, "-m", "runner.core.plugins", str(workdir)]
     log.debug("discovery: %s", cmd)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DISCOVERY_TIMEOUT_S,
-                              stdin=subprocess.DEVNULL, cwd=str(workdir))
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=DISCOVERY_TIMEOUT_S, stdin=subprocess.DEVNULL, cwd=str(workdir)
+        )
     except subprocess.TimeoutExpired:
-        raise EnvironmentProblem(f"plugin discovery for {workdir} took over {DISCOVERY_TIMEOUT_S} s; "
-                                 "does a plugin block at import?") from None
+        raise EnvironmentProblem(
+            f"plugin discovery for {workdir} took over {DISCOVERY_TIMEOUT_S} s; does a plugin block at import?"
+        ) from None
     return parse_output(proc.returncode, proc.stdout, proc.stderr, workdir, "a local subprocess")
 
 
@@ -152,11 +156,10 @@ def _discover_docker(workdir: Path, client, on_log: Callable[[str], None]) -> Di
 
 
 def _output(container) -> tuple[str, str]:
-    # stdout carries the JSON and stderr the error line; engine.log_tail would interleave them.
-    def read(stdout: bool) -> str:
-        return container.logs(stdout=stdout, stderr=not stdout).decode("utf-8", errors="replace")
+    # stdout carries the JSON and stderr the error line: read them apart, not interleaved.
+    from runner import engine
 
-    return read(True), read(False)
+    return (engine.container_output(container, stderr=False), engine.container_output(container, stdout=False))
 
 
 def table(components: list[dict], workdir: Path | None = None) -> str:

@@ -160,3 +160,27 @@ def test_status_json_is_valid_json_after_many_updates(tmp_path):
     for i in range(50):
         exp.update(message=f"m{i}")
     assert json.loads(exp.status_path.read_text())["message"] == "m49"
+
+
+def test_follow_file_streams_from_offset_until_exit_file(tmp_path):
+    import time
+
+    from runner.lifecycle import follow_file
+
+    log, exit_file = tmp_path / "container.log", tmp_path / ".exit_code"
+    log.write_bytes(b"old line\n")
+    offset = log.stat().st_size
+    seen: list[str] = []
+
+    def writer():
+        for i in range(3):
+            with open(log, "ab") as fh:
+                fh.write(f"epoch {i}\n".encode())
+            time.sleep(0.05)
+        exit_file.write_text("0\n")
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    follow_file(log, exit_file, seen.append, offset=offset)
+    thread.join()
+    assert seen == ["epoch 0", "epoch 1", "epoch 2"]
