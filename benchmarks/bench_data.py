@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from runner.core.data import _read_columns as read_columns  # noqa: E402
+from runner.core.data import _read_columns_arrow as read_columns_arrow  # noqa: E402
+from runner.core.data import read_parts  # noqa: E402
 from runner.core.data import build_query, load_variants  # noqa: E402
 from runner.core.variants import apply_mutants  # noqa: E402
 from runner.core.vocab import IUPAC_AMINO_ACIDS, get_vocab_processor  # noqa: E402
@@ -154,7 +156,10 @@ def stage(name: str, db: Path, naive_n: int) -> dict:
         scols = [r[1] for r in conn.execute("PRAGMA table_info(sources)")]
         sql, params, _ = build_query(plan["data"], cols, scols)
         t = time.perf_counter()
-        columns = read_columns(conn, sql, params, [])
+        # the read load_variants does: ADBC (parallel id ranges when it pays), else sqlite3's aggregate
+        columns = read_columns_arrow(db, sql, params, [], read_parts(conn, plan["data"]))
+        if columns is None:
+            columns = read_columns(conn, sql, params, [])
         elapsed = time.perf_counter() - t
         n = columns[0].size
     elif name == "sql_naive":

@@ -16,7 +16,7 @@ import pytest
 
 from runner.core.data import build_query, load_variants, sequences_from_tokens
 from runner.core.vocab import get_vocab_processor
-from runner.dbschema import SCHEMA_SQL, readonly_uri
+from runner.dbschema import SCHEMA_SQL
 from runner.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def test_arrow_aggregate_and_row_reads_agree(db, monkeypatch):
     import runner.core.data as data_module
 
     arrow = data_module._read_columns_arrow(
-        readonly_uri(db),
+        db,
         *data_module.build_query(
             plan(db)["data"],
             ["id", "source_id", "mutant", "mut_num", "DMS_score", "DMS_score_bin", "split"],
@@ -117,6 +117,58 @@ def test_arrow_aggregate_and_row_reads_agree(db, monkeypatch):
     for other in (slow, aggregate):
         assert np.array_equal(fast.tokens, other.tokens) and np.array_equal(fast.target, other.target, equal_nan=True)
         assert fast.frame.astype(str).equals(other.frame.astype(str))
+
+
+def _big_db(path: Path, n: int = 3000, int_scores_first: bool = False) -> Path:
+    """n single mutants of TEMPLATE; with int_scores_first the first half's scores are integers."""
+    rng = np.random.default_rng(1)
+    pos = rng.integers(2, len(TEMPLATE) + 1, n)
+    rows = []
+    for i, p in enumerate(pos.tolist()):
+        wt = TEMPLATE[p - 1]
+        mt = "A" if wt != "A" else "G"
+        score = int(i % 7) if int_scores_first and i < n // 2 else float(rng.normal())
+        rows.append((f"{wt}{p}{mt}", score, int(i % 2), "train"))
+    return make_db(path, rows=rows)
+
+
+@pytest.mark.parametrize("int_scores_first", [False, True])
+def test_parallel_id_range_read_matches_one_reader(tmp_path, monkeypatch, int_scores_first):
+    import runner.core.data as data_module
+
+    db = _big_db(tmp_path / "big.sqlite", int_scores_first=int_scores_first)
+    monkeypatch.setattr(data_module, "PARALLEL_READ_MIN_IDS", 1)
+    monkeypatch.setattr(data_module.os, "sched_getaffinity", lambda pid: {0, 1})
+    with sqlite3.connect(db) as conn:
+        parts = data_module.read_parts(conn, plan(db)["data"])
+        assert data_module.read_parts(conn, plan(db, limit=10)["data"]) is None  # LIMIT: one ordered read
+    assert parts == [(1, 1501), (1501, 3001)]
+    sql, params, extras = build_query(plan(db)["data"], [*data_module.BASE_COLUMNS, "split"],
+                                      ["id", "source_text", "template", "description"])
+    assert data_module._read_columns_arrow(db, sql, params, extras, parts) is not None
+    parallel = load_variants(plan(db))
+    monkeypatch.setattr(data_module, "_read_columns_arrow", lambda *a: None)
+    single = load_variants(plan(db))
+    assert len(parallel) == 3000 and np.array_equal(parallel.ids, single.ids)
+    assert np.array_equal(parallel.tokens, single.tokens) and np.array_equal(parallel.target, single.target)
+    assert parallel.frame.astype(str).equals(single.frame.astype(str))
+
+
+def test_parallel_read_with_empty_parts_and_a_changing_file(tmp_path, monkeypatch):
+    import runner.core.data as data_module
+
+    db = _big_db(tmp_path / "big.sqlite")
+    monkeypatch.setattr(data_module, "PARALLEL_READ_MIN_IDS", 1)
+    monkeypatch.setattr(data_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    # only the first ids match: the later parts come back empty and are left out of the join
+    vs = load_variants(plan(db, where=[{"column": "id", "op": "<=", "value": 100}]))
+    assert vs.ids.tolist() == list(range(1, 101))
+    # a write between the parts' reads: the parallel result is discarded for one consistent read
+    signatures = iter([("before",), ("after",)])
+    monkeypatch.setattr(data_module, "_db_signature", lambda path: next(signatures))
+    sql, params, extras = build_query(plan(db)["data"], [*data_module.BASE_COLUMNS, "split"],
+                                      ["id", "source_text", "template", "description"])
+    assert data_module._read_columns_arrow(db, sql, params, extras, [(1, 1500), (1500, 3001)]) is None
 
 
 def test_stop_codon_row_and_keep_nan(db):
