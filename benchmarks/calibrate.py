@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,7 @@ def run_one(plan: dict, exp: Path) -> dict:
     from runner.plan_models import Plan
 
     resolved = Plan.model_validate(plan).model_dump(mode="json")
+    shutil.rmtree(exp, ignore_errors=True)  # a fresh run each time, never a resume of an older one
     t0 = time.perf_counter()
     metrics = run_experiment(resolved, exp)
     metrics["wall_seconds"] = time.perf_counter() - t0

@@ -13,6 +13,7 @@ from scipy import stats
 from runner.core.embeddings import EMBEDDINGS, create_embedding
 from runner.core.metrics import METRICS, compute_metrics
 from runner.core.models import MODELS, ProteinModel, create_model
+from runner.core.registry import ParamError
 from runner.core.splits import SPLITS, make_split
 from runner.core.transforms import TargetTransform
 from runner.core.vocab import get_vocab_processor
@@ -60,6 +61,36 @@ def test_linear_penalty_is_ridge():
     with torch.no_grad():
         model.weight.fill_(1.0)
     assert model.penalty().item() == pytest.approx(2.0)  # l2 * sum(w^2) / n_features
+
+
+def test_mlp_input_norm_silences_constant_positions(vocab):
+    from runner.core.models import InputNorm
+
+    onehot = create_embedding("onehot", vocab)
+    # position 0 never varies, position 1 does: only position 1's columns reach the first layer
+    tokens = torch.from_numpy(vocab.encode(["MA", "MC", "MD", "ME"]))
+    x = onehot(tokens).flatten(1)
+    norm = InputNorm(x.shape[1]).train()
+    out = norm(x)
+    width = vocab.size
+    assert torch.equal(out[:, :width], torch.zeros(4, width))
+    assert out[:, width:].abs().sum() > 0 and torch.allclose(out[:, width:].mean(0), torch.zeros(width), atol=1e-6)
+    assert norm.running_mean[vocab.token_id("M")] > 0  # running statistics follow the batches
+    one_row = norm(x[:1])  # the last batch of an epoch can be one row: running statistics, no error
+    assert one_row.shape == (1, x.shape[1])
+    model = create_model("mlp", seq_len=2, in_dim=width, n_outputs=1)
+    assert any(k.endswith("running_mean") for k in model.state_dict())  # saved with model.pth / checkpoints
+    plain = create_model("mlp", seq_len=2, in_dim=width, n_outputs=1, params={"input_norm": "none"})
+    assert not any(isinstance(m, InputNorm) for m in plain.modules())
+    with pytest.raises(ParamError, match="model.params.input_norm: must be 'batch' or 'none'"):
+        create_model("mlp", seq_len=2, in_dim=width, n_outputs=1, params={"input_norm": "layer"})
+
+
+def test_unknown_component_params_name_the_plan_key(vocab):
+    with pytest.raises(ParamError, match=r"model.params: model 'mlp' has no parameter 'hiden'; it takes: hidden, dropout"):
+        create_model("mlp", seq_len=2, in_dim=4, n_outputs=1, params={"hiden": [8]})
+    with pytest.raises(ParamError, match=r"embeddings.params: embedding 'onehot' has no parameter 'scale'"):
+        create_embedding("onehot", vocab, {"scale": 2})
 
 
 def test_metrics_against_references():

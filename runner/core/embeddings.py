@@ -124,6 +124,7 @@ def blosum62(vocab, with_onehot: bool = False) -> nn.Module:
 
 def create_embedding(name: str, vocab, params: dict | None = None) -> nn.Module:
     """Build the named embedding for `vocab`; the result has a `dim` attribute."""
+    EMBEDDINGS.check_params(name, params or {}, "embeddings.params", fixed=("vocab",))
     module = EMBEDDINGS.get(name)(vocab, **(params or {}))
     if not isinstance(getattr(module, "dim", None), int):
         raise TypeError(f"embedding {name!r} must set an integer attribute 'dim' (its output channels)")

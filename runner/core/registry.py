@@ -19,6 +19,10 @@ class RegistryError(ValueError):
     """Unknown name or duplicate registration."""
 
 
+class ParamError(RegistryError):
+    """A component's plan parameters (e.g. `model.params`) do not fit its factory."""
+
+
 @dataclass(frozen=True)
 class Entry(Generic[T]):
     name: str
@@ -66,6 +70,27 @@ class Registry(Generic[T]):
         except KeyError:
             known = ", ".join(sorted(self._entries)) or "none"
             raise RegistryError(f"unknown {self.kind} {name!r}; registered: {known}") from None
+
+    def check_params(self, name: str, params: dict[str, Any], key: str, fixed: tuple[str, ...] = ()) -> None:
+        """Raise ParamError naming `key` when `params` has a name the factory does not take.
+
+        `fixed` are the arguments the runner itself passes (e.g. seq_len); a factory taking
+        **kwargs accepts anything.
+        """
+        try:
+            sig = inspect.signature(self.get(name))
+        except (TypeError, ValueError):  # builtins without a signature: let the call decide
+            return
+        accepted = [p.name for p in sig.parameters.values()
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in fixed and p.name != "self"]
+        if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+            return
+        unknown = [k for k in params if k not in accepted]
+        if unknown:
+            raise ParamError(
+                f"{key}: {self.kind} {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                f"it takes: {', '.join(accepted) or 'none'}"
+            )
 
     def create(self, name: str, **params: Any) -> T:
         return self.get(name)(**params)
