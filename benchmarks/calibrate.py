@@ -5,7 +5,7 @@ Runs the real training core (`run_experiment`) and prints test Spearman and trai
   GB1 (Wu 2016, 149,361 variants), random 70/10/20 — linear, mlp, cnn
 
 Usage: python benchmarks/calibrate.py [--datasets blat,gb1] [--models linear,mlp,cnn] [--folds 5]
-                                      [--gb1-transform log] [--workdir /tmp/calib] [--json OUT]
+                                      [--gb1-transform log] [--seed 0] [--workdir /tmp/calib] [--json OUT]
 The GB1 database is built with benchmarks/make_gb1_db.py and the BLAT one with the demo builder.
 """
 
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="linear,mlp,cnn")
     parser.add_argument("--folds", type=int, default=5, help="BLAT folds to run (of 5)")
     parser.add_argument("--gb1-transform", default="log", help="data.transform for GB1 (DESIGN §3: log lifts every model)")
+    parser.add_argument("--seed", type=int, default=0, help="train.seed (weights, shuffling, dropout)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     args = parser.parse_args(argv)
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for ds in datasets:
         for model in models:
-            plan = {"name": f"calib-{ds}-{model}", "data": {"db": str(dbs[ds])}, "model": {"name": model}}
+            plan = {"name": f"calib-{ds}-{model}", "data": {"db": str(dbs[ds])}, "model": {"name": model},
+                    "train": {"seed": args.seed}}
             if ds == "blat":
                 results = []
                 for fold in range(args.folds):
