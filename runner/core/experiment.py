@@ -151,7 +151,9 @@ def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
 
     from runner.core import plots
     from runner.core.data import load_variants
+    from runner.core.embeddings import EMBEDDINGS
     from runner.core.metrics import METRICS, compute_metrics
+    from runner.core.models import MODELS
     from runner.core.plugins import load_plugins
     from runner.core.splits import make_split, write_split
     from runner.core.training import (
@@ -172,6 +174,12 @@ def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
         load_plugins(workdir)
     for name in plan.get("metrics", []):
         METRICS.get(name)  # unknown metric: fail before the expensive part
+    # so are unknown model / embedding names and parameters
+    MODELS.check_params(plan["model"]["name"], dict(plan["model"].get("params") or {}), "model.params",
+                        fixed=("seq_len", "in_dim", "n_outputs"))
+    embedding = plan.get("embeddings") or {}
+    EMBEDDINGS.check_params(embedding.get("name", "onehot"), dict(embedding.get("params") or {}), "embeddings.params",
+                            fixed=("vocab",))
 
     started = time.perf_counter()
     variants = load_variants(plan, db_path=db_path)
