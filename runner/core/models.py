@@ -77,8 +77,8 @@ class InputNorm(nn.Module):
     columns. Un-normalised, each of their first-layer weights acts as one more bias that Adam moves
     at the full learning rate, so the layer's bias effectively trains ~50x too fast and the
     predictions jitter; normalised, constant columns are exactly zero. Measured on GB1 (MLP, raw
-    target, plain loop): test Spearman 0.562 without it, 0.607-0.620 with it (3 seeds). A batch of one row (the last of an epoch)
-    uses the running statistics instead of its own.
+    target, plain loop): test Spearman 0.562 without it, 0.607-0.620 with it (3 seeds). A batch of
+    one row (the last of an epoch) uses the running statistics instead of its own.
     """
 
     def __init__(self, n_features: int, momentum: float = 0.1, eps: float = 1e-5):
