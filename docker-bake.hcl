@@ -1,9 +1,9 @@
-# The same image builds infra's runner does (runner/images.py), as bake targets for CI.
+# The same image builds infra's runner does (runner/images/builds.py), as bake targets for CI.
 # tests/test_bake.py keeps targets, Dockerfiles and build args in line with the runner.
 #
 #   docker buildx bake base                      # CUDA base (pulls BASE_IMAGE)
 #   docker buildx bake base-cpu                  # CPU base from the local infra-os:bookworm + wheelhouse/
-#   python -m runner.images context WORKDIR build/plugin-context
+#   python -m runner.images.builds context WORKDIR build/plugin-context
 #   BASE_TAG=infra-base:cpu docker buildx bake plugins
 #
 # Bake needs buildx; where there is none (Debian's docker.io 20.10 CLI), `infra build` builds the

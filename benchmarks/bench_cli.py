@@ -37,8 +37,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--experiments", type=int, default=200)
     args = parser.parse_args()
-    from runner.dataimport import build_demo_db
-    from runner.experiments import Experiment, experiments_root, new_record
+    from runner.data.importer import build_demo_db
+    from runner.run.records import Experiment, experiments_root, new_record
 
     work = Path(tempfile.mkdtemp(prefix="infra-bench-cli-"))
     db = work / "blat.db"

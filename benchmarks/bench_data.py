@@ -34,7 +34,7 @@ from runner.core.data import _read_columns_arrow as read_columns_arrow  # noqa: 
 from runner.core.data import build_query, load_variants, read_parts  # noqa: E402
 from runner.core.variants import apply_mutants  # noqa: E402
 from runner.core.vocab import IUPAC_AMINO_ACIDS, get_vocab_processor  # noqa: E402
-from runner.dbschema import SCHEMA_SQL, connect_readonly  # noqa: E402
+from runner.data.db import SCHEMA_SQL, connect_readonly  # noqa: E402
 
 SOURCE = "SYNTH"
 

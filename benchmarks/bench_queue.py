@@ -6,7 +6,7 @@ plans (1 epoch on 300 variants of the demo database) one at a time and waits for
     python benchmarks/bench_queue.py [--jobs 5]
 
 Per job: the wall time from `submit()` to the finished job seen by the submitter, minus the time the
-worker spent inside `runner.launch.run` (what `infra run` itself would spend). The difference is the
+worker spent inside `runner.run.launch.run` (what `infra run` itself would spend). The difference is the
 queue's overhead: validation and id at submit, enqueue, dequeue, loading the plan again on the
 worker, storing the result, and the submitter noticing it (polled every 5 ms).
 """
@@ -41,8 +41,8 @@ def main() -> int:
     from rq.job import Job
 
     from runner import queue as q
-    from runner.dataimport import build_demo_db
-    from runner.plan import load_plan
+    from runner.data.importer import build_demo_db
+    from runner.plan.load import load_plan
 
     top = Path(tempfile.mkdtemp(prefix="bench-queue-"))
     work = top / "work"

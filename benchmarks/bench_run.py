@@ -37,8 +37,8 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from runner import engine
-    from runner.dataimport import build_demo_db
-    from runner.launch import decide_image
+    from runner.data.importer import build_demo_db
+    from runner.run.launch import decide_image
 
     top = Path(tempfile.mkdtemp(prefix="infra-bench-"))
     work = top / "work"

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 def build_dbs(work: Path, datasets: list[str]) -> dict[str, Path]:
     dbs = {}
     if "blat" in datasets:
-        from runner.dataimport import build_demo_db
+        from runner.data.importer import build_demo_db
 
         dbs["blat"] = work / "blat.sqlite"
         if not dbs["blat"].exists():
@@ -41,7 +41,7 @@ def build_dbs(work: Path, datasets: list[str]) -> dict[str, Path]:
 
 def run_one(plan: dict, exp: Path) -> dict:
     from runner.core.experiment import run_experiment
-    from runner.plan_models import Plan
+    from runner.plan.models import Plan
 
     resolved = Plan.model_validate(plan).model_dump(mode="json")
     shutil.rmtree(exp, ignore_errors=True)  # a fresh run each time, never a resume of an older one

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner.dataimport import import_csv  # noqa: E402
+from runner.data.importer import import_csv  # noqa: E402
 
 RAW = Path("/work/shared/data/dms/raw/gb1_wu2016")
 SOURCE = "SPG1_STRSG_Wu_2016"

@@ -1,7 +1,7 @@
 """Scale-out over Redis with RQ (DESIGN §9): submit plans, run workers, read the queue's state.
 
     infra submit  → validate locally → experiment id → RQ job (job id = experiment id, no timeout)
-    infra worker  → an RQ `SimpleWorker` whose job function is `execute_plan` → `runner.launch.run`
+    infra worker  → an RQ `SimpleWorker` whose job function is `execute_plan` → `runner.run.launch.run`
 
 Decisions (see docs/queue.md):
 
@@ -122,17 +122,17 @@ def _queue(conn, name: str):
 
 def submission_id(resolved: dict, workdir: Path | None) -> str:
     """The experiment id a submitted plan runs under (see the module docstring)."""
-    from runner.experiments import derive_experiment_id
-    from runner.launch import local_image_hash
+    from runner.run.launch import local_image_hash
+    from runner.run.records import derive_experiment_id
 
     if resolved.get("experiment_id"):
         return resolved["experiment_id"]
     if workdir is not None:
         plugins = local_image_hash(workdir)
     else:
-        from runner import images
+        from runner.images import builds
 
-        plugins = images.context_hash([], {"backend": "queue"})
+        plugins = builds.context_hash([], {"backend": "queue"})
     return derive_experiment_id(resolved, plugins)
 
 
@@ -147,7 +147,7 @@ def submit(
     from rq.exceptions import NoSuchJobError
     from rq.job import Job
 
-    from runner.experiments import now_iso
+    from runner.run.records import now_iso
 
     exp_id = submission_id(resolved, workdir)
     plan = {**resolved, "experiment_id": exp_id}
@@ -234,13 +234,13 @@ _context: WorkerConfig | None = None  # set by run_worker: the job function runs
 
 
 def execute_plan(plan: dict) -> dict:
-    """RQ job function: run a submitted plan through `runner.launch.run` in the foreground.
+    """RQ job function: run a submitted plan through `runner.run.launch.run` in the foreground.
 
     Returns the experiment's final state and metrics summary (the job's result). A failed training
     raises (a failed job); a stop raises Interrupted.
     """
-    from runner.launch import RunOptions, run
-    from runner.plan import load_plan
+    from runner.plan.load import load_plan
+    from runner.run.launch import RunOptions, run
 
     cfg = _context
     if cfg is None:
@@ -273,7 +273,7 @@ def execute_plan(plan: dict) -> dict:
         "worker": cfg.name,
         "host": socket.gethostname(),
         "seconds": round(time.monotonic() - started, 3),
-        "run_seconds": round(run_seconds, 3),  # inside runner.launch.run: what `infra run` would spend
+        "run_seconds": round(run_seconds, 3),  # inside runner.run.launch.run: what `infra run` would spend
         **_metrics(outcome.exp_dir),
     }
 
@@ -364,8 +364,8 @@ class Heartbeat(threading.Thread):
     def beat(self) -> None:
         from rq.registry import StartedJobRegistry
 
-        from runner.experiments import now_iso
         from runner.node import docker_info, node_info
+        from runner.run.records import now_iso
 
         conn = self.worker.connection
         ttl = self.cfg.heartbeat_ttl

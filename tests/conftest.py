@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.dbschema import SCHEMA_SQL
+from runner.data.db import SCHEMA_SQL
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DMS = REPO.parent / "shared" / "data" / "dms"

@@ -48,9 +48,9 @@ def run_user():
 @pytest.fixture(scope="session")
 def base_image(docker_client):
     """The CPU base image for this checkout (built once per session when missing)."""
-    from runner import images
+    from runner.images import builds
 
-    ref = images.ensure_base_image(
+    ref = builds.ensure_base_image(
         docker_client, base_image=BASE_ENV["INFRA_BASE_OS"], torch_spec=BASE_ENV["INFRA_TORCH_SPEC"]
     )
     return ref
@@ -63,7 +63,7 @@ def workdir(run_user):
     It lives directly under /tmp: pytest's own tmp folders are private to root, which the run user
     could not enter.
     """
-    from runner.dataimport import build_demo_db
+    from runner.data.importer import build_demo_db
 
     uid, gid, _ = run_user
     top = Path(tempfile.mkdtemp(prefix="infra-e2e-", dir="/tmp"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import runner
-from runner import images
+from runner.images import builds
 
 hcl2 = pytest.importorskip("hcl2")
 REPO = Path(__file__).resolve().parent.parent
@@ -64,9 +64,9 @@ def test_targets_exist(bake):
 
 def test_base_target_matches_the_runner(bake):
     base = bake["targets"]["base"]
-    spec = images.plan_base_build(REPO)
+    spec = builds.plan_base_build(REPO)
     assert base["context"] == "."
-    assert base["dockerfile"] == spec.dockerfile == images.BASE_DOCKERFILE
+    assert base["dockerfile"] == spec.dockerfile == builds.BASE_DOCKERFILE
     assert (REPO / base["dockerfile"]).is_file()
     assert set(base["args"]) <= dockerfile_args(REPO / base["dockerfile"])
     # The runner's CUDA default is the Dockerfile's ARG default; bake passes the same value.
@@ -78,8 +78,8 @@ def test_base_target_matches_the_runner(bake):
 
 def test_cpu_target_matches_the_runner_cpu_args(bake):
     cpu = bake["targets"]["base-cpu"]
-    spec = images.plan_base_build(
-        REPO, base_image=images.CPU_BASE_ARGS["BASE_IMAGE"], torch_spec=images.CPU_BASE_ARGS["TORCH_SPEC"]
+    spec = builds.plan_base_build(
+        REPO, base_image=builds.CPU_BASE_ARGS["BASE_IMAGE"], torch_spec=builds.CPU_BASE_ARGS["TORCH_SPEC"]
     )
     assert cpu["dockerfile"] == spec.dockerfile
     assert cpu["args"] == spec.buildargs
@@ -88,8 +88,8 @@ def test_cpu_target_matches_the_runner_cpu_args(bake):
 
 def test_plugins_target_matches_the_runner(bake, tmp_path):
     plugins = bake["targets"]["plugins"]
-    spec = images.plan_plugin_build(tmp_path, "infra-base:x", "sha256:x")
+    spec = builds.plan_plugin_build(tmp_path, "infra-base:x", "sha256:x")
     assert plugins["dockerfile"] == spec.dockerfile == "Dockerfile"
-    assert set(plugins["args"]) == set(spec.buildargs) == dockerfile_args(REPO / images.PLUGIN_DOCKERFILE)
+    assert set(plugins["args"]) == set(spec.buildargs) == dockerfile_args(REPO / builds.PLUGIN_DOCKERFILE)
     assert plugins["labels"]["infra.kind"] == spec.labels["infra.kind"] == "plugins"
     assert plugins["labels"]["infra.version"] == runner.__version__

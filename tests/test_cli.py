@@ -31,7 +31,7 @@ def wkdir(*args, env=None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from runner.cli.wkdir import main; sys.exit(main())", *args],
+        [sys.executable, "-c", "import sys; from runner.cli.wkdir_alias import main; sys.exit(main())", *args],
         capture_output=True,
         text=True,
         env=full_env,
@@ -163,7 +163,7 @@ def test_every_command_has_help_and_example():
     assert missing == []
 
 
-@pytest.mark.parametrize("entry", ["runner.cli", "runner.cli.wkdir"])
+@pytest.mark.parametrize("entry", ["runner.cli", "runner.cli.wkdir_alias"])
 def test_cli_import_stays_light(entry):
     code = (
         f"import sys; import {entry}; "

@@ -16,7 +16,7 @@ import pytest
 
 from runner.core.data import build_query, load_variants, sequences_from_tokens
 from runner.core.vocab import get_vocab_processor
-from runner.dbschema import SCHEMA_SQL
+from runner.data.db import SCHEMA_SQL
 from runner.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -392,7 +392,7 @@ def test_sequences_from_tokens_handles_padding():
 
 
 def test_demo_database_loads(tmp_path):
-    from runner.dataimport import build_demo_db
+    from runner.data.importer import build_demo_db
 
     db = tmp_path / "demo.sqlite"
     build_demo_db(db)

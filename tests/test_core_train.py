@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from runner.core.cli import main
-from runner.dataimport import build_demo_db
+from runner.data.importer import build_demo_db
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from runner.cli.data import app
-from runner.dataimport import DEMO_CSV, DEMO_TEMPLATE, build_demo_db, import_csv
-from runner.dbschema import check_database
+from runner.data.db import check_database
+from runner.data.importer import DEMO_CSV, DEMO_TEMPLATE, build_demo_db, import_csv
 from runner.errors import DataError, UsageError
 
 TEMPLATE = "MSIQHFRVALIPFFAAFCLPVFAHPETLVKVKDAEDQLGARVGYIELDLNSGKILESFRP"
@@ -197,7 +197,7 @@ def test_host_side_import_needs_no_numpy_or_pandas():
     import sys
 
     code = (
-        "import sys, runner.dataimport, runner.cli.data; "
+        "import sys, runner.data.importer, runner.cli.data; "
         "bad = [m for m in ('numpy', 'pandas', 'torch') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -11,8 +11,8 @@ import threading
 import pytest
 
 from runner.errors import UnknownExperiment, UsageError
-from runner.experiments import Experiment, derive_experiment_id, find, new_record
-from runner.lifecycle import final_state, list_experiments, parse_since, reconcile
+from runner.run.reconcile import final_state, list_experiments, parse_since, reconcile
+from runner.run.records import Experiment, derive_experiment_id, find, new_record
 
 
 def resolved_plan(db, **over):
@@ -123,7 +123,7 @@ def test_reconcile_keeps_live_local_process_running(tmp_path):
 def test_localwrap_records_exit_code_and_forwards_sigterm(tmp_path):
     exit_file = tmp_path / "code"
     done = subprocess.run(
-        [sys.executable, "-m", "runner.localwrap", str(exit_file), sys.executable, "-c", "import sys; sys.exit(7)"]
+        [sys.executable, "-m", "runner.run.local_wrapper", str(exit_file), sys.executable, "-c", "import sys; sys.exit(7)"]
     )
     assert done.returncode == 7 and exit_file.read_text().strip() == "7"
     child = (
@@ -133,7 +133,7 @@ def test_localwrap_records_exit_code_and_forwards_sigterm(tmp_path):
         "time.sleep(30)\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runner.localwrap", str(exit_file), sys.executable, "-c", child],
+        [sys.executable, "-m", "runner.run.local_wrapper", str(exit_file), sys.executable, "-c", child],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -165,7 +165,7 @@ def test_status_json_is_valid_json_after_many_updates(tmp_path):
 def test_follow_file_streams_from_offset_until_exit_file(tmp_path):
     import time
 
-    from runner.lifecycle import follow_file
+    from runner.run.reconcile import follow_file
 
     log, exit_file = tmp_path / "container.log", tmp_path / ".exit_code"
     log.write_bytes(b"old line\n")

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import runner
-from runner import engine, images
-from runner.images import Entry, IgnoreRules
+from runner import engine
+from runner.images import builds
+from runner.images.builds import Entry, IgnoreRules
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,11 +63,11 @@ def test_context_tar_is_reproducible_and_normalised(tmp_path):
     wd = make_workdir(tmp_path / "wd")
     (wd / "model" / "run.sh").write_text("#!/bin/sh\n")
     (wd / "model" / "run.sh").chmod(0o700)
-    first = images.context_tar_bytes(images.plugin_context_entries(wd))
+    first = builds.context_tar_bytes(builds.plugin_context_entries(wd))
     # Touching files (new mtimes) and re-listing in another order changes nothing.
     for p in (wd / "model").iterdir():
         p.touch()
-    second = images.context_tar_bytes(reversed(images.plugin_context_entries(wd)))
+    second = builds.context_tar_bytes(reversed(builds.plugin_context_entries(wd)))
     assert first == second
     with tarfile.open(fileobj=io.BytesIO(first)) as tar:
         members = tar.getmembers()
@@ -80,7 +81,7 @@ def test_context_tar_is_reproducible_and_normalised(tmp_path):
 
 def test_plugin_context_layout(tmp_path):
     wd = make_workdir(tmp_path / "wd")
-    got = names(images.plugin_context_entries(wd))
+    got = names(builds.plugin_context_entries(wd))
     assert got == sorted(
         [
             "Dockerfile",
@@ -104,7 +105,7 @@ def test_plugin_context_honours_dockerignore_and_skips_bytecode(tmp_path):
     (wd / "model" / "__pycache__" / "tiny.cpython-311.pyc").write_bytes(b"x")
     (wd / "model" / "weights.ckpt").write_bytes(b"x")
     (wd / ".dockerignore").write_text("**/*.ckpt\nembed\n")
-    got = names(images.plugin_context_entries(wd))
+    got = names(builds.plugin_context_entries(wd))
     assert "workdir/model/weights.ckpt" not in got
     assert not any("__pycache__" in n for n in got)
     assert "workdir/embed/e.py" not in got and "workdir/embed/" in got
@@ -115,9 +116,9 @@ def test_requirements_and_wheels_enter_the_context_only_when_needed(tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     (wheels / "tiny-1.0-py3-none-any.whl").write_bytes(b"PK")
-    assert "wheels/tiny-1.0-py3-none-any.whl" not in names(images.plugin_context_entries(wd, wheels))
+    assert "wheels/tiny-1.0-py3-none-any.whl" not in names(builds.plugin_context_entries(wd, wheels))
     (wd / "requirements.txt").write_text("tiny==1.0\n")
-    entries = images.plugin_context_entries(wd, wheels)
+    entries = builds.plugin_context_entries(wd, wheels)
     assert "wheels/tiny-1.0-py3-none-any.whl" in names(entries)
     assert next(e for e in entries if e.arcname == "requirements.txt").data == b"tiny==1.0\n"
 
@@ -127,22 +128,22 @@ def test_requirements_and_wheels_enter_the_context_only_when_needed(tmp_path):
 
 def test_plugin_tag_follows_plugin_content_and_base_id(tmp_path):
     wd = make_workdir(tmp_path / "wd")
-    spec = images.plan_plugin_build(wd, "infra-base:x", "sha256:aaa")
+    spec = builds.plan_plugin_build(wd, "infra-base:x", "sha256:aaa")
     assert re.fullmatch(r"infra-plugins:[0-9a-f]{12}", spec.tag)
     assert spec.tag == f"infra-plugins:{spec.content_hash[:12]}"
     # Unchanged workdir (even touched, or with experiments added) → same tag.
     (wd / "model" / "tiny.py").touch()
     (wd / "experiments" / "new").mkdir()
-    assert images.plan_plugin_build(wd, "infra-base:x", "sha256:aaa").tag == spec.tag
+    assert builds.plan_plugin_build(wd, "infra-base:x", "sha256:aaa").tag == spec.tag
     # Another base image id or a plugin edit → another tag.
-    assert images.plan_plugin_build(wd, "infra-base:x", "sha256:bbb").tag != spec.tag
+    assert builds.plan_plugin_build(wd, "infra-base:x", "sha256:bbb").tag != spec.tag
     (wd / "model" / "tiny.py").write_text("X = 2\n")
-    assert images.plan_plugin_build(wd, "infra-base:x", "sha256:aaa").tag != spec.tag
+    assert builds.plan_plugin_build(wd, "infra-base:x", "sha256:aaa").tag != spec.tag
 
 
 def test_plugin_labels_and_args(tmp_path):
     wd = make_workdir(tmp_path / "wd")
-    spec = images.plan_plugin_build(wd, "infra-base:abc", "sha256:aaa")
+    spec = builds.plan_plugin_build(wd, "infra-base:abc", "sha256:aaa")
     assert spec.buildargs == {"BASE": "infra-base:abc"}
     assert spec.labels == {
         "infra.kind": "plugins",
@@ -161,14 +162,14 @@ def test_stat_fingerprint_does_not_read_content(tmp_path):
 
 
 def test_base_plan_hashes_source_args_and_wheels(tmp_path):
-    spec = images.plan_base_build(REPO)
+    spec = builds.plan_base_build(REPO)
     assert re.fullmatch(r"infra-base:[0-9a-f]{12}", spec.tag)
     assert spec.dockerfile == "images/base/Dockerfile"
     context = spec.describe()["context"]
     assert {"pyproject.toml", "README.md", "runner/", "runner/__init__.py", "images/base/Dockerfile"} <= set(context)
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in context)
     assert spec.labels["infra.kind"] == "base"
-    cpu = images.plan_base_build(REPO, base_image="infra-os:bookworm", torch_spec="torch==2.13.0")
+    cpu = builds.plan_base_build(REPO, base_image="infra-os:bookworm", torch_spec="torch==2.13.0")
     assert cpu.tag != spec.tag
     assert cpu.buildargs == {
         "INFRA_VERSION": runner.__version__,
@@ -178,13 +179,13 @@ def test_base_plan_hashes_source_args_and_wheels(tmp_path):
     wheels = tmp_path / "wh"
     wheels.mkdir()
     (wheels / "x-1-py3-none-any.whl").write_bytes(b"PK")
-    with_wheels = images.plan_base_build(REPO, wheelhouse=wheels)
+    with_wheels = builds.plan_base_build(REPO, wheelhouse=wheels)
     assert "wheelhouse/x-1-py3-none-any.whl" in with_wheels.describe()["context"]
     assert with_wheels.tag != spec.tag
 
 
 def test_plugin_dockerfile_file_matches_rendered():
-    assert (REPO / "images/plugins/Dockerfile").read_text() == images.render_plugin_dockerfile()
+    assert (REPO / "images/plugins/Dockerfile").read_text() == builds.render_plugin_dockerfile()
 
 
 def test_dockerfiles_build_with_the_classic_builder():
@@ -197,16 +198,16 @@ def test_dockerfiles_build_with_the_classic_builder():
 
 def test_dockerfile_args_cover_the_build_args():
     base_args = set(re.findall(r"^ARG (\w+)", (REPO / "images/base/Dockerfile").read_text(), re.M))
-    assert set(images.base_build_args("x", "torch", "1")) <= base_args
-    plugin_args = set(re.findall(r"^ARG (\w+)", images.render_plugin_dockerfile(), re.M))
-    assert set(images.plugin_build_args("b")) == plugin_args
+    assert set(builds.base_build_args("x", "torch", "1")) <= base_args
+    plugin_args = set(re.findall(r"^ARG (\w+)", builds.render_plugin_dockerfile(), re.M))
+    assert set(builds.plugin_build_args("b")) == plugin_args
 
 
 def test_context_cli_writes_the_plugin_context(tmp_path):
     wd = make_workdir(tmp_path / "wd")
     out = tmp_path / "ctx"
-    assert images.main(["context", str(wd), str(out)]) == 0
-    assert (out / "Dockerfile").read_text() == images.render_plugin_dockerfile()
+    assert builds.main(["context", str(wd), str(out)]) == 0
+    assert (out / "Dockerfile").read_text() == builds.render_plugin_dockerfile()
     assert (out / "workdir/model/tiny.py").read_text() == "X = 1\n"
     assert (out / "workdir/vocab").is_dir() and (out / "requirements.txt").exists()
 
@@ -259,7 +260,7 @@ def test_importing_the_image_modules_loads_neither_docker_nor_torch():
     import subprocess
     import sys
 
-    code = "import sys, runner.engine, runner.images; print(sorted({'docker', 'torch'} & set(sys.modules)))"
+    code = "import sys, runner.engine, runner.images.builds; print(sorted({'docker', 'torch'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

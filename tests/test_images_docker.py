@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from runner import engine, images
+from runner import engine
 from runner.errors import BuildError, EnvironmentProblem
+from runner.images import builds
 
 pytestmark = pytest.mark.docker
 REPO = Path(__file__).resolve().parent.parent
@@ -25,12 +26,12 @@ TEST_LABEL = {"infra.test": "test_images_docker"}
 @pytest.fixture(scope="session")
 def base_image(docker_client):
     """The CPU base image of this checkout (built when missing; kept afterwards)."""
-    if not engine.image_exists(docker_client, images.CPU_BASE_ARGS["BASE_IMAGE"]):
+    if not engine.image_exists(docker_client, builds.CPU_BASE_ARGS["BASE_IMAGE"]):
         pytest.fail("infra-os:bookworm missing: run 'bash scripts/make-base-os-image.sh' (and make-wheelhouse.sh)")
-    return images.ensure_base_image(
+    return builds.ensure_base_image(
         docker_client,
-        base_image=images.CPU_BASE_ARGS["BASE_IMAGE"],
-        torch_spec=images.CPU_BASE_ARGS["TORCH_SPEC"],
+        base_image=builds.CPU_BASE_ARGS["BASE_IMAGE"],
+        torch_spec=builds.CPU_BASE_ARGS["TORCH_SPEC"],
     )
 
 
@@ -75,17 +76,17 @@ def test_base_image_has_the_core_and_labels(docker_client, base_image):
     assert labels["infra.content_hash"] == base_image.content_hash
     # Asked again for an unchanged checkout: decided without building, quickly. (The first call
     # only rebuilds when the tree changed since the fixture ran, e.g. while editing runner/.)
-    cpu = {k.lower(): v for k, v in images.CPU_BASE_ARGS.items()}
-    first = images.ensure_base_image(docker_client, **cpu)
+    cpu = {k.lower(): v for k, v in builds.CPU_BASE_ARGS.items()}
+    first = builds.ensure_base_image(docker_client, **cpu)
     start = time.perf_counter()
-    again = images.ensure_base_image(docker_client, **cpu)
+    again = builds.ensure_base_image(docker_client, **cpu)
     assert time.perf_counter() - start < 2.0
     assert not again.built and again.id == first.id
 
 
 def test_plugin_build_reuse_and_top_layer_rebuild(docker_client, base_image, workdir, made):
     logs: list[str] = []
-    first = images.ensure_plugin_image(docker_client, workdir, base_image.tag, logs.append)
+    first = builds.ensure_plugin_image(docker_client, workdir, base_image.tag, logs.append)
     made.append(first.tag)
     assert first.built and first.tag.startswith("infra-plugins:")
     assert any(line.startswith("Step ") for line in logs)
@@ -95,13 +96,13 @@ def test_plugin_build_reuse_and_top_layer_rebuild(docker_client, base_image, wor
 
     # Unchanged workdir: no rebuild, decided within the 0.5 s target.
     start = time.perf_counter()
-    again = images.ensure_plugin_image(docker_client, workdir, base_image.tag)
+    again = builds.ensure_plugin_image(docker_client, workdir, base_image.tag)
     assert time.perf_counter() - start < 0.5
     assert not again.built and again.id == first.id
 
     # A plugin edit rebuilds only the top (plugin files) layer; everything below is shared.
     (workdir / "model" / "tiny.py").write_text("MARK = 'edited'\n")
-    edited = images.ensure_plugin_image(docker_client, workdir, base_image.tag)
+    edited = builds.ensure_plugin_image(docker_client, workdir, base_image.tag)
     made.append(edited.tag)
     assert edited.built and edited.tag != first.tag
     old, new = layers(docker_client, first.tag), layers(docker_client, edited.tag)
@@ -128,10 +129,10 @@ def test_build_failure_reports_step_and_log_tail(docker_client, base_image, work
     # Any wheel makes the install offline (fails fast instead of waiting on an index); pip reads
     # only the names of wheels it does not pick.
     (wheels / "placeholder-0.0-py3-none-any.whl").write_bytes(b"PK")
-    spec = images.plan_plugin_build(workdir, base_image.tag, base_image.id, wheels)
+    spec = builds.plan_plugin_build(workdir, base_image.tag, base_image.id, wheels)
     made.append(spec.tag)
     with pytest.raises(BuildError) as err:
-        images.ensure_plugin_image(docker_client, workdir, base_image.tag, wheelhouse=wheels)
+        builds.ensure_plugin_image(docker_client, workdir, base_image.tag, wheelhouse=wheels)
     assert err.value.exit_code == 3
     assert err.value.step.startswith("Step ") and "RUN" in err.value.step
     assert "definitely-not-a-real-package-infra" in err.value.log_tail
@@ -141,7 +142,7 @@ def test_build_failure_reports_step_and_log_tail(docker_client, base_image, work
 
 def test_missing_base_image_says_what_to_do(docker_client, workdir):
     with pytest.raises(EnvironmentProblem, match=r"infra build --base"):
-        images.ensure_plugin_image(docker_client, workdir, "infra-base:does-not-exist")
+        builds.ensure_plugin_image(docker_client, workdir, "infra-base:does-not-exist")
 
 
 def test_gpu_request_without_runtime_leaves_nothing(docker_client, base_image, made):
@@ -182,11 +183,11 @@ def test_plugin_dockerfile_builds_with_buildkit(docker_client, base_image, workd
     cli = buildkit_cli()
     if cli is None:
         pytest.skip("no BuildKit-capable docker CLI without buildx (Debian's docker.io 20.10)")
-    spec = images.plan_plugin_build(workdir, base_image.tag, base_image.id)
+    spec = builds.plan_plugin_build(workdir, base_image.tag, base_image.id)
     tag = spec.tag.replace("infra-plugins:", "infra-plugins-buildkit:")
     made.append(tag)
     context = tmp_path / "ctx.tar"
-    context.write_bytes(images.context_tar_bytes(spec.entries))
+    context.write_bytes(builds.context_tar_bytes(spec.entries))
     args = [cli, "build", "-q", "-t", tag, "--build-arg", f"BASE={base_image.tag}", "-"]
     with open(context, "rb") as fh:
         out = subprocess.run(args, stdin=fh, capture_output=True, text=True, env={**os.environ, "DOCKER_BUILDKIT": "1"})

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from runner import launch
 from runner.errors import EnvironmentProblem
-from runner.plan import load_plan
+from runner.plan.load import load_plan
+from runner.run import launch
 
 
 def test_local_backend_without_core_is_environment_error(tmp_path, mini_db, monkeypatch):

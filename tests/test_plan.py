@@ -10,8 +10,8 @@ import jsonschema
 import pytest
 
 from runner.errors import PlanError, UsageError
-from runner.plan import expand_dotted, load_plan
-from runner.schema import SCHEMA_PATH, plan_schema, render
+from runner.plan.load import expand_dotted, load_plan
+from runner.plan.schema import SCHEMA_PATH, plan_schema, render
 
 
 def good(db: Path, **extra) -> dict:
@@ -293,7 +293,7 @@ def test_at_least_25_distinct_bad_plans():
 
 
 def test_schema_file_is_current():
-    assert SCHEMA_PATH.read_text(encoding="utf-8") == render(plan_schema()), "run: python -m runner.schema"
+    assert SCHEMA_PATH.read_text(encoding="utf-8") == render(plan_schema()), "run: python -m runner.plan.schema"
 
 
 def test_schema_agrees_with_models_on_cases(mini_db):
@@ -324,11 +324,11 @@ def test_expand_dotted_deep():
 
 
 def test_docs_plan_keys_table_is_current():
-    from runner.schema import plan_keys_table
+    from runner.plan.schema import plan_keys_table
 
     text = (SCHEMA_PATH.parent.parent / "docs" / "plans.md").read_text(encoding="utf-8")
     start = text.index("-->\n", text.index("<!-- keys:start")) + 4
     end = text.index("<!-- keys:end -->")
     assert text[start:end] == plan_keys_table(), (
-        "regenerate the table in docs/plans.md from runner.schema.plan_keys_table()"
+        "regenerate the table in docs/plans.md from runner.plan.schema.plan_keys_table()"
     )

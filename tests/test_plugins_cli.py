@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from runner.errors import EnvironmentProblem
-from runner.plugins_host import PluginLoadError, map_paths, parse_output
+from runner.workdir.plugins import PluginLoadError, map_paths, parse_output
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE_PLUGINS = {
@@ -140,7 +140,7 @@ def test_check_duplicate_name_message(template_copy):
 
 def test_discovery_never_imports_plugins_on_the_host(template_copy):
     probe = (
-        "import sys; from runner.plugins_host import discover; "
+        "import sys; from runner.workdir.plugins import discover; "
         f"found = discover({str(template_copy)!r}, backend='local'); "
         "print(len(found.plugins()), sorted(m for m in sys.modules if m.startswith(('infra_ext', 'torch'))))"
     )
@@ -173,7 +173,7 @@ def test_example_workflow_builds_the_bake_plugins_target():
     assert "push" in triggers
     steps = [s for job in doc["jobs"].values() for s in job["steps"]]
     runs = "\n".join(s.get("run", "") for s in steps)
-    assert "python -m runner.images context" in runs
+    assert "python -m runner.images.builds context" in runs
     assert "docker buildx bake plugins" in runs
     bake = (REPO / "docker-bake.hcl").read_text()
     for variable in ("PLUGIN_CONTEXT", "PLUGIN_TAG", "BASE_TAG"):
@@ -185,7 +185,7 @@ def test_example_workflow_builds_the_bake_plugins_target():
 def test_bake_context_command_writes_the_plugin_context(template_copy, tmp_path):
     out = tmp_path / "ctx"
     result = subprocess.run(
-        [sys.executable, "-m", "runner.images", "context", str(template_copy), str(out)], capture_output=True, text=True
+        [sys.executable, "-m", "runner.images.builds", "context", str(template_copy), str(out)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     assert (out / "Dockerfile").read_text() == (REPO / "images" / "plugins" / "Dockerfile").read_text()

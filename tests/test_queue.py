@@ -86,7 +86,7 @@ def redis_url(redis_server):
 @pytest.fixture
 def qworkdir(tmp_path) -> Path:
     """A workdir from the template with the demo database (BLAT, 4,997 variants)."""
-    from runner.dataimport import build_demo_db
+    from runner.data.importer import build_demo_db
 
     work = tmp_path / "work"
     shutil.copytree(REPO / "plugins_template", work)

@@ -109,7 +109,7 @@ def test_workdir_resolution(tmp_path, monkeypatch):
 
 def test_plugin_model_trains_through_the_cli(tmp_path, clean_plugins):
     from runner.core.cli import main
-    from runner.dataimport import build_demo_db
+    from runner.data.importer import build_demo_db
 
     workdir = tmp_path / "wd"
     write(workdir / "model" / "pool.py", MODEL_PLUGIN)

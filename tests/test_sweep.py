@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from runner.errors import UsageError
-from runner.sweep import grid, label, parse_sweep, point_overrides
+from runner.run.sweep import grid, label, parse_sweep, point_overrides
 from tests.test_queue import redis_server  # noqa: F401  a real redis-server for --submit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def infra(*args: str, workdir: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def demo_workdir(tmp_path) -> Path:
-    from runner.dataimport import build_demo_db
+    from runner.data.importer import build_demo_db
 
     work = tmp_path / "work"
     shutil.copytree(REPO / "plugins_template", work)
@@ -107,8 +107,8 @@ def test_grid_rejects_a_key_twice_and_huge_grids():
 
 
 def test_point_overrides_apply_like_set(mini_db, tmp_path):
-    from runner.plan import load_plan
-    from runner.sweep import load_points
+    from runner.plan.load import load_plan
+    from runner.run.sweep import load_points
 
     plan = tmp_path / "p.json"
     plan.write_text(json.dumps({"name": "x", "data": {"db": str(mini_db)}, "model": {"name": "linear"}}))
@@ -188,7 +188,7 @@ def test_sweep_runs_each_point_reports_worst_exit_and_compares(demo_workdir):
 
 
 def test_compare_sorts_best_first_with_lower_is_better_errors():
-    from runner.compare import sort_rows
+    from runner.run.compare import sort_rows
 
     rows = [
         {"experiment_id": "a", "test": {"spearman": 0.5, "mse": 2.0}, "val": {}},

@@ -128,7 +128,7 @@ def case_root(run_user):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASE_DIRS, ids=[p.name for p in CASE_DIRS])
 def test_case(case: Path, base_image, run_user, case_root, docker_client):
-    from runner.dataimport import build_demo_db
+    from runner.data.importer import build_demo_db
 
     expected = json.loads((case / "expected.json").read_text())
     workdir = case_root / "work"
@@ -152,7 +152,7 @@ def test_case(case: Path, base_image, run_user, case_root, docker_client):
 
 def _left_behind(client, workdir: Path) -> list[str]:
     """Names of this case's containers still in the engine: discovery ones and its experiments'."""
-    from runner.plugins_host import LABEL_PURPOSE
+    from runner.workdir.plugins import LABEL_PURPOSE
 
     ids = {p.name for p in (workdir / "experiments").glob("*")} if (workdir / "experiments").exists() else set()
     found = client.api.containers(all=True, filters={"label": f"{LABEL_PURPOSE}=plugin-discovery"})

@@ -21,7 +21,7 @@ from runner import __version__
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 from runner.cli import compare as _compare
 from runner.cli import data as _data
-from runner.cli import lifecycle as _lifecycle
+from runner.cli import experiments as _experiments
 from runner.cli import plugins as _plugins
 from runner.cli import queue as _queue
 from runner.cli import run as _run
@@ -68,10 +68,10 @@ def _root(
 app.command("validate")(_validate.validate)
 app.command("run")(_run.run)
 app.command("build")(_run.build)
-app.command("status")(_lifecycle.status)
-app.command("logs")(_lifecycle.logs)
-app.command("stop")(_lifecycle.stop)
-app.command("ls")(_lifecycle.ls)
+app.command("status")(_experiments.status)
+app.command("logs")(_experiments.logs)
+app.command("stop")(_experiments.stop)
+app.command("ls")(_experiments.ls)
 app.command("compare")(_compare.compare)
 app.command("schema")(_validate.schema)
 app.command("init")(_workdir.init)

@@ -28,8 +28,8 @@ def compare(
 
     Example: infra compare blat-demo-3f2a9c01de blat-demo-9e1b0c44aa --metric spearman
     """
-    from runner.compare import compare as compare_rows
-    from runner.compare import table
+    from runner.run.compare import compare as compare_rows
+    from runner.run.compare import table
 
     rows = compare_rows(_workdir(workdir), list(ids or []), metric)
     if json_out:

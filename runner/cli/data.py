@@ -68,7 +68,7 @@ def import_command(
 
     Example: infra data import BLAT_ECOLX.csv --db dms.sqlite --source BLAT_ECOLX --template MSIQHF... --score-column 2500 --binarize-cutoff -1.1595
     """
-    from runner.dataimport import import_csv
+    from runner.data.importer import import_csv
 
     extras = [c.strip() for c in extra_columns.split(",") if c.strip()]
     result = import_csv(
@@ -98,6 +98,6 @@ def demo_command(
 
     Example: infra data demo --db demo.sqlite
     """
-    from runner.dataimport import build_demo_db
+    from runner.data.importer import build_demo_db
 
     _report(build_demo_db(db, replace=replace), json_out)

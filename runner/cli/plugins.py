@@ -23,7 +23,7 @@ BACKEND_OPT = Annotated[
 
 
 def _discover(workdir: Path | None, backend: str, quiet: bool):
-    from runner.plugins_host import discover
+    from runner.workdir.plugins import discover
 
     wd = _workdir(workdir)
     return wd, discover(wd, backend=backend, on_log=None if quiet else _build_line)
@@ -43,7 +43,7 @@ def list_(json_out: JSON_OPT = False, backend: BACKEND_OPT = "docker", workdir: 
 
     Example: infra plugins list --json --workdir ~/protein-work
     """
-    from runner.plugins_host import table
+    from runner.workdir.plugins import table
 
     wd, found = _discover(workdir, backend, json_out)
     if json_out:
@@ -64,7 +64,7 @@ def check(json_out: JSON_OPT = False, backend: BACKEND_OPT = "docker", workdir: 
 
     Example: infra plugins check --backend local
     """
-    from runner.plugins_host import PluginLoadError
+    from runner.workdir.plugins import PluginLoadError
 
     try:
         wd, found = _discover(workdir, backend, json_out)

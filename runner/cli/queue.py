@@ -29,7 +29,7 @@ queue_app = typer.Typer(
 
 def _optional_workdir(flag: Path | None) -> Path | None:
     from runner.cli.run import _workdir
-    from runner.workdir import get_workdir
+    from runner.workdir.store import get_workdir
 
     return _workdir(flag) if flag is not None else get_workdir(required=False)
 
@@ -56,7 +56,7 @@ def submit(
     Example: infra submit plan.json --redis redis://master:6379/0 --set train.seed=2
     """
     from runner import queue as q
-    from runner.plan import load_plan
+    from runner.plan.load import load_plan
 
     wd = _optional_workdir(workdir)
     loaded = load_plan(plan, overrides or [], workdir=wd)

@@ -15,7 +15,7 @@ WORKDIR_OPT = Annotated[
 
 def _workdir(flag: Path | None) -> Path:
     from runner.errors import WorkdirError
-    from runner.workdir import get_workdir
+    from runner.workdir.store import get_workdir
 
     if flag is not None:
         if not flag.is_dir():
@@ -80,9 +80,9 @@ def run(
     Example: infra run plan.json --sweep train.lr=1e-3,1e-4 --sweep model.params.hidden=64,128
     """
     from runner.errors import ExperimentFailed, Interrupted, UsageError
-    from runner.launch import RunOptions
-    from runner.launch import run as run_experiment
-    from runner.plan import load_plan
+    from runner.plan.load import load_plan
+    from runner.run.launch import RunOptions
+    from runner.run.launch import run as run_experiment
 
     if sweeps:
         from runner.cli.sweep import run_sweep_command
@@ -182,22 +182,23 @@ def build(
     """
     import os
 
-    from runner import engine, images
-    from runner.launch import decide_image
+    from runner import engine
+    from runner.images import builds
+    from runner.run.launch import decide_image
 
     if dry_run and base:
-        root = images.source_root()
-        spec = images.plan_base_build(
+        root = builds.source_root()
+        spec = builds.plan_base_build(
             root,
             base_image=os.environ.get("INFRA_BASE_OS") or None,
             torch_spec=os.environ.get("INFRA_TORCH_SPEC") or None,
-            wheelhouse=images.default_wheelhouse(root),
+            wheelhouse=builds.default_wheelhouse(root),
         )
         (emit_json(spec.describe()) if json_out else typer.echo(_describe(spec.describe())))
         return
     client = engine.get_client()
     if base:
-        ref = images.ensure_base_image(
+        ref = builds.ensure_base_image(
             client,
             base_image=os.environ.get("INFRA_BASE_OS") or None,
             torch_spec=os.environ.get("INFRA_TORCH_SPEC") or None,
@@ -212,9 +213,9 @@ def build(
             (emit_json(doc) if json_out else typer.echo(_describe(doc)))
             return
         if decision.image_id and not force:
-            ref = images.ImageRef(decision.spec.tag, decision.image_id, decision.spec.content_hash, built=False)
+            ref = builds.ImageRef(decision.spec.tag, decision.image_id, decision.spec.content_hash, built=False)
         else:
-            ref = images.build(client, decision.spec, say)
+            ref = builds.build(client, decision.spec, say)
     doc = {
         "tag": ref.tag,
         "id": ref.id,

@@ -25,10 +25,10 @@ def run_sweep_command(
     queue: str,
 ) -> None:
     """Expand the grid, then run its points one after another (or submit them); exit with the worst code."""
-    from runner import sweep
     from runner.errors import UsageError
-    from runner.launch import RunOptions
-    from runner.plan import STDIN, read_plan_text
+    from runner.plan.load import STDIN, read_plan_text
+    from runner.run import sweep
+    from runner.run.launch import RunOptions
 
     if detach:
         raise UsageError("--detach does not go with --sweep (the grid runs one after another); use --submit")

@@ -25,8 +25,8 @@ def validate(
     Example: infra validate plan.json --set train.lr=0.01
     """
     from runner.errors import PlanError
-    from runner.plan import load_plan
-    from runner.workdir import get_workdir
+    from runner.plan.load import load_plan
+    from runner.workdir.store import get_workdir
 
     try:
         loaded = load_plan(plan, overrides or [], workdir=get_workdir(required=False))
@@ -46,6 +46,6 @@ def schema() -> None:
 
     Example: infra schema > plan.schema.json
     """
-    from runner.schema import plan_schema, render
+    from runner.plan.schema import plan_schema, render
 
     typer.echo(render(plan_schema()), nl=False)

@@ -22,7 +22,7 @@ def get(json_out: JSON_OPT = False) -> None:
 
     Example: infra workdir get
     """
-    from runner.workdir import get_workdir
+    from runner.workdir.store import get_workdir
 
     path = get_workdir(required=True)
     if json_out:
@@ -37,7 +37,7 @@ def set_(path: Annotated[str, typer.Argument(help="An existing directory.")], js
 
     Example: infra workdir set ~/protein-work
     """
-    from runner.workdir import ENV_VAR, set_workdir
+    from runner.workdir.store import ENV_VAR, set_workdir
 
     stored = set_workdir(path)
     if json_out:
@@ -53,7 +53,7 @@ def clear(json_out: JSON_OPT = False) -> None:
 
     Example: infra workdir clear
     """
-    from runner.workdir import clear_workdir
+    from runner.workdir.store import clear_workdir
 
     had = clear_workdir()
     if json_out:
@@ -74,8 +74,8 @@ def init(
 
     Example: infra init ~/protein-work --set-workdir
     """
-    from runner.template import init_workdir
-    from runner.workdir import set_workdir
+    from runner.workdir.store import set_workdir
+    from runner.workdir.template import init_workdir
 
     created = init_workdir(directory, force=force)
     if set_default:

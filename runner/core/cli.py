@@ -36,8 +36,8 @@ def read_plan(source: str) -> dict:
     """Load and validate a plan file; return the resolved JSON form (defaults filled in)."""
     from pydantic import ValidationError
 
-    from runner.plan import _issues_from_pydantic, expand_dotted
-    from runner.plan_models import Plan
+    from runner.plan.load import _issues_from_pydantic, expand_dotted
+    from runner.plan.models import Plan
 
     name = "<stdin>" if source == "-" else source
     try:

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from runner.core.variants import ROW_SEP, MutantText, apply_mutants
 from runner.core.vocab import BaseVocabProcessor, get_vocab_processor
-from runner.dbschema import check_database, connect_readonly, readonly_uri
+from runner.data.db import check_database, connect_readonly, readonly_uri
 from runner.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def _ascii_to_strings(ascii: np.ndarray, lengths: np.ndarray) -> pd.arrays.Arrow
 
 
 def open_database(path: Path) -> sqlite3.Connection:
-    """Open the mutation database read-only (see `runner.dbschema.connect_readonly`), or raise DataError."""
+    """Open the mutation database read-only (see `runner.data.db.connect_readonly`), or raise DataError."""
     problem = check_database(path)
     if problem:
         raise DataError(f"data.db: {problem}")

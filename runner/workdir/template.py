@@ -13,7 +13,7 @@ SKIPPED_SUFFIXES = {".pyc", ".db", ".db-wal", ".db-shm"}
 
 def template_dir() -> Path:
     """The plugins_template/ folder of the checkout this runner runs from."""
-    path = Path(__file__).resolve().parent.parent / "plugins_template"
+    path = Path(__file__).resolve().parents[2] / "plugins_template"
     if not path.is_dir():
         raise EnvironmentProblem(f"plugins_template/ is not next to the runner ({path}); install infra from a checkout")
     return path

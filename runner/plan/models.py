@@ -1,6 +1,6 @@
 """The typed view of a plan (DESIGN §3): pydantic models that `schemas/plan.schema.json` is generated from.
 
-Every model forbids unknown keys. Defaults here are the documented defaults; `runner.plan` loads,
+Every model forbids unknown keys. Defaults here are the documented defaults; `runner.plan.load` loads,
 expands dotted keys, applies overrides and runs the semantic checks a schema cannot express.
 """
 

@@ -29,17 +29,9 @@ from filelock import FileLock
 
 from runner import __version__
 from runner.errors import EXIT_OK, EnvironmentProblem, ExperimentFailed, Interrupted, UsageError
-from runner.experiments import (
-    ACTIVE,
-    Experiment,
-    atomic_write_json,
-    derive_experiment_id,
-    experiments_root,
-    new_record,
-    now_iso,
-    plan_sha256,
-)
-from runner.lifecycle import (
+from runner.plan.load import LoadedPlan
+from runner.plan.models import GPU_LIST_PATTERN
+from runner.run.reconcile import (
     EXIT_FILE,
     LABEL_ATTEMPT,
     LABEL_EXPERIMENT,
@@ -50,8 +42,16 @@ from runner.lifecycle import (
     follow_file,
     reconcile,
 )
-from runner.plan import LoadedPlan
-from runner.plan_models import GPU_LIST_PATTERN
+from runner.run.records import (
+    ACTIVE,
+    Experiment,
+    atomic_write_json,
+    derive_experiment_id,
+    experiments_root,
+    new_record,
+    now_iso,
+    plan_sha256,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +122,14 @@ def _gpus_requested(gpus) -> bool:
 @dataclass
 class ImageDecision:
     base_tag: str
-    spec: object  # runner.images.BuildSpec of the plugin image
+    spec: object  # runner.images.builds.BuildSpec of the plugin image
     image_id: str | None  # None: must be built
 
 
 def decide_image(client, workdir: Path, on_log: Callable[[str], None]) -> ImageDecision:
     """Ensure the base image (INFRA_BASE_IMAGE, or built from this checkout) and plan the plugin image."""
-    from runner import engine, images
+    from runner import engine
+    from runner.images import builds
 
     base_tag = os.environ.get("INFRA_BASE_IMAGE")
     if base_tag:
@@ -136,22 +137,22 @@ def decide_image(client, workdir: Path, on_log: Callable[[str], None]) -> ImageD
         if base_id is None:
             raise EnvironmentProblem(f"INFRA_BASE_IMAGE={base_tag} is not in the Docker engine; build or load it first")
     else:
-        ref = images.ensure_base_image(
+        ref = builds.ensure_base_image(
             client,
             base_image=os.environ.get("INFRA_BASE_OS") or None,
             torch_spec=os.environ.get("INFRA_TORCH_SPEC") or None,
             on_log=on_log,
         )
         base_tag, base_id = ref.tag, ref.id
-    spec = images.plan_plugin_build(workdir, base_tag, base_id, images.default_wheelhouse(images.source_root()))
+    spec = builds.plan_plugin_build(workdir, base_tag, base_id, builds.default_wheelhouse(builds.source_root()))
     return ImageDecision(base_tag, spec, engine.get_image_id(client, spec.tag))
 
 
 def local_image_hash(workdir: Path) -> str:
     """The local backend's stand-in for an image hash: the plugin files and the core's version."""
-    from runner import images
+    from runner.images import builds
 
-    return images.context_hash(images.plugin_context_entries(workdir), {"backend": "local", "version": __version__})
+    return builds.context_hash(builds.plugin_context_entries(workdir), {"backend": "local", "version": __version__})
 
 
 # --- pre-flight -----------------------------------------------------------------------------------
@@ -289,12 +290,13 @@ def _set_state(exp: Experiment, opts: RunOptions, state: str, **fields) -> dict:
 
 
 def _start_container(exp, resolved, decision, client, gpus, db, workdir, opts) -> dict:
-    from runner import engine, images
+    from runner import engine
+    from runner.images import builds
 
     image_id = decision.image_id
     if image_id is None:
         _set_state(exp, opts, "building", image=decision.spec.tag)
-        image_id = images.build(client, decision.spec, opts.on_log).id
+        image_id = builds.build(client, decision.spec, opts.on_log).id
     record = _set_state(exp, opts, "starting", image=decision.spec.tag, image_id=image_id)
     # A container of an earlier attempt (kept after a runner crash) would hold the name.
     for old in engine.find_containers(client, {LABEL_EXPERIMENT: exp.id}):
@@ -359,7 +361,7 @@ def _start_local(exp, db, workdir, gpus, opts) -> dict:
         "--workdir",
         str(workdir),
     ]
-    wrapper = [sys.executable, "-m", "runner.localwrap", str(exp.root / EXIT_FILE), *core]
+    wrapper = [sys.executable, "-m", "runner.run.local_wrapper", str(exp.root / EXIT_FILE), *core]
     with open(exp.container_log, "ab") as logf:
         proc = subprocess.Popen(
             wrapper,
@@ -415,7 +417,7 @@ def _with_record(exc: Exception, record: dict) -> Exception:
 
 def _follow_container(exp, record, opts, handle) -> dict:
     from runner import engine
-    from runner.lifecycle import container_for
+    from runner.run.reconcile import container_for
 
     client = handle.get()
     container = container_for(client, record)
@@ -460,7 +462,7 @@ def stop_experiment(
     record = exp.update(stop_requested=True, message=reason)
     if record["backend"] == "docker":
         from runner import engine
-        from runner.lifecycle import container_for
+        from runner.run.reconcile import container_for
 
         client = handle.get()
         if client is None:

@@ -44,8 +44,8 @@ def status(experiment_id: ID_ARG, json_out: JSON_OPT = False, workdir: WORKDIR_O
 
     Example: infra status blat-linear-3f2a9c01de --json
     """
-    from runner.experiments import find
-    from runner.lifecycle import reconcile
+    from runner.run.reconcile import reconcile
+    from runner.run.records import find
 
     record = reconcile(find(_workdir(workdir), experiment_id))
     doc = status_document(record)
@@ -71,8 +71,8 @@ def logs(
 
     Example: infra logs blat-linear-3f2a9c01de --follow
     """
-    from runner.experiments import find
-    from runner.lifecycle import follow_logs
+    from runner.run.reconcile import follow_logs
+    from runner.run.records import find
 
     exp = find(_workdir(workdir), experiment_id)
     follow_logs(exp, lambda line: typer.echo(line), follow=follow, tail=tail)
@@ -90,8 +90,8 @@ def stop(
 
     Example: infra stop blat-linear-3f2a9c01de --timeout 30
     """
-    from runner.experiments import find
-    from runner.launch import stop_experiment
+    from runner.run.launch import stop_experiment
+    from runner.run.records import find
 
     record = stop_experiment(
         find(_workdir(workdir), experiment_id), timeout=timeout, reason="stopped with 'infra stop'"
@@ -113,7 +113,7 @@ def ls(
 
     Example: infra ls --state running --since 24h --json
     """
-    from runner.lifecycle import list_experiments
+    from runner.run.reconcile import list_experiments
 
     rows = list_experiments(_workdir(workdir), states=state or None, since=since)
     if json_out:

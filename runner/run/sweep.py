@@ -11,7 +11,7 @@ Decisions (see docs/plugins.md, "Sweeps"):
   plan with `--set` applied first and then the point's values (so a swept key wins over a `--set`).
 - Every point is validated before anything runs: a bad value fails the whole sweep with exit 2 and
   the offending point named.
-- Points run one after another through `runner.launch.run` (same idempotency: a point that already
+- Points run one after another through `runner.run.launch.run` (same idempotency: a point that already
   succeeded is reported, not rerun). A failed point does not stop the sweep; an environment error
   (no Docker, a failed image build) or Ctrl-C stops it, and the rest are reported `not run`.
 - Exit code: 130 when interrupted, else the environment error's code, else 1 if any point failed,
@@ -120,7 +120,7 @@ class PointResult:
 
 def load_points(source: str, text: str | None, overrides: list[str], points: list[dict], workdir: Path) -> list:
     """Validate every point's plan up front; a PlanError names the point."""
-    from runner.plan import load_plan
+    from runner.plan.load import load_plan
 
     loaded = []
     for i, point in enumerate(points, 1):
@@ -140,7 +140,7 @@ def run_sweep(
 ) -> tuple[list[PointResult], int]:
     """Run the points one after another; return their results and the sweep's exit code."""
     from runner.errors import ExperimentFailed, Interrupted
-    from runner.launch import run
+    from runner.run.launch import run
 
     results = [PointResult(i, point) for i, point in enumerate(points, 1)]
     code = EXIT_OK
@@ -199,7 +199,7 @@ def submit_sweep(loaded_plans: list, points: list[dict], workdir: Path, redis_ur
 
 def summary_table(results: list[PointResult], keys: list[str]) -> str:
     """The sweep's human summary: one row per point with its values, state and up to four test metrics."""
-    from runner.compare import render_table
+    from runner.run.compare import render_table
 
     names = sorted({m for r in results for m in r.test})
     names = (["spearman"] if "spearman" in names else []) + [m for m in names if m != "spearman"]

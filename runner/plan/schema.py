@@ -1,6 +1,6 @@
 """The published plan schema (`schemas/plan.schema.json`), generated from the pydantic models.
 
-`python -m runner.schema` rewrites the file; a test fails when the file is stale, so the two can
+`python -m runner.plan.schema` rewrites the file; a test fails when the file is stale, so the two can
 never disagree.
 """
 
@@ -10,10 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-from runner.plan_models import Plan
+from runner.plan.models import Plan
 
 SCHEMA_ID = "https://infra.dev/schemas/plan.schema.json"
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "plan.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "plan.schema.json"
 
 
 def plan_schema() -> dict:

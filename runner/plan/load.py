@@ -19,9 +19,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from runner.dbschema import check_database, connect_readonly
+from runner.data.db import check_database, connect_readonly
 from runner.errors import PlanError, PlanIssue, UsageError
-from runner.plan_models import (
+from runner.plan.models import (
     GPU_LIST_PATTERN,
     IDENTIFIER_PATTERN,
     NAME_PATTERN,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import UsageError
-from runner.experiments import Experiment, all_experiments, find
+from runner.run.records import Experiment, all_experiments, find
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""`python -m runner.localwrap EXIT_FILE CMD...`: the local backend's stand-in for a container.
+"""`python -m runner.run.local_wrapper EXIT_FILE CMD...`: the local backend's stand-in for a container.
 
 Runs CMD, forwards SIGTERM/SIGINT to it (so the core can checkpoint and exit gracefully), and
 writes CMD's exit code to EXIT_FILE atomically, so a detached run or one whose runner died is

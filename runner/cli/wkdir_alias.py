@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--clear", action="store_true", help="forget the stored workdir")
     args = parser.parse_args(argv)
 
-    from runner.workdir import clear_workdir, get_workdir, set_workdir
+    from runner.workdir.store import clear_workdir, get_workdir, set_workdir
 
     try:
         if args.get:

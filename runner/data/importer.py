@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.dbschema import SCHEMA_SQL
+from runner.data.db import SCHEMA_SQL
 from runner.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ WILD_TYPE_SPELLINGS = {"", "_wt", "wt", "WT", "wildtype", "wild_type"}
 MISSING_VALUES = {"", "nan", "NaN", "NAN", "NA", "N/A", "na", "null", "NULL", "None"}
 RESERVED_COLUMNS = {"id", "source_id", "mutant", "mut_num", "DMS_score", "DMS_score_bin"}
 
-DEMO_CSV = Path(__file__).resolve().parent / "data" / "blat_ecolx.csv"
+DEMO_CSV = Path(__file__).resolve().parent / "blat_ecolx.csv"
 DEMO_SOURCE = "BLAT_ECOLX_Stiffler_2015"
 DEMO_DESCRIPTION = (
     "TEM-1 beta-lactamase single mutants, ampicillin 2500 ug/mL (Stiffler et al. 2015, Cell); "

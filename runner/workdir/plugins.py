@@ -126,20 +126,21 @@ def _discover_local(workdir: Path) -> list[dict]:
 
 
 def _discover_docker(workdir: Path, client, on_log: Callable[[str], None]) -> Discovery:
-    from runner import engine, images
-    from runner.launch import decide_image, invoking_user
+    from runner import engine
+    from runner.images import builds
+    from runner.run.launch import decide_image, invoking_user
 
     client = client or engine.get_client()
     decision = decide_image(client, workdir, on_log)
     if decision.image_id is None:
-        images.build(client, decision.spec, on_log)
+        builds.build(client, decision.spec, on_log)
     tag = decision.spec.tag
     uid, gid = invoking_user()
     container = engine.run_container(
         client,
         tag,
         ["python", "-m", "runner.core.plugins", CONTAINER_WORKDIR],
-        labels={LABEL_PURPOSE: "plugin-discovery", images.LABEL_VERSION: __version__},
+        labels={LABEL_PURPOSE: "plugin-discovery", builds.LABEL_VERSION: __version__},
         user=f"{uid}:{gid}",
         environment={"HOME": "/tmp/home", "PYTHONUNBUFFERED": "1"},
         network_mode="none",

@@ -58,7 +58,7 @@ SOURCE_EXCLUDES = ("**/__pycache__", "**/*.pyc", "**/*.pyo", "**/.pytest_cache",
 PLUGIN_DOCKERFILE_TEXT = """\
 # infra plugin image: the base image plus a workdir's plugins, in thin layers on top.
 #
-# Build context (made by runner/images.py, or `python -m runner.images context WORKDIR DIR` for bake):
+# Build context (made by runner/images/builds.py, or `python -m runner.images.builds context WORKDIR DIR` for bake):
 #   Dockerfile  requirements.txt  wheels/  workdir/{model,embed,metrics,vocab}/
 # requirements.txt is the workdir's (empty when it has none); wheels/ holds wheels for installing it
 # offline (empty: install from the index). No RUN --mount: builds with BuildKit and the classic builder.
@@ -542,12 +542,12 @@ def ensure_plugin_image(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m runner.images context WORKDIR DIR`: write the plugin build context bake builds from."""
+    """`python -m runner.images.builds context WORKDIR DIR`: write the plugin build context bake builds from."""
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 3 or args[0] != "context":
-        print("usage: python -m runner.images context WORKDIR DIR", file=sys.stderr)
+        print("usage: python -m runner.images.builds context WORKDIR DIR", file=sys.stderr)
         return 2
     out = Path(args[2])
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Experiment records on disk: ids, the directory layout, `status.json` and `events.jsonl` (DESIGN §6).
 
-The record is the runner's memory of an experiment; `runner.lifecycle` reconciles it with the engine
+The record is the runner's memory of an experiment; `runner.run.reconcile` reconciles it with the engine
 every time it is read. `status.json` is only ever replaced atomically; `events.jsonl` is only ever
 appended whole lines (the training core appends its progress events to the same file).
 """

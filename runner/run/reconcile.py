@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from runner.errors import EnvironmentProblem
-from runner.experiments import ACTIVE, Experiment, now_iso
+from runner.run.records import ACTIVE, Experiment, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def container_for(client, record: dict):
 def save_container_log(exp: Experiment, container) -> None:
     """Replace logs/container.log with the engine's complete log of the container (atomic)."""
     from runner import engine
-    from runner.experiments import atomic_write_text
+    from runner.run.records import atomic_write_text
 
     atomic_write_text(exp.container_log, engine.container_output(container))
 
@@ -235,7 +235,7 @@ def parse_since(value: str) -> datetime:
 def list_experiments(workdir: Path, states: list[str] | None = None, since: str | None = None) -> list[dict]:
     """Reconciled records of the workdir's experiments, newest first; one engine client for all."""
     from runner.errors import UsageError
-    from runner.experiments import STATES, all_experiments
+    from runner.run.records import STATES, all_experiments
 
     for s in states or []:
         if s not in STATES:
