@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from runner.cli.output import emit_json, say
-from runner.cli.run import WORKDIR_OPT, _metrics, _workdir
+from runner.cli.run import WORKDIR_OPT, _workdir
 
 JSON_OPT = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 ID_ARG = Annotated[str, typer.Argument(help="Experiment id (from 'infra run' or 'infra ls').")]
@@ -35,7 +35,9 @@ def status_document(record: dict) -> dict:
     doc = {k: record.get(k) for k in STATUS_KEYS}
     doc["verified"] = record.get("verified", True)
     if record.get("state") == "succeeded":
-        doc.update(_metrics(Path(record["exp_dir"])))
+        from runner.run.records import metrics_summary
+
+        doc.update(metrics_summary(Path(record["exp_dir"])))
     return doc
 
 

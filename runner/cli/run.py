@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from runner.cli.output import emit_event, emit_json, say
+from runner.run.records import metrics_summary
 
 JSON_OPT = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout when done.")]
 WORKDIR_OPT = Annotated[
@@ -121,7 +122,7 @@ def run(
             (emit_event({"event": "result", **doc}) if events else emit_json(doc))
             raise typer.Exit(exc.exit_code) from None
         raise
-    doc = {**outcome.to_dict(), **_metrics(outcome.exp_dir)}
+    doc = {**outcome.to_dict(), **metrics_summary(outcome.exp_dir)}
     if events:
         emit_event({"event": "result", **doc})
     elif json_out:
@@ -145,19 +146,9 @@ def _say_event(event: dict) -> None:
         say(f"[{event['experiment_id']}] {event['state']}")
 
 
-def _metrics(exp_dir: Path) -> dict:
-    import json
-
-    try:
-        metrics = json.loads((exp_dir / "metrics" / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return {"test": metrics.get("test"), "val": metrics.get("val"), "n": metrics.get("n")}
-
-
 def _summary(record: dict, exp_dir: Path) -> dict:
     keys = ("experiment_id", "state", "attempt", "backend", "container_id", "image", "image_id", "exit_code", "message")
-    return {**{k: record.get(k) for k in keys}, "exp_dir": str(exp_dir), **_metrics(exp_dir)}
+    return {**{k: record.get(k) for k in keys}, "exp_dir": str(exp_dir), **metrics_summary(exp_dir)}
 
 
 def build(

@@ -7,13 +7,12 @@ workdir. An experiment without metrics (failed, still running) is listed with em
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from runner.errors import UsageError
-from runner.run.records import Experiment, all_experiments, find
+from runner.run.records import Experiment, RecordError, all_experiments, find, metrics_summary
 
 log = logging.getLogger(__name__)
 
@@ -21,32 +20,39 @@ LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae"})  # every other built-in metr
 SPLITS = ("test", "val")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
 def experiment_row(exp: Experiment) -> dict[str, Any]:
     """One experiment as a comparison row: id, name, state, model/embedding names, metrics, sizes, seconds."""
-    record = exp.read()
-    plan = _read_json(exp.root / "config" / "plan.json")
-    metrics = _read_json(exp.root / "metrics" / "metrics.json")
-    n = metrics.get("n") or {}
+    try:
+        record = exp.read()
+    except RecordError as exc:
+        record = {"state": "unreadable", "message": exc.message}
+    plan = exp.read_json("config/plan.json")
+    metrics = exp.read_json("metrics/metrics.json")
+    summary = metrics_summary(exp.root)
+    n = summary.get("n") or {}
     return {
         "experiment_id": exp.id,
-        "name": record.get("name") or plan.get("name"),
+        "name": record.get("name") or _component(plan, "name"),
         "state": record.get("state"),
-        "model": (plan.get("model") or {}).get("name"),
-        "embedding": (plan.get("embeddings") or {}).get("name"),
-        "test": metrics.get("test") or {},
-        "val": metrics.get("val") or {},
+        "model": _component(plan.get("model"), "name"),
+        "embedding": _component(plan.get("embeddings"), "name"),
+        "test": summary.get("test") or {},
+        "val": summary.get("val") or {},
         "n": {k: n[k] for k in ("train", "val", "test", "selected") if k in n},
-        "training_seconds": metrics.get("training_seconds"),
-        "epochs": metrics.get("epochs"),
+        "training_seconds": _number(metrics.get("training_seconds")),
+        "epochs": _number(metrics.get("epochs")),
         "exp_dir": str(exp.root),
     }
+
+
+def _component(doc, key: str) -> str | None:
+    """A short string from an untrusted JSON object, else None."""
+    value = doc.get(key) if isinstance(doc, dict) else None
+    return value[:64] if isinstance(value, str) else None
+
+
+def _number(value):
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def parse_metric(metric: str) -> tuple[str, str]:

@@ -1,29 +1,41 @@
 """Experiment records on disk: ids, the directory layout, `status.json` and `events.jsonl` (DESIGN §6).
 
-The record is the runner's memory of an experiment; `runner.run.reconcile` reconciles it with the engine
-every time it is read. `status.json` is only ever replaced atomically; `events.jsonl` is only ever
-appended whole lines (the training core appends its progress events to the same file).
+The record is the runner's memory of an experiment; `runner.run.reconcile` reconciles it with the
+engine every time it is read. The host's own files (`status.json`, `events.jsonl`, `container.log`)
+sit at the top of the experiment directory, which is never mounted into the container: training
+code can write only the output folders (`MOUNTED_DIRS`). They are still opened through
+`runner.safefs` (no links followed, sizes capped), and a record that does not parse is reported as
+unreadable, never trusted. `status.json` is only ever replaced atomically; `events.jsonl` is only
+ever appended whole lines.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from runner import __version__
-from runner.errors import UnknownExperiment
+from runner import __version__, safefs
+from runner.errors import InfraError, UnknownExperiment
+
+log = logging.getLogger(__name__)
 
 STATES = ("created", "building", "starting", "running", "succeeded", "failed", "cancelled", "lost")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "lost"})
 ACTIVE = frozenset({"building", "starting", "running"})
-LAYOUT_DIRS = ("config", "data", "splits", "embeddings", "logs", "metrics", "ckpts", "artifacts/visualization")
+# The folders the training writes, each bind-mounted at /exp/<name>; nothing else of the experiment
+# directory is visible in the container.
+MOUNTED_DIRS = ("config", "data", "splits", "embeddings", "logs", "metrics", "ckpts", "artifacts")
+STATUS_FILE = "status.json"
+EVENTS_FILE = "events.jsonl"
+CONTAINER_LOG = "container.log"
+RECORD_LIMIT = 1 << 20  # a status.json larger than this is not one infra wrote
 # Keys that do not change what an experiment computes; excluded from the derived id.
 ID_EXCLUDED_KEYS = ("experiment_id", "resources")
 
@@ -63,36 +75,36 @@ def experiments_root(workdir: Path) -> Path:
     return Path(workdir) / "experiments"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename, so readers see the old or the new file, never half of one.
-
-    The file gets the usual 0666 & ~umask mode (mkstemp alone would leave it 0600).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_json(path: Path, doc: Any) -> None:
-    atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
+    """Write a JSON document atomically in a folder the host controls (`path`'s parent is trusted)."""
+    path = Path(path)
+    safefs.write_atomic(path.parent, path.name, (json.dumps(doc, indent=2, default=str) + "\n").encode())
+
+
+class RecordError(InfraError):
+    """An experiment's `status.json` cannot be used: unreadable, not JSON, or not a record (exit 1)."""
+
+    exit_code = 1
+
+
+RECORD_TYPES = {"experiment_id": str, "state": str, "attempt": int, "backend": str}
+
+
+def check_record(doc: Any, where: Path) -> dict:
+    """The record if it has the shape infra writes (the keys every reader relies on), else RecordError."""
+    if not isinstance(doc, dict):
+        raise RecordError(f"{where}: not an infra record (a JSON object is expected)")
+    for key, kind in RECORD_TYPES.items():
+        if not isinstance(doc.get(key), kind) or isinstance(doc.get(key), bool):
+            raise RecordError(f"{where}: not an infra record ({key!r} missing or not a {kind.__name__})")
+    if doc["state"] not in STATES:
+        raise RecordError(f"{where}: unknown state {doc['state'][:40]!r}")
+    return doc
 
 
 @dataclass
 class Experiment:
-    """One experiment directory and its record."""
+    """One experiment directory and its record (the host-only files at its top)."""
 
     root: Path
 
@@ -102,34 +114,44 @@ class Experiment:
 
     @property
     def status_path(self) -> Path:
-        return self.root / "status.json"
+        return self.root / STATUS_FILE
 
     @property
     def events_path(self) -> Path:
-        return self.root / "events.jsonl"
+        return self.root / EVENTS_FILE
 
     @property
     def container_log(self) -> Path:
-        return self.root / "logs" / "container.log"
+        return self.root / CONTAINER_LOG
 
     @property
     def lock_path(self) -> Path:
         return self.root.parent / ".locks" / f"{self.id}.lock"
 
     def exists(self) -> bool:
-        return self.status_path.exists()
+        return os.path.lexists(self.status_path)
 
     def read(self) -> dict:
+        """The record; UnknownExperiment when there is none, RecordError when it cannot be used."""
         try:
-            return json.loads(self.status_path.read_text(encoding="utf-8"))
+            data = safefs.read_bytes(self.root, STATUS_FILE, limit=RECORD_LIMIT)
         except FileNotFoundError:
             raise UnknownExperiment(
                 f"no experiment {self.id!r} in {self.root.parent}; list them with 'infra ls'"
             ) from None
+        except (safefs.Tampered, safefs.TooLarge) as exc:
+            raise RecordError(exc.message) from None
+        except OSError as exc:
+            raise RecordError(f"{self.status_path}: cannot be read ({exc.strerror})") from None
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise RecordError(f"{self.status_path}: not valid JSON; the record is damaged") from None
+        return check_record(doc, self.status_path)
 
     def write(self, record: dict) -> dict:
         record["updated_at"] = now_iso()
-        atomic_write_json(self.status_path, record)
+        safefs.write_atomic(self.root, STATUS_FILE, (json.dumps(record, indent=2, default=str) + "\n").encode())
         return record
 
     def update(self, **fields) -> dict:
@@ -149,25 +171,49 @@ class Experiment:
     def event(self, kind: str, **fields) -> dict:
         """Append one event line (a single write call, so concurrent appenders never interleave)."""
         doc = {"ts": now_iso(), "event": kind, "experiment_id": self.id, **fields}
-        line = (json.dumps(doc, default=str) + "\n").encode()
-        self.events_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.events_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = safefs.open_append(self.root, EVENTS_FILE)
         try:
-            os.write(fd, line)
+            os.write(fd, (json.dumps(doc, default=str) + "\n").encode())
         finally:
             os.close(fd)
         return doc
 
-    def events(self) -> list[dict]:
+    def events(self, limit: int = 64 << 20) -> list[dict]:
+        """The host's events (lines that are not JSON objects are skipped)."""
         try:
-            lines = self.events_path.read_text(encoding="utf-8").splitlines()
+            data = safefs.read_bytes(self.root, EVENTS_FILE, limit=limit)
         except FileNotFoundError:
             return []
-        return [json.loads(line) for line in lines if line.strip()]
+        out = []
+        for line in data.decode("utf-8", errors="replace").splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict):
+                out.append(doc)
+        return out
+
+    def read_json(self, rel: str, limit: int = safefs.DEFAULT_READ_LIMIT) -> dict:
+        """A JSON object the training wrote (e.g. metrics/metrics.json); {} when missing or unusable.
+
+        Untrusted: read without following links, size-capped, and anything but an object is {}.
+        """
+        try:
+            doc = json.loads(safefs.read_bytes(self.root, rel, limit=limit).decode("utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, UnicodeDecodeError, InfraError) as exc:
+            log.warning("%s: ignored (%s)", self.root / rel, exc)
+            return {}
+        return doc if isinstance(doc, dict) else {}
 
     def make_layout(self) -> None:
-        for sub in LAYOUT_DIRS:
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        """The top folder and the folders the training writes (walked without following links)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for sub in MOUNTED_DIRS:
+            with safefs.open_dir(self.root, sub, create=True):
+                pass
 
 
 def new_record(exp: Experiment, *, name: str, backend: str, plan_sha: str, attempt: int, previous: dict | None) -> dict:
@@ -213,6 +259,20 @@ def all_experiments(workdir: Path) -> list[Experiment]:
     if not root.is_dir():
         return []
     return sorted(
-        (Experiment(p) for p in root.iterdir() if p.is_dir() and (p / "status.json").exists()),
+        (Experiment(p) for p in root.iterdir() if p.is_dir() and not p.is_symlink() and os.path.lexists(p / STATUS_FILE)),
         key=lambda e: e.id,
     )
+
+
+def metrics_summary(exp_dir: Path) -> dict:
+    """{"test", "val", "n"} of an experiment's metrics/metrics.json, each kept only when it is an object
+    of numbers (the file is the training's output: untrusted); {} when there is none."""
+    metrics = Experiment(Path(exp_dir)).read_json("metrics/metrics.json")
+    out = {}
+    for key in ("test", "val", "n"):
+        value = metrics.get(key)
+        if isinstance(value, dict):
+            out[key] = {
+                str(k)[:64]: v for k, v in value.items() if isinstance(v, int | float | None) and not isinstance(v, bool)
+            }
+    return out

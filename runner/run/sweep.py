@@ -179,10 +179,9 @@ def _from_record(result: PointResult, record: dict | None, code: int, message: s
 
 
 def _add_metrics(result: PointResult) -> None:
-    try:
-        metrics = json.loads((Path(result.exp_dir) / "metrics" / "metrics.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return
+    from runner.run.records import metrics_summary
+
+    metrics = metrics_summary(Path(result.exp_dir))
     result.test, result.val, result.n = metrics.get("test") or {}, metrics.get("val") or {}, metrics.get("n") or {}
 
 
