@@ -254,6 +254,10 @@ def container_args(
     gpus: None | str | int = None,
     working_dir: str | None = None,
     init: bool = True,
+    cap_drop: Sequence[str] | None = None,
+    security_opt: Sequence[str] | None = None,
+    pids_limit: int | None = None,
+    log_config: Mapping[str, Any] | None = None,
 ) -> dict:
     """The keyword arguments for `client.containers.create` (pure; no engine needed).
 
@@ -284,6 +288,10 @@ def container_args(
         "network_mode": network_mode,
         "working_dir": working_dir,
         "device_requests": device_requests(gpus),
+        "cap_drop": list(cap_drop) if cap_drop else None,
+        "security_opt": list(security_opt) if security_opt else None,
+        "pids_limit": pids_limit,
+        "log_config": dict(log_config) if log_config else None,
     }
     args.update({k: v for k, v in optional.items() if v is not None})
     return args

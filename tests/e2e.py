@@ -124,7 +124,7 @@ def wait_for_training(workdir: Path, epochs: int = 1, timeout: float = 300) -> P
 
 def epoch_events(exp_dir: Path) -> int:
     try:
-        lines = (exp_dir / "events.jsonl").read_text().splitlines()
+        lines = (exp_dir / "logs" / "events.jsonl").read_text().splitlines()
     except FileNotFoundError:
         return 0
     return sum(1 for line in lines if json.loads(line).get("event") == "epoch")

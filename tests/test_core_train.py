@@ -26,7 +26,7 @@ LAYOUT = [
     "metrics/metrics.jsonl", "metrics/metrics.json", "ckpts/last.ckpt", "ckpts/best.ckpt",
     "artifacts/model.pth", "artifacts/labels.npz", "artifacts/predictions.parquet",
     "artifacts/visualization/learning_curves.png", "artifacts/visualization/predicted_vs_measured.png",
-    "artifacts/visualization/per_mut_num.png", "events.jsonl",
+    "artifacts/visualization/per_mut_num.png", "logs/events.jsonl",
 ]
 
 
@@ -65,7 +65,7 @@ def test_smoke_layout_and_resume(tmp_path, blat_db, capsys):
     epochs = [json.loads(line) for line in (exp / "metrics/metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [0, 1]
     assert all("train_loss" in e and "val_loss" in e and "spearman" in e["val"] for e in epochs)
-    events = [json.loads(line) for line in (exp / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (exp / "logs" / "events.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in events if e["event"] == "epoch"] == [0, 1]
 
     preds = pd.read_parquet(exp / "artifacts/predictions.parquet")
@@ -84,7 +84,7 @@ def test_smoke_layout_and_resume(tmp_path, blat_db, capsys):
     assert main([str(plan2), "--exp-dir", str(exp)]) == 0
     epochs = [json.loads(line) for line in (exp / "metrics/metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
-    assert any(e.get("phase") == "resume" for e in map(json.loads, (exp / "events.jsonl").read_text().splitlines()))
+    assert any(e.get("phase") == "resume" for e in map(json.loads, (exp / "logs" / "events.jsonl").read_text().splitlines()))
     # config/plan.json is written only once (the host's copy is authoritative)
     assert json.loads((exp / "config/plan.json").read_text())["train"]["max_epochs"] == 2
 
@@ -138,7 +138,7 @@ def test_sigterm_stops_gracefully(tmp_path, blat_db):
     proc = subprocess.Popen([sys.executable, "-m", "runner.core", str(plan), "--exp-dir", str(exp)], env=env,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    events = exp / "events.jsonl"
+    events = exp / "logs" / "events.jsonl"
     while time.monotonic() < deadline:
         if events.exists() and '"phase": "train"' in events.read_text():
             break

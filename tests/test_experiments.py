@@ -162,25 +162,26 @@ def test_status_json_is_valid_json_after_many_updates(tmp_path):
     assert json.loads(exp.status_path.read_text())["message"] == "m49"
 
 
-def test_follow_file_streams_from_offset_until_exit_file(tmp_path):
+def test_follow_local_streams_from_offset_until_done(tmp_path):
     import time
 
-    from runner.run.reconcile import follow_file
+    from runner.run.logs import follow_local
 
-    log, exit_file = tmp_path / "container.log", tmp_path / ".exit_code"
-    log.write_bytes(b"old line\n")
-    offset = log.stat().st_size
+    exp = make_exp(tmp_path)
+    exp.container_log.write_bytes(b"old line\n")
+    offset = exp.container_log.stat().st_size
     seen: list[str] = []
+    finished = threading.Event()
 
     def writer():
         for i in range(3):
-            with open(log, "ab") as fh:
+            with open(exp.container_log, "ab") as fh:
                 fh.write(f"epoch {i}\n".encode())
             time.sleep(0.05)
-        exit_file.write_text("0\n")
+        finished.set()
 
     thread = threading.Thread(target=writer)
     thread.start()
-    follow_file(log, exit_file, seen.append, offset=offset)
+    follow_local(exp, finished.is_set, seen.append, offset=offset)
     thread.join()
     assert seen == ["epoch 0", "epoch 1", "epoch 2"]

@@ -9,13 +9,13 @@ import pytest
 
 from runner.errors import EnvironmentProblem
 from runner.plan.load import load_plan
-from runner.run import launch
+from runner.run import backends, launch
 
 
 def test_local_backend_without_core_is_environment_error(tmp_path, mini_db, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        launch.importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+        backends.importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
     )
     loaded = load_plan("p", text=json.dumps({"name": "x", "data": {"db": str(mini_db)}, "model": {"name": "linear"}}))
     with pytest.raises(EnvironmentProblem) as info:

@@ -25,7 +25,7 @@ LAYOUT = [
     "config/query.json",
     "config/environment.json",
     "data/selected.parquet",
-    "logs/container.log",
+    "container.log",
     "logs/train.log",
     "metrics/metrics.jsonl",
     "metrics/metrics.json",
@@ -87,7 +87,7 @@ def test_failing_plugin_exit_1_with_traceback(base_image, workdir, run_user):
     assert result.returncode == 1, result.stderr[-2000:]
     doc = json.loads(result.stdout)
     assert doc["state"] == "failed" and doc["exit_code"] == 1
-    log = (Path(doc["exp_dir"]) / "logs" / "container.log").read_text()
+    log = (Path(doc["exp_dir"]) / "container.log").read_text()
     assert "Traceback" in log and "plugin exploded on purpose" in log and "exploding.py" in log
 
 
@@ -130,7 +130,7 @@ def test_docker_kill_leaves_failed_with_logs(base_image, workdir, run_user, dock
 
     status = wait_for(final_status, 60, "a final state")
     assert status["state"] == "failed" and status["exit_code"] == 137
-    assert "epoch" in (exp_dir / "logs" / "container.log").read_text().lower()
+    assert "epoch" in (exp_dir / "container.log").read_text().lower()
 
 
 def test_ctrl_c_leaves_cancelled_with_checkpoint(base_image, workdir, run_user):

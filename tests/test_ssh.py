@@ -138,4 +138,4 @@ def test_sigkill_of_foreground_runner_status_tells_truth(base_image, workdir, ru
         "a final state",
     )
     assert final["state"] == "succeeded"
-    assert "epoch" in (exp_dir / "logs" / "container.log").read_text().lower()
+    assert "epoch" in (exp_dir / "container.log").read_text().lower()

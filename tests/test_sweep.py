@@ -163,7 +163,7 @@ def test_sweep_runs_each_point_reports_worst_exit_and_compares(demo_workdir):
     assert ok["test"]["spearman"] > 0.2 and ok["n"]["selected"] == 600
     assert (bad["state"], bad["exit_code"]) == ("failed", 1)
     assert bad["experiment_id"] != ok["experiment_id"]
-    assert "boom on purpose" in (Path(bad["exp_dir"]) / "logs" / "container.log").read_text()
+    assert "boom on purpose" in (Path(bad["exp_dir"]) / "container.log").read_text()
 
     again = infra(*args, "--sweep", "train.lr=0.001", workdir=demo_workdir)  # idempotent, human output
     assert again.returncode == 1

@@ -101,7 +101,7 @@ def _check_step(step: dict, result, names: dict) -> None:
         value = _get(doc, path)
         assert isinstance(value, int | float) and value >= bound, f"{path} = {value!r} < {bound}"
     for text in step.get("log_contains", []):
-        log = (Path(doc["exp_dir"]) / "logs" / "container.log").read_text()
+        log = (Path(doc["exp_dir"]) / "container.log").read_text()
         assert text in log, f"{text!r} not in container.log:\n{log[-2000:]}"
     for name, path in step.get("save", {}).items():
         names[name] = _get(doc, path)

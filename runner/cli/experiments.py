@@ -73,7 +73,7 @@ def logs(
 
     Example: infra logs blat-linear-3f2a9c01de --follow
     """
-    from runner.run.reconcile import follow_logs
+    from runner.run.logs import follow_logs
     from runner.run.records import find
 
     exp = find(_workdir(workdir), experiment_id)

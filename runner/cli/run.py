@@ -1,5 +1,6 @@
 """`infra run` and `infra build`."""
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -66,6 +67,14 @@ def run(
         str | None, typer.Option("--redis", envvar="INFRA_REDIS_URL", help="Redis URL for --submit.")
     ] = None,
     queue: Annotated[str, typer.Option("--queue", help="Queue for --submit.")] = "infra",
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print what would run (experiment id, image, the container's user, mounts, capabilities, "
+            "limits, labels, command) and stop: nothing is built, written or started.",
+        ),
+    ] = False,
 ) -> None:
     """Validate the plan, build or reuse the plugin image, and run the experiment.
 
@@ -79,12 +88,15 @@ def run(
 
     Example: infra run plan.json --gpus all --set train.lr=0.0005
     Example: infra run plan.json --sweep train.lr=1e-3,1e-4 --sweep model.params.hidden=64,128
+    Example: infra run plan.json --dry-run --json
     """
     from runner.errors import ExperimentFailed, Interrupted, UsageError
     from runner.plan.load import load_plan
     from runner.run.launch import RunOptions
     from runner.run.launch import run as run_experiment
 
+    if sweeps and dry_run:
+        raise UsageError("--dry-run does not go with --sweep; dry-run one point with --set")
     if sweeps:
         from runner.cli.sweep import run_sweep_command
 
@@ -98,6 +110,12 @@ def run(
         raise UsageError("--submit goes with --sweep; to queue one plan use 'infra submit PLAN --redis URL'")
     wd = _workdir(workdir)
     loaded = load_plan(plan, overrides or [], workdir=wd)
+    if dry_run:
+        from runner.run.launch import dry_run as describe_run
+
+        doc = describe_run(loaded, wd, RunOptions(backend=backend, gpus=gpus))
+        emit_json(doc) if json_out else typer.echo(json.dumps(doc, indent=2))
+        return
     quiet = json_out or events
     opts = RunOptions(
         backend=backend,

@@ -1,9 +1,10 @@
 """One training run from a resolved plan to the complete experiment directory (DESIGN §6).
 
 `run_experiment` is what `infra-train` calls: plugins → variants → split → Lightning training →
-predictions, metrics, artifacts and plots. Every file is written atomically (temp + rename);
-`events.jsonl` only ever receives whole lines in one `write` call, because the host appends its
-own state events to the same file.
+predictions, metrics, artifacts and plots. Every file is written atomically (`runner.safefs`: temp +
+rename, no links followed); `logs/events.jsonl` only ever receives whole lines in one `write` call.
+The host's records (status.json, events.jsonl, container.log at the top of the experiment) are not
+visible here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import logging
 import os
 import platform
 import socket
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,8 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from runner import safefs
+
 log = logging.getLogger(__name__)
 
+# The training's own events (progress, epochs); the host's state events are in <exp>/events.jsonl,
+# which the container cannot see.
+EVENTS_FILE = "logs/events.jsonl"
 LAYOUT_DIRS = ("config", "data", "splits", "logs", "metrics", "ckpts", "artifacts/visualization")
 CORE_VERSION = "0.1.0"
 
@@ -50,20 +55,10 @@ class Layout:
         return self.root / rel
 
     def write_bytes(self, rel: str | Path, data: bytes) -> Path:
-        path = self.path(rel)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        rel = Path(rel)
+        rel = rel.relative_to(self.root) if rel.is_absolute() else rel
+        safefs.write_atomic(self.root, rel, data)
+        return self.path(rel)
 
     def write_json(self, rel: str | Path, doc: Any) -> Path:
         return self.write_bytes(rel, (json.dumps(doc, indent=2, default=_json_default) + "\n").encode())
@@ -78,7 +73,7 @@ class Layout:
 
     def event(self, kind: str, **fields: Any) -> None:
         ts = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        self.append_line("events.jsonl", {"ts": ts, "event": kind, "experiment_id": self.experiment_id, **fields})
+        self.append_line(EVENTS_FILE, {"ts": ts, "event": kind, "experiment_id": self.experiment_id, **fields})
 
 
 def _json_default(obj: Any):

@@ -11,20 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from runner.errors import EnvironmentProblem
 from runner.run.records import ACTIVE, Experiment, now_iso
 
 log = logging.getLogger(__name__)
 
-LABEL_EXPERIMENT = "infra.experiment_id"
-LABEL_ATTEMPT = "infra.attempt"
-LABEL_PLAN = "infra.plan_sha256"
-LABEL_VERSION = "infra.version"
-EXIT_FILE = ".exit_code"  # written by the local backend's wrapper when the core process ends
 CANCEL_EXIT_CODES = (130, 143)  # the core exits 143 after a graceful SIGTERM stop
 
 
@@ -36,118 +29,31 @@ def final_state(exit_code: int | None, stop_requested: bool) -> str:
     return "failed"
 
 
-class EngineHandle:
-    """A Docker client made on first use, so reading local-backend records never needs Docker."""
-
-    def __init__(self, client=None):
-        self._client = client
-        self.error: EnvironmentProblem | None = None
-
-    def get(self):
-        if self._client is None and self.error is None:
-            from runner import engine
-
-            try:
-                self._client = engine.get_client()
-            except EnvironmentProblem as exc:
-                self.error = exc
-        return self._client
-
-
-def container_for(client, record: dict):
-    from runner import engine
-
-    found = engine.find_containers(
-        client, {LABEL_EXPERIMENT: record["experiment_id"], LABEL_ATTEMPT: str(record.get("attempt"))}
-    )
-    return found[0] if found else None
-
-
-def save_container_log(exp: Experiment, container) -> None:
-    """Replace logs/container.log with the engine's complete log of the container (atomic)."""
-    from runner import engine
-    from runner.run.records import atomic_write_text
-
-    atomic_write_text(exp.container_log, engine.container_output(container))
-
-
-def finalize(exp: Experiment, record: dict, exit_code: int | None, container=None, message: str | None = None) -> dict:
-    """Record the final state of an attempt; save the log and remove the container when given one."""
+def finalize(exp: Experiment, record: dict, exit_code: int | None, message: str | None = None) -> dict:
+    """Record the final state of an attempt (the backend saves the log and removes its container)."""
     state = final_state(exit_code, bool(record.get("stop_requested")))
-    if container is not None and not record.get("log_complete"):
-        try:
-            save_container_log(exp, container)
-        except Exception as exc:  # the record must still be finalised; say why the log is partial
-            log.warning("could not save the log of %s: %s", exp.id, exc)
     if message is None and state == "failed":
         message = f"training exited with code {exit_code}; see {exp.container_log}"
-    # Record first, remove second: a concurrent reader then sees either the final record or a
-    # container that still exists, never an active record without its container (which reads as lost).
-    record = exp.update(state=state, exit_code=exit_code, finished_at=now_iso(), log_complete=True, message=message)
-    if container is not None:
-        from runner import engine
-
-        engine.remove_container(container)
-    return record
+    return exp.update(state=state, exit_code=exit_code, finished_at=now_iso(), log_complete=True, message=message)
 
 
-def reconcile(exp: Experiment, engine_handle: EngineHandle | None = None) -> dict:
-    """The record, made true: active records are checked against the engine or the process."""
+def reconcile(exp: Experiment, backend=None) -> dict:
+    """The record, made true: an active record is checked against its backend (engine or process).
+
+    `backend` is reused when it is the record's kind (one engine client for many records).
+    """
     record = exp.read()
     if record.get("state") not in ACTIVE:
         return record
-    if record.get("backend") == "local":
-        return _reconcile_local(exp, record)
-    if record.get("state") != "running" and not record.get("container_id"):
-        # building/starting in a live runner: trust it while that runner is alive
-        if _pid_alive(record.get("runner_pid")):
-            return record
-        return exp.update(
-            state="lost", finished_at=now_iso(), message="the runner stopped before the container started"
-        )
-    handle = engine_handle or EngineHandle()
-    client = handle.get()
-    if client is None:
-        record["verified"] = False
-        record["message"] = f"state not verified: {handle.error}"
-        return record
-    from runner import engine
+    if backend is None or backend.name != record.get("backend"):
+        from runner.run.backends import backend_for
+        from runner.settings import node_settings
 
-    container = container_for(client, record)
-    if container is None:
-        return exp.update(
-            state="lost",
-            finished_at=now_iso(),
-            message="the container is gone from the engine (removed or the engine was reset)",
-        )
-    state = engine.container_state(container)
-    if state["status"] == "removed":  # finalised by another reader just now
-        record = exp.read()
-        if record.get("state") in ACTIVE:
-            return exp.update(state="lost", finished_at=now_iso(), message="the container was removed while running")
-        return record
-    if state["status"] in ("created", "running", "restarting", "paused"):
-        if record.get("state") != "running":
-            record = exp.update(state="running")
-        return record
-    return finalize(exp, record, state["exit_code"], container)
+        backend = backend_for(record.get("backend"), node_settings())
+    return backend.reconcile(exp, record)
 
 
-def _reconcile_local(exp: Experiment, record: dict) -> dict:
-    pid = record.get("pid")
-    if _pid_alive(pid) and _is_our_process(pid, exp.id):
-        return record
-    exit_file = exp.root / EXIT_FILE
-    try:
-        code = int(exit_file.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return exp.update(
-            state="lost", finished_at=now_iso(), message="the training process is gone and left no exit code"
-        )
-    return finalize(exp, record, code)
-
-
-def _pid_alive(pid) -> bool:
+def pid_alive(pid) -> bool:
     if not pid:
         return False
     try:
@@ -164,58 +70,13 @@ def _pid_alive(pid) -> bool:
         return True
 
 
-def _is_our_process(pid, experiment_id: str) -> bool:
+def is_our_process(pid, experiment_id: str) -> bool:
     """Guard against pid reuse: the process's command line names the experiment directory."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return True
     return experiment_id in cmdline
-
-
-def follow_logs(exp: Experiment, on_line, follow: bool = False, tail: int | None = None) -> None:
-    """Print the training output: live from the engine while a container runs, else from the log file."""
-    record = reconcile(exp)
-    if record.get("backend") == "docker" and record.get("state") == "running":
-        handle = EngineHandle()
-        client = handle.get()
-        container = container_for(client, record) if client is not None else None
-        if container is not None:
-            from runner import engine
-
-            for line in engine.container_output(container, tail=tail).splitlines():
-                on_line(line)
-            if follow:
-                engine.stream_logs(container, on_line, follow=True, since=int(time.time()))
-            return
-    try:
-        data = exp.container_log.read_bytes()
-    except FileNotFoundError:
-        data = b""
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    for line in lines[-tail:] if tail else lines:
-        on_line(line)
-    if follow and record.get("backend") == "local" and record.get("state") == "running":
-        follow_file(exp.container_log, exp.root / EXIT_FILE, on_line, offset=len(data))
-
-
-def follow_file(path: Path, exit_file: Path, on_line, offset: int = 0, on_idle=None) -> None:
-    """Pass each line of a growing log file from byte `offset` to `on_line` until `exit_file` appears
-    (the local backend's wrapper writes it when the training ends); `on_idle` runs between polls."""
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        while True:
-            line = fh.readline()
-            if line:
-                on_line(line.decode("utf-8", errors="replace").rstrip("\n"))
-            elif exit_file.exists():
-                for rest in fh:
-                    on_line(rest.decode("utf-8", errors="replace").rstrip("\n"))
-                return
-            else:
-                if on_idle is not None:
-                    on_idle()
-                time.sleep(0.1)
 
 
 def parse_since(value: str) -> datetime:
@@ -233,21 +94,42 @@ def parse_since(value: str) -> datetime:
 
 
 def list_experiments(workdir: Path, states: list[str] | None = None, since: str | None = None) -> list[dict]:
-    """Reconciled records of the workdir's experiments, newest first; one engine client for all."""
+    """Reconciled records of the workdir's experiments, newest first; one engine client for all.
+
+    A record that cannot be read is listed with state "unreadable" and the reason, never skipped
+    silently and never a reason for the whole listing to fail.
+    """
     from runner.errors import UsageError
-    from runner.run.records import STATES, all_experiments
+    from runner.run.backends import backend_for
+    from runner.run.records import STATES, RecordError, all_experiments
+    from runner.settings import node_settings
 
     for s in states or []:
-        if s not in STATES:
-            raise UsageError(f"--state {s!r}: use one of {', '.join(STATES)}")
+        if s not in (*STATES, "unreadable"):
+            raise UsageError(f"--state {s!r}: use one of {', '.join(STATES)}, unreadable")
     cutoff = parse_since(since) if since else None
-    handle = EngineHandle()
+    settings = node_settings()
+    backends: dict[str, object] = {}
     rows = []
     for exp in all_experiments(workdir):
-        record = reconcile(exp, handle)
+        try:
+            record = exp.read()
+            if record.get("state") in ACTIVE:
+                name = record["backend"]
+                backend = backends.get(name) or backends.setdefault(name, backend_for(name, settings))
+                record = reconcile(exp, backend)
+        except RecordError as exc:
+            record = {"experiment_id": exp.id, "state": "unreadable", "message": exc.message, "exp_dir": str(exp.root)}
         if states and record.get("state") not in states:
             continue
-        if cutoff and datetime.fromisoformat(record["created_at"].replace("Z", "+00:00")) < cutoff:
+        if cutoff and _created(record) < cutoff:
             continue
         rows.append(record)
-    return sorted(rows, key=lambda r: r.get("created_at") or "", reverse=True)
+    return sorted(rows, key=lambda r: str(r.get("created_at") or ""), reverse=True)
+
+
+def _created(record: dict) -> datetime:
+    try:
+        return datetime.fromisoformat(str(record.get("created_at")).replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)

@@ -128,14 +128,17 @@ def _discover_local(workdir: Path) -> list[dict]:
 def _discover_docker(workdir: Path, client, on_log: Callable[[str], None]) -> Discovery:
     from runner import engine
     from runner.images import builds
-    from runner.run.launch import decide_image, invoking_user
+    from runner.run.launch import decide_image
+    from runner.run.spec import training_user
+    from runner.settings import node_settings
 
+    settings = node_settings()
     client = client or engine.get_client()
-    decision = decide_image(client, workdir, on_log)
+    decision = decide_image(client, workdir, settings, on_log)
     if decision.image_id is None:
         builds.build(client, decision.spec, on_log)
     tag = decision.spec.tag
-    uid, gid = invoking_user()
+    uid, gid = training_user(settings)
     container = engine.run_container(
         client,
         tag,

@@ -6,12 +6,11 @@ Precedence, read at call time: the `INFRA_WORKDIR` environment variable, then th
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
-from runner.errors import UsageError, WorkdirError
+from runner.errors import WorkdirError
+from runner.settings import config_file, read_config, write_config
 
 ENV_VAR = "INFRA_WORKDIR"
 HOW_TO_SET = (
@@ -19,45 +18,8 @@ HOW_TO_SET = (
 )
 
 
-def config_dir() -> Path:
-    from platformdirs import user_config_dir
-
-    return Path(user_config_dir("infra", appauthor=False))
-
-
-def config_file() -> Path:
-    return config_dir() / "config.json"
-
-
-def _read_config() -> dict:
-    path = config_file()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"config file {path} is unreadable ({exc}); fix or delete it") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"config file {path} must hold a JSON object; fix or delete it")
-    return data
-
-
-def _write_config(data: dict) -> None:
-    path = config_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def stored_workdir() -> Path | None:
-    value = _read_config().get("workdir")
+    value = read_config().get("workdir")
     return Path(value) if value else None
 
 
@@ -84,16 +46,16 @@ def set_workdir(path: str | Path) -> Path:
         raise WorkdirError(
             f"workdir {target} is not an existing directory; create it first (or use 'infra init {path}')"
         )
-    data = _read_config()
+    data = read_config()
     data["workdir"] = str(target)
-    _write_config(data)
+    write_config(data)
     return target
 
 
 def clear_workdir() -> bool:
     """Forget the stored workdir; True when one was stored."""
-    data = _read_config()
+    data = read_config()
     had = data.pop("workdir", None) is not None
     if had:
-        _write_config(data)
+        write_config(data)
     return had
