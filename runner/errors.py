@@ -25,9 +25,17 @@ class InfraError(Exception):
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+        self.document: dict = {}  # context a command attaches for its --json error document
 
     def __str__(self) -> str:
         return self.message
+
+    def to_json(self) -> dict:
+        """The one JSON document a `--json` command prints for this error."""
+        error = {"type": type(self).__name__, "message": self.message, "exit_code": self.exit_code}
+        if getattr(self, "log_tail", ""):
+            error["log_tail"] = self.log_tail
+        return {**self.document, "error": error}
 
 
 class UsageError(InfraError):
@@ -57,6 +65,12 @@ class PlanError(InfraError):
         first = str(self.issues[0]) if self.issues else "invalid plan"
         more = f" (and {len(self.issues) - 1} more)" if len(self.issues) > 1 else ""
         super().__init__(f"{source}: {first}{more}")
+
+    def to_json(self) -> dict:
+        errors = [i.to_dict() for i in self.issues]
+        doc = super().to_json()
+        doc["error"]["errors"] = errors
+        return {"valid": False, "source": self.source, "errors": errors, **doc}
 
 
 class WorkdirError(UsageError):

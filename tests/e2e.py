@@ -96,8 +96,14 @@ def infra_as(run_user, *args, workdir: Path, background=False, timeout=900):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=workdir)
 
 
-def labelled_containers(client) -> list:
-    return client.containers.list(all=True, filters={"label": "infra.experiment_id"})
+def labelled_containers(client, workdir: Path | None = None) -> list:
+    """infra's containers; with `workdir` only that workdir's (other tests may share the engine)."""
+    label = "infra.experiment_id"
+    if workdir is not None:
+        from runner.run.spec import LABEL_WORKDIR, workdir_identity
+
+        label = f"{LABEL_WORKDIR}={workdir_identity(workdir)}"
+    return client.containers.list(all=True, filters={"label": label})
 
 
 def wait_for(predicate, timeout: float, what: str):

@@ -60,18 +60,26 @@ def test_validate_json_good_and_bad(tmp_path, mini_db):
     assert doc["plan"]["train"]["lr"] == 0.001
     bad = infra("validate", str(plan_file(tmp_path, mini_db, train={"lr": 0})), "--json")
     assert bad.returncode == 2
+    errors = [{"path": "train.lr", "message": "must be > 0"}]
     assert json.loads(bad.stdout) == {
         "valid": False,
         "source": str(tmp_path / "plan.json"),
-        "errors": [{"path": "train.lr", "message": "must be > 0"}],
+        "errors": errors,
+        "error": {
+            "type": "PlanError",
+            "message": f"{tmp_path / 'plan.json'}: train.lr: must be > 0",
+            "exit_code": 2,
+            "errors": errors,
+        },
     }
+    assert bad.stdout.count("\n") == 1  # exactly one document
 
 
 def test_validate_stdin_and_set(tmp_path, mini_db):
     doc = {"name": "demo", "data": {"db": str(mini_db)}, "model": {"name": "linear"}}
     result = infra("validate", "-", "--set", "train.lr=-1", "--set", "model.name=cnn", input=json.dumps(doc))
     assert result.returncode == 2
-    assert result.stderr.strip() == "<stdin>: train.lr: must be > 0"
+    assert result.stderr.strip() == "infra: error: <stdin>: train.lr: must be > 0"
 
 
 def test_validate_missing_file_exit_2():
@@ -86,6 +94,22 @@ def test_validate_missing_file_exit_2():
 def test_unknown_command_and_option_exit_2():
     assert infra("frobnicate").returncode == 2
     assert infra("validate", "--nope").returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["validate", "--json", "--nope"], "infra validate: No such option: --nope (see 'infra validate --help')"),
+        (["status", "--json"], "infra status: Missing argument 'experiment_id'. (see 'infra status --help')"),
+        (["ls", "--json", "--state"], "infra ls: Option '--state' requires an argument. (see 'infra ls --help')"),
+    ],
+)
+def test_usage_errors_with_json_print_one_error_document(args, message):
+    result = infra(*args)
+    assert result.returncode == 2
+    assert json.loads(result.stdout) == {"error": {"type": "UsageError", "message": message, "exit_code": 2}}
+    assert result.stdout.count("\n") == 1
+    assert result.stderr.strip() == f"infra: error: {message}"
 
 
 def test_version():

@@ -62,7 +62,7 @@ def test_demo_plan_trains_in_container(base_image, workdir, run_user, docker_cli
     assert sha256(db) == before
     env = json.loads((exp_dir / "config" / "environment.json").read_text())
     assert json.dumps(env)  # written by the core inside the container
-    assert labelled_containers(docker_client) == []  # finished containers are removed, logs kept
+    assert labelled_containers(docker_client, workdir) == []  # finished containers are removed, logs kept
 
     again = infra_as(run_user, "run", "plans/demo.json", "--json", workdir=workdir)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -96,11 +96,11 @@ def test_gpus_without_runtime_exit_3_and_nothing_left(base_image, workdir, run_u
 
     if engine.gpu_runtime_available(docker_client):
         pytest.skip("this engine has a GPU runtime")
-    before = {c.id for c in labelled_containers(docker_client)}
+    before = {c.id for c in labelled_containers(docker_client, workdir)}
     result = infra_as(run_user, "run", "plans/demo.json", "--gpus", "all", workdir=workdir)
     assert result.returncode == 3
     assert "NVIDIA Container Toolkit" in result.stderr
-    assert {c.id for c in labelled_containers(docker_client)} == before
+    assert {c.id for c in labelled_containers(docker_client, workdir)} == before
     assert not (workdir / "experiments").exists() or not any((workdir / "experiments").glob("*/status.json"))
 
 

@@ -94,29 +94,24 @@ def _click_module():
     return importlib.import_module(base.__module__.rsplit(".", 1)[0])
 
 
-def _wants_json(argv: list[str]) -> bool:
-    return "--json" in argv
-
-
-def _report(exc: Exception, argv: list[str]) -> int:
-    from runner.cli.output import emit_json, say
+def report(exc: Exception, argv: list[str], prog: str = "infra") -> int:
+    """The one error boundary's output: one line per problem on stderr, and with `--json` exactly one
+    JSON error document on stdout (with `--events`, a final `result` event); returns the exit code."""
+    from runner.cli.output import emit_event, emit_json, say
     from runner.errors import InfraError, PlanError
 
     assert isinstance(exc, InfraError)
-    if _wants_json(argv):
-        doc = {"error": {"type": type(exc).__name__, "message": exc.message, "exit_code": exc.exit_code}}
-        if isinstance(exc, PlanError):
-            doc["error"]["errors"] = [i.to_dict() for i in exc.issues]
-        if getattr(exc, "log_tail", ""):
-            doc["error"]["log_tail"] = exc.log_tail
-        emit_json(doc)
+    if "--events" in argv:
+        emit_event({"event": "result", **exc.to_json()})
+    elif "--json" in argv:
+        emit_json(exc.to_json())
     if isinstance(exc, PlanError):
         for issue in exc.issues:
-            say(f"infra: error: {exc.source}: {issue}")
+            say(f"{prog}: error: {exc.source}: {issue}")
     else:
-        say(f"infra: error: {exc.message}")
+        say(f"{prog}: error: {exc.message}")
     tail = getattr(exc, "log_tail", "")
-    if tail and not _wants_json(argv):
+    if tail and "--json" not in argv and "--events" not in argv:
         say(tail.rstrip())
     return exc.exit_code
 
@@ -134,10 +129,16 @@ def main(argv: list[str] | None = None) -> None:
             import traceback
 
             traceback.print_exc()
-        code = _report(exc, args)
+        code = report(exc, args)
     except click.exceptions.UsageError as exc:
-        exc.show()
-        code = EXIT_USAGE
+        if "--json" in args or "--events" in args:
+            from runner.errors import UsageError
+
+            where = exc.ctx.command_path if exc.ctx is not None else "infra"
+            code = report(UsageError(f"{where}: {exc.format_message()} (see '{where} --help')"), args)
+        else:
+            exc.show()
+            code = EXIT_USAGE
     except (typer.Abort, KeyboardInterrupt):
         print("infra: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED

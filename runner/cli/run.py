@@ -134,11 +134,8 @@ def run(
         outcome = run_experiment(loaded, wd, opts)
     except (ExperimentFailed, Interrupted) as exc:
         record = getattr(exc, "record", None)
-        if record is not None and quiet:
-            doc = _summary(record, Path(record["exp_dir"]))
-            doc["error"] = exc.message
-            (emit_event({"event": "result", **doc}) if events else emit_json(doc))
-            raise typer.Exit(exc.exit_code) from None
+        if record is not None:
+            exc.document = _summary(record, Path(record["exp_dir"]))
         raise
     doc = {**outcome.to_dict(), **metrics_summary(outcome.exp_dir)}
     if events:

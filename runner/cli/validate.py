@@ -24,18 +24,10 @@ def validate(
 
     Example: infra validate plan.json --set train.lr=0.01
     """
-    from runner.errors import PlanError
     from runner.plan.load import load_plan
     from runner.workdir.store import get_workdir
 
-    try:
-        loaded = load_plan(plan, overrides or [], workdir=get_workdir(required=False))
-    except PlanError as exc:
-        if json_out:
-            emit_json({"valid": False, "source": exc.source, "errors": [i.to_dict() for i in exc.issues]})
-        for issue in exc.issues:
-            say(f"{exc.source}: {issue}")
-        raise typer.Exit(2) from None
+    loaded = load_plan(plan, overrides or [], workdir=get_workdir(required=False))
     if json_out:
         emit_json({"valid": True, "source": loaded.source, "errors": [], "plan": loaded.resolved})
     say(f"{loaded.source}: valid (name {loaded.plan.name}, model {loaded.plan.model.name}, db {loaded.plan.data.db})")

@@ -12,6 +12,7 @@ interface; `backend_for(name)` is the one place a backend name is looked at.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
 import os
@@ -165,7 +166,20 @@ class DockerBackend:
         container = self.container(exp, record)
         if container is None:
             return self.reconcile(exp, record)
-        capture_container(exp, container, on_log)
+        try:
+            capture_container(exp, container, on_log)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            # The training fails on the same full disk; wait for it so the record ends truthfully,
+            # and give back the log's last MiB so the final record itself can be written.
+            code = engine.wait(container)
+            _shorten_log(exp, 1 << 20)
+            self.finish(exp, exp.update(log_complete=True), code, container, message=f"disk full: {exc}")
+            raise EnvironmentProblem(
+                f"the disk under {exp.root} is full ({exc.strerror}); the experiment was recorded failed: "
+                "free space and run it again (it resumes from its last checkpoint)"
+            ) from None
         code = engine.wait(container)
         record = exp.update(log_complete=True)
         return self.finish(exp, record, code, container)
@@ -226,6 +240,7 @@ class DockerBackend:
                 log.warning("could not save the log of %s: %s", exp.id, exc)
         record = finalize(exp, record, exit_code, message=message)
         engine.remove_container(container)
+        _clear_setid_bits(exp)
         return record
 
 
@@ -359,6 +374,29 @@ def _give_outputs_to(exp: Experiment, user: str) -> None:
     with safefs.open_dir(exp.root) as root_fd:
         for sub in MOUNTED_DIRS:
             os.chown(sub, uid, gid, dir_fd=root_fd, follow_symlinks=False)
+
+
+def _shorten_log(exp: Experiment, nbytes: int) -> None:
+    fd = safefs.open_append(exp.root, exp.container_log.name)
+    try:
+        os.ftruncate(fd, max(os.fstat(fd).st_size - nbytes, 0))
+        os.write(fd, b"\n[infra: the disk is full; the log is cut here]\n")
+    except OSError as exc:
+        log.warning("could not shorten %s: %s", exp.container_log, exc)
+    finally:
+        os.close(fd)
+
+
+def _clear_setid_bits(exp: Experiment) -> None:
+    """No file the training left may carry setuid/setgid bits (a way up for a local user)."""
+    for sub in MOUNTED_DIRS:
+        try:
+            cleared = safefs.clear_setid_bits(exp.root / sub) if not (exp.root / sub).is_symlink() else []
+        except FileNotFoundError:
+            continue
+        for rel in cleared:
+            log.warning("%s: removed setuid/setgid bits from %s/%s left by the training", exp.id, sub, rel)
+            exp.event("tampered", path=f"{sub}/{rel}", action="setuid/setgid bits removed")
 
 
 def _stop_with_second_interrupt(stop: Callable[[], None]) -> None:
