@@ -101,7 +101,7 @@ def test_unknown_command_and_option_exit_2():
     [
         (["validate", "--json", "--nope"], "infra validate: No such option: --nope (see 'infra validate --help')"),
         (["status", "--json"], "infra status: Missing argument 'experiment_id'. (see 'infra status --help')"),
-        (["ls", "--json", "--state"], "infra ls: Option '--state' requires an argument. (see 'infra ls --help')"),
+        (["ls", "--json", "--state"], "infra: Option '--state' requires an argument. (see 'infra --help')"),
     ],
 )
 def test_usage_errors_with_json_print_one_error_document(args, message):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from runner.errors import UsageError
-from runner.run.sweep import grid, label, parse_sweep, point_overrides
+from runner.run.sweep import grid, label, parse_sweep
 from tests.test_queue import redis_server  # noqa: F401  a real redis-server for --submit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,7 +94,6 @@ def test_grid_is_the_cartesian_product_first_sweep_slowest():
         {"train.lr": 0.0001, "model.params.hidden": 64},
         {"train.lr": 0.0001, "model.params.hidden": 128},
     ]
-    assert point_overrides(points[0]) == ["train.lr=0.001", "model.params.hidden=64"]
     assert label({"model.name": "mlp", "train.lr": 0.1}) == "model.name=mlp train.lr=0.1"
 
 
@@ -106,7 +105,7 @@ def test_grid_rejects_a_key_twice_and_huge_grids():
         grid([f"a={many}", f"b={many}"])
 
 
-def test_point_overrides_apply_like_set(mini_db, tmp_path):
+def test_point_values_apply_like_set(mini_db, tmp_path):
     from runner.plan.load import load_plan
     from runner.run.sweep import load_points
 

@@ -147,17 +147,21 @@ def parse_override(item: str) -> tuple[str, Any]:
 def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `--set` items in order; later ones win. Intermediate objects are created as needed."""
     for item in overrides:
-        key, value = parse_override(item)
-        parts = key.split(".")
-        target = doc
-        for i, part in enumerate(parts[:-1]):
-            nxt = target.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                where = ".".join(parts[: i + 1])
-                raise UsageError(f"--set {key}: '{where}' is {_json_type(nxt)} in the plan, not an object")
-            target = nxt
-        target[parts[-1]] = value
+        set_key(doc, *parse_override(item), flag="--set")
     return doc
+
+
+def set_key(doc: dict[str, Any], key: str, value: Any, flag: str = "--set") -> None:
+    """Set a dotted `key` to an already-parsed `value`, creating intermediate objects."""
+    parts = key.split(".")
+    target = doc
+    for i, part in enumerate(parts[:-1]):
+        nxt = target.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            where = ".".join(parts[: i + 1])
+            raise UsageError(f"{flag} {key}: '{where}' is {_json_type(nxt)} in the plan, not an object")
+        target = nxt
+    target[parts[-1]] = value
 
 
 def load_plan(
@@ -176,23 +180,49 @@ def load_plan(
         text, name, base_dir = read_plan_text(source)
     else:
         name, base_dir = ("<stdin>", Path.cwd()) if source == STDIN else (source, Path(source).resolve().parent)
-    doc = parse_json(text, name)
+    return load_plan_document(
+        parse_json(text, name), name, workdir, base_dir=base_dir, overrides=overrides or [], check_db=check_db
+    )
+
+
+def load_plan_document(
+    doc: dict[str, Any],
+    source: str,
+    workdir: Path | None = None,
+    *,
+    base_dir: Path | None = None,
+    overrides: list[str] = (),
+    values: dict[str, Any] | None = None,
+    check_db: bool = True,
+) -> LoadedPlan:
+    """Validate an already-parsed plan document (a sweep point, a queued job) the way `load_plan` does.
+
+    `overrides` are `--set` strings; `values` are already-parsed `{dotted key: value}` (a sweep's
+    point) and apply last. `doc` is not modified.
+    """
+    import copy
+
+    base_dir = base_dir or Path.cwd()
+    if not isinstance(doc, dict):
+        raise PlanError(source, [PlanIssue("", f"a plan must be a JSON object, not {_json_type(doc)}")])
+    doc, issues = expand_dotted(copy.deepcopy(doc))
+    if issues:
+        raise PlanError(source, issues)
+    doc = apply_overrides(doc, list(overrides))
+    for key, value in (values or {}).items():
+        set_key(doc, key, copy.deepcopy(value), flag="--sweep")
     doc, issues = expand_dotted(doc)
     if issues:
-        raise PlanError(name, issues)
-    doc = apply_overrides(doc, list(overrides or []))
-    doc, issues = expand_dotted(doc)
-    if issues:
-        raise PlanError(name, issues)
+        raise PlanError(source, issues)
     try:
         plan = Plan.model_validate(doc)
     except ValidationError as exc:
-        raise PlanError(name, _issues_from_pydantic(exc)) from None
+        raise PlanError(source, _issues_from_pydantic(exc)) from None
     plan = _resolve_db(plan, base_dir, workdir)
     issues = semantic_issues(plan, check_db=check_db)
     if issues:
-        raise PlanError(name, issues)
-    return LoadedPlan(plan=plan, source=name, base_dir=base_dir)
+        raise PlanError(source, issues)
+    return LoadedPlan(plan=plan, source=source, base_dir=base_dir)
 
 
 def _resolve_db(plan: Plan, base_dir: Path, workdir: Path | None) -> Plan:

@@ -84,11 +84,6 @@ def grid(items: list[str]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in sweeps))]
 
 
-def point_overrides(point: dict[str, Any]) -> list[str]:
-    """A grid point as `--set` items (values JSON-encoded, so strings stay strings)."""
-    return [f"{key}={json.dumps(value)}" for key, value in point.items()]
-
-
 def show(value: Any) -> str:
     """A swept value as text: strings bare, everything else as JSON."""
     return value if isinstance(value, str) else json.dumps(value)
@@ -119,13 +114,21 @@ class PointResult:
 
 
 def load_points(source: str, text: str | None, overrides: list[str], points: list[dict], workdir: Path) -> list:
-    """Validate every point's plan up front; a PlanError names the point."""
-    from runner.plan.load import load_plan
+    """Validate every point's plan up front (the plan text is read and parsed once; each point's values
+    are applied as parsed values, not re-parsed strings); a PlanError names the point."""
+    from runner.plan.load import STDIN, load_plan_document, parse_json, read_plan_text
 
+    if text is None:
+        text, name, base_dir = read_plan_text(source)
+    else:
+        name, base_dir = ("<stdin>", Path.cwd()) if source == STDIN else (source, Path(source).resolve().parent)
+    doc = parse_json(text, name)
     loaded = []
     for i, point in enumerate(points, 1):
         try:
-            loaded.append(load_plan(source, [*overrides, *point_overrides(point)], workdir=workdir, text=text))
+            loaded.append(
+                load_plan_document(doc, name, workdir, base_dir=base_dir, overrides=overrides, values=point)
+            )
         except PlanError as exc:
             raise PlanError(f"{exc.source} (sweep point {i}: {label(point)})", exc.issues) from None
     return loaded
