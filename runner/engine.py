@@ -390,13 +390,17 @@ def stop(container, timeout: int = 30) -> None:
 
 
 def remove_container(container, force: bool = True) -> None:
-    """Remove a container; one already gone is fine."""
-    from docker.errors import NotFound
+    """Remove a container; one already gone, or being removed by another runner (409), is fine."""
+    from docker.errors import APIError, NotFound
 
     try:
         container.remove(force=force)
     except NotFound:
         pass
+    except APIError as exc:
+        if exc.status_code == 409 and "already in progress" in str(exc):
+            return
+        raise EnvironmentProblem(f"could not remove container {container.short_id}: {_short(exc)}") from None
 
 
 def get_container(client, container_id: str):

@@ -234,11 +234,16 @@ def plan_for_training(resolved: dict, backend_name: str) -> dict:
 
 def _start_attempt(exp, backend, resolved, previous, opts, prepared: Prepared, gpus, db, workdir) -> dict:
     attempt = (previous or {}).get("attempt", 0) + 1
-    if previous and opts.rerun:
-        _archive_outputs(exp, previous.get("attempt", 0))
-    exp.make_layout()
-    training_plan = plan_for_training(resolved, backend.name)
-    safefs.write_atomic(exp.root, "config/plan.json", (canonical_json(training_plan) + "\n").encode())
+    try:
+        if previous and opts.rerun:
+            _archive_outputs(exp, previous.get("attempt", 0))
+        exp.make_layout()
+        training_plan = plan_for_training(resolved, backend.name)
+        safefs.write_atomic(exp.root, "config/plan.json", (canonical_json(training_plan) + "\n").encode())
+    except safefs.Tampered as exc:
+        if previous:  # the record says why this attempt could not even start
+            exp.update(state="failed", finished_at=now_iso(), message=exc.message)
+        raise
     record = new_record(
         exp,
         name=resolved["name"],
