@@ -418,3 +418,27 @@ def _message(err: dict) -> str:
         rule = PATTERN_RULES.get(ctx["pattern"], f"must match {ctx['pattern']}")
         return f"{value!r} is not allowed: {rule}"
     return err["msg"]
+
+
+def load_plan_document(doc: Any, source: str, workdir: Path | None = None, check_db: bool = True) -> LoadedPlan:
+    """Validate a plan that arrives as a parsed JSON document (a queued job's argument), not as text.
+
+    The same checks as `load_plan`: dotted keys expanded, the `Plan` model, the semantic and database
+    checks; every problem in one PlanError named after `source`. A relative `data.db` resolves
+    against `workdir` (the current directory without one).
+    """
+    if not isinstance(doc, dict):
+        raise PlanError(source, [PlanIssue("", f"a plan must be a JSON object, not {_json_type(doc)}")])
+    doc, issues = expand_dotted(doc)
+    if issues:
+        raise PlanError(source, issues)
+    try:
+        plan = Plan.model_validate(doc)
+    except ValidationError as exc:
+        raise PlanError(source, _issues_from_pydantic(exc)) from None
+    base_dir = Path(workdir) if workdir is not None else Path.cwd()
+    plan = _resolve_db(plan, base_dir, workdir)
+    issues = semantic_issues(plan, check_db=check_db)
+    if issues:
+        raise PlanError(source, issues)
+    return LoadedPlan(plan=plan, source=source, base_dir=base_dir)
