@@ -130,6 +130,20 @@ def test_bad_plan_and_data_exit_2(tmp_path, blat_db, capsys):
     assert "empty" in capsys.readouterr().err
 
 
+def test_main_leaves_no_log_handler_behind(tmp_path, blat_db, capsys):
+    # main() logs to the stderr of its call; run in-process (as here, where capsys closes that stream
+    # after the test), a handler left behind made every later log record a "--- Logging error ---".
+    import logging
+
+    runner_log = logging.getLogger("runner")
+    before = (list(runner_log.handlers), runner_log.level)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "x", "data": {"db": str(blat_db)}, "model": {"name": "linear"},
+                               "train": {"lr": -1}}))
+    assert main([str(bad), "--exp-dir", str(tmp_path / "e1")]) == 2
+    assert (list(runner_log.handlers), runner_log.level) == before
+
+
 def test_sigterm_stops_gracefully(tmp_path, blat_db):
     exp = tmp_path / "exp"
     plan = write_plan(tmp_path / "plan.json", blat_db, data={"limit": 4997}, model={"name": "cnn"},

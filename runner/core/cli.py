@@ -64,9 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("runner", "infra_ext"):  # lightning logs through its own handler
-        logging.getLogger(name).addHandler(handler)
-        logging.getLogger(name).setLevel(logging.INFO)
+    # The handler is bound to this call's stderr; it is removed on return, so a caller running main()
+    # in-process (tests) is not left with a handler on a stream it has since closed.
+    loggers = [logging.getLogger(name) for name in ("runner", "infra_ext")]  # lightning logs on its own
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     from runner.core.training import EXIT_CANCELLED, Cancelled, GracefulStop
 
     stop = GracefulStop().install()
@@ -94,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         stop.uninstall()
         sys.stdout.flush()
         sys.stderr.flush()
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
 
 
 def entry() -> None:
