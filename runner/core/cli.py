@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("plan", help="plan JSON file (usually <exp-dir>/config/plan.json), or - for stdin")
     parser.add_argument("--exp-dir", required=True, help="experiment directory to write (created if missing)")
-    parser.add_argument("--workdir", default=None, help="workdir with plugin folders (default: $INFRA_WORKDIR, /workdir)")
+    parser.add_argument(
+        "--workdir", default=None, help="workdir with plugin folders (default: $INFRA_WORKDIR, /workdir)"
+    )
     parser.add_argument("--db", default=None, help="SQLite database path; overrides data.db")
     parser.add_argument("--limit-batches", type=int, default=None, help=argparse.SUPPRESS)  # smoke tests
     return parser
@@ -80,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         from runner.core.registry import RegistryError
 
         plan = read_plan(args.plan)
-        result = run_experiment(plan, args.exp_dir, db_path=args.db, workdir=resolve_workdir(args.workdir), stop=stop,
-                                limit_batches=args.limit_batches)
+        result = run_experiment(
+            plan,
+            args.exp_dir,
+            db_path=args.db,
+            workdir=resolve_workdir(args.workdir),
+            stop=stop,
+            limit_batches=args.limit_batches,
+        )
         test = ", ".join(f"{k}={v:.4f}" for k, v in result["test"].items() if isinstance(v, float))
         print(f"infra-train: done; test {test}", file=sys.stderr)
         return 0
