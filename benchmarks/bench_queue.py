@@ -26,11 +26,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CLI = (
-    "import sys\nfrom runner.cli import app, main\nfrom runner.cli import queue as q\n"
-    "if 'worker' not in {c.name for c in app.registered_commands}: app.command('worker')(q.worker)\n"
-    "main(sys.argv[1:])\n"
-)
 
 
 def main() -> int:
@@ -40,9 +35,10 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     from rq.job import Job
 
-    from runner import queue as q
     from runner.data.importer import build_demo_db
     from runner.plan.load import load_plan
+    from runner.queue.connection import connect, serializer
+    from runner.queue.submit import submit
 
     top = Path(tempfile.mkdtemp(prefix="bench-queue-"))
     work = top / "work"
@@ -59,10 +55,10 @@ def main() -> int:
     worker = None
     try:
         time.sleep(0.3)
-        conn = q.connect(url, retries=6)
+        conn = connect(url, retries=6)
         env = {**os.environ, "INFRA_WORKDIR": str(work)}
         worker = subprocess.Popen(
-            [sys.executable, "-c", CLI, "worker", "--redis", url, "--backend", "local", "--heartbeat-ttl", "30"],
+            [sys.executable, "-m", "runner", "worker", "--redis", url, "--backend", "local", "--heartbeat-ttl", "30"],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -77,10 +73,10 @@ def main() -> int:
             }
             start = time.perf_counter()
             loaded = load_plan(f"bench-{i}", [], workdir=work, text=json.dumps(plan))
-            doc = q.submit(conn, loaded.resolved, work)
+            doc = submit(conn, loaded.resolved, work)
             submitted = time.perf_counter()
             while True:
-                job = Job.fetch(doc["job_id"], connection=conn, serializer=q._serializer())
+                job = Job.fetch(doc["job_id"], connection=conn, serializer=serializer())
                 status = job.get_status(refresh=False)
                 if status in ("finished", "failed"):
                     break

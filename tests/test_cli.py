@@ -10,21 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import infra
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def infra(*args, input=None, env=None, cwd=None) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-c", "from runner.cli import main; main()", *args],
-        input=input,
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=cwd or REPO,
-        timeout=120,
-    )
 
 
 def wkdir(*args, env=None) -> subprocess.CompletedProcess:

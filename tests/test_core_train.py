@@ -21,12 +21,26 @@ from runner.data.importer import build_demo_db
 REPO = Path(__file__).resolve().parent.parent
 
 LAYOUT = [
-    "config/plan.json", "config/query.json", "config/environment.json", "data/selected.parquet",
-    "splits/train.npy", "splits/val.npy", "splits/test.npy", "splits/split.json", "logs/train.log",
-    "metrics/metrics.jsonl", "metrics/metrics.json", "ckpts/last.ckpt", "ckpts/best.ckpt",
-    "artifacts/model.pth", "artifacts/labels.npz", "artifacts/predictions.parquet",
-    "artifacts/visualization/learning_curves.png", "artifacts/visualization/predicted_vs_measured.png",
-    "artifacts/visualization/per_mut_num.png", "logs/events.jsonl",
+    "config/plan.json",
+    "config/query.json",
+    "config/environment.json",
+    "data/selected.parquet",
+    "splits/train.npy",
+    "splits/val.npy",
+    "splits/test.npy",
+    "splits/split.json",
+    "logs/train.log",
+    "metrics/metrics.jsonl",
+    "metrics/metrics.json",
+    "ckpts/last.ckpt",
+    "ckpts/best.ckpt",
+    "artifacts/model.pth",
+    "artifacts/labels.npz",
+    "artifacts/predictions.parquet",
+    "artifacts/visualization/learning_curves.png",
+    "artifacts/visualization/predicted_vs_measured.png",
+    "artifacts/visualization/per_mut_num.png",
+    "logs/events.jsonl",
 ]
 
 
@@ -38,8 +52,12 @@ def blat_db(tmp_path_factory) -> Path:
 
 
 def write_plan(path: Path, db: Path, **sections) -> Path:
-    plan = {"name": "smoke", "data": {"db": str(db), "limit": 800}, "model": {"name": "linear"},
-            "train": {"max_epochs": 2, "batch_size": 128}}
+    plan = {
+        "name": "smoke",
+        "data": {"db": str(db), "limit": 800},
+        "model": {"name": "linear"},
+        "train": {"max_epochs": 2, "batch_size": 128},
+    }
     for key, value in sections.items():
         plan[key] = {**plan.get(key, {}), **value} if isinstance(value, dict) else value
     path.write_text(json.dumps(plan))
@@ -48,8 +66,9 @@ def write_plan(path: Path, db: Path, **sections) -> Path:
 
 def test_smoke_layout_and_resume(tmp_path, blat_db, capsys):
     exp = tmp_path / "exp"
-    plan = write_plan(tmp_path / "plan.json", blat_db, metrics=["spearman", "pearson", "mse", "rmse", "mae", "ndcg",
-                                                                 "auc", "mcc"])
+    plan = write_plan(
+        tmp_path / "plan.json", blat_db, metrics=["spearman", "pearson", "mse", "rmse", "mae", "ndcg", "auc", "mcc"]
+    )
     db_bytes = blat_db.read_bytes()
     assert main([str(plan), "--exp-dir", str(exp)]) == 0
     for rel in LAYOUT:
@@ -91,8 +110,14 @@ def test_smoke_layout_and_resume(tmp_path, blat_db, capsys):
 
 @pytest.mark.parametrize("model,embedding", [("mlp", "blosum62"), ("cnn", "onehot")])
 def test_other_models_train(tmp_path, blat_db, model, embedding):
-    plan = write_plan(tmp_path / "plan.json", blat_db, model={"name": model}, embeddings={"name": embedding},
-                      train={"max_epochs": 1}, data={"transform": "standardize"})
+    plan = write_plan(
+        tmp_path / "plan.json",
+        blat_db,
+        model={"name": model},
+        embeddings={"name": embedding},
+        train={"max_epochs": 1},
+        data={"transform": "standardize"},
+    )
     assert main([str(plan), "--exp-dir", str(tmp_path / "exp"), "--limit-batches", "3"]) == 0
     metrics = json.loads((tmp_path / "exp/metrics/metrics.json").read_text())
     assert metrics["transform"]["name"] == "standardize"
@@ -100,8 +125,13 @@ def test_other_models_train(tmp_path, blat_db, model, embedding):
 
 
 def test_classification(tmp_path, blat_db):
-    plan = write_plan(tmp_path / "plan.json", blat_db, data={"target": "DMS_score_bin"},
-                      metrics=["auc", "mcc", "spearman"], train={"max_epochs": 2, "early_stopping_patience": 0})
+    plan = write_plan(
+        tmp_path / "plan.json",
+        blat_db,
+        data={"target": "DMS_score_bin"},
+        metrics=["auc", "mcc", "spearman"],
+        train={"max_epochs": 2, "early_stopping_patience": 0},
+    )
     assert main([str(plan), "--exp-dir", str(tmp_path / "exp")]) == 0
     metrics = json.loads((tmp_path / "exp/metrics/metrics.json").read_text())
     assert metrics["task"] == "classification"
@@ -112,8 +142,9 @@ def test_classification(tmp_path, blat_db):
 
 def test_bad_plan_and_data_exit_2(tmp_path, blat_db, capsys):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"name": "x", "data": {"db": str(blat_db)}, "model": {"name": "linear"},
-                               "train": {"lr": -1}}))
+    bad.write_text(
+        json.dumps({"name": "x", "data": {"db": str(blat_db)}, "model": {"name": "linear"}, "train": {"lr": -1}})
+    )
     assert main([str(bad), "--exp-dir", str(tmp_path / "e1")]) == 2
     assert "train.lr" in capsys.readouterr().err
     plan = write_plan(tmp_path / "p.json", blat_db, model={"name": "transformer9000"})
@@ -130,13 +161,37 @@ def test_bad_plan_and_data_exit_2(tmp_path, blat_db, capsys):
     assert "empty" in capsys.readouterr().err
 
 
+def test_main_leaves_no_log_handler_behind(tmp_path, blat_db, capsys):
+    # main() logs to the stderr of its call; run in-process (as here, where capsys closes that stream
+    # after the test), a handler left behind made every later log record a "--- Logging error ---".
+    import logging
+
+    runner_log = logging.getLogger("runner")
+    before = (list(runner_log.handlers), runner_log.level)
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        json.dumps({"name": "x", "data": {"db": str(blat_db)}, "model": {"name": "linear"}, "train": {"lr": -1}})
+    )
+    assert main([str(bad), "--exp-dir", str(tmp_path / "e1")]) == 2
+    assert (list(runner_log.handlers), runner_log.level) == before
+
+
 def test_sigterm_stops_gracefully(tmp_path, blat_db):
     exp = tmp_path / "exp"
-    plan = write_plan(tmp_path / "plan.json", blat_db, data={"limit": 4997}, model={"name": "cnn"},
-                      train={"max_epochs": 1000, "batch_size": 32, "early_stopping_patience": 0})
+    plan = write_plan(
+        tmp_path / "plan.json",
+        blat_db,
+        data={"limit": 4997},
+        model={"name": "cnn"},
+        train={"max_epochs": 1000, "batch_size": 32, "early_stopping_patience": 0},
+    )
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "runner.core", str(plan), "--exp-dir", str(exp)], env=env,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner.core", str(plan), "--exp-dir", str(exp)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     events = exp / "logs" / "events.jsonl"
     while time.monotonic() < deadline:

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import types
 
 import pytest
 
-from tests.test_queue import CLI
+from tests.helpers import infra
 
 
 def test_node_json_reports_this_machine(tmp_path):
-    env = {**os.environ, "INFRA_WORKDIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-c", CLI, "node", "--json"], capture_output=True, text=True, env=env)
+    result = infra("node", "--json", workdir=tmp_path)
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["cpus"] == os.cpu_count()
@@ -33,8 +31,7 @@ def test_node_json_reports_this_machine(tmp_path):
 
 
 def test_node_human_output(tmp_path):
-    env = {**os.environ, "INFRA_WORKDIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-c", CLI, "node"], capture_output=True, text=True, env=env)
+    result = infra("node", workdir=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("host ") and "cpus" in result.stdout and "docker" in result.stdout
 

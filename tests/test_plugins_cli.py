@@ -7,7 +7,6 @@ the same checks inside the plugin image are the data-driven cases in tests/cases
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 
 from runner.errors import EnvironmentProblem
 from runner.workdir.plugins import PluginLoadError, map_paths, parse_output
+from tests.helpers import infra
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE_PLUGINS = {
@@ -32,13 +32,6 @@ SECOND_LINEAR = (
     "class AnotherLinear(ProteinModel):\n"
     "    pass\n"
 )
-
-
-def infra(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "INFRA_WORKDIR"}
-    return subprocess.run(
-        [sys.executable, "-m", "runner", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
-    )
 
 
 @pytest.fixture
@@ -133,7 +126,11 @@ def test_check_duplicate_name_message(template_copy):
         "rename one of them; fix the file and run again"
     )
     assert json.loads(result.stdout) == {
-        "ok": False, "message": message, "file": str(plugin), "line": 4, "error": "RegistryError"
+        "ok": False,
+        "message": message,
+        "file": str(plugin),
+        "line": 4,
+        "error": "RegistryError",
     }
     assert result.stderr.strip() == f"infra: error: {message}"
 
@@ -185,7 +182,9 @@ def test_example_workflow_builds_the_bake_plugins_target():
 def test_bake_context_command_writes_the_plugin_context(template_copy, tmp_path):
     out = tmp_path / "ctx"
     result = subprocess.run(
-        [sys.executable, "-m", "runner.images.builds", "context", str(template_copy), str(out)], capture_output=True, text=True
+        [sys.executable, "-m", "runner.images.builds", "context", str(template_copy), str(out)],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert (out / "Dockerfile").read_text() == (REPO / "images" / "plugins" / "Dockerfile").read_text()

@@ -7,16 +7,14 @@ data.limit and one epoch); the docker path of a sweep is in the template case (t
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from runner.errors import UsageError
 from runner.run.sweep import grid, label, parse_sweep
+from tests.helpers import infra
 from tests.test_queue import redis_server  # noqa: F401  a real redis-server for --submit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,13 +30,6 @@ BOOM = (
     "    def forward(self, x):\n"
     "        raise RuntimeError('boom on purpose')\n"
 )
-
-
-def infra(*args: str, workdir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "INFRA_WORKDIR": str(workdir)}
-    return subprocess.run(
-        [sys.executable, "-m", "runner", *args], capture_output=True, text=True, cwd=workdir, env=env, timeout=600
-    )
 
 
 @pytest.fixture

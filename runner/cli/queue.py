@@ -55,13 +55,13 @@ def submit(
 
     Example: infra submit plan.json --redis redis://master:6379/0 --set train.seed=2
     """
-    from runner import queue as q
     from runner.plan.load import load_plan
+    from runner.queue.connection import connect
+    from runner.queue.submit import submit as enqueue
 
     wd = _optional_workdir(workdir)
     loaded = load_plan(plan, overrides or [], workdir=wd)
-    conn = q.connect(redis_url)
-    doc = q.submit(conn, loaded.resolved, wd, queue_name=queue, retries=retries)
+    doc = enqueue(connect(redis_url), loaded.resolved, wd, queue_name=queue, retries=retries)
     if json_out:
         emit_json(doc)
     else:
@@ -110,32 +110,43 @@ def worker(
     training gracefully (checkpoint) and puts the job back on the queue. A worker that dies stops
     heartbeating, and its job is retried on another worker, resuming from its checkpoint.
 
-    Example: infra worker --redis redis://master:6379/0 --gpus 0,1
+    Only infra's own job function runs: any other job is failed, and nothing of it is run.
+    Whoever can write to the Redis server can run plans on this worker: give Redis a password or
+    ACL user, TLS and a private bind address (docs/security-queue.md); the worker warns when the
+    URL has no credentials and is not loopback or a unix socket.
+
+    Example: infra worker --redis redis://infra:PASSWORD@master:6379/0 --gpus 0,1
     """
     import logging
     import socket
 
-    from runner import queue as q
     from runner.cli.run import _workdir
+    from runner.queue.connection import DEFAULT_QUEUE, exposure_warning
+    from runner.queue.pool import gpu_slots, run_pool
 
+    warning = exposure_warning(redis_url)
+    if warning:
+        say(f"infra: warning: {warning}")
     wd = _workdir(workdir)
     for logger in ("runner", "rq.worker"):
         if logging.getLogger(logger).getEffectiveLevel() > logging.INFO:
             logging.getLogger(logger).setLevel(logging.INFO)
-    slots = q.gpu_slots(gpus)
+    slots = gpu_slots(gpus)
     if len(slots) > 1:
         argv = ["worker", "--redis", redis_url, "--backend", backend, "--workdir", str(wd)]
-        for queue in queues or [q.DEFAULT_QUEUE]:
+        for queue in queues or [DEFAULT_QUEUE]:
             argv += ["--queue", queue]
         argv += ["--heartbeat-ttl", str(heartbeat_ttl), "--stop-timeout", str(stop_timeout)]
         if burst:
             argv.append("--burst")
         say(f"starting {len(slots)} workers, one per GPU: {', '.join(slots)}")
-        raise typer.Exit(q.run_pool(argv, slots, name or socket.gethostname()))
-    cfg = q.WorkerConfig(
+        raise typer.Exit(run_pool(argv, slots, name or socket.gethostname()))
+    from runner.queue.worker import WorkerConfig, run_worker
+
+    cfg = WorkerConfig(
         redis_url=redis_url,
         workdir=wd,
-        queues=list(queues or [q.DEFAULT_QUEUE]),
+        queues=list(queues or [DEFAULT_QUEUE]),
         gpus=slots[0],
         backend=backend,
         burst=burst,
@@ -143,7 +154,7 @@ def worker(
         heartbeat_ttl=heartbeat_ttl,
         stop_timeout=stop_timeout,
     )
-    q.run_worker(cfg)
+    run_worker(cfg)
 
 
 @queue_app.command("status")
@@ -154,24 +165,33 @@ def status(
 ) -> None:
     """Jobs per queue (queued, started, finished, failed) and each worker's state, job and last heartbeat.
 
+    A heartbeat or worker record in Redis that is not what infra writes is skipped with a note.
+
     Example: infra queue status --redis redis://master:6379/0 --json
     """
-    from runner import queue as q
+    from runner.queue.connection import connect
+    from runner.queue.status import printable, queue_status
 
-    doc = q.queue_status(q.connect(redis_url), queues)
+    doc = queue_status(connect(redis_url), queues)
     if json_out:
         emit_json(doc)
-        return
-    typer.echo(f"{'QUEUE':20} {'QUEUED':>7} {'STARTED':>7} {'FINISHED':>8} {'FAILED':>6}")
-    for row in doc["queues"]:
-        typer.echo(f"{row['name']:20} {row['queued']:>7} {row['started']:>7} {row['finished']:>8} {row['failed']:>6}")
-    typer.echo("")
-    typer.echo(f"{'WORKER':32} {'STATE':10} {'ALIVE':5} {'JOB':32} LAST HEARTBEAT")
-    for w in doc["workers"]:
-        typer.echo(
-            f"{w['name']:32} {w['state'] or '-':10} {'yes' if w['alive'] else 'no':5} "
-            f"{w['current_job'] or '-':32} {w['last_heartbeat'] or '-'}"
-        )
+    else:
+        typer.echo(f"{'QUEUE':20} {'QUEUED':>7} {'STARTED':>7} {'FINISHED':>8} {'FAILED':>6}")
+        for row in doc["queues"]:
+            typer.echo(
+                f"{printable(row['name']):20} {row['queued']:>7} {row['started']:>7} {row['finished']:>8} "
+                f"{row['failed']:>6}"
+            )
+        typer.echo("")
+        typer.echo(f"{'WORKER':32} {'STATE':10} {'ALIVE':5} {'JOB':32} LAST HEARTBEAT")
+        for w in doc["workers"]:
+            typer.echo(
+                f"{printable(w['name'] or '-'):32} {printable(w['state'] or '-'):10} "
+                f"{'yes' if w['alive'] else 'no':5} {printable(w['current_job'] or '-'):32} "
+                f"{printable(w['last_heartbeat'] or '-')}"
+            )
+    for note in doc["notes"]:
+        say(f"infra: note: {note}")
 
 
 def node(json_out: JSON_OPT = False, workdir: WORKDIR_OPT = None) -> None:

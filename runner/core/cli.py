@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("plan", help="plan JSON file (usually <exp-dir>/config/plan.json), or - for stdin")
     parser.add_argument("--exp-dir", required=True, help="experiment directory to write (created if missing)")
-    parser.add_argument("--workdir", default=None, help="workdir with plugin folders (default: $INFRA_WORKDIR, /workdir)")
+    parser.add_argument(
+        "--workdir", default=None, help="workdir with plugin folders (default: $INFRA_WORKDIR, /workdir)"
+    )
     parser.add_argument("--db", default=None, help="SQLite database path; overrides data.db")
     parser.add_argument("--limit-batches", type=int, default=None, help=argparse.SUPPRESS)  # smoke tests
     return parser
@@ -64,9 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("runner", "infra_ext"):  # lightning logs through its own handler
-        logging.getLogger(name).addHandler(handler)
-        logging.getLogger(name).setLevel(logging.INFO)
+    # The handler is bound to this call's stderr; it is removed on return, so a caller running main()
+    # in-process (tests) is not left with a handler on a stream it has since closed.
+    loggers = [logging.getLogger(name) for name in ("runner", "infra_ext")]  # lightning logs on its own
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     from runner.core.training import EXIT_CANCELLED, Cancelled, GracefulStop
 
     stop = GracefulStop().install()
@@ -76,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         from runner.core.registry import RegistryError
 
         plan = read_plan(args.plan)
-        result = run_experiment(plan, args.exp_dir, db_path=args.db, workdir=resolve_workdir(args.workdir), stop=stop,
-                                limit_batches=args.limit_batches)
+        result = run_experiment(
+            plan,
+            args.exp_dir,
+            db_path=args.db,
+            workdir=resolve_workdir(args.workdir),
+            stop=stop,
+            limit_batches=args.limit_batches,
+        )
         test = ", ".join(f"{k}={v:.4f}" for k, v in result["test"].items() if isinstance(v, float))
         print(f"infra-train: done; test {test}", file=sys.stderr)
         return 0
@@ -94,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         stop.uninstall()
         sys.stdout.flush()
         sys.stderr.flush()
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
 
 
 def entry() -> None:

@@ -198,11 +198,12 @@ def load_plan_document(
     """Validate an already-parsed plan document (a sweep point, a queued job) the way `load_plan` does.
 
     `overrides` are `--set` strings; `values` are already-parsed `{dotted key: value}` (a sweep's
-    point) and apply last. `doc` is not modified.
+    point) and apply last. `doc` is not modified. A relative `data.db` resolves against `base_dir`
+    (default: `workdir`, else the current directory), then `workdir`.
     """
     import copy
 
-    base_dir = base_dir or Path.cwd()
+    base_dir = base_dir or (Path(workdir) if workdir is not None else Path.cwd())
     if not isinstance(doc, dict):
         raise PlanError(source, [PlanIssue("", f"a plan must be a JSON object, not {_json_type(doc)}")])
     doc, issues = expand_dotted(copy.deepcopy(doc))

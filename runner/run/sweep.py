@@ -190,12 +190,13 @@ def _add_metrics(result: PointResult) -> None:
 
 def submit_sweep(loaded_plans: list, points: list[dict], workdir: Path, redis_url: str, queue: str) -> list[dict]:
     """Put every point on the RQ queue (`runner.queue.submit`: job id = experiment id, duplicates reported)."""
-    from runner import queue as q
+    from runner.queue.connection import connect
+    from runner.queue.submit import submit
 
-    conn = q.connect(redis_url)
+    conn = connect(redis_url)
     docs = []
     for i, (point, loaded) in enumerate(zip(points, loaded_plans, strict=True), 1):
-        docs.append({"index": i, "values": point, **q.submit(conn, loaded.resolved, workdir, queue_name=queue)})
+        docs.append({"index": i, "values": point, **submit(conn, loaded.resolved, workdir, queue_name=queue)})
     return docs
 
 
