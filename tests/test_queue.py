@@ -231,7 +231,7 @@ def test_exposure_warning_only_for_open_urls():
     assert exposure_warning("redis://example.invalid:6379/0") == (
         "Redis at redis://example.invalid:6379/0 has no credentials and is not on this machine: anyone who can "
         "reach it can run plans on this worker; use a password or ACL user (redis://USER:PASSWORD@HOST), "
-        "rediss:// for TLS, and bind Redis to a private interface (see docs/security-queue.md)"
+        "rediss:// for TLS, and bind Redis to a private interface (see docs/security.md)"
     )
     for url in ("rediss://10.0.0.5:6380/0", "redis://infra@10.0.0.5:6379/0", "redis://0.0.0.0:6379/0"):
         assert exposure_warning(url), url
@@ -246,7 +246,7 @@ def test_worker_warns_about_an_open_redis_url_first(qworkdir):
         "infra: warning: Redis at redis://example.invalid:6379/0 has no credentials and is not on this machine: "
         "anyone who can reach it can run plans on this worker; use a password or ACL user "
         "(redis://USER:PASSWORD@HOST), rediss:// for TLS, and bind Redis to a private interface "
-        "(see docs/security-queue.md)",
+        "(see docs/security.md)",
         error,
     ]
     local = infra("worker", "--redis", f"redis://127.0.0.1:{_free_port()}/0", "--backend", "nope", workdir=qworkdir)

@@ -112,7 +112,7 @@ def worker(
 
     Only infra's own job function runs: any other job is failed, and nothing of it is run.
     Whoever can write to the Redis server can run plans on this worker: give Redis a password or
-    ACL user, TLS and a private bind address (docs/security-queue.md); the worker warns when the
+    ACL user, TLS and a private bind address (docs/security.md); the worker warns when the
     URL has no credentials and is not loopback or a unix socket.
 
     Example: infra worker --redis redis://infra:PASSWORD@master:6379/0 --gpus 0,1

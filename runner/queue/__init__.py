@@ -12,6 +12,6 @@
 | `pool` | one worker process per GPU slot |
 | `status` | `infra queue status`: counts, workers, heartbeats (untrusted documents skipped with a note) |
 
-Redis write access is the right to run plans on every worker; see docs/security-queue.md. This
+Redis write access is the right to run plans on every worker; see docs/security.md. This
 package imports neither redis nor rq until a function needs them (`infra --help` stays fast).
 """

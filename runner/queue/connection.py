@@ -14,7 +14,7 @@ from runner.errors import EnvironmentProblem, UsageError
 DEFAULT_QUEUE = "infra"
 # A plan is a few KB; a job payload (function name, plan, result) over this is refused unread.
 MAX_PAYLOAD_BYTES = 1 << 20
-SECURITY_DOC = "docs/security-queue.md"
+SECURITY_DOC = "docs/security.md"
 NODE_KEY_PREFIX = "infra:node:"  # + "<host>:<worker>": a worker's heartbeat document
 
 
