@@ -72,7 +72,8 @@ PLUGIN_DOCKERFILE_TEXT = """\
 # Build context (made by runner/images/builds.py, or `python -m runner.images.builds context WORKDIR DIR` for bake):
 #   Dockerfile  requirements.txt  wheels/  workdir/{model,embed,metrics,vocab}/
 # requirements.txt is the workdir's (empty when it has none); wheels/ holds the wheels installing it
-# offline needs (empty: no requirements, or install from the index).
+# may need and a .offline marker when the runner has a wheelhouse (install with --no-index), and
+# is empty otherwise (no requirements, or install from the index).
 # Two stages: the requirements are installed in the first, and the final image copies only what pip
 # installed, so the wheels never persist in a layer. No RUN --mount: builds with BuildKit and the
 # classic builder.
@@ -85,7 +86,7 @@ COPY wheels/ /tmp/infra-plugins/wheels/
 RUN set -eu; \\
     mkdir -p /opt/infra-plugins/site-packages /opt/infra-plugins/bin; \\
     if grep -qvE '^[[:space:]]*(#|$)' /tmp/infra-plugins/requirements.txt; then \\
-        if ls /tmp/infra-plugins/wheels/*.whl >/dev/null 2>&1; then \\
+        if [ -e /tmp/infra-plugins/wheels/.offline ]; then \\
             src="--no-index --find-links /tmp/infra-plugins/wheels"; else src=""; fi; \\
         pip install --prefix /tmp/infra-plugins/prefix $src -r /tmp/infra-plugins/requirements.txt; \\
         cp -a /tmp/infra-plugins/prefix/lib/python3*/site-packages/. /opt/infra-plugins/site-packages/; \\
@@ -208,7 +209,10 @@ def plugin_context_entries(workdir: Path, wheelhouse: Path | None = None) -> lis
     entries.append(Entry("requirements.txt", data=req_bytes))
     if req_bytes:
         entries.append(Entry("workdir/requirements.txt", data=req_bytes))
-    if has_requirements(req_text):
+    if has_requirements(req_text) and wheelhouse is not None:
+        # The marker keeps the install offline even when no wheel matches: a fast, clear failure
+        # instead of pip retrying an index the node cannot reach.
+        entries.append(Entry("wheels/.offline", data=b"install from these wheels only (--no-index)\n"))
         entries += [
             Entry(f"wheels/{p.name}", source=p, fingerprint="stat") for p in select_wheels(req_text, wheelhouse)
         ]

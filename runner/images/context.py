@@ -226,8 +226,8 @@ def open_entry(entry: Entry) -> IO[bytes]:
 def special_file_error(path: Path, mode: int) -> ContextError:
     what = _SPECIAL_KINDS.get(stat.S_IFMT(mode), "not a regular file")
     return ContextError(
-        f"{shown(path)}: is {what}; plugin folders may hold only files, folders and links, and infra never "
-        "opens anything else: remove it (or list it in the workdir's .dockerignore)",
+        f"{shown(path)}: is {what}; infra takes only files, folders and links from a workdir and never opens "
+        "anything else: remove it (or list it in the workdir's .dockerignore)",
         shown(path),
     )
 
@@ -245,10 +245,14 @@ def link_entry(arcname: str, path: Path, roots: Iterable[str], why: str) -> Entr
     text = os.readlink(path)
     resolved = os.path.realpath(path)
     if not _inside(resolved, roots):
-        via = f" (resolves to {shown(resolved)})" if os.path.join(os.path.dirname(path), text) != resolved else ""
+        via = (
+            f" (resolves to {shown(resolved)})"
+            if os.path.normpath(os.path.join(os.path.dirname(path), text)) != resolved
+            else ""
+        )
         raise ContextError(
             f"{shown(path)}: symbolic link to {shown(text)}{via}, outside {why}; "
-            "infra never follows a link out of them: replace the link with a copy of the file",
+            "infra does not follow links out of there: replace the link with a copy of the file",
             shown(path),
         )
     return Entry(arcname, link=os.path.relpath(resolved, os.path.dirname(path)))

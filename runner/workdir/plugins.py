@@ -87,11 +87,14 @@ def check_document(data: bytes | str, workdir: Path, where: str) -> list[dict]:
     raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
     if len(raw) > MAX_DOCUMENT_BYTES:
         raise DiscoveryOutputError(workdir, where, f"more than {MAX_DOCUMENT_BYTES} bytes")
+    if not raw.strip():
+        raise DiscoveryOutputError(workdir, where, "empty")
     try:
         rows = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        head = raw.strip()[:80].decode("utf-8", "backslashreplace")
-        raise DiscoveryOutputError(workdir, where, f"not JSON: starts {head!r}" if head else "empty") from None
+    except UnicodeDecodeError:
+        raise DiscoveryOutputError(workdir, where, "not JSON: not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise DiscoveryOutputError(workdir, where, f"not JSON: {exc.msg} at byte {exc.pos}") from None
     if not isinstance(rows, list):
         raise DiscoveryOutputError(workdir, where, f"a JSON {type(rows).__name__}, not a list")
     if len(rows) > MAX_COMPONENTS:
