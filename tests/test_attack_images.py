@@ -592,3 +592,14 @@ def test_docker_garbage_on_the_channel_is_exit_1(docker_client, base, wd, made):
         f"infra: error: plugin discovery for workdir {wd} in image {made[0]} returned a malformed document (not JSON: Expecting value at byte 0)"
         in (result.stderr)
     )
+
+
+def test_bake_context_command_refuses_a_link_out_in_one_line(wd, secret, tmp_path):
+    (wd / "model" / "leak.txt").symlink_to(secret)
+    out = tmp_path / "ctx"
+    result = subprocess.run(
+        [sys.executable, "-m", "runner.images.builds", "context", str(wd), str(out)], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"infra: error: {wd}/model/leak.txt: symbolic link to {secret}, outside")
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -404,20 +404,29 @@ def ensure_plugin_image(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m runner.images.builds context WORKDIR DIR`: write the plugin build context bake builds from."""
+    """`python -m runner.images.builds context WORKDIR DIR`: write the plugin build context bake builds from.
+
+    Exit 0; 2 with a one-line message when the workdir cannot be taken (see `runner.images.context`)."""
     import sys
+
+    from runner.errors import InfraError
 
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 3 or args[0] != "context":
         print("usage: python -m runner.images.builds context WORKDIR DIR", file=sys.stderr)
         return 2
     out = Path(args[2])
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile() as fh:
-        write_context_tar(plugin_context_entries(Path(args[1]), default_wheelhouse(None)), fh)
-        fh.seek(0)
-        with tarfile.open(fileobj=fh) as tar:
-            tar.extractall(out, filter="data")
+    try:
+        entries = plugin_context_entries(Path(args[1]), default_wheelhouse(None))
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile() as fh:
+            write_context_tar(entries, fh)
+            fh.seek(0)
+            with tarfile.open(fileobj=fh) as tar:
+                tar.extractall(out, filter="data")
+    except InfraError as exc:
+        print(f"infra: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 
