@@ -10,6 +10,7 @@ they made (found by tag, label, or parent chain from this checkout's base image)
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -417,14 +418,21 @@ def base(docker_client):
 
 
 @pytest.fixture
-def made(docker_client):
-    """Tags a test makes, removed afterwards with the containers it labelled."""
+def made(docker_client, base):
+    """Tags a test makes, removed afterwards with the containers it labelled and the untagged step
+    images its builds left on this checkout's base (the requirements stage's cache)."""
+    before = {i.id for i in docker_client.images.list(all=True)}
     tags: list[str] = []
     yield tags
     for container in engine.find_containers(docker_client, {"infra.test": "attack"}):
         engine.remove_container(container)
     for tag in tags:
         engine.remove_image(docker_client, tag, force=True)
+    left = [i for i in docker_client.images.list(all=True) if i.id not in before and not i.tags]
+    for image in sorted(left, key=lambda i: i.attrs["Created"], reverse=True):
+        if descends_from(docker_client, image.id, base.id):
+            with contextlib.suppress(Exception):  # still a parent of someone else's image: keep it
+                docker_client.api.remove_image(image.id, noprune=True)
 
 
 def descends_from(client, image_id: str, ancestor: str) -> bool:
