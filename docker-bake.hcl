@@ -67,6 +67,8 @@ target "base-cpu" {
   tags = ["infra-base:cpu"]
 }
 
+# Two stages (images/plugins/Dockerfile): requirements installed in `requirements`, copied into the
+# last stage, which bake builds; the wheels stay in the first stage's layers.
 target "plugins" {
   context    = PLUGIN_CONTEXT
   dockerfile = "Dockerfile"

@@ -38,7 +38,7 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     from runner import engine
     from runner.data.importer import build_demo_db
-    from runner.run.launch import decide_image
+    from runner.images.decide import decide_image
 
     top = Path(tempfile.mkdtemp(prefix="infra-bench-"))
     work = top / "work"

@@ -36,6 +36,7 @@ NVIDIA_HINT = (
 )
 BUILD_LOG_TAIL_LINES = 40
 _STEP_RE = re.compile(r"^Step \d+/\d+ : ")
+_LAYER_RE = re.compile(r"^ ---> ([0-9a-f]{12,64})$")  # the classic builder's "this step's image is …"
 
 
 def get_client(base_url: str | None = None, timeout: int = 120):
@@ -147,7 +148,9 @@ def build_image(
     Uses the engine's classic builder (what the SDK speaks), so Dockerfiles must not use
     `RUN --mount`. Each build-log line goes to `on_log` as it arrives (and to the debug log).
     Returns the new image id. On failure raises BuildError whose `step` is the Dockerfile
-    instruction that failed and `log_tail` the last lines of the build log.
+    instruction that failed and `log_tail` the last lines of the build log, after removing the
+    untagged step images this build created (a failed build leaves none behind; images it took from
+    the cache, or that another build has built on meanwhile, are kept).
     """
     from docker.errors import APIError
 
@@ -157,11 +160,20 @@ def build_image(
     image_id = None
     error = None
     partial = ""
+    created: list[str] = []  # step images this build made, oldest first
+    cached = False
 
     def emit(line: str) -> None:
-        nonlocal step
+        nonlocal step, cached
         if _STEP_RE.match(line):
-            step = line
+            step, cached = line, False
+        elif line == " ---> Using cache":
+            cached = True
+        else:
+            layer = _LAYER_RE.match(line)
+            # FROM names an existing image; a cached step reuses one: neither was made here
+            if layer and not cached and not _is_from(step):
+                created.append(layer.group(1))
         tail.append(line)
         log.debug("build %s: %s", tag, line)
         if on_log is not None:
@@ -195,7 +207,11 @@ def build_image(
             emit(partial.rstrip())
     except APIError as exc:
         error = _short(exc)
+    except BaseException:  # interrupted: what this build made is as useless as after a failure
+        _remove_untagged(client, created)
+        raise
     if error is not None:
+        _remove_untagged(client, created)
         if not tail or tail[-1] != error:
             tail.append(error)
         short_step = step if len(step) <= 100 else step[:97] + "..."
@@ -210,6 +226,24 @@ def build_image(
             log_tail="\n".join(tail),
         )
     return image_id or get_image_id(client, tag) or ""
+
+
+def _is_from(step: str) -> bool:
+    return bool(re.match(r"^Step \d+/\d+ : FROM\s", step, re.I))
+
+
+def _remove_untagged(client, image_ids: Sequence[str]) -> None:
+    """Remove these images, newest first, when they still have no tag; never their parents
+    (noprune: those may be another build's cache) and never by force (one in use stays)."""
+    from docker.errors import APIError
+
+    for image_id in reversed(image_ids):
+        try:
+            if client.api.inspect_image(image_id).get("RepoTags"):
+                continue
+            client.api.remove_image(image_id, force=False, noprune=True)
+        except APIError as exc:  # gone already, or now a parent/used: keep it
+            log.debug("keeping image %s after a failed build: %s", image_id, _short(exc))
 
 
 # --- containers -----------------------------------------------------------------------------------
@@ -258,11 +292,16 @@ def container_args(
     security_opt: Sequence[str] | None = None,
     pids_limit: int | None = None,
     log_config: Mapping[str, Any] | None = None,
+    read_only: bool | None = None,
+    tmpfs: Mapping[str, str] | None = None,
 ) -> dict:
     """The keyword arguments for `client.containers.create` (pure; no engine needed).
 
     `mounts` are (host path, container path, mode) with mode "ro" or "rw". `init` runs docker-init
-    as PID 1 so SIGTERM from `docker stop` reaches the training process.
+    as PID 1 so SIGTERM from `docker stop` reaches the training process. `cap_drop`,
+    `security_opt`, `pids_limit`, `log_config` ({"type": …, "config": {…}}), `read_only` and
+    `tmpfs` ({path: options}) pass through to the engine; `runner.run.hardening.security_args()`
+    gives the hardening every container of infra runs with.
     """
     volumes = {}
     for host, target, mode in mounts:
@@ -288,10 +327,12 @@ def container_args(
         "network_mode": network_mode,
         "working_dir": working_dir,
         "device_requests": device_requests(gpus),
-        "cap_drop": list(cap_drop) if cap_drop else None,
-        "security_opt": list(security_opt) if security_opt else None,
+        "cap_drop": list(cap_drop) if cap_drop is not None else None,
+        "security_opt": list(security_opt) if security_opt is not None else None,
         "pids_limit": pids_limit,
-        "log_config": dict(log_config) if log_config else None,
+        "log_config": dict(log_config) if log_config is not None else None,
+        "read_only": read_only,
+        "tmpfs": dict(tmpfs) if tmpfs is not None else None,
     }
     args.update({k: v for k, v in optional.items() if v is not None})
     return args

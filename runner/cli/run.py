@@ -190,17 +190,11 @@ def build(
 
     from runner import engine
     from runner.images import builds
-    from runner.run.launch import decide_image
+    from runner.images.decide import decide_image
 
-    if dry_run and base:
-        root = builds.source_root()
-        spec = builds.plan_base_build(
-            root,
-            base_image=os.environ.get("INFRA_BASE_OS") or None,
-            torch_spec=os.environ.get("INFRA_TORCH_SPEC") or None,
-            wheelhouse=builds.default_wheelhouse(root),
-        )
-        (emit_json(spec.describe()) if json_out else typer.echo(_describe(spec.describe())))
+    if dry_run:
+        doc = _dry_run(None if base else _workdir(workdir))
+        (emit_json(doc) if json_out else typer.echo(_describe(doc)))
         return
     client = engine.get_client()
     if base:
@@ -214,10 +208,6 @@ def build(
     else:
         wd = _workdir(workdir)
         decision = decide_image(client, wd, say)
-        if dry_run:
-            doc = {**decision.spec.describe(), "exists": decision.image_id is not None}
-            (emit_json(doc) if json_out else typer.echo(_describe(doc)))
-            return
         if decision.image_id and not force:
             ref = builds.ImageRef(decision.spec.tag, decision.image_id, decision.spec.content_hash, built=False)
         else:
@@ -234,7 +224,39 @@ def build(
     say(f"{'built' if ref.built else 'reused'} {ref.tag} ({ref.id[:19]})")
 
 
-def _describe(doc: dict) -> str:
-    import json
+def _dry_run(workdir: Path | None) -> dict:
+    """`infra build --dry-run`: what would be built, the base step included; inspects, never builds.
 
-    return json.dumps(doc, indent=2)
+    Without a reachable engine the plan is still printed, with `exists` null."""
+    from runner import engine
+    from runner.errors import EnvironmentProblem
+    from runner.images.decide import plan_images
+
+    try:
+        client = engine.get_client(timeout=10)
+    except EnvironmentProblem as exc:
+        say(f"infra: warning: {exc}; whether images exist is unknown")
+        client = None
+    return plan_images(client, workdir)
+
+
+def _describe(doc: dict) -> str:
+    """The dry run as lines: one per image step, then its details."""
+    lines = []
+    for step in ("base", "plugins"):
+        image = doc.get(step)
+        if image is None:
+            continue
+        state = {True: "exists", False: "missing", None: "unknown (no engine)"}[image.get("exists")]
+        action = "would build" if image.get("would_build") else "would reuse"
+        if image.get("source") == "INFRA_BASE_IMAGE":
+            action = "a ready image (INFRA_BASE_IMAGE), never built"
+        lines.append(f"{step}: {image.get('tag') or '(tag known once the base exists)'}: {state}; {action}")
+        for key in ("dockerfile", "buildargs", "labels", "problem", "note"):
+            if image.get(key):
+                lines.append(f"  {key}: {image[key]}")
+        context = image.get("context") or []
+        if context:
+            more = " ..." if len(context) > 12 else ""
+            lines.append(f"  context: {len(context)} entries: {' '.join(context[:12])}{more}")
+    return "\n".join(lines)

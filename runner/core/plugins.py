@@ -115,25 +115,50 @@ def describe_registries() -> list[dict]:
     for kind, registry in registries().items():
         for entry in registry.entries():
             module = getattr(entry.factory, "__module__", "") or ""
-            rows.append({"kind": kind, "name": entry.name, "source_file": entry.source_file,
-                         "builtin": not module.startswith(NAMESPACE)})
+            rows.append(
+                {
+                    "kind": kind,
+                    "name": entry.name,
+                    "source_file": entry.source_file,
+                    "builtin": not module.startswith(NAMESPACE),
+                }
+            )
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m runner.core.plugins [WORKDIR]`: load the plugins, print `describe_registries()` as JSON.
+def private_stdout() -> int:
+    """Keep the process's real stdout for the discovery document and point fd 1 (and sys.stdout) at
+    stderr, so whatever plugin code prints, in Python or with os.write(1, …), cannot mix into it.
 
-    Exit 0, or 1 with the one-line PluginError on stderr. What `infra plugins list` runs in the image.
+    Returns the new, non-inheritable descriptor of the real stdout.
+    """
+    sys.stdout.flush()
+    channel = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return channel
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m runner.core.plugins [WORKDIR]`: load the plugins, write `describe_registries()` as JSON.
+
+    Exit 0 with the JSON list as the only thing on stdout, or 1 with the one-line PluginError on
+    stderr. What plugin code prints goes to stderr (`private_stdout`). What `infra plugins list` runs
+    in the image; the host treats the document as untrusted all the same.
     """
     import json
 
     args = sys.argv[1:] if argv is None else argv
+    channel = private_stdout()
     try:
         load_plugins(resolve_workdir(args[0] if args else None))
+        document = json.dumps(describe_registries(), indent=2)
     except PluginError as exc:
         print(f"infra plugins: {exc}", file=sys.stderr)
+        os.close(channel)
         return exc.exit_code
-    print(json.dumps(describe_registries(), indent=2))
+    with os.fdopen(channel, "w", encoding="utf-8") as out:
+        out.write(document + "\n")
     return 0
 
 

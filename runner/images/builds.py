@@ -17,23 +17,34 @@ normalised modes, `.dockerignore` honoured.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import os
-import re
 import stat
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import runner
 from runner import engine
 from runner.errors import EnvironmentProblem, UsageError
+from runner.images.context import (  # noqa: F401  re-exported: the context API lives in runner.images.context
+    ContextError,
+    Entry,
+    IgnoreRules,
+    collect_tree,
+    context_hash,
+    context_tar_bytes,
+    link_entry,
+    normalise,
+    read_small_file,
+    shown,
+    special_file_error,
+    write_context_tar,
+)
+from runner.images.wheels import has_requirements, select_wheels
 
 log = logging.getLogger(__name__)
 
@@ -60,222 +71,36 @@ PLUGIN_DOCKERFILE_TEXT = """\
 #
 # Build context (made by runner/images/builds.py, or `python -m runner.images.builds context WORKDIR DIR` for bake):
 #   Dockerfile  requirements.txt  wheels/  workdir/{model,embed,metrics,vocab}/
-# requirements.txt is the workdir's (empty when it has none); wheels/ holds wheels for installing it
-# offline (empty: install from the index). No RUN --mount: builds with BuildKit and the classic builder.
+# requirements.txt is the workdir's (empty when it has none); wheels/ holds the wheels installing it
+# may need and a .offline marker when the runner has a wheelhouse (install with --no-index), and
+# is empty otherwise (no requirements, or install from the index).
+# Two stages: the requirements are installed in the first, and the final image copies only what pip
+# installed, so the wheels never persist in a layer. No RUN --mount: builds with BuildKit and the
+# classic builder.
 ARG BASE=infra-base:latest
-FROM ${BASE}
-# Extra requirements first, so editing a plugin does not reinstall them.
+FROM ${BASE} AS requirements
+# Images and build containers of this stage must not pass for the base image they start from.
+LABEL infra.kind=plugins-requirements infra.content_hash=""
 COPY requirements.txt /tmp/infra-plugins/requirements.txt
 COPY wheels/ /tmp/infra-plugins/wheels/
 RUN set -eu; \\
+    mkdir -p /opt/infra-plugins/site-packages /opt/infra-plugins/bin; \\
     if grep -qvE '^[[:space:]]*(#|$)' /tmp/infra-plugins/requirements.txt; then \\
-        if ls /tmp/infra-plugins/wheels/*.whl >/dev/null 2>&1; then \\
-            pip install --no-index --find-links /tmp/infra-plugins/wheels -r /tmp/infra-plugins/requirements.txt; \\
-        else pip install -r /tmp/infra-plugins/requirements.txt; fi; \\
-    fi; \\
-    rm -rf /tmp/infra-plugins
+        if [ -e /tmp/infra-plugins/wheels/.offline ]; then \\
+            src="--no-index --find-links /tmp/infra-plugins/wheels"; else src=""; fi; \\
+        pip install --prefix /tmp/infra-plugins/prefix $src -r /tmp/infra-plugins/requirements.txt; \\
+        cp -a /tmp/infra-plugins/prefix/lib/python3*/site-packages/. /opt/infra-plugins/site-packages/; \\
+        if [ -d /tmp/infra-plugins/prefix/bin ]; then cp -a /tmp/infra-plugins/prefix/bin/. /opt/infra-plugins/bin/; fi; \\
+    fi
+
+FROM ${BASE}
+# Extra requirements first, so editing a plugin does not reinstall them; they shadow the base's
+# packages (PYTHONPATH comes before the venv), so a requirement may upgrade one.
+COPY --from=requirements /opt/infra-plugins/ /opt/infra-plugins/
+ENV PYTHONPATH=/opt/infra-plugins/site-packages PATH=/opt/infra-plugins/bin:$PATH
 COPY workdir/ /workdir/
 ENV INFRA_WORKDIR=/workdir
 """
-
-
-# --- .dockerignore --------------------------------------------------------------------------------
-
-
-def _pattern_regex(pattern: str) -> re.Pattern:
-    """Docker's .dockerignore glob (Go filepath.Match plus `**`) as a regex over '/'-paths."""
-    out = []
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**", i):
-            i += 2
-            if pattern.startswith("/", i):  # "**/" also matches zero directories
-                i += 1
-                out.append("(?:.*/)?")
-            else:
-                out.append(".*")
-            continue
-        if c == "*":
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[":
-            end = pattern.find("]", i + 1)
-            if end == -1:
-                out.append(re.escape(c))
-            else:
-                body = pattern[i + 1 : end]
-                if body.startswith("^") or body.startswith("!"):
-                    body = "^" + body[1:]
-                out.append(f"[{body}]")
-                i = end
-        elif c == "\\" and i + 1 < len(pattern):
-            i += 1
-            out.append(re.escape(pattern[i]))
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out) + r"\Z")
-
-
-@dataclass(frozen=True)
-class IgnoreRules:
-    """Parsed .dockerignore: later rules win; `!pattern` re-includes; a match on a parent excludes."""
-
-    rules: tuple[tuple[bool, re.Pattern], ...] = ()
-
-    @classmethod
-    def parse(cls, text: str) -> IgnoreRules:
-        rules = []
-        for raw in text.splitlines():
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            negate = line.startswith("!")
-            if negate:
-                line = line[1:].strip()
-            line = os.path.normpath(line).replace(os.sep, "/").lstrip("/")
-            if line in ("", "."):
-                continue
-            rules.append((negate, _pattern_regex(line)))
-        return cls(tuple(rules))
-
-    @classmethod
-    def from_dir(cls, root: Path, extra: Iterable[str] = ()) -> IgnoreRules:
-        path = Path(root) / ".dockerignore"
-        text = path.read_text(encoding="utf-8") if path.is_file() else ""
-        return cls.parse("\n".join(list(extra) + [text]))
-
-    def excluded(self, relpath: str) -> bool:
-        """True when `relpath` ('/'-separated, relative to the context root) is left out."""
-        parts = relpath.split("/")
-        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-        result = False
-        for negate, regex in self.rules:
-            if any(regex.match(p) for p in prefixes):
-                result = not negate
-        return result
-
-
-# --- deterministic build contexts -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One member of a build context: a directory, a file on disk, or inline bytes.
-
-    `fingerprint="stat"` hashes a file by name and size instead of content (wheels: immutable by name,
-    too big to read on every decision).
-    """
-
-    arcname: str
-    source: Path | None = None
-    data: bytes | None = None
-    is_dir: bool = False
-    executable: bool = False
-    fingerprint: str = "content"
-
-    def size(self) -> int:
-        if self.is_dir:
-            return 0
-        return len(self.data) if self.data is not None else self.source.stat().st_size
-
-    def digest(self) -> str:
-        if self.is_dir:
-            return "dir"
-        if self.fingerprint == "stat":
-            return f"size:{self.size()}"
-        h = hashlib.sha256()
-        if self.data is not None:
-            h.update(self.data)
-        else:
-            with open(self.source, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-        return h.hexdigest()
-
-
-def collect_tree(
-    root: Path, prefix: str, ignore: IgnoreRules, rel_base: str = "", fingerprint: str = "content"
-) -> list[Entry]:
-    """Entries for everything under `root` (itself included as a dir) at `prefix` in the context,
-    skipping what `ignore` excludes (matched against `rel_base/relative path`). Symlinks to files are
-    followed; other special files are skipped."""
-    root = Path(root)
-    entries = [Entry(prefix, is_dir=True)]
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
-        rel_dir = "" if rel_dir == "." else rel_dir
-        kept = []
-        for d in sorted(dirnames):
-            rel = f"{rel_dir}/{d}" if rel_dir else d
-            if not ignore.excluded(_join(rel_base, rel)):
-                kept.append(d)
-                entries.append(Entry(f"{prefix}/{rel}", is_dir=True))
-        dirnames[:] = kept
-        for f in sorted(filenames):
-            rel = f"{rel_dir}/{f}" if rel_dir else f
-            path = Path(dirpath) / f
-            if ignore.excluded(_join(rel_base, rel)) or not path.is_file():
-                continue
-            mode = path.stat().st_mode
-            entries.append(
-                Entry(f"{prefix}/{rel}", source=path, executable=bool(mode & stat.S_IXUSR), fingerprint=fingerprint)
-            )
-    return entries
-
-
-def _join(base: str, rel: str) -> str:
-    return f"{base}/{rel}" if base else rel
-
-
-def _normalise(entries: Iterable[Entry]) -> list[Entry]:
-    by_name: dict[str, Entry] = {}
-    for e in entries:
-        by_name[e.arcname.strip("/")] = e
-    return [by_name[name] for name in sorted(by_name)]
-
-
-def context_hash(entries: Iterable[Entry], extra: Mapping[str, str] | None = None) -> str:
-    """sha256 over the sorted (name, kind, mode, content digest) of the entries plus `extra` items."""
-    h = hashlib.sha256()
-    for key, value in sorted((extra or {}).items()):
-        h.update(f"extra\0{key}\0{value}\n".encode())
-    for e in _normalise(entries):
-        kind = "d" if e.is_dir else ("x" if e.executable else "f")
-        h.update(f"{e.arcname.strip('/')}\0{kind}\0{e.digest()}\n".encode())
-    return h.hexdigest()
-
-
-def write_context_tar(entries: Iterable[Entry], fileobj: IO[bytes]) -> None:
-    """Write the entries as an uncompressed tar, reproducibly: sorted names, mtime 0, uid/gid 0,
-    no user/group names, modes 0755 for dirs and executables and 0644 otherwise."""
-    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for e in _normalise(entries):
-            info = tarfile.TarInfo(e.arcname.strip("/"))
-            info.mtime = 0
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            if e.is_dir:
-                info.type = tarfile.DIRTYPE
-                info.mode = 0o755
-                tar.addfile(info)
-                continue
-            info.mode = 0o755 if e.executable else 0o644
-            info.size = e.size()
-            if e.data is not None:
-                tar.addfile(info, io.BytesIO(e.data))
-            else:
-                with open(e.source, "rb") as fh:
-                    tar.addfile(info, fh)
-
-
-def context_tar_bytes(entries: Iterable[Entry]) -> bytes:
-    """The context tar in memory (small contexts and tests; big ones go through a temp file)."""
-    buf = io.BytesIO()
-    write_context_tar(entries, buf)
-    return buf.getvalue()
 
 
 # --- build plans (pure) ---------------------------------------------------------------------------
@@ -302,7 +127,7 @@ class BuildSpec:
             "dockerfile": self.dockerfile,
             "buildargs": self.buildargs,
             "labels": self.labels,
-            "context": [e.arcname + ("/" if e.is_dir else "") for e in _normalise(self.entries)],
+            "context": [e.arcname + ("/" if e.is_dir else "") for e in normalise(self.entries)],
         }
 
 
@@ -349,31 +174,68 @@ def plugin_context_entries(workdir: Path, wheelhouse: Path | None = None) -> lis
 
     Missing plugin folders become empty dirs and a missing requirements.txt an empty file, so every
     workdir builds with the same Dockerfile. The workdir's .dockerignore applies inside the folders.
-    Wheels are included only when there are requirements to install from them.
+    Wheels are included only when requirements.txt asks for something, and then only those it may
+    need (`runner.images.wheels`). The workdir is read as untrusted (`runner.images.context`): a link
+    is kept as a link when it stays inside the copied plugin folders and is a ContextError (exit 2)
+    naming it and its target otherwise; special files and names that are not UTF-8 are refused.
     """
-    workdir = Path(workdir)
+    workdir = Path(os.path.realpath(workdir))
     ignore = IgnoreRules.from_dir(workdir, extra=SOURCE_EXCLUDES)
     entries = [
         Entry("Dockerfile", data=render_plugin_dockerfile().encode()),
         Entry("wheels", is_dir=True),
         Entry("workdir", is_dir=True),
     ]
-    for name in PLUGIN_DIRS:
-        folder = workdir / name
-        if folder.is_dir() and not ignore.excluded(name):
-            entries += collect_tree(folder, f"workdir/{name}", ignore, rel_base=name)
+    kinds = {name: _plugin_folder_kind(workdir, name, ignore) for name in PLUGIN_DIRS}
+    copied = [str(workdir / name) for name, kind in kinds.items() if kind == "dir"]
+    why = f"the plugin folders of {shown(workdir)} ({' '.join(n + '/' for n in PLUGIN_DIRS)})"
+    for name, kind in kinds.items():
+        if kind == "dir":
+            entries += collect_tree(workdir / name, f"workdir/{name}", ignore, rel_base=name,
+                                    link_roots=copied, link_why=why)  # fmt: skip
+        elif kind == "link":
+            entries.append(link_entry(f"workdir/{name}", workdir / name, copied, why))
         else:
             entries.append(Entry(f"workdir/{name}", is_dir=True))
-    req = workdir / "requirements.txt"
-    req_bytes = req.read_bytes() if req.is_file() and not ignore.excluded("requirements.txt") else b""
+    req_bytes = b"" if ignore.excluded("requirements.txt") else read_small_file(workdir, "requirements.txt") or b""
+    try:
+        req_text = req_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ContextError(
+            f"{shown(workdir / 'requirements.txt')}: not valid UTF-8 (byte 0x{req_bytes[exc.start]:02x} at offset "
+            f"{exc.start}); save it as UTF-8",
+            shown(workdir / "requirements.txt"),
+        ) from None
     entries.append(Entry("requirements.txt", data=req_bytes))
     if req_bytes:
         entries.append(Entry("workdir/requirements.txt", data=req_bytes))
-    if req_bytes.strip() and wheelhouse is not None:
+    if has_requirements(req_text) and wheelhouse is not None:
+        # The marker keeps the install offline even when no wheel matches: a fast, clear failure
+        # instead of pip retrying an index the node cannot reach.
+        entries.append(Entry("wheels/.offline", data=b"install from these wheels only (--no-index)\n"))
         entries += [
-            Entry(f"wheels/{p.name}", source=p, fingerprint="stat") for p in sorted(Path(wheelhouse).glob("*.whl"))
+            Entry(f"wheels/{p.name}", source=p, fingerprint="stat") for p in select_wheels(req_text, wheelhouse)
         ]
     return entries
+
+
+def _plugin_folder_kind(workdir: Path, name: str, ignore: IgnoreRules) -> str:
+    """ "dir", "link" or "none" for a top-level plugin folder; anything else there is a ContextError."""
+    if ignore.excluded(name):
+        return "none"
+    try:
+        mode = os.lstat(workdir / name).st_mode
+    except FileNotFoundError:
+        return "none"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "link"
+    if not stat.S_ISREG(mode):
+        raise special_file_error(workdir / name, mode)
+    raise ContextError(
+        f"{shown(workdir / name)}: expected a folder of {name} plugins, found a file", shown(workdir / name)
+    )
 
 
 def plan_plugin_build(workdir: Path, base_tag: str, base_id: str, wheelhouse: Path | None = None) -> BuildSpec:
@@ -441,7 +303,9 @@ def plan_base_build(
 
 def default_wheelhouse(root: Path | None) -> Path | None:
     """INFRA_WHEELHOUSE, else <checkout>/wheelhouse when it holds wheels (scripts/make-wheelhouse.sh)."""
-    env = os.environ.get("INFRA_WHEELHOUSE")
+    from runner.settings import node_settings
+
+    env = node_settings().wheelhouse
     if env:
         return Path(env)
     if root is not None and any((root / "wheelhouse").glob("*.whl")):
@@ -542,20 +406,29 @@ def ensure_plugin_image(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m runner.images.builds context WORKDIR DIR`: write the plugin build context bake builds from."""
+    """`python -m runner.images.builds context WORKDIR DIR`: write the plugin build context bake builds from.
+
+    Exit 0; 2 with a one-line message when the workdir cannot be taken (see `runner.images.context`)."""
     import sys
+
+    from runner.errors import InfraError
 
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 3 or args[0] != "context":
         print("usage: python -m runner.images.builds context WORKDIR DIR", file=sys.stderr)
         return 2
     out = Path(args[2])
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile() as fh:
-        write_context_tar(plugin_context_entries(Path(args[1]), default_wheelhouse(None)), fh)
-        fh.seek(0)
-        with tarfile.open(fileobj=fh) as tar:
-            tar.extractall(out, filter="data")
+    try:
+        entries = plugin_context_entries(Path(args[1]), default_wheelhouse(None))
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile() as fh:
+            write_context_tar(entries, fh)
+            fh.seek(0)
+            with tarfile.open(fileobj=fh) as tar:
+                tar.extractall(out, filter="data")
+    except InfraError as exc:
+        print(f"infra: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

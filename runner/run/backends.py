@@ -27,13 +27,13 @@ from pathlib import Path
 
 from runner import __version__, safefs
 from runner.errors import EnvironmentProblem, UsageError
+from runner.run.hardening import unprivileged_user
 from runner.run.records import MOUNTED_DIRS, Experiment, now_iso
 from runner.run.spec import (
     LABEL_ATTEMPT,
     LABEL_EXPERIMENT,
     LABEL_WORKDIR,
     container_spec,
-    training_user,
     workdir_identity,
 )
 from runner.settings import NodeSettings
@@ -93,14 +93,14 @@ class DockerBackend:
 
     def prepare(self, workdir: Path, gpus, on_log: Callable[[str], None]) -> Prepared:
         from runner import engine
-        from runner.run.launch import decide_image
+        from runner.images.decide import decide_image
 
         client = self.handle.require()
         if gpus_requested(gpus) and not engine.gpu_runtime_available(client):
             raise EnvironmentProblem(
                 f"GPUs requested (--gpus {gpus}) but the Docker engine has no GPU runtime: {engine.NVIDIA_HINT}"
             )
-        decision = decide_image(client, workdir, self.settings, on_log)
+        decision = decide_image(client, workdir, on_log)
         return Prepared(decision.spec.content_hash, decision.spec.tag, decision.image_id, decision.spec)
 
     # --- one attempt ------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ class DockerBackend:
             workdir=workdir,
             settings=self.settings,
             mounted_dirs=MOUNTED_DIRS,
-            user=training_user(self.settings),
+            user=unprivileged_user(self.settings),
         )
 
     def start(self, exp, resolved, record, prepared: Prepared, db: Path, workdir: Path, set_state) -> dict:

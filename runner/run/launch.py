@@ -90,44 +90,6 @@ def resolve_gpus(plan_gpus, override) -> str | int:
     return value
 
 
-@dataclass
-class ImageDecision:
-    base_tag: str
-    spec: object  # runner.images.builds.BuildSpec of the plugin image
-    image_id: str | None  # None: must be built
-
-
-def decide_image(
-    client, workdir: Path, settings: NodeSettings, on_log: Callable[[str], None], build_base: bool = True
-):
-    """Ensure the base image (INFRA_BASE_IMAGE, or built from this checkout) and plan the plugin image.
-
-    With `build_base=False` nothing is built: a missing base image gives a decision without a spec.
-    """
-    from runner import engine
-    from runner.images import builds
-
-    if not build_base and not settings.base_image:
-        root = builds.source_root()
-        base = builds.plan_base_build(root, base_image=settings.base_os, torch_spec=settings.torch_spec,
-                                      wheelhouse=builds.default_wheelhouse(root))  # fmt: skip
-        base_id = engine.get_image_id(client, base.tag)
-        if base_id is None:
-            return ImageDecision(base.tag, None, None)
-        spec = builds.plan_plugin_build(workdir, base.tag, base_id, builds.default_wheelhouse(root))
-        return ImageDecision(base.tag, spec, engine.get_image_id(client, spec.tag))
-    if settings.base_image:
-        base_tag = settings.base_image
-        base_id = engine.get_image_id(client, base_tag)
-        if base_id is None:
-            raise EnvironmentProblem(f"INFRA_BASE_IMAGE={base_tag} is not in the Docker engine; build or load it first")
-    else:
-        ref = builds.ensure_base_image(client, base_image=settings.base_os, torch_spec=settings.torch_spec, on_log=on_log)
-        base_tag, base_id = ref.tag, ref.id
-    spec = builds.plan_plugin_build(workdir, base_tag, base_id, builds.default_wheelhouse(builds.source_root()))
-    return ImageDecision(base_tag, spec, engine.get_image_id(client, spec.tag))
-
-
 def preflight_paths(db: Path, workdir: Path, settings: NodeSettings) -> None:
     """Checks that need no engine: the DB readable, the workdir writable, enough disk."""
     if not os.access(db, os.R_OK):
@@ -199,14 +161,16 @@ def dry_run(loaded: LoadedPlan, workdir: Path, opts: RunOptions) -> dict:
     db = Path(plan.data.db)
     doc: dict = {"backend": backend.name, "workdir": str(workdir)}
     if backend.name == "docker":
-        decision = decide_image(backend.handle.require(), workdir, settings, opts.on_log, build_base=False)
-        image_hash = decision.spec.content_hash if decision.spec is not None else None
-        image = decision.spec.tag if decision.spec is not None else None
-        doc["base_image"] = decision.base_tag
+        from runner.images.decide import plan_images
+
+        images = plan_images(backend.handle.require(), workdir)
+        plugin = images["plugins"]
+        image_hash, image, image_id = plugin.get("content_hash"), plugin.get("tag"), plugin.get("id")
+        doc["base_image"] = images["base"]["tag"]
         doc["image"] = image
-        doc["image_exists"] = decision.image_id is not None
-        if decision.spec is None:
-            doc["note"] = f"base image {decision.base_tag} is missing: 'infra run' builds it first (or 'infra build --base')"
+        doc["image_exists"] = bool(plugin.get("exists"))
+        if image is None:
+            doc["note"] = f"base image {images['base']['tag']} is missing: 'infra run' builds it first (or 'infra build --base')"
     else:
         image_hash = local_image_hash(workdir)
     exp_id = derive_experiment_id(resolved, image_hash) if image_hash else resolved.get("experiment_id")
@@ -220,7 +184,7 @@ def dry_run(loaded: LoadedPlan, workdir: Path, opts: RunOptions) -> dict:
         previous = exp.read() if exp_id and exp.exists() else {}
         stub = {"attempt": previous.get("attempt", 0) + 1, "plan_sha256": plan_sha256(resolved), "gpus": gpus,
                 "image": image or "<plugin image, built on run>"}  # fmt: skip
-        spec = backend.spec(exp, stub, resolved, db, workdir, decision.image_id or "<built on run>")
+        spec = backend.spec(exp, stub, resolved, db, workdir, image_id or "<built on run>")
         doc["container"] = spec.describe()
     return doc
 

@@ -20,12 +20,12 @@ The boundary it draws:
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runner import __version__
+from runner.run.hardening import CAP_DROP, PIDS_LIMIT, SECURITY_OPT, security_args
 from runner.settings import NodeSettings
 
 CONTAINER_EXP = "/exp"
@@ -62,9 +62,9 @@ class ContainerSpec:
     labels: dict[str, str]
     mounts: tuple[Mount, ...]
     environment: dict[str, str]
-    cap_drop: tuple[str, ...] = ("ALL",)
-    security_opt: tuple[str, ...] = ("no-new-privileges",)
-    pids_limit: int = 4096
+    cap_drop: tuple[str, ...] = CAP_DROP
+    security_opt: tuple[str, ...] = SECURITY_OPT
+    pids_limit: int = PIDS_LIMIT
     mem_limit: str | None = None
     nano_cpus: int | None = None
     shm_size: str | None = None
@@ -114,22 +114,6 @@ class ContainerSpec:
         }
 
 
-def training_user(settings: NodeSettings, euid: int | None = None, env: dict | None = None) -> tuple[int, int]:
-    """The uid:gid the training runs as; never 0.
-
-    The invoker's own ids; under sudo the sudo caller's (so files belong to the person who ran it);
-    when infra itself runs as root, the node's unprivileged `train_uid:train_gid`.
-    """
-    euid = os.geteuid() if euid is None else euid
-    env = os.environ if env is None else env
-    if euid != 0:
-        return euid, os.getegid()
-    sudo_uid, sudo_gid = env.get("SUDO_UID", ""), env.get("SUDO_GID", "")
-    if sudo_uid.isdigit() and int(sudo_uid) != 0:
-        return int(sudo_uid), int(sudo_gid) if sudo_gid.isdigit() and int(sudo_gid) != 0 else int(sudo_uid)
-    return settings.train_uid, settings.train_gid
-
-
 def workdir_identity(workdir: Path) -> str:
     """A short, stable name for a workdir (its real path hashed): containers are matched by it."""
     return hashlib.sha256(str(Path(workdir).resolve()).encode()).hexdigest()[:16]
@@ -173,16 +157,14 @@ def container_spec(
     user: tuple[int, int],
 ) -> ContainerSpec:
     """The training container of one attempt (pure: the same inputs give the same spec)."""
-    uid, gid = user
-    if uid == 0 or gid == 0:
-        raise ValueError("the training never runs as uid or gid 0")
+    security = security_args(*user, pids_limit=settings.pids_limit)  # refuses uid 0
     exp_mounts = tuple(Mount(str(exp_root / d), f"{CONTAINER_EXP}/{d}", False) for d in mounted_dirs)
     cpus = resources.get("cpus")
     return ContainerSpec(
         image=image,
         command=("infra-train", PLAN_IN_CONTAINER, "--exp-dir", CONTAINER_EXP, "--workdir", CONTAINER_WORKDIR),
         name=f"infra-{experiment_id}-{workdir_identity(workdir)[:8]}",
-        user=f"{uid}:{gid}",
+        user=security["user"],
         labels={
             LABEL_EXPERIMENT: experiment_id,
             LABEL_ATTEMPT: str(attempt),
@@ -198,7 +180,9 @@ def container_spec(
             "PYTHONUNBUFFERED": "1",
             "MPLBACKEND": "Agg",
         },
-        pids_limit=settings.pids_limit,
+        cap_drop=tuple(security["cap_drop"]),
+        security_opt=tuple(security["security_opt"]),
+        pids_limit=security["pids_limit"],
         mem_limit=resources.get("memory"),
         nano_cpus=int(cpus * 1e9) if cpus else None,
         shm_size=resources.get("shm_size"),

@@ -4,9 +4,15 @@ The host never imports plugin code (DESIGN §2). Discovery runs `python -m runne
 somewhere else and reads its JSON:
 
 - docker backend: a short-lived container of the workdir's plugin image (built when missing, exactly
-  the image `infra run` would use), network none, as the invoking uid:gid, removed afterwards. The
-  plugins are the copies baked into the image under /workdir.
+  the image `infra run` would use), hardened like a training (`runner.run.hardening`: never uid 0,
+  no capabilities, no-new-privileges, a pids limit), network none, read-only root with a /tmp
+  tmpfs, its log capped, removed afterwards. The plugins are the copies baked into the image.
 - local backend: a host subprocess `python -m runner.core.plugins WORKDIR` (needs `.[core]`).
+
+The document travels on the process's real stdout, which the core keeps to itself: plugin output,
+`print` or `os.write(1, …)`, goes to stderr. It is still untrusted: at most `MAX_DOCUMENT_BYTES`, a
+JSON list of `{kind, name, source_file, builtin}` with strings free of control characters, or a
+`DiscoveryOutputError` (exit 1) naming the workdir.
 
 Paths the image reports under /workdir are mapped back to the host workdir, so a broken plugin is
 reported as the file the researcher edits. A plugin that fails to load raises `PluginLoadError`
@@ -18,15 +24,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from runner import __version__
 from runner.errors import EXIT_EXPERIMENT_FAILED, EnvironmentProblem, InfraError, UsageError
+from runner.images.context import shown
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +43,11 @@ CONTAINER_WORKDIR = "/workdir"  # where images/plugins/Dockerfile copies the plu
 CORE_PREFIX = "infra plugins: "  # what runner.core.plugins.main puts before a PluginError
 DISCOVERY_TIMEOUT_S = 300
 LABEL_PURPOSE = "infra.purpose"
+MAX_DOCUMENT_BYTES = 8 << 20  # the template's document is about 3 KB
+MAX_COMPONENTS = 10_000
+STDERR_TAIL_BYTES = 64 << 10
+ROW_KEYS = {"kind": 100, "name": 200, "source_file": 4096}  # string fields and their longest values
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _WHERE_RE = re.compile(r"^plugin (?P<file>.+?)(?::(?P<line>\d+))?: (?P<error>\w+): (?P<detail>.*)$")
 
 
@@ -53,6 +67,52 @@ class PluginLoadError(InfraError):
         return {"message": self.message, "file": self.file, "line": self.line, "error": self.error}
 
 
+class DiscoveryOutputError(PluginLoadError):
+    """Discovery exited 0 but its document is unusable (exit 1, like failing plugin code): what ran
+    there, plugin code included, wrote to the channel or broke the process before it could answer."""
+
+    def __init__(self, workdir: Path, where: str, why: str):
+        super().__init__(
+            f"plugin discovery for workdir {shown(workdir)} in {where} returned a malformed document ({why}); "
+            f"a plugin may write to the discovery channel or end the process: run 'infra plugins check "
+            f"--backend local --workdir {shown(workdir)}' and read what the plugins print"
+        )
+        self.error = "DiscoveryOutputError"
+
+
+def check_document(data: bytes | str, workdir: Path, where: str) -> list[dict]:
+    """The discovery document as components, checked like any untrusted input (pure): size, JSON,
+    a list of rows with exactly `kind`, `name`, `source_file` (bounded strings without control
+    characters) and a boolean `builtin`. Raises DiscoveryOutputError saying what is wrong."""
+    raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise DiscoveryOutputError(workdir, where, f"more than {MAX_DOCUMENT_BYTES} bytes")
+    if not raw.strip():
+        raise DiscoveryOutputError(workdir, where, "empty")
+    try:
+        rows = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DiscoveryOutputError(workdir, where, "not JSON: not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise DiscoveryOutputError(workdir, where, f"not JSON: {exc.msg} at byte {exc.pos}") from None
+    if not isinstance(rows, list):
+        raise DiscoveryOutputError(workdir, where, f"a JSON {type(rows).__name__}, not a list")
+    if len(rows) > MAX_COMPONENTS:
+        raise DiscoveryOutputError(workdir, where, f"{len(rows)} components, more than {MAX_COMPONENTS}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or set(row) != {*ROW_KEYS, "builtin"}:
+            raise DiscoveryOutputError(workdir, where, f"item {i} is not an object of kind, name, source_file, builtin")
+        for key, longest in ROW_KEYS.items():
+            value = row[key]
+            if not isinstance(value, str) or len(value) > longest or _CONTROL.search(value):
+                raise DiscoveryOutputError(
+                    workdir, where, f"item {i}: {key} is not a string of at most {longest} printable characters"
+                )
+        if not isinstance(row["builtin"], bool):
+            raise DiscoveryOutputError(workdir, where, f"item {i}: builtin is not true or false")
+    return rows
+
+
 @dataclass(frozen=True)
 class Discovery:
     """What a workdir registers: `components` as `[{kind, name, source_file, builtin}]`, and where it was read."""
@@ -70,21 +130,17 @@ def map_paths(text: str, workdir: Path) -> str:
     return re.sub(r"(?<![\w/.-])/workdir/", str(Path(workdir)) + "/", text)
 
 
-def parse_output(code: int, stdout: str, stderr: str, workdir: Path, where: str) -> list[dict]:
+def parse_output(code: int, stdout: bytes | str, stderr: str, workdir: Path, where: str) -> list[dict]:
     """Turn the discovery process's exit code and output into components, or raise (pure).
 
-    Exit 1 with the core's `infra plugins:` line → PluginLoadError; any other failure (no core, no
-    Python, a crash) → EnvironmentProblem carrying the output's tail.
+    Exit 0 → the checked document (`check_document`; DiscoveryOutputError when malformed); exit 1
+    with the core's `infra plugins:` line → PluginLoadError; any other failure (no core, no Python,
+    a crash) → EnvironmentProblem carrying the output's tail.
     """
     if code == 0:
-        try:
-            rows = json.loads(stdout)
-        except ValueError:
-            raise EnvironmentProblem(
-                f"plugin discovery in {where} printed no JSON list; output tail: {stdout.strip()[-300:]!r}"
-            ) from None
+        rows = check_document(stdout, workdir, where)
         for row in rows:
-            row["source_file"] = map_paths(row.get("source_file") or "", workdir)
+            row["source_file"] = map_paths(row["source_file"], workdir)
         return rows
     lines = [line for line in stderr.splitlines() if line.startswith(CORE_PREFIX)]
     if lines:
@@ -114,56 +170,70 @@ def discover(
 def _discover_local(workdir: Path) -> list[dict]:
     cmd = [sys.executable, "-m", "runner.core.plugins", str(workdir)]
     log.debug("discovery: %s", cmd)
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=DISCOVERY_TIMEOUT_S, stdin=subprocess.DEVNULL, cwd=str(workdir)
-        )
-    except subprocess.TimeoutExpired:
-        raise EnvironmentProblem(
-            f"plugin discovery for {workdir} took over {DISCOVERY_TIMEOUT_S} s; does a plugin block at import?"
-        ) from None
-    return parse_output(proc.returncode, proc.stdout, proc.stderr, workdir, "a local subprocess")
+    # Files, not pipes: what is kept of either stream stays bounded however much plugins print.
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.run(
+                cmd, stdout=out, stderr=err, timeout=DISCOVERY_TIMEOUT_S, stdin=subprocess.DEVNULL, cwd=str(workdir)
+            )
+        except subprocess.TimeoutExpired:
+            raise EnvironmentProblem(
+                f"plugin discovery for {shown(workdir)} took over {DISCOVERY_TIMEOUT_S} s; does a plugin block at import?"
+            ) from None
+        out.seek(0)
+        stdout = out.read(MAX_DOCUMENT_BYTES + 1)
+        err.seek(max(0, os.fstat(err.fileno()).st_size - STDERR_TAIL_BYTES))
+        stderr = err.read().decode("utf-8", "replace")
+    return parse_output(proc.returncode, stdout, stderr, workdir, "a local subprocess")
+
+
+def discovery_container_args(workdir: Path) -> dict:
+    """Keyword arguments of `engine.run_container` for a discovery container (pure): the training's
+    hardening, no network, a read-only root with a private /tmp, a capped log, infra labels."""
+    from runner.images import builds
+    from runner.run.hardening import security_args, unprivileged_user
+    from runner.run.spec import LABEL_WORKDIR, workdir_identity
+
+    return {
+        **security_args(*unprivileged_user()),
+        "labels": {
+            LABEL_PURPOSE: "plugin-discovery",
+            builds.LABEL_VERSION: __version__,
+            LABEL_WORKDIR: workdir_identity(workdir),
+        },
+        "environment": {"HOME": "/tmp", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+        "network_mode": "none",
+        "read_only": True,
+        "tmpfs": {"/tmp": "rw,nosuid,nodev,size=256m,mode=1777"},
+        # The engine keeps at most this much of the output: the document comes last and is small.
+        "log_config": {"type": "json-file", "config": {"max-size": f"{MAX_DOCUMENT_BYTES >> 20}m", "max-file": "1"}},
+    }
 
 
 def _discover_docker(workdir: Path, client, on_log: Callable[[str], None]) -> Discovery:
     from runner import engine
     from runner.images import builds
-    from runner.run.launch import decide_image
-    from runner.run.spec import training_user
-    from runner.settings import node_settings
+    from runner.images.decide import decide_image
 
-    settings = node_settings()
     client = client or engine.get_client()
-    decision = decide_image(client, workdir, settings, on_log)
+    decision = decide_image(client, workdir, on_log)
     if decision.image_id is None:
         builds.build(client, decision.spec, on_log)
     tag = decision.spec.tag
-    uid, gid = training_user(settings)
     container = engine.run_container(
-        client,
-        tag,
-        ["python", "-m", "runner.core.plugins", CONTAINER_WORKDIR],
-        labels={LABEL_PURPOSE: "plugin-discovery", builds.LABEL_VERSION: __version__},
-        user=f"{uid}:{gid}",
-        environment={"HOME": "/tmp/home", "PYTHONUNBUFFERED": "1"},
-        network_mode="none",
+        client, tag, ["python", "-m", "runner.core.plugins", CONTAINER_WORKDIR], **discovery_container_args(workdir)
     )
     try:
         try:
             code = engine.wait(container, timeout=DISCOVERY_TIMEOUT_S)
         except Exception as exc:  # the SDK's read timeout (requests) or an engine error
             raise EnvironmentProblem(f"plugin discovery in image {tag} did not finish: {exc}") from None
-        stdout, stderr = _output(container)
+        # stdout carries the document and stderr everything else: read them apart, not interleaved.
+        stdout = engine.container_output(container, stderr=False)
+        stderr = engine.container_output(container, stdout=False, tail=200)
     finally:
         engine.remove_container(container)
     return Discovery(parse_output(code, stdout, stderr, workdir, f"image {tag}"), "docker", tag)
-
-
-def _output(container) -> tuple[str, str]:
-    # stdout carries the JSON and stderr the error line: read them apart, not interleaved.
-    from runner import engine
-
-    return (engine.container_output(container, stderr=False), engine.container_output(container, stdout=False))
 
 
 def table(components: list[dict], workdir: Path | None = None) -> str:
