@@ -82,18 +82,20 @@ BOUNDS = {
 }
 
 
-def node_settings(**overrides) -> NodeSettings:
-    """The settings in force now; `overrides` (flags) win over the environment and the config file."""
+def node_settings(env: dict | None = None, **overrides) -> NodeSettings:
+    """The settings in force now; `overrides` (flags) win over the environment (`env`, default
+    os.environ) and the config file."""
+    env_vars = os.environ if env is None else env
     stored = read_config().get("node") or {}
     if not isinstance(stored, dict):
         raise UsageError(f"config file {config_file()}: 'node' must be an object")
     values = {}
     for f in fields(NodeSettings):
-        env = os.environ.get(ENV[f.name])
+        env_value = env_vars.get(ENV[f.name])
         if f.name in overrides and overrides[f.name] is not None:
             raw, origin = overrides[f.name], f"--{f.name.replace('_', '-')}"
-        elif env not in (None, ""):
-            raw, origin = env, ENV[f.name]
+        elif env_value not in (None, ""):
+            raw, origin = env_value, ENV[f.name]
         elif f.name in stored:
             raw, origin = stored[f.name], f"{config_file()} node.{f.name}"
         else:
@@ -112,6 +114,8 @@ def _coerce(name: str, raw, origin: str):
     except (TypeError, ValueError):
         value = None
     low, high = BOUNDS[name]
+    if name in ("train_uid", "train_gid") and value == 0:
+        raise UsageError(f"{origin}={raw!r}: containers run as an unprivileged user; set a number other than 0")
     if value is None or not low <= value <= high:
         raise UsageError(f"{origin}={raw!r}: must be a whole number from {low} to {high}")
     return value

@@ -52,7 +52,6 @@ LABEL_KIND = "infra.kind"
 LABEL_VERSION = "infra.version"
 LABEL_CONTENT_HASH = "infra.content_hash"
 LABEL_BASE_IMAGE = "infra.base_image"
-LABEL_WORKDIR = "infra.workdir"
 
 BASE_REPO = "infra-base"
 PLUGIN_REPO = "infra-plugins"

@@ -119,7 +119,7 @@ class DockerBackend:
             workdir=workdir,
             settings=self.settings,
             mounted_dirs=MOUNTED_DIRS,
-            user=unprivileged_user(self.settings),
+            user=unprivileged_user(settings=self.settings),
         )
 
     def start(self, exp, resolved, record, prepared: Prepared, db: Path, workdir: Path, set_state) -> dict:

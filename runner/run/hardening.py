@@ -19,7 +19,7 @@ CAP_DROP = ("ALL",)
 SECURITY_OPT = ("no-new-privileges",)
 
 
-def unprivileged_user(settings=None, env: Mapping[str, str] | None = None, euid: int | None = None) -> tuple[int, int]:
+def unprivileged_user(env: Mapping[str, str] | None = None, euid: int | None = None, settings=None) -> tuple[int, int]:
     """uid, gid a container runs as: the invoker's; under sudo the sudo caller's; for root itself the
     node's `train_uid:train_gid` (INFRA_TRAIN_UID / INFRA_TRAIN_GID or the config file; default
     10001:10001). Never 0: the settings refuse it."""
@@ -33,7 +33,7 @@ def unprivileged_user(settings=None, env: Mapping[str, str] | None = None, euid:
     if sudo_uid.isdigit() and int(sudo_uid) != 0:
         gid = env.get("SUDO_GID", sudo_uid)
         return int(sudo_uid), int(gid) if gid.isdigit() and int(gid) != 0 else int(sudo_uid)
-    settings = settings or node_settings()
+    settings = settings or node_settings(env=env)
     return settings.train_uid, settings.train_gid
 
 
