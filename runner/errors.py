@@ -17,6 +17,16 @@ EXIT_UNKNOWN_EXPERIMENT = 4
 EXIT_INTERRUPTED = 130
 
 
+def shorten(value: object, limit: int = 60, quote: bool = True) -> str:
+    """`repr(value)` (or `str` without `quote`) cut to about `limit` characters, saying how long it
+    was: a message stays one readable line when it quotes a 10,000-substitution mutant or a sequence."""
+    text = repr(value) if quote else str(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value):,} characters" if isinstance(value, str | bytes) else f"{len(text):,} characters as text"
+    return f"{text[: limit - 10]}…{text[-6:]} ({size})"
+
+
 class InfraError(Exception):
     """Root of every error infra reports to a user."""
 
@@ -91,6 +101,10 @@ class ExperimentFailed(InfraError):
         super().__init__(message)
         self.exit_status = exit_status
         self.log_tail = log_tail
+
+
+class TrainingDiverged(ExperimentFailed):
+    """The training's loss, metrics or predictions became NaN or infinite (exit 1): the run is failed."""
 
 
 class UnknownExperiment(InfraError):

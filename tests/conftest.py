@@ -24,17 +24,46 @@ MINI_ROWS = [
 ]
 
 
-def make_db(path: Path, rows=MINI_ROWS, source="BLAT_mini", template=BLAT_HEAD, wal: bool = False) -> Path:
-    """A real SQLite mutation database with the project's schema."""
+# The lab's layout exactly as the original design note gives it (no types, `source` as the key):
+# databases made by the lab's own script look like this.
+LAB_DDL = """CREATE TABLE sources(id, source_text, template);
+CREATE TABLE mutations(id, mutant, DMS_score, DMS_score_bin, mut_num, source REFERENCES sources(id));
+"""
+# What infra 0.1 wrote (`source_id`, `sources.description`): such databases must keep working.
+INFRA_01_SQL = """
+CREATE TABLE IF NOT EXISTS sources (
+    id          INTEGER PRIMARY KEY,
+    source_text TEXT NOT NULL UNIQUE,
+    template    TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS mutations (
+    id            INTEGER PRIMARY KEY,
+    source_id     INTEGER NOT NULL REFERENCES sources(id),
+    mutant        TEXT NOT NULL DEFAULT '',
+    mut_num       INTEGER NOT NULL,
+    DMS_score     REAL,
+    DMS_score_bin INTEGER
+);
+CREATE INDEX IF NOT EXISTS mutations_source ON mutations(source_id);
+"""
+LAYOUTS = {"infra": (SCHEMA_SQL, "source"), "lab": (LAB_DDL, "source"), "infra-0.1": (INFRA_01_SQL, "source_id")}
+
+
+def make_db(
+    path: Path, rows=MINI_ROWS, source="BLAT_mini", template=BLAT_HEAD, wal: bool = False, layout: str = "infra"
+) -> Path:
+    """A real SQLite mutation database in one of LAYOUTS (ids given explicitly, as the lab's script does)."""
+    ddl, key = LAYOUTS[layout]
     conn = sqlite3.connect(path)
     try:
         if wal:
             conn.execute("PRAGMA journal_mode=WAL")
-        conn.executescript(SCHEMA_SQL)
-        cur = conn.execute("INSERT INTO sources(source_text, template) VALUES (?, ?)", (source, template))
+        conn.executescript(ddl)
+        conn.execute("INSERT INTO sources(id, source_text, template) VALUES (1, ?, ?)", (source, template))
         conn.executemany(
-            "INSERT INTO mutations(source_id, mutant, mut_num, DMS_score, DMS_score_bin) VALUES (?, ?, ?, ?, ?)",
-            [(cur.lastrowid, *row) for row in rows],
+            f"INSERT INTO mutations(id, {key}, mutant, mut_num, DMS_score, DMS_score_bin) VALUES (?, 1, ?, ?, ?, ?)",
+            [(i, *row) for i, row in enumerate(rows, start=1)],
         )
         conn.commit()
     finally:

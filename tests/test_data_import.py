@@ -91,7 +91,7 @@ def test_score_column_cutoff_and_extra_columns(tmp_path):
         ("variant,DMS_score\nH24A,1\n", r"missing column\(s\) 'mutant'"),
         ("mutant,DMS_score\n", r"no data rows"),
         ("", r"the file is empty"),
-        ("mutant,DMS_score\nH24A,1,extra\n", r"b\.csv:2: the row has more fields than the header"),
+        ("mutant,DMS_score\nH24A,1,extra\n", r"b\.csv:2: the row has more fields \(3\) than the header \(2\)"),
     ],
 )
 def test_bad_csv_is_rejected_and_nothing_is_written(tmp_path, body, message):
