@@ -564,7 +564,8 @@ def _write(db_path: Path, spec: _Spec, rows: Iterable[tuple], replace: bool, fre
                 "INSERT INTO sources (id, source_text, template) VALUES (?, ?, ?)", (source_id, spec.source, "")
             )
         names = ["id", key, "mutant", "DMS_score", "DMS_score_bin", "mut_num", *spec.extra_columns]
-        sql = f"INSERT INTO mutations ({', '.join(f'{chr(34)}{n}{chr(34)}' for n in names)}) VALUES ({', '.join('?' * len(names))})"
+        quoted = ", ".join(f'"{n}"' for n in names)  # names: the layout's and validated identifiers
+        sql = f"INSERT INTO mutations ({quoted}) VALUES ({', '.join('?' * len(names))})"
         next_id = _next_id(conn, "mutations", rowid=layout.id_is_rowid)
         batch: list[tuple] = []
         for row in rows:

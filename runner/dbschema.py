@@ -88,8 +88,7 @@ def read_layout(conn: sqlite3.Connection, name: str = "the database") -> DbLayou
     missing = [t for t in REQUIRED_TABLES if t not in tables]
     if missing:
         raise DataError(
-            f"{name} has no {' and no '.join(repr(t) for t in missing)} table; import data with "
-            "'infra data import' (layout: " + LAYOUT_TEXT + ")"
+            f"{name} has no {' and no '.join(repr(t) for t in missing)} table; import data with 'infra data import'"
         )
     info = conn.execute("PRAGMA table_info(mutations)").fetchall()
     mutation_columns = tuple(r[1] for r in info)
