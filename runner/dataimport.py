@@ -32,6 +32,7 @@ import re
 import sqlite3
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,7 +153,7 @@ def _text_rows(name: str, handle: io.TextIOBase, delimiter: str | None) -> Table
             raise DataError(f"{name}:{reader.line_num + 1}: not valid CSV: {exc}") from None
         except UnicodeDecodeError:
             raise DataError(f"{name}: not UTF-8 text (near line {reader.line_num + 1}); save it as UTF-8") from None
-        except (OSError, EOFError, zipfile.BadZipFile, gzip.BadGzipFile) as exc:
+        except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as exc:
             raise DataError(f"{name}: the file is damaged or truncated ({exc}); download it again") from None
 
     return Table(name, header, rows())
@@ -237,7 +238,7 @@ def open_table(path: str | Path, member: str | None = None) -> Iterator[Table]:
         delimiter = "\t" if base.endswith((".tsv", ".tab")) else ("," if base.endswith(".csv") else None)
         try:
             table = _text_rows(name, text, delimiter)
-        except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as exc:
             raise DataError(f"{name}: the file is damaged or truncated ({exc}); download it again") from None
         yield table
 

@@ -71,6 +71,66 @@ def make_db(
     return path
 
 
+PG_REFERENCE = SHARED_DMS / "raw" / "proteingym_reference" / "DMS_substitutions.csv"
+PG_RAW_BLAT = SHARED_DMS / "raw" / "blat_ecolx_stiffler2015" / "BLAT_ECOLX_Ranganathan2015.csv"
+PG_FOLDS = ("fold_random_5", "fold_modulo_5", "fold_contiguous_5")
+
+
+def make_proteingym_folder(dest: Path) -> Path:
+    """A small folder shaped like ProteinGym's substitution release, made from the shared real data.
+
+    - DMS_substitutions.csv: ProteinGym's reference file cut to the three BLAT_ECOLX assays used here
+      (all columns kept);
+    - BLAT_ECOLX_Stiffler_2015.csv: 600 real variants (Stiffler 2015, ampicillin 2500) in the
+      supervised layout: mutant, mutated_sequence, DMS_score, DMS_score_bin, the three fold columns;
+    - BLAT_ECOLX_Firnberg_2014.csv: 300 further variants in the unsupervised layout (no folds);
+    - BLAT_ECOLX_Deng_2012.csv: 200 variants whose last row names a wrong wild-type letter (fails);
+    - notes.csv: a table that is not an assay (ignored).
+    """
+    import csv
+    import random
+
+    if not PG_REFERENCE.is_file() or not PG_RAW_BLAT.is_file():
+        pytest.skip(f"the shared ProteinGym data ({PG_REFERENCE.parent}) is not present")
+    dest.mkdir(parents=True, exist_ok=True)
+    with PG_REFERENCE.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header, rows = reader.fieldnames, list(reader)
+    keep = {"BLAT_ECOLX_Stiffler_2015", "BLAT_ECOLX_Firnberg_2014", "BLAT_ECOLX_Deng_2012"}
+    assays = {r["DMS_id"]: r for r in rows if r["DMS_id"] in keep}
+    with (dest / "DMS_substitutions.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(assays.values())
+    with PG_RAW_BLAT.open(newline="", encoding="utf-8-sig") as fh:
+        raw = [(r["mutant"], float(r["2500"])) for r in csv.DictReader(fh)]
+    template = assays["BLAT_ECOLX_Stiffler_2015"]["target_seq"]
+    cutoff = float(assays["BLAT_ECOLX_Stiffler_2015"]["DMS_binarization_cutoff"])
+    rng = random.Random(7)
+
+    def write(name: str, variants, folds: bool) -> None:
+        columns = ["mutant", "mutated_sequence", "DMS_score", "DMS_score_bin", *(PG_FOLDS if folds else ())]
+        with (dest / name).open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(columns)
+            for mutant, score in variants:
+                pos = int(mutant[1:-1])
+                seq = template[: pos - 1] + mutant[-1] + template[pos:]
+                row = [mutant, seq, repr(score), int(score >= cutoff)]
+                if folds:
+                    row += [rng.randrange(5), (pos - 1) % 5, min((pos - 1) * 5 // len(template), 4)]
+                writer.writerow(row)
+
+    write("BLAT_ECOLX_Stiffler_2015.csv", raw[:600], folds=True)
+    write("BLAT_ECOLX_Firnberg_2014.csv", raw[600:900], folds=False)
+    bad = raw[900:1100]
+    mutant, score = bad[-1]
+    bad[-1] = ("W" if mutant[0] != "W" else "A") + mutant[1:], score  # wrong wild-type letter
+    write("BLAT_ECOLX_Deng_2012.csv", bad, folds=False)
+    (dest / "notes.csv").write_text("what,where\nnothing,here\n", encoding="utf-8")
+    return dest
+
+
 @pytest.fixture(autouse=True)
 def isolated_config(tmp_path_factory, monkeypatch):
     """Every test gets its own config dir and no inherited INFRA_WORKDIR."""
