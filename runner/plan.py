@@ -115,7 +115,8 @@ def value_issues(doc: Any, repeated: dict[int, list[str]] | None = None, prefix:
             )
         elif isinstance(value, dict | list):
             if depth >= MAX_DEPTH:
-                shown = path if len(path) <= 80 else f"{path[:60]}…({depth} levels)"
+                head = path[:60]
+                shown = path if len(path) <= 80 else f"{head[: head.rfind(']') + 1] or head}…({depth} levels)"
                 issues.append(PlanIssue(shown, f"nests deeper than {MAX_DEPTH} levels; a plan never needs that"))
                 continue
             if isinstance(value, dict):
