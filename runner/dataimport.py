@@ -418,46 +418,96 @@ def _row_reader(table: Table, spec: _Spec, counts: _Counts) -> Iterator[tuple]:
     return _rows(table, spec, counts, hint, i_mutant, i_score, i_bin, i_seq, i_extras)
 
 
+KNOWN_MAX = 1 << 18  # cache of checked substitutions (a template has at most ~21 per position)
+
+
+def _fast_substitutions(mutant: Any, template: str, known: dict[str, tuple[str, int, str]]) -> list | None:
+    """The substitutions of an ordinary mutant, each checked against the template, or None when the
+    row needs the careful path (wild type, anything malformed or mismatched: it names the problem).
+
+    Checked substitutions are cached by their text, so a row costs a few dict lookups; the cache is
+    bounded by the template's possible substitutions, not by the file.
+    """
+    if not isinstance(mutant, str) or not mutant or mutant in WILD_TYPE_SPELLINGS:
+        return None
+    subs = []
+    for part in mutant.split(":"):
+        hit = known.get(part)
+        if hit is None:
+            match = SUBSTITUTION.fullmatch(part)
+            if match is None:
+                return None
+            wt, pos_text, new = match.groups()
+            pos = int(pos_text)
+            if not 1 <= pos <= len(template) or template[pos - 1] != wt.upper():
+                return None
+            hit = (wt.upper(), pos, new.upper())
+            if len(known) < KNOWN_MAX:
+                known[part] = hit
+        subs.append(hit)
+    if len(subs) > 1 and len({pos for _, pos, _ in subs}) != len(subs):
+        return None
+    return subs
+
+
 def _rows(table, spec, counts, hint, i_mutant, i_score, i_bin, i_seq, i_extras) -> Iterator[tuple]:
+    """The row loop: a fast path for ordinary rows; anything else goes through the checks that name
+    the file, line and problem (the messages are only built when a row needs them)."""
     width = len(table.header)
     template = spec.template
+    known: dict[str, tuple[str, int, str]] = {}
     for loc, values in table.rows:
-        where = table.where(loc)
         if len(values) != width:
             more = "more" if len(values) > width else "fewer"
-            raise DataError(f"{where}: the row has {more} fields ({len(values)}) than the header ({width})")
+            raise DataError(f"{table.where(loc)}: the row has {more} fields ({len(values)}) than the header ({width})")
         mutant = values[i_mutant]
-        mutant = "" if mutant is None else str(mutant).strip()
-        subs = parse_substitutions(mutant, where)
-        if template is None:
-            template = _template_from_sequence(str(values[i_seq] or ""), subs, mutant, where)
-            spec.template, hint = template, f"the template was taken from the {SEQUENCE_COLUMN} of {where}"
-        check_substitutions(subs, mutant, template, where, hint)
+        if isinstance(mutant, str):
+            mutant = mutant.strip()
+        subs = _fast_substitutions(mutant, template, known) if template is not None else None
+        if subs is None:
+            where = table.where(loc)
+            mutant = "" if mutant is None else str(mutant).strip()
+            subs = parse_substitutions(mutant, where)
+            if template is None:
+                template = _template_from_sequence(str(values[i_seq] or ""), subs, mutant, where)
+                spec.template, hint = template, f"the template was taken from the {SEQUENCE_COLUMN} of {where}"
+            check_substitutions(subs, mutant, template, where, hint)
         if i_seq is not None:
-            sequence = values[i_seq]
-            if sequence is not None and str(sequence).strip().upper() != _apply(template, subs):
+            sequence, expected = values[i_seq], _apply(template, subs)
+            if sequence is not None and sequence != expected and str(sequence).strip().upper() != expected:
                 raise DataError(
-                    f"{where}: {SEQUENCE_COLUMN} is not the template with mutant {shorten(mutant)} applied; {hint}"
+                    f"{table.where(loc)}: {SEQUENCE_COLUMN} is not the template with mutant {shorten(mutant)} "
+                    f"applied; {hint}"
                 )
         mut_num = len(subs)
         if mut_num == 0:
             mutant = ""
             counts.wild_type_rows += 1
-        counts.max_mut_num = max(counts.max_mut_num, mut_num)
-        score = _parse_float(values[i_score], where, spec.score_column)
-        if score is not None and not math.isfinite(score):
+        elif mut_num > counts.max_mut_num:
+            counts.max_mut_num = mut_num
+        raw = values[i_score]
+        try:
+            score = float(raw)
+        except (TypeError, ValueError):
+            score = _parse_float(raw, table.where(loc), spec.score_column)
+        if score is None or score != score:  # missing, or NaN
+            score = None
+            counts.nan_scores += 1
+        elif score in (math.inf, -math.inf):
             counts.non_finite_scores += 1
             score = None
-        elif score is None:
-            counts.nan_scores += 1
         if spec.binarize_cutoff is not None:
             score_bin = None if score is None else int(score >= spec.binarize_cutoff)
         elif i_bin is not None:
-            score_bin = _parse_bin(values[i_bin], where, spec.bin_column)
+            raw = values[i_bin]
+            score_bin = 1 if raw == "1" else 0 if raw == "0" else _parse_bin(raw, table.where(loc), spec.bin_column)
         else:
             score_bin = None
         counts.rows += 1
-        yield (mutant, score, score_bin, mut_num, *(_extra_value(values[i]) for i in i_extras))
+        if i_extras:
+            yield (mutant, score, score_bin, mut_num, *[_extra_value(values[i]) for i in i_extras])
+        else:
+            yield (mutant, score, score_bin, mut_num)
 
 
 # --- writing ---------------------------------------------------------------------------------------
