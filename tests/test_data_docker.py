@@ -93,5 +93,8 @@ def test_lab_ddl_database_runs_in_a_container(base_image, workdir, run_user):
     assert diverge.returncode == 1, diverge.stderr[-2000:]
     failed = json.loads(diverge.stdout)
     assert failed["state"] == "failed" and failed["exit_code"] == 1
+    error = failed["error"]
+    assert error["type"] == "ExperimentFailed" and error["exit_code"] == 1
+    assert error["reason"].startswith("training diverged at epoch 0: ") and "lower train.lr" in error["reason"]
     log = (Path(failed["exp_dir"]) / "logs" / "container.log").read_text()
     assert "infra-train: error: training diverged at epoch 0: " in log and "Traceback" not in log

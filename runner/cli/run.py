@@ -117,7 +117,7 @@ def run(
         record = getattr(exc, "record", None)
         if record is not None and quiet:
             doc = _summary(record, Path(record["exp_dir"]))
-            doc["error"] = exc.message
+            doc["error"] = _error_object(exc)
             (emit_event({"event": "result", **doc}) if events else emit_json(doc))
             raise typer.Exit(exc.exit_code) from None
         raise
@@ -138,6 +138,23 @@ def run(
         say(f"experiment {outcome.experiment_id} succeeded{': test ' + shown if shown else ''} ({outcome.exp_dir})")
     if not quiet and detach:
         typer.echo(outcome.experiment_id)
+
+
+CORE_ERROR = "infra-train: error: "
+
+
+def _error_object(exc) -> dict:
+    """The `error` of a failed run's JSON document, shaped like the CLI's error documents, plus
+    `reason`: the training core's own one-line error (e.g. "training diverged at epoch 0: …") when
+    the log tail has one."""
+    tail = getattr(exc, "log_tail", "") or ""
+    doc = {"type": type(exc).__name__, "message": exc.message, "exit_code": exc.exit_code}
+    reason = next((line.split(CORE_ERROR, 1)[1] for line in reversed(tail.splitlines()) if CORE_ERROR in line), None)
+    if reason:
+        doc["reason"] = reason.strip()
+    if tail:
+        doc["log_tail"] = tail
+    return doc
 
 
 def _say_event(event: dict) -> None:
