@@ -660,7 +660,10 @@ def _import_table(
         if exists:
             replaced, dups, examples = _write(db_path, spec, _nonempty(rows, table), replace, fresh=False)
         else:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{db_path.name}.", suffix=".tmp", dir=db_path.parent)
+            try:
+                fd, tmp_name = tempfile.mkstemp(prefix=f".{db_path.name}.", suffix=".tmp", dir=db_path.parent)
+            except OSError as exc:
+                raise DataError(f"--db: cannot create a file in {db_path.parent}: {exc.strerror}") from None
             os.close(fd)
             tmp = Path(tmp_name)
             try:
