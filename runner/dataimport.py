@@ -694,7 +694,7 @@ def _import_table(
         extra_columns=tuple(spec.extra_columns),
     )
     if dups:
-        log.warning(
+        log.info(  # the CLI warns; library callers get the counts in the result
             "%s: %d mutant(s) occur more than once (e.g. %s); they are kept as separate rows",
             spec.source,
             dups,
@@ -910,7 +910,7 @@ def import_proteingym(
                 imported = _import_assay(collection.files[assay.filename], db_path, assay, replace)
             except InfraError as exc:
                 entry.update(status="failed", error=exc.message)
-                log.warning("%s: not imported: %s", assay.dms_id, exc.message)
+                log.info("%s: not imported: %s", assay.dms_id, exc.message)  # the caller reports it
             else:
                 entry.update(status="imported", **{k: v for k, v in imported.to_dict().items() if k != "db"})
         result.assays.append(entry)

@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_EXPERIMENT_FAILED
     finally:
         stop.uninstall()
+        for name in ("runner", "infra_ext"):  # a second main() in one process must not log twice
+            logging.getLogger(name).removeHandler(handler)
         sys.stdout.flush()
         sys.stderr.flush()
 
