@@ -34,7 +34,7 @@ from runner.core.data import _read_columns_arrow as read_columns_arrow  # noqa: 
 from runner.core.data import build_query, load_variants, read_parts  # noqa: E402
 from runner.core.variants import apply_mutants  # noqa: E402
 from runner.core.vocab import IUPAC_AMINO_ACIDS, get_vocab_processor  # noqa: E402
-from runner.data.db import SCHEMA_SQL, connect_readonly  # noqa: E402
+from runner.data.db import SCHEMA_SQL, connect_readonly, read_layout  # noqa: E402
 
 SOURCE = "SYNTH"
 
@@ -64,7 +64,7 @@ def make_db(path: Path, n: int, length: int, seed: int = 0) -> None:
     conn.executescript(SCHEMA_SQL)
     conn.execute("INSERT INTO sources (source_text, template) VALUES (?, ?)", (SOURCE, template))
     conn.executemany(
-        "INSERT INTO mutations (source_id, mutant, mut_num, DMS_score, DMS_score_bin) VALUES (1, ?, ?, ?, ?)",
+        "INSERT INTO mutations (source, mutant, mut_num, DMS_score, DMS_score_bin) VALUES (1, ?, ?, ?, ?)",
         zip(mutants, k.tolist(), score.tolist(), (score > 0).astype(int).tolist(), strict=True),
     )
     conn.commit()
@@ -76,7 +76,7 @@ def naive_read(db: Path, limit: int) -> list[dict]:
     conn = connect_readonly(db)
     cur = conn.execute(
         "SELECT m.id, s.source_text, s.template, m.mutant, m.DMS_score FROM mutations m "
-        "JOIN sources s ON s.id = m.source_id ORDER BY m.id LIMIT ?",
+        "JOIN sources s ON s.id = m.source ORDER BY m.id LIMIT ?",
         (limit,),
     )
     rows = []
@@ -151,12 +151,11 @@ def stage(name: str, db: Path, naive_n: int) -> dict:
     plan = _plan(db)
     if name == "sql":
         conn = connect_readonly(db)
-        cols = [r[1] for r in conn.execute("PRAGMA table_info(mutations)")]
-        scols = [r[1] for r in conn.execute("PRAGMA table_info(sources)")]
-        sql, params, _ = build_query(plan["data"], cols, scols)
+        layout = read_layout(conn)
+        sql, params, _ = build_query(plan["data"], layout)
         t = time.perf_counter()
         # the read load_variants does: ADBC (parallel id ranges when it pays), else sqlite3's aggregate
-        columns = read_columns_arrow(db, sql, params, [], read_parts(conn, plan["data"]))
+        columns = read_columns_arrow(db, sql, params, [], read_parts(conn, plan["data"], layout))
         if columns is None:
             columns = read_columns(conn, sql, params, [])
         elapsed = time.perf_counter() - t

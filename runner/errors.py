@@ -17,6 +17,16 @@ EXIT_UNKNOWN_EXPERIMENT = 4
 EXIT_INTERRUPTED = 130
 
 
+def shorten(value: object, limit: int = 60, quote: bool = True) -> str:
+    """`repr(value)` (or `str` without `quote`) cut to about `limit` characters, saying how long it
+    was: a message stays one readable line when it quotes a 10,000-substitution mutant or a sequence."""
+    text = repr(value) if quote else str(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value):,} characters" if isinstance(value, str | bytes) else f"{len(text):,} characters as text"
+    return f"{text[: limit - 10]}…{text[-6:]} ({size})"
+
+
 class InfraError(Exception):
     """Root of every error infra reports to a user."""
 
@@ -101,10 +111,21 @@ class ExperimentFailed(InfraError):
 
     exit_code = EXIT_EXPERIMENT_FAILED
 
-    def __init__(self, message: str, exit_status: int | None = None, log_tail: str = ""):
+    def __init__(self, message: str, exit_status: int | None = None, log_tail: str = "", reason: str | None = None):
         super().__init__(message)
         self.exit_status = exit_status
         self.log_tail = log_tail
+        self.reason = reason  # the training core's own one-line error, when it gave one
+
+    def to_json(self) -> dict:
+        doc = super().to_json()
+        if self.reason:
+            doc["error"]["reason"] = self.reason
+        return doc
+
+
+class TrainingDiverged(ExperimentFailed):
+    """The training's loss, metrics or predictions became NaN or infinite (exit 1): the run is failed."""
 
 
 class UnknownExperiment(InfraError):

@@ -24,17 +24,46 @@ MINI_ROWS = [
 ]
 
 
-def make_db(path: Path, rows=MINI_ROWS, source="BLAT_mini", template=BLAT_HEAD, wal: bool = False) -> Path:
-    """A real SQLite mutation database with the project's schema."""
+# The lab's layout exactly as the original design note gives it (no types, `source` as the key):
+# databases made by the lab's own script look like this.
+LAB_DDL = """CREATE TABLE sources(id, source_text, template);
+CREATE TABLE mutations(id, mutant, DMS_score, DMS_score_bin, mut_num, source REFERENCES sources(id));
+"""
+# What infra 0.1 wrote (`source_id`, `sources.description`): such databases must keep working.
+INFRA_01_SQL = """
+CREATE TABLE IF NOT EXISTS sources (
+    id          INTEGER PRIMARY KEY,
+    source_text TEXT NOT NULL UNIQUE,
+    template    TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS mutations (
+    id            INTEGER PRIMARY KEY,
+    source_id     INTEGER NOT NULL REFERENCES sources(id),
+    mutant        TEXT NOT NULL DEFAULT '',
+    mut_num       INTEGER NOT NULL,
+    DMS_score     REAL,
+    DMS_score_bin INTEGER
+);
+CREATE INDEX IF NOT EXISTS mutations_source ON mutations(source_id);
+"""
+LAYOUTS = {"infra": (SCHEMA_SQL, "source"), "lab": (LAB_DDL, "source"), "infra-0.1": (INFRA_01_SQL, "source_id")}
+
+
+def make_db(
+    path: Path, rows=MINI_ROWS, source="BLAT_mini", template=BLAT_HEAD, wal: bool = False, layout: str = "infra"
+) -> Path:
+    """A real SQLite mutation database in one of LAYOUTS (ids given explicitly, as the lab's script does)."""
+    ddl, key = LAYOUTS[layout]
     conn = sqlite3.connect(path)
     try:
         if wal:
             conn.execute("PRAGMA journal_mode=WAL")
-        conn.executescript(SCHEMA_SQL)
-        cur = conn.execute("INSERT INTO sources(source_text, template) VALUES (?, ?)", (source, template))
+        conn.executescript(ddl)
+        conn.execute("INSERT INTO sources(id, source_text, template) VALUES (1, ?, ?)", (source, template))
         conn.executemany(
-            "INSERT INTO mutations(source_id, mutant, mut_num, DMS_score, DMS_score_bin) VALUES (?, ?, ?, ?, ?)",
-            [(cur.lastrowid, *row) for row in rows],
+            f"INSERT INTO mutations(id, {key}, mutant, mut_num, DMS_score, DMS_score_bin) VALUES (?, 1, ?, ?, ?, ?)",
+            [(i, *row) for i, row in enumerate(rows, start=1)],
         )
         conn.commit()
     finally:
@@ -80,6 +109,66 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in CORE_MODULES:
             item.add_marker(pytest.mark.core)
+
+
+PG_REFERENCE = SHARED_DMS / "raw" / "proteingym_reference" / "DMS_substitutions.csv"
+PG_RAW_BLAT = SHARED_DMS / "raw" / "blat_ecolx_stiffler2015" / "BLAT_ECOLX_Ranganathan2015.csv"
+PG_FOLDS = ("fold_random_5", "fold_modulo_5", "fold_contiguous_5")
+
+
+def make_proteingym_folder(dest: Path) -> Path:
+    """A small folder shaped like ProteinGym's substitution release, made from the shared real data.
+
+    - DMS_substitutions.csv: ProteinGym's reference file cut to the three BLAT_ECOLX assays used here
+      (all columns kept);
+    - BLAT_ECOLX_Stiffler_2015.csv: 600 real variants (Stiffler 2015, ampicillin 2500) in the
+      supervised layout: mutant, mutated_sequence, DMS_score, DMS_score_bin, the three fold columns;
+    - BLAT_ECOLX_Firnberg_2014.csv: 300 further variants in the unsupervised layout (no folds);
+    - BLAT_ECOLX_Deng_2012.csv: 200 variants whose last row names a wrong wild-type letter (fails);
+    - notes.csv: a table that is not an assay (ignored).
+    """
+    import csv
+    import random
+
+    if not PG_REFERENCE.is_file() or not PG_RAW_BLAT.is_file():
+        pytest.skip(f"the shared ProteinGym data ({PG_REFERENCE.parent}) is not present")
+    dest.mkdir(parents=True, exist_ok=True)
+    with PG_REFERENCE.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header, rows = reader.fieldnames, list(reader)
+    keep = {"BLAT_ECOLX_Stiffler_2015", "BLAT_ECOLX_Firnberg_2014", "BLAT_ECOLX_Deng_2012"}
+    assays = {r["DMS_id"]: r for r in rows if r["DMS_id"] in keep}
+    with (dest / "DMS_substitutions.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(assays.values())
+    with PG_RAW_BLAT.open(newline="", encoding="utf-8-sig") as fh:
+        raw = [(r["mutant"], float(r["2500"])) for r in csv.DictReader(fh)]
+    template = assays["BLAT_ECOLX_Stiffler_2015"]["target_seq"]
+    cutoff = float(assays["BLAT_ECOLX_Stiffler_2015"]["DMS_binarization_cutoff"])
+    rng = random.Random(7)
+
+    def write(name: str, variants, folds: bool) -> None:
+        columns = ["mutant", "mutated_sequence", "DMS_score", "DMS_score_bin", *(PG_FOLDS if folds else ())]
+        with (dest / name).open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(columns)
+            for mutant, score in variants:
+                pos = int(mutant[1:-1])
+                seq = template[: pos - 1] + mutant[-1] + template[pos:]
+                row = [mutant, seq, repr(score), int(score >= cutoff)]
+                if folds:
+                    row += [rng.randrange(5), (pos - 1) % 5, min((pos - 1) * 5 // len(template), 4)]
+                writer.writerow(row)
+
+    write("BLAT_ECOLX_Stiffler_2015.csv", raw[:600], folds=True)
+    write("BLAT_ECOLX_Firnberg_2014.csv", raw[600:900], folds=False)
+    bad = raw[900:1100]
+    mutant, score = bad[-1]
+    bad[-1] = ("W" if mutant[0] != "W" else "A") + mutant[1:], score  # wrong wild-type letter
+    write("BLAT_ECOLX_Deng_2012.csv", bad, folds=False)
+    (dest / "notes.csv").write_text("what,where\nnothing,here\n", encoding="utf-8")
+    return dest
 
 
 @pytest.fixture(autouse=True)

@@ -34,3 +34,10 @@ def test_bench_train_small(tmp_path):
           "--batch-size", "128", "--json", str(report)], tmp_path)
     doc = json.loads(report.read_text())
     assert doc["model"] == "mlp" and doc["plain_samples_per_s"] > 0 and doc["core_samples_per_s"] > 0
+
+
+def test_bench_import_small(tmp_path):
+    for shape in ("proteingym", "short"):
+        doc = json.loads(_run([str(REPO / "benchmarks/bench_import.py"), "--shape", shape, "--mb", "0.2",
+                               "--dir", str(tmp_path)], tmp_path))
+        assert doc["rows"] > 500 and doc["rows_per_second"] > 0 and doc["peak_rss_mb"] > 0, doc

@@ -16,7 +16,7 @@ import pytest
 
 from runner.core.data import build_query, load_variants, sequences_from_tokens
 from runner.core.vocab import get_vocab_processor
-from runner.data.db import SCHEMA_SQL
+from runner.data.db import SCHEMA_SQL, DbLayout, read_layout
 from runner.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,16 +43,21 @@ def make_db(path: Path, rows=ROWS, sources=(("BLAT", TEMPLATE),), wal: bool = Fa
     for name, template in sources:
         conn.execute("INSERT INTO sources (source_text, template) VALUES (?, ?)", (name, template))
     conn.executemany(
-        "INSERT INTO mutations (source_id, mutant, mut_num, DMS_score, DMS_score_bin, split) VALUES (1, ?, ?, ?, ?, ?)",
+        "INSERT INTO mutations (source, mutant, mut_num, DMS_score, DMS_score_bin, split) VALUES (1, ?, ?, ?, ?, ?)",
         [(m, len(list(filter(None, m.split(":")))), s, b, sp) for m, s, b, sp in rows],
     )
     conn.executemany(
-        "INSERT INTO mutations (source_id, mutant, mut_num, DMS_score, DMS_score_bin, split) VALUES (2, ?, 1, ?, 1, 'x')",
+        "INSERT INTO mutations (source, mutant, mut_num, DMS_score, DMS_score_bin, split) VALUES (2, ?, 1, ?, 1, 'x')",
         other_rows,
     )
     conn.commit()
     conn.close()
     return path
+
+
+def layout_of(db: Path) -> DbLayout:
+    with sqlite3.connect(db) as conn:
+        return read_layout(conn)
 
 
 def plan(db: Path, **data) -> dict:
@@ -102,11 +107,7 @@ def test_arrow_aggregate_and_row_reads_agree(db, monkeypatch):
 
     arrow = data_module._read_columns_arrow(
         db,
-        *data_module.build_query(
-            plan(db)["data"],
-            ["id", "source_id", "mutant", "mut_num", "DMS_score", "DMS_score_bin", "split"],
-            ["id", "source_text", "template", "description"],
-        )[:2],
+        *data_module.build_query(plan(db)["data"], layout_of(db))[:2],
         ["split"],
     )
     assert arrow is not None, "the ADBC reader (adbc-driver-sqlite, a core dependency) should handle this selection"
@@ -140,11 +141,10 @@ def test_parallel_id_range_read_matches_one_reader(tmp_path, monkeypatch, int_sc
     monkeypatch.setattr(data_module, "PARALLEL_READ_MIN_IDS", 1)
     monkeypatch.setattr(data_module.os, "sched_getaffinity", lambda pid: {0, 1})
     with sqlite3.connect(db) as conn:
-        parts = data_module.read_parts(conn, plan(db)["data"])
+        parts = data_module.read_parts(conn, plan(db)["data"], read_layout(conn))
         assert data_module.read_parts(conn, plan(db, limit=10)["data"]) is None  # LIMIT: one ordered read
     assert parts == [(1, 1501), (1501, 3001)]
-    sql, params, extras = build_query(plan(db)["data"], [*data_module.BASE_COLUMNS, "split"],
-                                      ["id", "source_text", "template", "description"])
+    sql, params, extras = build_query(plan(db)["data"], layout_of(db))
     assert data_module._read_columns_arrow(db, sql, params, extras, parts) is not None
     parallel = load_variants(plan(db))
     monkeypatch.setattr(data_module, "_read_columns_arrow", lambda *a: None)
@@ -166,8 +166,7 @@ def test_parallel_read_with_empty_parts_and_a_changing_file(tmp_path, monkeypatc
     # a write between the parts' reads: the parallel result is discarded for one consistent read
     signatures = iter([("before",), ("after",)])
     monkeypatch.setattr(data_module, "_db_signature", lambda path: next(signatures))
-    sql, params, extras = build_query(plan(db)["data"], [*data_module.BASE_COLUMNS, "split"],
-                                      ["id", "source_text", "template", "description"])
+    sql, params, extras = build_query(plan(db)["data"], layout_of(db))
     assert data_module._read_columns_arrow(db, sql, params, extras, [(1, 1500), (1500, 3001)]) is None
 
 
@@ -255,13 +254,17 @@ def test_injection_in_values_is_bound_not_executed(db):
 
 
 def test_build_query_quotes_only_known_columns():
+    layout = DbLayout(
+        ("id", "mutant", "DMS_score", "DMS_score_bin", "mut_num", "source", "split"),
+        ("id", "source_text", "template"),
+        "source",
+        True,
+    )
     sql, params, extras = build_query(
-        {"where": [{"column": "split", "op": "=", "value": "a"}], "dataset": ["A", "B"], "limit": 5},
-        ["id", "source_id", "mutant", "mut_num", "DMS_score", "DMS_score_bin", "split"],
-        ["id", "source_text", "template", "description"],
+        {"where": [{"column": "split", "op": "=", "value": "a"}], "dataset": ["A", "B"], "limit": 5}, layout
     )
     assert (
-        "m.source_id IN (SELECT id FROM sources WHERE source_text IN (?, ?))" in sql
+        'm."source" IN (SELECT id FROM sources WHERE source_text IN (?, ?))' in sql
         and 'm."split" = ?' in sql
         and sql.endswith("ORDER BY m.id LIMIT ?")
     )
@@ -274,7 +277,7 @@ def test_empty_selection_message(db):
         match=r"data: the selection is empty: where\[0\]=DMS_score > 100 matched no rows in .*check data.dataset / data.where",
     ):
         load_variants(plan(db, where=[{"column": "DMS_score", "op": ">", "value": 100}]))
-    with pytest.raises(DataError, match="has a NULL/NaN DMS_score"):
+    with pytest.raises(DataError, match="has a NULL/NaN or infinite DMS_score"):
         load_variants(plan(db, where=[{"column": "mutant", "op": "=", "value": "F6*"}]))
 
 
@@ -312,7 +315,7 @@ def test_mismatch_error_and_drop(tmp_path):
 
 def test_orphan_rows_are_an_error(tmp_path):
     db = make_db(tmp_path / "orphan.sqlite", other_rows=[("V39A", 0.5)])  # source 2 does not exist
-    with pytest.raises(DataError, match="row id 9 .* refers to source_id 2, which is not in sources"):
+    with pytest.raises(DataError, match="row id 9 .* refers to source 2, which is not in sources"):
         load_variants(plan(db))
 
 

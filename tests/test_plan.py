@@ -20,6 +20,13 @@ def good(db: Path, **extra) -> dict:
     return doc
 
 
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 def issues_of(doc, **kw) -> list[str]:
     with pytest.raises(PlanError) as info:
         load_plan("plan.json", text=doc if isinstance(doc, str) else json.dumps(doc), **kw)
@@ -264,6 +271,63 @@ BAD_PLANS = [
         ["invalid JSON at line 3, column 3: Expecting ',' delimiter"],
     ),
     ("not-an-object", lambda db: "[1, 2]", ["a plan must be a JSON object, not a list"]),
+    # issue 15: strict types as in the schema, finite and bounded numbers, repeated keys, nesting
+    ("lr-numeric-string", lambda db: good(db, **{"train.lr": "0.1"}), ["train.lr: must be a number"]),
+    ("batch-size-bool", lambda db: good(db, **{"train.batch_size": True}), ["train.batch_size: must be an integer"]),
+    ("drop-nan-string", lambda db: good(db, **{"data.drop_nan": "no"}), ["data.drop_nan: must be true or false"]),
+    (
+        "weight-decay-infinity",
+        lambda db: json.dumps(good(db, **{"train.weight_decay": 0.5})).replace("0.5", "Infinity"),
+        [
+            "train.weight_decay: must be a finite number (NaN, Infinity and numbers beyond ±1.8e308 are not JSON numbers)"
+        ],
+    ),
+    (
+        "lr-1e999",
+        lambda db: json.dumps(good(db, **{"train.lr": 0.5})).replace("0.5", "1e999"),
+        ["train.lr: must be a finite number (NaN, Infinity and numbers beyond ±1.8e308 are not JSON numbers)"],
+    ),
+    (
+        "nan-in-params",
+        lambda db: json.dumps(good(db, model={"name": "mlp", "params": {"dropout": 0.5}})).replace("0.5", "NaN"),
+        [
+            "model.params.dropout: must be a finite number (NaN, Infinity and numbers beyond ±1.8e308 are not JSON numbers)"
+        ],
+    ),
+    ("train-seed-negative", lambda db: good(db, **{"train.seed": -1}), ["train.seed: must be >= 0"]),
+    ("split-seed-huge", lambda db: good(db, **{"split.seed": 2**32}), ["split.seed: must be <= 4294967295"]),
+    ("limit-1e30", lambda db: good(db, **{"data.limit": 1e30}), ["data.limit: must be <= 9223372036854775807"]),
+    ("cpus-1e300", lambda db: good(db, **{"resources.cpus": 1e300}), ["resources.cpus: must be <= 4096"]),
+    (
+        "memory-beyond-any-machine",
+        lambda db: good(db, **{"resources.memory": "99999999999g"}),
+        ["resources.memory: '99999999999g' is larger than any machine; use e.g. '16g'"],
+    ),
+    (
+        "where-integer-beyond-sqlite",
+        lambda db: good(db, data={"db": db, "where": [{"column": "id", "op": ">", "value": 2**64}]}),
+        ["data.where[0].value: integers must lie within ±9223372036854775807 (SQLite's range)"],
+    ),
+    (
+        "repeated-keys",
+        lambda db: (
+            '{"name": "a", "name": "b", "data": {"db": ' + json.dumps(db) + ', "limit": 1, "limit": 2}, '
+            '"model": {"name": "linear"}}'
+        ),
+        ["name: given twice in the JSON; keep one", "data.limit: given twice in the JSON; keep one"],
+    ),
+    (
+        "nesting-100000-deep",
+        lambda db: '{"name": "x", "model": {"name": "linear", "params": {"a": ' + "[" * 100_000 + "]" * 100_000 + "}}}",
+        ["the JSON nests too deeply (a plan has at most 64 levels)"],
+    ),
+    (
+        "nesting-70-deep",
+        lambda db: good(db, model={"name": "linear", "params": {"a": nested(70)}}),
+        [
+            "model.params.a[0][0][0][0][0][0][0][0][0][0][0][0][0][0][0]…(64 levels): nests deeper than 64 levels; a plan never needs that"
+        ],
+    ),
 ]
 
 
@@ -312,10 +376,39 @@ def test_schema_agrees_with_models_on_cases(mini_db):
         good(str(mini_db), extra=1),
         good(str(mini_db), resources={"gpus": "x"}),
         good(str(mini_db), name="UPPER"),
+        # strings, booleans and fractions where the schema wants numbers, integers, booleans
+        good(str(mini_db), train={"lr": "0.1"}),
+        good(str(mini_db), train={"batch_size": True}),
+        good(str(mini_db), train={"batch_size": 2.5}),
+        good(str(mini_db), train={"max_epochs": "3"}),
+        good(str(mini_db), train={"devices": True}),
+        good(str(mini_db), resources={"gpus": True}),
+        good(str(mini_db), resources={"cpus": "2"}),
+        good(str(mini_db), data={"db": str(mini_db), "drop_nan": "no"}),
+        good(str(mini_db), data={"db": str(mini_db), "drop_nan": 0}),
+        good(str(mini_db), split={"test_fraction": False}),
+        # bounds the libraries need
+        good(str(mini_db), train={"seed": -1}),
+        good(str(mini_db), train={"seed": 2**32}),
+        good(str(mini_db), split={"seed": -1}),
+        good(str(mini_db), data={"db": str(mini_db), "limit": 2**63}),
+        good(str(mini_db), resources={"cpus": 1e300}),
+        good(str(mini_db), resources={"cpus": 0.001}),
+        good(str(mini_db), resources={"gpus": 10**6}),
+        good(str(mini_db), train={"devices": 10**6}),
+        good(str(mini_db), split={"n_folds": 5, "fold": 100}),
     ):
         assert list(validator.iter_errors(doc)), doc
         with pytest.raises(PlanError):
             load_plan("p", text=json.dumps(doc), check_db=False)
+    # JSON has one number type: 256.0 is an integer to JSON Schema, and so to the models
+    for doc in (
+        good(str(mini_db), train={"batch_size": 256.0, "seed": 4294967295, "devices": 1.0}),
+        good(str(mini_db), resources={"gpus": 2.0, "cpus": 2}),
+        good(str(mini_db), data={"db": str(mini_db), "limit": 1e3}),
+    ):
+        assert not list(validator.iter_errors(doc)), doc
+        load_plan("p", text=json.dumps(doc), check_db=False)
 
 
 def test_expand_dotted_deep():

@@ -7,7 +7,6 @@ stderr), 143 stopped by SIGTERM (last.ckpt saved; the host marks the run cancell
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import traceback
@@ -38,7 +37,7 @@ def read_plan(source: str) -> dict:
     """Load and validate a plan file; return the resolved JSON form (defaults filled in)."""
     from pydantic import ValidationError
 
-    from runner.plan.load import _issues_from_pydantic, expand_dotted
+    from runner.plan.load import _issues_from_pydantic, expand_dotted, parse_json
     from runner.plan.models import Plan
 
     name = "<stdin>" if source == "-" else source
@@ -46,12 +45,7 @@ def read_plan(source: str) -> dict:
         text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
     except OSError as exc:
         raise PlanError(name, [PlanIssue("", f"cannot read the plan: {exc.strerror}")]) from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PlanError(name, [PlanIssue("", f"not JSON: {exc.msg} at line {exc.lineno}")]) from None
-    if not isinstance(doc, dict):
-        raise PlanError(name, [PlanIssue("", "a plan must be a JSON object")])
+    doc = parse_json(text, name)  # the host's rules: no repeated keys, NaN/Infinity or deep nesting
     doc, issues = expand_dotted(doc)
     if issues:
         raise PlanError(name, issues)
@@ -104,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_EXPERIMENT_FAILED
     finally:
         stop.uninstall()
+        for name in ("runner", "infra_ext"):  # a second main() in one process must not log twice
+            logging.getLogger(name).removeHandler(handler)
         sys.stdout.flush()
         sys.stderr.flush()
         for logger, level in zip(loggers, levels, strict=True):

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sqlite3
 from collections.abc import Mapping
@@ -31,13 +32,12 @@ import pyarrow.compute as pc
 
 from runner.core.variants import ROW_SEP, MutantText, apply_mutants
 from runner.core.vocab import BaseVocabProcessor, get_vocab_processor
-from runner.data.db import check_database, connect_readonly, readonly_uri
+from runner.data.db import DbLayout, check_database, connect_readonly, read_layout, readonly_uri
 from runner.errors import DataError
 
 log = logging.getLogger(__name__)
 ROW_SEP_BYTE = ROW_SEP[0]
 
-BASE_COLUMNS = ("id", "source_id", "mutant", "mut_num", "DMS_score", "DMS_score_bin")
 TARGETS = ("DMS_score", "DMS_score_bin")
 SCALAR_OPS = {"=": "=", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">=", "like": "LIKE"}
 LIST_OPS = {"in": "IN", "not_in": "NOT IN"}
@@ -112,10 +112,6 @@ def open_database(path: Path) -> sqlite3.Connection:
     return connect_readonly(path)
 
 
-def _table_columns(conn: sqlite3.Connection, table: str) -> list[str]:
-    return [row[1] for row in conn.execute(f"PRAGMA table_info({table})").fetchall()]
-
-
 def _as_list(value: Any) -> list[Any]:
     if value is None:
         return []
@@ -129,74 +125,87 @@ def _check_scalar(value: Any, key: str, op: str) -> Any:
         raise DataError(f"{key}: op {op!r} needs one number or string as value, got {value!r}")
     if not isinstance(value, (int, float, str)):
         raise DataError(f"{key}: value {value!r} must be a number or a string")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{key}: value {value!r} must be a finite number")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise DataError(f"{key}: value {value} is outside SQLite's integer range (±9.2e18)")
     return value
 
 
-def build_query(
-    data: Mapping[str, Any], mutation_columns: list[str], source_columns: list[str]
-) -> tuple[str, list[Any], list[str]]:
+# Frame columns an extra mutations column must not overwrite (it stays usable in data.where).
+FRAME_NAMES = {"id", "source_text", "mutant", "mut_num", "DMS_score", "DMS_score_bin", "sequence", "source_ref"}
+# mut_num derived from the mutant text in SQL, for data.where when the column is absent or NULL
+DERIVED_MUT_NUM = (
+    "(CASE WHEN m.mutant IS NULL THEN NULL WHEN m.mutant = '' THEN 0 "
+    "ELSE length(m.mutant) - length(replace(m.mutant, ':', '')) + 1 END)"
+)
+
+
+def build_query(data: Mapping[str, Any], layout: DbLayout) -> tuple[str, list[Any], list[str]]:
     """The SELECT for `data.*` and its parameters, plus the extra mutations columns it returns.
 
-    Pure: takes the real column lists (PRAGMA table_info) so it can be tested without a database.
-    Identifiers only ever come from those lists; every value is a bound parameter.
+    Pure: takes the database's layout (`runner.data.db.read_layout`) so it can be tested without a
+    database. Identifiers only ever come from the layout; every value is a bound parameter. The
+    reference to `sources` comes back as `source_ref` whatever the database calls it (`source`, or
+    `source_id` in databases of infra 0.1); a missing `DMS_score_bin` column reads as NULL.
     """
-    missing = [c for c in BASE_COLUMNS if c not in mutation_columns]
-    if missing:
-        raise DataError(
-            f"the mutations table lacks column(s) {', '.join(missing)}; rebuild it with 'infra data import'"
-        )
-    extras = [c for c in mutation_columns if c not in BASE_COLUMNS]
-    select = ["m.id", "m.source_id", "m.mutant", "m.DMS_score", "m.DMS_score_bin"]
+    mutation_columns, source_columns = list(layout.mutation_columns), list(layout.source_columns)
+    key = f'm."{layout.source_key}"'
+    if data.get("target", "DMS_score") == "DMS_score_bin" and not layout.has_bin:
+        raise DataError("data.target: the mutations table has no DMS_score_bin column; use target DMS_score")
+    extras = [c for c in layout.extras if c not in FRAME_NAMES]
+    select = ["m.id", f"{key} AS source_ref", "m.mutant", "m.DMS_score"]
+    select.append("m.DMS_score_bin" if layout.has_bin else "NULL AS DMS_score_bin")
     select += [f'm."{c}"' for c in extras]
     clauses: list[str] = []
     params: list[Any] = []
 
-    # Filters on `sources` become `m.source_id IN (SELECT id FROM sources WHERE ...)`: evaluated
+    # Filters on `sources` become `m.source IN (SELECT id FROM sources WHERE ...)`: evaluated
     # once, where a JOIN would cost a B-tree seek per row (a third of the read time on 1M rows).
     datasets = _as_list(data.get("dataset"))
     if datasets:
         if not all(isinstance(d, str) and d for d in datasets):
             raise DataError(f"data.dataset: expected a source name or a list of them, got {data.get('dataset')!r}")
-        clauses.append(
-            f"m.source_id IN (SELECT id FROM sources WHERE source_text IN ({', '.join('?' * len(datasets))}))"
-        )
+        clauses.append(f"{key} IN (SELECT id FROM sources WHERE source_text IN ({', '.join('?' * len(datasets))}))")
         params += datasets
 
     for i, clause in enumerate(data.get("where") or []):
-        key = f"data.where[{i}]"
+        where_key = f"data.where[{i}]"
         if not isinstance(clause, Mapping):
-            raise DataError(f"{key}: expected an object with column, op and value, got {clause!r}")
+            raise DataError(f"{where_key}: expected an object with column, op and value, got {clause!r}")
         column, op, value = clause.get("column"), clause.get("op"), clause.get("value")
         on_sources = False
-        if isinstance(column, str) and column in mutation_columns:
+        if column == "mut_num":  # stored counts may be NULL (or the column absent): derive those
+            ref = f'coalesce(m."mut_num", {DERIVED_MUT_NUM})' if layout.has_mut_num else DERIVED_MUT_NUM
+        elif isinstance(column, str) and column in mutation_columns:
             ref = f'm."{column}"'
         elif isinstance(column, str) and column in source_columns:
             ref, on_sources = f'"{column}"', True
         else:
-            known = ", ".join(mutation_columns + [c for c in source_columns if c not in mutation_columns])
-            raise DataError(f"{key}.column: unknown column {column!r}; the database has: {known}")
+            known = ", ".join(layout.filter_columns)
+            raise DataError(f"{where_key}.column: unknown column {column!r}; the database has: {known}")
         if op in SCALAR_OPS:
             if op == "like" and not isinstance(value, str):
-                raise DataError(f"{key}: op 'like' needs a string pattern, got {value!r}")
+                raise DataError(f"{where_key}: op 'like' needs a string pattern, got {value!r}")
             cond = f"{ref} {SCALAR_OPS[op]} ?"
-            params.append(_check_scalar(value, key, op))
+            params.append(_check_scalar(value, where_key, op))
         elif op in LIST_OPS:
             if not isinstance(value, (list, tuple)) or not value:
-                raise DataError(f"{key}: op {op!r} needs a non-empty list as value, got {value!r}")
+                raise DataError(f"{where_key}: op {op!r} needs a non-empty list as value, got {value!r}")
             cond = f"{ref} {LIST_OPS[op]} ({', '.join('?' * len(value))})"
-            params += [_check_scalar(v, key, op) for v in value]
+            params += [_check_scalar(v, where_key, op) for v in value]
         elif op == "between":
             if not isinstance(value, (list, tuple)) or len(value) != 2:
-                raise DataError(f"{key}: op 'between' needs [low, high] as value, got {value!r}")
+                raise DataError(f"{where_key}: op 'between' needs [low, high] as value, got {value!r}")
             cond = f"{ref} BETWEEN ? AND ?"
-            params += [_check_scalar(v, key, op) for v in value]
+            params += [_check_scalar(v, where_key, op) for v in value]
         elif op in NULL_OPS:
             if value is not None:
-                raise DataError(f"{key}: op {op!r} takes no value, got {value!r}; remove 'value'")
+                raise DataError(f"{where_key}: op {op!r} takes no value, got {value!r}; remove 'value'")
             cond = f"{ref} {NULL_OPS[op]}"
         else:
-            raise DataError(f"{key}.op: unknown op {op!r}; use one of {', '.join(WHERE_OPS)}")
-        clauses.append(f"m.source_id IN (SELECT id FROM sources WHERE {cond})" if on_sources else cond)
+            raise DataError(f"{where_key}.op: unknown op {op!r}; use one of {', '.join(WHERE_OPS)}")
+        clauses.append(f"{key} IN (SELECT id FROM sources WHERE {cond})" if on_sources else cond)
     if len(params) > SQLITE_MAX_PARAMS:
         raise DataError(f"data.where: {len(params)} values exceed SQLite's limit of {SQLITE_MAX_PARAMS}; use fewer")
 
@@ -234,7 +243,8 @@ def _read_columns(conn: sqlite3.Connection, sql: str, params: list[Any], extras:
     if aggregate:
         # NULL mutant -> '?' (reported as malformed); text in a score column -> 'not-a-number' (a DataError)
         agg = (
-            "SELECT count(*), group_concat(id), group_concat(source_id), group_concat(ifnull(mutant, '?'), char(10)), "
+            "SELECT count(*), group_concat(ifnull(id, 'NULL')), group_concat(ifnull(source_ref, 'NULL')), "
+            "group_concat(ifnull(mutant, '?'), char(10)), "
             f"group_concat({_number_text('DMS_score')}), group_concat({_number_text('DMS_score_bin')}) FROM ({sql})"
         )
         try:
@@ -272,14 +282,17 @@ PARALLEL_READ_MIN_IDS = 262_144  # below this id span one reader is as fast as s
 PARALLEL_READ_MAX_PARTS = 4  # measured: 2 readers halve a 1 M-row read on 2 cores; more cores, more parts
 
 
-def read_parts(conn: sqlite3.Connection, data: Mapping[str, Any]) -> list[tuple[int, int]] | None:
+def read_parts(
+    conn: sqlite3.Connection, data: Mapping[str, Any], layout: DbLayout | None = None
+) -> list[tuple[int, int]] | None:
     """Half-open id ranges splitting `mutations` for parallel readers, or None for one reader.
 
     One reader when the plan has a LIMIT (it applies to the whole ordered selection), when the id
-    span is small, or when this process may use only one CPU.
+    span is small, when this process may use only one CPU, or when `mutations.id` is not SQLite's
+    row id (an untyped `id` as the lab's DDL makes it: each range would scan the whole table).
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if data.get("limit") is not None or cpus < 2:
+    if data.get("limit") is not None or cpus < 2 or (layout is not None and not layout.id_is_rowid):
         return None
     # two subqueries: SQLite answers a lone min()/max() of the rowid from the B-tree's ends, but
     # scans the whole table for "SELECT min(id), max(id)"
@@ -354,7 +367,7 @@ def _read_columns_arrow(path: Path, sql: str, params: list[Any], extras: list[st
         or mutant.null_count
         or not pa.types.is_string(mutant.type)
         or table.column("id").null_count
-        or table.column("source_id").null_count
+        or table.column("source_ref").null_count
         or not all(any(check(table.column(c).type) for check in numeric) for c in ("DMS_score", "DMS_score_bin"))
     ):
         return None
@@ -375,7 +388,7 @@ def _read_columns_arrow(path: Path, sql: str, params: list[Any], extras: list[st
     extra_values = [np.array(table.column(c).to_pylist(), dtype=object) for c in extras]
     return (
         table.column("id").to_numpy(),
-        table.column("source_id").to_numpy(),
+        table.column("source_ref").to_numpy(),
         MutantText(buf, n),
         floats("DMS_score"),
         floats("DMS_score_bin"),
@@ -444,9 +457,8 @@ def load_variants(
 
     conn = open_database(path)
     try:
-        mutation_columns = _table_columns(conn, "mutations")
-        source_columns = _table_columns(conn, "sources")
-        sql, params, extras = build_query(data, mutation_columns, source_columns)
+        layout = read_layout(conn, f"data.db: {path}")
+        sql, params, extras = build_query(data, layout)
         sources = conn.execute("SELECT id, source_text, template FROM sources ORDER BY id").fetchall()
         known = {name for _, name, _ in sources}
         unknown = [d for d in _as_list(data.get("dataset")) if d not in known]
@@ -455,7 +467,7 @@ def load_variants(
                 f"data.dataset: {', '.join(map(repr, unknown))} not in {path}; sources there: {', '.join(sorted(known)) or 'none'}"
             )
         try:
-            columns = _read_columns_arrow(path, sql, params, extras, read_parts(conn, data)) if aggregate_read else None
+            columns = _read_columns_arrow(path, sql, params, extras, read_parts(conn, data, layout)) if aggregate_read else None
             if columns is None:
                 columns = _read_columns(conn, sql, params, extras, aggregate=aggregate_read)
         except sqlite3.Error as exc:
@@ -470,22 +482,31 @@ def load_variants(
         )
     ids, source_ids, text, score, score_bin, extra_values = columns
     if ids.size > 1 and np.any(ids[1:] <= ids[:-1]):
-        raise DataError(f"data: rows of {path} did not come back in id order; is mutations.id the primary key?")
+        dup = ids[1:][ids[1:] <= ids[:-1]][0]
+        raise DataError(
+            f"data: mutations.id of {path} is not a unique row id (id {dup} repeats or is out of order); "
+            "every row needs its own integer id"
+        )
 
     target_raw = score if target == "DMS_score" else score_bin
     dropped: dict[str, int] = {}
-    select = ~np.isnan(target_raw)
+    # ±inf cannot be trained on (the loss becomes NaN): such rows are always left out and counted
+    infinite = np.isinf(target_raw)
+    if infinite.any():
+        dropped["non_finite_target"] = int(infinite.sum())
+        log.warning("dropped %d rows whose %s is infinite", dropped["non_finite_target"], target)
+    select = ~infinite
     if data.get("drop_nan", True):
-        if not select.all():
-            dropped["nan_target"] = int((~select).sum())
+        nan = np.isnan(target_raw)
+        if nan.any():
+            dropped["nan_target"] = int(nan.sum())
             log.info("dropped %d rows whose %s is NULL/NaN", dropped["nan_target"], target)
-        if not select.any():
-            raise DataError(
-                f"data: the selection is empty: every one of the {ids.size} rows selected by "
-                f"{_describe_selection(data)} has a NULL/NaN {target}; check data.target / data.where"
-            )
-    else:
-        select[:] = True
+        select &= ~nan
+    if not select.any():
+        raise DataError(
+            f"data: the selection is empty: every one of the {ids.size} rows selected by "
+            f"{_describe_selection(data)} has a NULL/NaN or infinite {target}; check data.target / data.where"
+        )
 
     # source codes 0..S-1 in order of sources.id, only for the sources the selection touches
     by_id = {sid: (name, template) for sid, name, template in sources}
@@ -494,7 +515,7 @@ def load_variants(
     if orphans:
         first = int(ids[np.flatnonzero(source_ids == orphans[0])[0]])
         raise DataError(
-            f"data: row id {first} of {path} refers to source_id {orphans[0]}, which is not in sources; "
+            f"data: row id {first} of {path} refers to source {orphans[0]}, which is not in sources; "
             "re-import the data"
         )
     source_names = [by_id[int(s)][0] for s in used]

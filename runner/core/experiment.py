@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from runner import safefs
+from runner.errors import InfraError
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,9 @@ def run_experiment(plan: dict, exp_dir: str | Path, db_path: str | Path | None =
     handler = _file_logging(layout.path("logs/train.log"))
     try:
         return _run(plan, layout, db_path, workdir, stop, limit_batches)
+    except InfraError as exc:
+        log.error("%s", exc.message)  # logs/train.log says why, beside the container log
+        raise
     finally:
         _drop_file_logging(handler)
 
@@ -147,6 +151,7 @@ def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     from runner.core import plots
     from runner.core.data import load_variants
     from runner.core.embeddings import EMBEDDINGS
+    from runner.core.guards import NonFiniteGuard, check_predictions, non_finite
     from runner.core.metrics import METRICS, compute_metrics
     from runner.core.models import MODELS
     from runner.core.plugins import load_plugins
@@ -227,12 +232,14 @@ def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     epochs: list[dict] = []
 
     def on_epoch(record: dict) -> None:
+        if non_finite(record):  # files stay strict JSON; NonFiniteGuard fails the run right after
+            record = {**_nulls(record), "non_finite": non_finite(record)}
         epochs.append(record)
         layout.append_line("metrics/metrics.jsonl", record)
         layout.event("epoch", **record)
         log.info("epoch %s: %s", record["epoch"], {k: v for k, v in record.items() if k != "epoch"})
 
-    callbacks = [EpochReporter(on_epoch)]
+    callbacks = [EpochReporter(on_epoch), NonFiniteGuard()]
     if stop is not None:
         callbacks.append(stop.callback())
     trainer = build_trainer(train, layout.path("ckpts"), has_val=sizes["val"] > 0, callbacks=callbacks,
@@ -259,6 +266,7 @@ def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
         state = torch.load(str(best), map_location=module.device, weights_only=False)["state_dict"]
         module.load_state_dict(state)
     pred_all = to_scores(predict(module, variants.tokens))
+    check_predictions(pred_all)
     y_all = y_raw
 
     result: dict[str, Any] = {}
@@ -283,6 +291,14 @@ def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
         log.exception("writing plots failed")
     layout.event("progress", phase="done", test=result["test"], training_seconds=result["training_seconds"])
     return result
+
+
+def _nulls(record: dict) -> dict:
+    """`record` with NaN/infinite numbers (also in nested dicts) replaced by None."""
+    return {
+        k: _nulls(v) if isinstance(v, dict) else None if isinstance(v, float) and not np.isfinite(v) else v
+        for k, v in record.items()
+    }
 
 
 def _data_error(message: str):

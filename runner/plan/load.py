@@ -8,6 +8,7 @@ checks use the standard library's sqlite3.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import sys
@@ -19,8 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from runner.data.db import check_database, connect_readonly
-from runner.errors import PlanError, PlanIssue, UsageError
+from runner.data.db import check_database, connect_readonly, read_layout
+from runner.errors import DataError, PlanError, PlanIssue, UsageError
 from runner.plan.models import (
     GPU_LIST_PATTERN,
     IDENTIFIER_PATTERN,
@@ -77,15 +78,75 @@ def read_plan_text(source: str) -> tuple[str, str, Path]:
     return text, source, path.resolve().parent
 
 
+MAX_DEPTH = 64  # deeper JSON is refused: nothing in a plan nests like that, and deep nesting exhausts the stack
+
+
+def _loads(text: str) -> tuple[Any, dict[int, list[str]]]:
+    """json.loads that also returns the keys each object repeated (by id of the object).
+
+    JSON parsers keep the last of two equal keys; a plan with `"lr"` twice almost certainly has a
+    mistake in it, so repeats are collected and reported instead.
+    """
+    repeated: dict[int, list[str]] = {}
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in items:
+            if key in obj:
+                repeated.setdefault(id(obj), []).append(key)
+            obj[key] = value
+        return obj
+
+    return json.loads(text, object_pairs_hook=pairs), repeated
+
+
+def value_issues(doc: Any, repeated: dict[int, list[str]] | None = None, prefix: str = "") -> list[PlanIssue]:
+    """Repeated keys, NaN/Infinity (also 1e999, which JSON parsers turn into Infinity) and nesting
+    deeper than MAX_DEPTH anywhere in a document, each with its key path. Iterative: no recursion."""
+    issues: list[PlanIssue] = []
+    stack: list[tuple[Any, str, int]] = [(doc, prefix, 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            issues.append(
+                PlanIssue(
+                    path, "must be a finite number (NaN, Infinity and numbers beyond ±1.8e308 are not JSON numbers)"
+                )
+            )
+        elif isinstance(value, dict | list):
+            if depth >= MAX_DEPTH:
+                head = path[:60]
+                shown = path if len(path) <= 80 else f"{head[: head.rfind(']') + 1] or head}…({depth} levels)"
+                issues.append(PlanIssue(shown, f"nests deeper than {MAX_DEPTH} levels; a plan never needs that"))
+                continue
+            if isinstance(value, dict):
+                for key in (repeated or {}).get(id(value), []):
+                    issues.append(PlanIssue(f"{path}.{key}" if path else key, "given twice in the JSON; keep one"))
+                children = [(v, f"{path}.{k}" if path else k) for k, v in value.items()]
+            else:
+                children = [(v, f"{path}[{i}]") for i, v in enumerate(value)]
+            stack.extend((v, p, depth + 1) for v, p in reversed(children))
+    return issues
+
+
 def parse_json(text: str, source: str) -> dict[str, Any]:
+    """The plan document of `text`, or a PlanError: not JSON, not an object, repeated keys, NaN or
+    Infinity, nesting deeper than MAX_DEPTH."""
     try:
-        doc = json.loads(text)
+        doc, repeated = _loads(text)
     except json.JSONDecodeError as exc:
         raise PlanError(
             source, [PlanIssue("", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")]
         ) from None
+    except RecursionError:
+        raise PlanError(
+            source, [PlanIssue("", f"the JSON nests too deeply (a plan has at most {MAX_DEPTH} levels)")]
+        ) from None
     if not isinstance(doc, dict):
         raise PlanError(source, [PlanIssue("", f"a plan must be a JSON object, not {_json_type(doc)}")])
+    issues = value_issues(doc, repeated)
+    if issues:
+        raise PlanError(source, issues)
     return doc
 
 
@@ -138,9 +199,14 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=0.001")
     try:
-        value = json.loads(raw)
+        value, repeated = _loads(raw)
     except json.JSONDecodeError:
-        value = raw
+        return key, raw
+    except RecursionError:
+        raise UsageError(f"--set {key}: the value nests too deeply (at most {MAX_DEPTH} levels)") from None
+    issues = value_issues(value, repeated, key)
+    if issues:
+        raise UsageError(f"--set {issues[0]}")
     return key, value
 
 
@@ -254,6 +320,7 @@ def semantic_issues(plan: Plan, check_db: bool = True) -> list[PlanIssue]:
     if plan.data.target == "DMS_score_bin" and plan.data.transform != "none":
         issues.append(PlanIssue("data.transform", "applies to regression only; use 'none' with target DMS_score_bin"))
     issues.extend(_where_shape_issues(plan))
+    issues.extend(_size_issues(plan))
     if check_db:
         issues.extend(_database_issues(plan))
     return issues
@@ -274,10 +341,31 @@ def _where_shape_issues(plan: Plan) -> list[PlanIssue]:
                 issues.append(PlanIssue(path, "must be [low, high] for op 'between'"))
         elif not _is_scalar(value):
             issues.append(PlanIssue(path, f"must be a string, number or boolean for op '{op}'"))
+            continue
+        numbers = value if isinstance(value, list) else [value]
+        if any(isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**63 for v in numbers):
+            issues.append(PlanIssue(path, "integers must lie within ±9223372036854775807 (SQLite's range)"))
+    return issues
+
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+MAX_SIZE = 2**50  # 1 PiB: the Docker engine keeps sizes as signed 64-bit byte counts
+
+
+def _size_issues(plan: Plan) -> list[PlanIssue]:
+    issues = []
+    for key in ("shm_size", "memory"):
+        text = getattr(plan.resources, key)
+        if text is None:
+            continue
+        number, unit = (text[:-1], text[-1].lower()) if text[-1].isalpha() else (text, "")
+        if float(number) * SIZE_UNITS[unit] > MAX_SIZE:
+            issues.append(PlanIssue(f"resources.{key}", f"{text!r} is larger than any machine; use e.g. '16g'"))
     return issues
 
 
 def _database_issues(plan: Plan) -> list[PlanIssue]:
+    """What the core will need from the database, checked the way the core reads it (read_layout)."""
     db = Path(plan.data.db)
     problem = check_database(db)
     if problem:
@@ -286,8 +374,8 @@ def _database_issues(plan: Plan) -> list[PlanIssue]:
     try:
         conn = connect_readonly(db)
         try:
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(mutations)")}
-            columns |= {row[1] for row in conn.execute("PRAGMA table_info(sources)")}
+            layout = read_layout(conn, str(db))
+            columns = set(layout.filter_columns)
             for i, clause in enumerate(plan.data.where):
                 if clause.column not in columns:
                     issues.append(
@@ -296,6 +384,8 @@ def _database_issues(plan: Plan) -> list[PlanIssue]:
                             f"no column {clause.column!r} in {db.name}; {_suggest(clause.column, columns)}",
                         )
                     )
+            if plan.data.target == "DMS_score_bin" and not layout.has_bin:
+                issues.append(PlanIssue("data.target", f"{db.name} has no DMS_score_bin column; use DMS_score"))
             wanted = [plan.data.dataset] if isinstance(plan.data.dataset, str) else list(plan.data.dataset or [])
             if wanted:
                 known = {row[0] for row in conn.execute("SELECT source_text FROM sources")}
@@ -304,17 +394,61 @@ def _database_issues(plan: Plan) -> list[PlanIssue]:
                         issues.append(
                             PlanIssue("data.dataset", f"no dataset {name!r} in {db.name}; {_suggest(name, known)}")
                         )
-            if plan.split.column and plan.split.column not in columns:
+            if plan.split.column and plan.split.column not in layout.mutation_columns:
+                mutation_columns = set(layout.mutation_columns)
                 issues.append(
                     PlanIssue(
                         "split.column",
-                        f"no column {plan.split.column!r} in {db.name}; {_suggest(plan.split.column, columns)}",
+                        f"no column {plan.split.column!r} in the mutations table of {db.name}; "
+                        f"{_suggest(plan.split.column, mutation_columns)}",
                     )
                 )
+            if not layout.id_is_rowid:
+                issues.extend(_content_issues(conn, db, layout))
         finally:
             conn.close()
+    except DataError as exc:
+        issues.append(PlanIssue("data.db", exc.message))
     except sqlite3.Error as exc:
         issues.append(PlanIssue("data.db", f"{db} cannot be read: {exc}"))
+    return issues
+
+
+def _content_issues(conn: sqlite3.Connection, db: Path, layout) -> list[PlanIssue]:
+    """Checks of a database not written by infra (its `id` is untyped): ids, scores and references.
+
+    infra's own databases get these guarantees from their DDL and the importer; the lab's layout
+    declares no types, so one scan checks what the core would otherwise fail on at start.
+    """
+    key = f'"{layout.source_key}"'
+    bin_check = "sum(typeof(DMS_score_bin) NOT IN ('integer', 'real', 'null'))" if layout.has_bin else "0"
+    bad_id, bad_score, bad_bin, orphans = conn.execute(
+        "SELECT sum(typeof(id) != 'integer'), sum(typeof(DMS_score) NOT IN ('integer', 'real', 'null')), "
+        f"{bin_check}, sum({key} IS NULL OR {key} NOT IN (SELECT id FROM sources)) FROM mutations"
+    ).fetchone()
+    issues = []
+    if bad_id:
+        issues.append(
+            PlanIssue("data.db", f"{db.name}: {bad_id} mutations row(s) have no integer id; give every row one")
+        )
+    else:
+        dup = conn.execute("SELECT id FROM mutations GROUP BY id HAVING count(*) > 1 LIMIT 1").fetchone()
+        if dup:
+            issues.append(PlanIssue("data.db", f"{db.name}: mutations.id {dup[0]} is used by more than one row"))
+    for column, count in (("DMS_score", bad_score), ("DMS_score_bin", bad_bin)):
+        if count:
+            issues.append(
+                PlanIssue(
+                    "data.db", f"{db.name}: {count} value(s) of mutations.{column} are not numbers (text or blobs)"
+                )
+            )
+    if orphans:
+        issues.append(
+            PlanIssue(
+                "data.db",
+                f"{db.name}: {orphans} mutations row(s) refer to no row of sources (mutations.{layout.source_key})",
+            )
+        )
     return issues
 
 
@@ -436,7 +570,8 @@ def _message(err: dict) -> str:
     }
     if kind in bounds:
         symbol, key = bounds[kind]
-        return f"must be {symbol} {ctx[key]:g}"
+        limit = ctx[key]
+        return f"must be {symbol} {limit if isinstance(limit, int) else format(limit, 'g')}"
     if kind == "string_too_short":
         return "must not be empty"
     if kind == "string_too_long":

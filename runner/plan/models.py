@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
@@ -21,8 +21,29 @@ SPLIT_STRATEGIES = ("random", "mut_num", "modulo", "contiguous", "column")
 DEFAULT_METRICS = ["spearman", "pearson", "mse", "rmse", "mae", "ndcg"]
 
 
+SEED_MAX = 2**32 - 1  # numpy and Lightning's seed_everything take 0..2**32-1
+SQLITE_INT_MAX = 2**63 - 1  # a bound SQLite parameter is a signed 64-bit integer
+MAX_DEVICES = 1024
+
+
+def _integral_float(value: Any) -> Any:
+    # JSON has one number type: 256.0 is the integer 256 to a JSON Schema validator, so it is here.
+    # Any other non-int (a string, a boolean, 2.5) is left for the strict int check to refuse.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# On every integer key, after its bounds (so they stay JSON Schema keywords): strict (no "3", no
+# true), but 3.0 is 3, as in the JSON Schema.
+INTEGRAL = BeforeValidator(_integral_float)
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Base of every plan model: unknown keys refused; types strict, exactly as the JSON Schema says
+    ("0.1" is not a number, true is not an integer, "yes" is not a boolean); numbers finite."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class WhereClause(Strict):
@@ -55,7 +76,7 @@ class DataSpec(Strict):
         description="rows whose mutant does not match the template: fail naming the row, or drop them and report the count",
     )
     drop_nan: bool = Field(default=True, description="drop rows whose target is NaN/NULL (their count is reported)")
-    limit: Annotated[int, Field(gt=0)] | None = Field(
+    limit: Annotated[int, Field(gt=0, le=SQLITE_INT_MAX), INTEGRAL] | None = Field(
         default=None, description="read at most this many rows (in id order)"
     )
 
@@ -86,10 +107,10 @@ class SplitSpec(Strict):
         default="random",
         description="random; mut_num (train on fewer mutations, test on more); modulo / contiguous (ProteinGym position folds); column",
     )
-    n_folds: Annotated[int, Field(ge=2, le=100)] | None = Field(
+    n_folds: Annotated[int, Field(ge=2, le=100), INTEGRAL] | None = Field(
         default=None, description="k-fold: the test set is fold `fold` of n_folds"
     )
-    fold: Annotated[int, Field(ge=0)] = Field(
+    fold: Annotated[int, Field(ge=0, le=99), INTEGRAL] = Field(
         default=0, description="which fold is the test set (0-based); needs n_folds"
     )
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
@@ -98,11 +119,13 @@ class SplitSpec(Strict):
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
         default=0.1, description="share of all selected rows used for validation (taken from the non-test rows)"
     )
-    seed: int = Field(default=0, description="seed of the split's shuffling")
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX), INTEGRAL] = Field(
+        default=0, description="seed of the split's shuffling"
+    )
     column: Annotated[str, Field(pattern=IDENTIFIER_PATTERN)] | None = Field(
         default=None, description="strategy=column: a mutations column holding train/val/test (or fold numbers)"
     )
-    max_train_mut_num: Annotated[int, Field(ge=0)] = Field(
+    max_train_mut_num: Annotated[int, Field(ge=0, le=1_000_000), INTEGRAL] = Field(
         default=1,
         description="strategy=mut_num: train/val on variants with at most this many mutations, test on the rest",
     )
@@ -110,19 +133,27 @@ class SplitSpec(Strict):
 
 class TrainSpec(Strict):
     lr: Annotated[float, Field(gt=0, le=10)] = Field(default=1e-3, description="learning rate")
-    batch_size: Annotated[int, Field(gt=0, le=1_048_576)] = Field(default=256, description="variants per step")
-    max_epochs: Annotated[int, Field(gt=0, le=100_000)] = Field(default=30, description="upper bound on epochs")
-    seed: int = Field(default=0, description="seed of weights, shuffling and dropout (Lightning seed_everything)")
+    batch_size: Annotated[int, Field(gt=0, le=1_048_576), INTEGRAL] = Field(
+        default=256, description="variants per step"
+    )
+    max_epochs: Annotated[int, Field(gt=0, le=100_000), INTEGRAL] = Field(
+        default=30, description="upper bound on epochs"
+    )
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX), INTEGRAL] = Field(
+        default=0, description="seed of weights, shuffling and dropout (Lightning seed_everything)"
+    )
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed", "64"] = Field(
         default="auto", description="auto: bf16-mixed on a GPU that supports it, else 32"
     )
     weight_decay: Annotated[float, Field(ge=0)] = Field(
         default=0.0, description="optimizer weight decay (L2)"
     )
-    early_stopping_patience: Annotated[int, Field(ge=0)] = Field(
+    early_stopping_patience: Annotated[int, Field(ge=0, le=100_000), INTEGRAL] = Field(
         default=5, description="epochs without val improvement; 0 disables early stopping"
     )
-    devices: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(default="auto", description="Lightning devices")
+    devices: Annotated[int, Field(ge=1, le=MAX_DEVICES), INTEGRAL] | Literal["auto"] = Field(
+        default="auto", description="Lightning devices"
+    )
     accelerator: Literal["auto", "cpu", "gpu"] = Field(default="auto", description="auto: the GPU when one is visible")
     optimizer: Literal["adam", "adamw", "sgd"] = Field(default="adamw", description="optimizer")
     gradient_clip_val: Annotated[float, Field(ge=0)] | None = Field(
@@ -132,14 +163,18 @@ class TrainSpec(Strict):
 
 
 class ResourcesSpec(Strict):
-    gpus: Annotated[str, Field(pattern=GPU_LIST_PATTERN)] | Annotated[int, Field(ge=0)] = Field(
+    gpus: Annotated[str, Field(pattern=GPU_LIST_PATTERN)] | Annotated[
+        int, Field(ge=0, le=MAX_DEVICES), INTEGRAL
+    ] = Field(
         default="none", description='"all", a count, a device list "0,2", or "none"; --gpus overrides it'
     )
     shm_size: Annotated[str, Field(pattern=SIZE_PATTERN)] = Field(default="1g", description="container /dev/shm size")
     memory: Annotated[str, Field(pattern=SIZE_PATTERN)] | None = Field(
         default=None, description="container memory limit, e.g. 16g"
     )
-    cpus: Annotated[float, Field(gt=0)] | None = Field(default=None, description="container CPU limit")
+    cpus: Annotated[float, Field(ge=0.01, le=4096)] | None = Field(
+        default=None, description="container CPU limit (Docker takes 0.01 and up)"
+    )
     network: Literal["none", "bridge", "host"] = Field(
         default="none", description="container network; none keeps training offline"
     )

@@ -44,6 +44,7 @@ from runner.settings import NodeSettings, node_settings
 log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_S = 600
+CORE_ERROR = "infra-train: error: "  # how the training core prints its one-line errors
 OUTPUT_DIRS = ("metrics", "ckpts", "artifacts", "splits", "embeddings", "data", "logs")
 
 
@@ -267,12 +268,15 @@ def follow(exp: Experiment, backend, opts: RunOptions, attached: bool = False) -
         raise _with_record(Interrupted(f"experiment {exp.id} was cancelled; logs in {exp.container_log}"), record)
     from runner.run.logs import tail_text
 
+    tail = tail_text(exp, 20)
+    reason = next((line.split(CORE_ERROR, 1)[1].strip() for line in reversed(tail.splitlines()) if CORE_ERROR in line), None)
     raise _with_record(
         ExperimentFailed(
             f"experiment {exp.id} {record['state']} (exit code {record.get('exit_code')}): "
-            f"{record.get('message') or 'see the log'}; log: {exp.container_log}",
+            f"{reason or record.get('message') or 'see the log'}; log: {exp.container_log}",
             exit_status=record.get("exit_code"),
-            log_tail=tail_text(exp, 20),
+            log_tail=tail,
+            reason=reason,
         ),
         record,
     )

@@ -45,7 +45,7 @@ def parse_sweep(item: str) -> tuple[str, list[Any]]:
     if raw.lstrip().startswith("["):
         try:
             parsed = json.loads(raw)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # too deep to be a value list: taken as text
             parsed = None
         if isinstance(parsed, list):
             values = parsed
@@ -65,7 +65,7 @@ def parse_sweep(item: str) -> tuple[str, list[Any]]:
 def _scalar(part: str) -> Any:
     try:
         return json.loads(part)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return part
 
 
