@@ -10,7 +10,8 @@ import jsonschema
 import pytest
 
 from runner.errors import PlanError, UsageError
-from runner.plan.load import expand_dotted, load_plan
+from runner.plan.document import expand_dotted
+from runner.plan.load import load_plan
 from runner.plan.schema import SCHEMA_PATH, plan_schema, render
 
 

@@ -26,7 +26,7 @@ def run_sweep_command(
 ) -> None:
     """Expand the grid, then run its points one after another (or submit them); exit with the worst code."""
     from runner.errors import UsageError
-    from runner.plan.load import STDIN, read_plan_text
+    from runner.plan.document import STDIN, read_plan_text
     from runner.run import sweep
     from runner.run.launch import RunOptions
 

@@ -33,26 +33,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_plan(source: str) -> dict:
-    """Load and validate a plan file; return the resolved JSON form (defaults filled in)."""
-    from pydantic import ValidationError
-
-    from runner.plan.load import _issues_from_pydantic, expand_dotted, parse_json
-    from runner.plan.models import Plan
+def read_plan(source: str):
+    """The typed `Plan` in a plan file (the canonical `config/plan.json` the host wrote), checked by
+    the same rules as on the host: no repeated keys, NaN/Infinity or deep nesting, the schema."""
+    from runner.plan.document import parse_json
+    from runner.plan.issues import plan_from_document
 
     name = "<stdin>" if source == "-" else source
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
     except OSError as exc:
         raise PlanError(name, [PlanIssue("", f"cannot read the plan: {exc.strerror}")]) from None
-    doc = parse_json(text, name)  # the host's rules: no repeated keys, NaN/Infinity or deep nesting
-    doc, issues = expand_dotted(doc)
-    if issues:
-        raise PlanError(name, issues)
-    try:
-        return Plan.model_validate(doc).model_dump(mode="json")
-    except ValidationError as exc:
-        raise PlanError(name, _issues_from_pydantic(exc)) from None
+    return plan_from_document(parse_json(text, name), name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         from runner.core.plugins import resolve_workdir
         from runner.core.registry import RegistryError
 
-        plan = read_plan(args.plan)
+        plan = read_plan(args.plan).model_dump(mode="json")
         result = run_experiment(
             plan,
             args.exp_dir,

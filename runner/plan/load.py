@@ -7,46 +7,30 @@ checks use the standard library's sqlite3.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import sqlite3
-import sys
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from runner.data.db import check_database, connect_readonly, read_layout
-from runner.errors import DataError, PlanError, PlanIssue, UsageError
+from runner.errors import DataError, PlanError, PlanIssue
+from runner.plan.document import (
+    STDIN,
+    _is_scalar,
+    _json_type,
+    apply_overrides,
+    expand_dotted,
+    parse_json,
+    read_plan_text,
+    set_key,
+)
+from runner.plan.issues import _issues_from_pydantic
 from runner.plan.models import (
-    GPU_LIST_PATTERN,
-    IDENTIFIER_PATTERN,
-    NAME_PATTERN,
-    REGISTRY_NAME_PATTERN,
-    SIZE_PATTERN,
     Plan,
 )
-
-STDIN = "-"
-# Below these keys the user's dictionaries are passed to factories as they are: no dotted expansion.
-OPAQUE_KEYS = {"params"}
-UNION_MESSAGES = {
-    "data.dataset": "must be a dataset name or a list of dataset names",
-    "resources.gpus": 'must be "all", "none", a GPU count or a device list like "0,2"',
-    "train.devices": 'must be a positive integer or "auto"',
-}
-
-PATTERN_RULES = {
-    NAME_PATTERN: "use 1-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit",
-    IDENTIFIER_PATTERN: "must be a column name (letters, digits, '_'; not starting with a digit)",
-    REGISTRY_NAME_PATTERN: "must be a registered name (letters, digits, '.', '_', '-'; 1-64 characters)",
-    GPU_LIST_PATTERN: 'must be "all", "none", a GPU count or a device list like "0,2"',
-    SIZE_PATTERN: "must be a size like '512m' or '2g'",
-}
 
 
 @dataclass(frozen=True)
@@ -60,174 +44,6 @@ class LoadedPlan:
     @property
     def resolved(self) -> dict[str, Any]:
         return self.plan.model_dump(mode="json")
-
-
-def read_plan_text(source: str) -> tuple[str, str, Path]:
-    """Return (text, display name, folder relative paths resolve against) for a file path or '-'."""
-    if source == STDIN:
-        return sys.stdin.read(), "<stdin>", Path.cwd()
-    path = Path(source)
-    if path.is_dir():
-        raise UsageError(f"{source} is a directory; pass the plan's JSON file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UsageError(f"plan file {source} does not exist; check the path (or pass '-' to read stdin)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"plan file {source} cannot be read: {exc}") from None
-    return text, source, path.resolve().parent
-
-
-MAX_DEPTH = 64  # deeper JSON is refused: nothing in a plan nests like that, and deep nesting exhausts the stack
-
-
-def _loads(text: str) -> tuple[Any, dict[int, list[str]]]:
-    """json.loads that also returns the keys each object repeated (by id of the object).
-
-    JSON parsers keep the last of two equal keys; a plan with `"lr"` twice almost certainly has a
-    mistake in it, so repeats are collected and reported instead.
-    """
-    repeated: dict[int, list[str]] = {}
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        obj: dict[str, Any] = {}
-        for key, value in items:
-            if key in obj:
-                repeated.setdefault(id(obj), []).append(key)
-            obj[key] = value
-        return obj
-
-    return json.loads(text, object_pairs_hook=pairs), repeated
-
-
-def value_issues(doc: Any, repeated: dict[int, list[str]] | None = None, prefix: str = "") -> list[PlanIssue]:
-    """Repeated keys, NaN/Infinity (also 1e999, which JSON parsers turn into Infinity) and nesting
-    deeper than MAX_DEPTH anywhere in a document, each with its key path. Iterative: no recursion."""
-    issues: list[PlanIssue] = []
-    stack: list[tuple[Any, str, int]] = [(doc, prefix, 0)]
-    while stack:
-        value, path, depth = stack.pop()
-        if isinstance(value, float) and not math.isfinite(value):
-            issues.append(
-                PlanIssue(
-                    path, "must be a finite number (NaN, Infinity and numbers beyond ±1.8e308 are not JSON numbers)"
-                )
-            )
-        elif isinstance(value, dict | list):
-            if depth >= MAX_DEPTH:
-                head = path[:60]
-                shown = path if len(path) <= 80 else f"{head[: head.rfind(']') + 1] or head}…({depth} levels)"
-                issues.append(PlanIssue(shown, f"nests deeper than {MAX_DEPTH} levels; a plan never needs that"))
-                continue
-            if isinstance(value, dict):
-                for key in (repeated or {}).get(id(value), []):
-                    issues.append(PlanIssue(f"{path}.{key}" if path else key, "given twice in the JSON; keep one"))
-                children = [(v, f"{path}.{k}" if path else k) for k, v in value.items()]
-            else:
-                children = [(v, f"{path}[{i}]") for i, v in enumerate(value)]
-            stack.extend((v, p, depth + 1) for v, p in reversed(children))
-    return issues
-
-
-def parse_json(text: str, source: str) -> dict[str, Any]:
-    """The plan document of `text`, or a PlanError: not JSON, not an object, repeated keys, NaN or
-    Infinity, nesting deeper than MAX_DEPTH."""
-    try:
-        doc, repeated = _loads(text)
-    except json.JSONDecodeError as exc:
-        raise PlanError(
-            source, [PlanIssue("", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")]
-        ) from None
-    except RecursionError:
-        raise PlanError(
-            source, [PlanIssue("", f"the JSON nests too deeply (a plan has at most {MAX_DEPTH} levels)")]
-        ) from None
-    if not isinstance(doc, dict):
-        raise PlanError(source, [PlanIssue("", f"a plan must be a JSON object, not {_json_type(doc)}")])
-    issues = value_issues(doc, repeated)
-    if issues:
-        raise PlanError(source, issues)
-    return doc
-
-
-def expand_dotted(doc: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], list[PlanIssue]]:
-    """Expand {"train.lr": 1} into {"train": {"lr": 1}} at every level except below OPAQUE_KEYS."""
-    issues: list[PlanIssue] = []
-    out: dict[str, Any] = {}
-    # Nested keys first, so a dotted key that collides with one is reported against the dotted form.
-    for key in sorted(doc, key=lambda k: "." in k):
-        value = doc[key]
-        parts = key.split(".")
-        if any(not p for p in parts):
-            issues.append(PlanIssue(prefix + key, "empty segment in dotted key"))
-            continue
-        target = out
-        for i, part in enumerate(parts[:-1]):
-            here = prefix + ".".join(parts[: i + 1])
-            existing = target.setdefault(part, {})
-            if not isinstance(existing, dict):
-                issues.append(PlanIssue(here, f"is {_json_type(existing)}, but '{prefix + key}' sets a key inside it"))
-                target = None
-                break
-            target = existing
-        if target is None:
-            continue
-        leaf = parts[-1]
-        path = prefix + key
-        if isinstance(value, dict) and leaf not in OPAQUE_KEYS:
-            value, sub = expand_dotted(value, path + ".")
-            issues.extend(sub)
-        if leaf in target:
-            if isinstance(target[leaf], dict) and isinstance(value, dict):
-                clash = set(target[leaf]) & set(value)
-                if clash:
-                    first = sorted(clash)[0]
-                    issues.append(PlanIssue(f"{path}.{first}", "given twice (nested and as a dotted key); keep one"))
-                    continue
-                target[leaf].update(value)
-                continue
-            issues.append(PlanIssue(path, "given twice (nested and as a dotted key); keep one"))
-            continue
-        target[leaf] = value
-    return out, issues
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """Parse one `--set key=value`: the value is JSON when it parses, else the literal string."""
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=0.001")
-    try:
-        value, repeated = _loads(raw)
-    except json.JSONDecodeError:
-        return key, raw
-    except RecursionError:
-        raise UsageError(f"--set {key}: the value nests too deeply (at most {MAX_DEPTH} levels)") from None
-    issues = value_issues(value, repeated, key)
-    if issues:
-        raise UsageError(f"--set {issues[0]}")
-    return key, value
-
-
-def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `--set` items in order; later ones win. Intermediate objects are created as needed."""
-    for item in overrides:
-        set_key(doc, *parse_override(item), flag="--set")
-    return doc
-
-
-def set_key(doc: dict[str, Any], key: str, value: Any, flag: str = "--set") -> None:
-    """Set a dotted `key` to an already-parsed `value`, creating intermediate objects."""
-    parts = key.split(".")
-    target = doc
-    for i, part in enumerate(parts[:-1]):
-        nxt = target.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            where = ".".join(parts[: i + 1])
-            raise UsageError(f"{flag} {key}: '{where}' is {_json_type(nxt)} in the plan, not an object")
-        target = nxt
-    target[parts[-1]] = value
 
 
 def load_plan(
@@ -349,6 +165,8 @@ def _where_shape_issues(plan: Plan) -> list[PlanIssue]:
 
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+
+
 MAX_SIZE = 2**50  # 1 PiB: the Docker engine keeps sizes as signed 64-bit byte counts
 
 
@@ -460,127 +278,3 @@ def _suggest(word: str, options: set[str]) -> str:
         return f"did you mean {close[0]!r}?"
     listed = ", ".join(sorted(options)[:12])
     return f"available: {listed}" if listed else "the table is empty"
-
-
-def _is_scalar(value: Any) -> bool:
-    return isinstance(value, str | int | float | bool)
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if value is None:
-        return "null"
-    return "an object"
-
-
-# --- pydantic errors → PlanIssue ---------------------------------------------------------------
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The BaseModel class inside an annotation (X, list[X], X | None, Annotated[X, ...]) if any."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _model_in(typing.get_args(annotation)[0])
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if origin in (list, typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            found = _model_in(arg)
-            if found:
-                return found
-    return None
-
-
-def _clean_loc(loc: tuple) -> tuple[str, type[BaseModel] | None, str | None]:
-    """Turn a pydantic loc into 'a.b[0].c', dropping union-member tags; also return the model at the end."""
-    model: type[BaseModel] | None = Plan
-    path = ""
-    last_field = None
-    for item in loc:
-        if isinstance(item, int):
-            path += f"[{item}]"
-            continue
-        if model is not None and item in model.model_fields:
-            path = f"{path}.{item}" if path else item
-            last_field = item
-            model = _model_in(model.model_fields[item].annotation)
-        elif model is None and last_field in OPAQUE_KEYS:
-            path = f"{path}.{item}"
-        # anything else is a union tag such as 'constrained-str' or 'list[...]'
-    return path, model, last_field
-
-
-def _issues_from_pydantic(exc: ValidationError) -> list[PlanIssue]:
-    issues: list[PlanIssue] = []
-    seen: set[str] = set()
-    for err in exc.errors(include_url=False):
-        loc = err["loc"]
-        if err["type"] == "extra_forbidden":
-            import difflib
-
-            parent_path, parent_model, _ = _clean_loc(loc[:-1])
-            key = str(loc[-1])
-            path = f"{parent_path}.{key}" if parent_path else key
-            allowed = sorted(parent_model.model_fields) if parent_model else []
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(allowed)}"
-            issue = PlanIssue(path, f"unknown key; {hint}")
-        else:
-            path, _, _ = _clean_loc(loc)
-            union = next((u for u in UNION_MESSAGES if path == u or path.startswith((u + "[", u + "."))), None)
-            issue = PlanIssue(union, UNION_MESSAGES[union]) if union else PlanIssue(path, _message(err))
-        if str(issue) not in seen:
-            seen.add(str(issue))
-            issues.append(issue)
-    return issues
-
-
-def _message(err: dict) -> str:
-    kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
-    simple = {
-        "missing": "required key is missing",
-        "string_type": "must be a string",
-        "int_type": "must be an integer",
-        "int_parsing": "must be an integer",
-        "int_from_float": "must be an integer",
-        "float_type": "must be a number",
-        "float_parsing": "must be a number",
-        "bool_type": "must be true or false",
-        "bool_parsing": "must be true or false",
-        "dict_type": "must be an object",
-        "model_type": "must be an object",
-        "model_attributes_type": "must be an object",
-        "list_type": "must be a list",
-        "finite_number": "must be a finite number",
-    }
-    if kind in simple:
-        return simple[kind]
-    bounds = {
-        "greater_than": (">", "gt"),
-        "greater_than_equal": (">=", "ge"),
-        "less_than": ("<", "lt"),
-        "less_than_equal": ("<=", "le"),
-    }
-    if kind in bounds:
-        symbol, key = bounds[kind]
-        limit = ctx[key]
-        return f"must be {symbol} {limit if isinstance(limit, int) else format(limit, 'g')}"
-    if kind == "string_too_short":
-        return "must not be empty"
-    if kind == "string_too_long":
-        return f"must be at most {ctx['max_length']} characters"
-    if kind == "too_short":
-        return f"must have at least {ctx['min_length']} item(s)"
-    if kind == "literal_error":
-        return f"must be one of {ctx['expected']}"
-    if kind == "string_pattern_mismatch":
-        rule = PATTERN_RULES.get(ctx["pattern"], f"must match {ctx['pattern']}")
-        return f"{value!r} is not allowed: {rule}"
-    return err["msg"]

@@ -116,7 +116,8 @@ class PointResult:
 def load_points(source: str, text: str | None, overrides: list[str], points: list[dict], workdir: Path) -> list:
     """Validate every point's plan up front (the plan text is read and parsed once; each point's values
     are applied as parsed values, not re-parsed strings); a PlanError names the point."""
-    from runner.plan.load import STDIN, load_plan_document, parse_json, read_plan_text
+    from runner.plan.document import STDIN, parse_json, read_plan_text
+    from runner.plan.load import load_plan_document
 
     if text is None:
         text, name, base_dir = read_plan_text(source)
