@@ -2,7 +2,7 @@
 
 A record that says `starting`/`running` is checked against the container found by the
 `infra.experiment_id` label (docker backend) or the process id (local backend) every time it is
-read. A container that exited is finalised (its log saved to `logs/container.log`, the exit code and
+read. A container that exited is finalised (its log saved by `runner.run.logs`, the exit code and
 final state recorded, the container removed); one that vanished makes the record `lost`. So a killed
 runner or a dropped SSH session never leaves a run looking alive.
 """
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from runner.errors import EnvironmentProblem
+from runner.run.logs import follow_file  # noqa: F401 - launch.py's import until it calls runner.run.logs
 from runner.run.records import ACTIVE, Experiment, now_iso
 
 log = logging.getLogger(__name__)
@@ -63,19 +64,13 @@ def container_for(client, record: dict):
     return found[0] if found else None
 
 
-def save_container_log(exp: Experiment, container) -> None:
-    """Replace logs/container.log with the engine's complete log of the container (atomic)."""
-    from runner import engine
-    from runner.run.records import atomic_write_text
-
-    atomic_write_text(exp.container_log, engine.container_output(container))
-
-
 def finalize(exp: Experiment, record: dict, exit_code: int | None, container=None, message: str | None = None) -> dict:
     """Record the final state of an attempt; save the log and remove the container when given one."""
     state = final_state(exit_code, bool(record.get("stop_requested")))
     if container is not None and not record.get("log_complete"):
         try:
+            from runner.run.logs import save_container_log
+
             save_container_log(exp, container)
         except Exception as exc:  # the record must still be finalised; say why the log is partial
             log.warning("could not save the log of %s: %s", exp.id, exc)
@@ -173,62 +168,28 @@ def _is_our_process(pid, experiment_id: str) -> bool:
     return experiment_id in cmdline
 
 
-def follow_logs(exp: Experiment, on_line, follow: bool = False, tail: int | None = None) -> None:
-    """Print the training output: live from the engine while a container runs, else from the log file."""
-    record = reconcile(exp)
-    if record.get("backend") == "docker" and record.get("state") == "running":
-        handle = EngineHandle()
-        client = handle.get()
-        container = container_for(client, record) if client is not None else None
-        if container is not None:
-            from runner import engine
-
-            for line in engine.container_output(container, tail=tail).splitlines():
-                on_line(line)
-            if follow:
-                engine.stream_logs(container, on_line, follow=True, since=int(time.time()))
-            return
-    try:
-        data = exp.container_log.read_bytes()
-    except FileNotFoundError:
-        data = b""
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    for line in lines[-tail:] if tail else lines:
-        on_line(line)
-    if follow and record.get("backend") == "local" and record.get("state") == "running":
-        follow_file(exp.container_log, exp.root / EXIT_FILE, on_line, offset=len(data))
-
-
-def follow_file(path: Path, exit_file: Path, on_line, offset: int = 0, on_idle=None) -> None:
-    """Pass each line of a growing log file from byte `offset` to `on_line` until `exit_file` appears
-    (the local backend's wrapper writes it when the training ends); `on_idle` runs between polls."""
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        while True:
-            line = fh.readline()
-            if line:
-                on_line(line.decode("utf-8", errors="replace").rstrip("\n"))
-            elif exit_file.exists():
-                for rest in fh:
-                    on_line(rest.decode("utf-8", errors="replace").rstrip("\n"))
-                return
-            else:
-                if on_idle is not None:
-                    on_idle()
-                time.sleep(0.1)
+_AGE_RE = re.compile(r"([0-9]+)([smhd])")
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_since(value: str) -> datetime:
-    """'30m', '12h', '7d' (ago) or an ISO 8601 time; a UsageError says which forms work."""
+    """'30m', '12h', '7d' (ago) or an ISO 8601 time; a UsageError says which forms work.
+
+    An age reaching before year 1 is a UsageError too (not an OverflowError traceback).
+    """
     from runner.errors import UsageError
 
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if value and value[-1] in units and value[:-1].isdigit():
-        return datetime.now(UTC) - timedelta(seconds=int(value[:-1]) * units[value[-1]])
+    shown = repr(value if len(value) <= 40 else value[:40] + "…")
+    age = _AGE_RE.fullmatch(value)
+    if age:
+        try:
+            return datetime.now(UTC) - timedelta(seconds=int(age.group(1)) * _AGE_UNITS[age.group(2)])
+        except (OverflowError, ValueError):  # ValueError: more digits than Python converts
+            raise UsageError(f"--since {shown}: reaches back before year 1; use a smaller age or an ISO time") from None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise UsageError(f"--since {value!r}: use an ISO time (2026-11-27T10:00) or an age like 30m, 12h, 7d") from None
+        raise UsageError(f"--since {shown}: use an ISO time (2026-11-27T10:00) or an age like 30m, 12h, 7d") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
