@@ -349,9 +349,19 @@ def log_chunks(
     (in one request with `follow`, so nothing is repeated or missed); nothing when the container is
     gone. The engine's framed stream is read in blocks of up to LOG_READ_SIZE bytes and unframed
     here: docker-py's own iterator makes two reads per log line (four times slower on 100-byte lines).
+
+    The engine ends a follow when the container exits even if the follower has not read everything
+    yet (moby's json-file reader; `docker logs -f` loses the end the same way). So a follow asks for
+    timestamps, and when it ends, reads the rest with a plain request from the last timestamp seen,
+    skipping the messages it already had.
     """
     from docker.errors import NotFound
 
+    api = container.client.api
+    try:
+        tty = bool(api.inspect_container(container.id)["Config"].get("Tty"))
+    except NotFound:
+        return
     params: dict[str, Any] = {
         "stdout": int(stdout),
         "stderr": int(stderr),
@@ -361,9 +371,62 @@ def log_chunks(
     }
     if since is not None:
         params["since"] = since
+    if tty or not follow:  # a TTY's raw stream has no message boundaries to put timestamps on
+        yield from _log_request(container, params, tty)
+        return
+    stamps = _Stamps()
+    for batch in _log_request(container, {**params, "timestamps": 1}, tty, frames=True):
+        yield b"".join(map(stamps.strip, batch))
+    with contextlib.suppress(Exception):  # it ended because the container stopped: let it finish
+        api.wait(container.id)
+    rest = {**params, "follow": 0, "timestamps": 1}
+    if stamps.last is not None:
+        rest.update(tail="all", since=stamps.since())
+    skip = stamps.count
+    for batch in _log_request(container, rest, tty, frames=True):
+        out = []
+        for payload in batch:
+            stamp, _, text = payload.partition(b" ")
+            if skip and stamp == stamps.last:
+                skip -= 1
+                continue
+            skip = 0
+            out.append(text)
+        yield b"".join(out)
+
+
+class _Stamps:
+    """Strips the engine's timestamp from each message; remembers the last one and how many had it."""
+
+    def __init__(self):
+        self.last: bytes | None = None
+        self.count = 0
+
+    def strip(self, payload: bytes) -> bytes:
+        stamp, _, text = payload.partition(b" ")
+        if stamp == self.last:
+            self.count += 1
+        else:
+            self.last, self.count = stamp, 1
+        return text
+
+    def since(self) -> str:
+        """The last timestamp as the `since` the engine takes: UNIX seconds with nanoseconds."""
+        from datetime import UTC, datetime
+
+        text = self.last.decode()
+        whole, _, frac = text.rstrip("Z").partition(".")
+        seconds = int(datetime.fromisoformat(whole).replace(tzinfo=UTC).timestamp())
+        return f"{seconds}.{frac[:9].ljust(9, '0')}"
+
+
+def _log_request(container, params: dict, tty: bool, frames: bool = False) -> Iterator[bytes]:
+    """One logs request: raw blocks (TTY), or the payloads of the multiplexed stream joined per
+    block (`frames`: a list of the block's payloads)."""
+    from docker.errors import NotFound
+
     api = container.client.api
     try:
-        tty = bool(api.inspect_container(container.id)["Config"].get("Tty"))
         response = api._get(api._url("/containers/{0}/logs", container.id), params=params, stream=True)
         api._raise_for_status(response)
     except NotFound:
@@ -371,17 +434,21 @@ def log_chunks(
     try:
         read1 = getattr(response.raw, "read1", None)  # urllib3 >= 2: what has arrived, up to the size
         if read1 is None:  # older urllib3 would block until a whole block arrived: let docker-py frame it
-            yield from container.logs(stream=True, **{k: v for k, v in params.items() if k != "timestamps"})
+            kwargs = {k: v for k, v in params.items() if k != "timestamps"}
+            stream = container.logs(stream=True, timestamps=bool(params.get("timestamps")), **kwargs)
+            yield from ([payload] for payload in stream) if frames else stream
             return
         api._disable_socket_timeout(api._get_raw_response_socket(response))
         blocks = iter(lambda: read1(LOG_READ_SIZE), b"")
-        yield from blocks if tty else _unframe(blocks)
+        yield from blocks if tty else _unframe(blocks, frames)
     finally:
         response.close()
 
 
-def _unframe(blocks: Iterator[bytes]) -> Iterator[bytes]:
-    """Payloads of the engine's multiplexed stream (8-byte headers: stream, 3 zero bytes, big-endian size)."""
+def _unframe(blocks: Iterator[bytes], frames: bool = False) -> Iterator[bytes]:
+    """Payloads of the engine's multiplexed stream (8-byte headers: stream, 3 zero bytes, big-endian
+    size), joined per block, or as the list of the block's payloads (`frames`). A frame is at most one engine message (16 KiB) plus
+    its header, so the carried-over bytes stay small."""
     buf = b""
     for block in blocks:
         buf = buf + block if buf else block
@@ -394,8 +461,7 @@ def _unframe(blocks: Iterator[bytes]) -> Iterator[bytes]:
             pos += 8 + size
         buf = buf[pos:]
         if out:
-            yield b"".join(out)
-        # a frame is at most one engine message (16 KiB) plus its header, so `buf` stays small
+            yield out if frames else b"".join(out)
 
 
 def stream_logs(
