@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,3 +36,11 @@ def test_bench_train_small(tmp_path):
           "--batch-size", "128", "--json", str(report)], tmp_path)
     doc = json.loads(report.read_text())
     assert doc["model"] == "mlp" and doc["plain_samples_per_s"] > 0 and doc["core_samples_per_s"] > 0
+
+
+@pytest.mark.docker
+def test_bench_logs_small(tmp_path, docker_client):
+    doc = json.loads(_run([str(REPO / "benchmarks/bench_logs.py"), "--flood-mb", "2", "--line-mib", "2", "--json"],
+                          tmp_path).splitlines()[-1])
+    assert doc["flood"]["live"]["output_mb"] == doc["flood"]["save"]["output_mb"] == 2.0
+    assert doc["long_line"]["live"]["kept_mb"] <= 0.1 and doc["tail_1"]["peak_rss_mb"] > 0
