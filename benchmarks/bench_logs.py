@@ -84,21 +84,34 @@ def _naive(mode: str, container, root: Path) -> int:
     return seen
 
 
-def measured(cmd: list[str], env: dict | None = None) -> tuple[dict | None, float, float]:
+# Linux puts the pre-exec memory's high-water mark into the exec'd process's ru_maxrss, so the
+# measured process is spawned by a tiny launcher rather than by this (larger) one.
+RSS_PROBE = (
+    "import json, os, sys\n"
+    "pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ, file_actions=[\n"
+    "    (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)])\n"
+    "_, status, usage = os.wait4(pid, 0)\n"
+    "with open(sys.argv[1], 'w') as fh:\n"
+    "    json.dump([os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024], fh)\n"
+)
+
+
+def measured(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[dict | None, float, float]:
     """(the JSON the command printed or None, wall seconds, peak RSS in MB) of one process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd[:4]}… exited {proc.returncode}")
+    with tempfile.NamedTemporaryFile(suffix=".json") as result:
+        start = time.perf_counter()
+        out = subprocess.run(
+            [sys.executable, "-S", "-c", RSS_PROBE, result.name, *cmd], stdout=subprocess.PIPE, env=env, cwd=cwd
+        ).stdout
+        wall = time.perf_counter() - start
+        code, rss = json.loads(Path(result.name).read_text())
+    if code != 0:
+        raise SystemExit(f"{cmd[:4]}… exited {code}")
     try:
         doc = json.loads(out.decode().splitlines()[-1])
     except (ValueError, IndexError):
         doc = None
-    return doc, wall, usage.ru_maxrss / 1024
+    return doc, wall, rss
 
 
 def scenario(client, image: str, name: str, program: str, naive: bool, log_config: dict | None) -> dict:
@@ -144,7 +157,7 @@ def tail_of_big_log(mb: int, code: Path) -> dict:
                 fh.write(block)
         cmd = [sys.executable, "-m", "runner", "logs", exp.id, "--tail", "1", "--workdir", str(top)]
         env = {**os.environ, "PYTHONPATH": str(code)}
-        _, wall, rss = measured(cmd, env)
+        _, wall, rss = measured(cmd, env, cwd=top)  # not the checkout: `-m` puts the cwd first on sys.path
         return {"log_mb": mb, "seconds": round(wall, 2), "peak_rss_mb": round(rss)}
     finally:
         shutil.rmtree(top, ignore_errors=True)

@@ -351,9 +351,9 @@ def log_chunks(
     here: docker-py's own iterator makes two reads per log line (four times slower on 100-byte lines).
 
     The engine ends a follow when the container exits even if the follower has not read everything
-    yet (moby's json-file reader; `docker logs -f` loses the end the same way). So a follow asks for
-    timestamps, and when it ends, reads the rest with a plain request from the last timestamp seen,
-    skipping the messages it already had.
+    yet (moby's json-file reader; `docker logs -f` loses the end the same way), and re-sends old
+    messages after a log rotation. So a follow asks for timestamps, drops what is sent twice
+    (`_InOrder`), and when it ends, reads the rest with a plain request from the newest timestamp.
     """
     from docker.errors import NotFound
 
@@ -374,50 +374,78 @@ def log_chunks(
     if tty or not follow:  # a TTY's raw stream has no message boundaries to put timestamps on
         yield from _log_request(container, params, tty)
         return
-    stamps = _Stamps()
+    order = _InOrder()
     for batch in _log_request(container, {**params, "timestamps": 1}, tty, frames=True):
-        yield b"".join(map(stamps.strip, batch))
+        yield b"".join(filter(None, map(order.keep, batch)))
     with contextlib.suppress(Exception):  # it ended because the container stopped: let it finish
         api.wait(container.id)
     rest = {**params, "follow": 0, "timestamps": 1}
-    if stamps.last is not None:
-        rest.update(tail="all", since=stamps.since())
-    skip = stamps.count
+    if order.last_stamp is not None:
+        rest.update(tail="all", since=order.since())
+        order.replay()  # what the engine sends from `since` on begins with what this follow had
     for batch in _log_request(container, rest, tty, frames=True):
-        out = []
-        for payload in batch:
-            stamp, _, text = payload.partition(b" ")
-            if skip and stamp == stamps.last:
-                skip -= 1
-                continue
-            skip = 0
-            out.append(text)
-        yield b"".join(out)
+        yield b"".join(filter(None, map(order.keep, batch)))
 
 
-class _Stamps:
-    """Strips the engine's timestamp from each message; remembers the last one and how many had it."""
+class _InOrder:
+    """Strips the engine's timestamps and drops what it sends twice.
+
+    Docker 20.10's json-file follow re-sends a whole rotated file after a rotation (measured: about
+    96,000 lines again, three times in a 300 MB flood), and the catch-up read from `since` repeats
+    the messages stamped exactly `since`. A message stamped more than TOLERANCE_NS before the newest
+    one starts a replay: messages up to the newest one (and as many stamped equal to it as were kept)
+    are dropped until a newer one arrives. Within the tolerance an older stamp is kept: stdout and
+    stderr are stamped by separate copiers, so their order in the file can be inverted by a little.
+    """
+
+    TOLERANCE_NS = 10_000_000
 
     def __init__(self):
-        self.last: bytes | None = None
-        self.count = 0
+        self.last = -1  # the newest stamp kept, ns since the epoch
+        self.last_stamp: bytes | None = None
+        self.count = 0  # messages kept with that stamp (the parts of one long line share it)
+        self._equal_to_drop: int | None = None  # in a replay: how many stamped `last` are repeats
+        self._seconds: dict[bytes, int] = {}
 
-    def strip(self, payload: bytes) -> bytes:
+    def _ns(self, stamp: bytes) -> int:
+        whole, _, frac = stamp.rstrip(b"Z").partition(b".")
+        seconds = self._seconds.get(whole)
+        if seconds is None:
+            from datetime import UTC, datetime
+
+            if len(self._seconds) > 1024:
+                self._seconds.clear()
+            seconds = self._seconds[whole] = int(datetime.fromisoformat(whole.decode()).replace(tzinfo=UTC).timestamp())
+        return seconds * 1_000_000_000 + int(frac[:9].ljust(9, b"0") or b"0")
+
+    def replay(self) -> None:
+        self._equal_to_drop = self.count
+
+    def keep(self, payload: bytes) -> bytes | None:
         stamp, _, text = payload.partition(b" ")
-        if stamp == self.last:
+        try:
+            t = self._ns(stamp)
+        except ValueError:  # not a stamp: keep the message as it is
+            return payload
+        if self._equal_to_drop is not None:
+            if t < self.last:
+                return None
+            if t == self.last and self._equal_to_drop > 0:
+                self._equal_to_drop -= 1
+                return None
+            self._equal_to_drop = None
+        elif t < self.last - self.TOLERANCE_NS:
+            self.replay()
+            return None
+        if t > self.last:
+            self.last, self.last_stamp, self.count = t, stamp, 1
+        elif t == self.last:
             self.count += 1
-        else:
-            self.last, self.count = stamp, 1
         return text
 
     def since(self) -> str:
-        """The last timestamp as the `since` the engine takes: UNIX seconds with nanoseconds."""
-        from datetime import UTC, datetime
-
-        text = self.last.decode()
-        whole, _, frac = text.rstrip("Z").partition(".")
-        seconds = int(datetime.fromisoformat(whole).replace(tzinfo=UTC).timestamp())
-        return f"{seconds}.{frac[:9].ljust(9, '0')}"
+        """The newest stamp as the `since` the engine takes: UNIX seconds with nanoseconds."""
+        return f"{self.last // 1_000_000_000}.{self.last % 1_000_000_000:09d}"
 
 
 def _log_request(container, params: dict, tty: bool, frames: bool = False) -> Iterator[bytes]:

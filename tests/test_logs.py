@@ -85,8 +85,8 @@ def test_log_limit_refuses_what_it_cannot_use(monkeypatch, value):
         logs.log_limit()
 
 
-def test_docker_log_config_holds_at_most_the_limit():
-    assert logs.docker_log_config(100 * MIB) == {"type": "json-file", "config": {"max-size": "51200k", "max-file": "2"}}
+def test_docker_log_config_holds_at_most_twice_the_limit():
+    assert logs.docker_log_config(100 * MIB) == {"type": "json-file", "config": {"max-size": "51200k", "max-file": "4"}}
     assert logs.docker_log_config(MIB)["config"]["max-size"] == "512k"
 
 
@@ -275,3 +275,29 @@ def test_logs_command_prints_kept_log_safely(tmp_path):
     assert result.returncode == 0 and result.stdout == "one\ntwo\n"
     result = infra("logs", exp.id, "--tail", "1", "--workdir", str(tmp_path))
     assert result.stdout == "two\n"
+
+
+def test_engine_stream_order_drops_replays_keeps_small_inversions():
+    from runner.engine import _InOrder
+
+    def frame(ns: int, text: str) -> bytes:
+        return f"2026-11-28T23:00:00.{ns:09d}Z {text}".encode()
+
+    order = _InOrder()
+    ms = 1_000_000
+    stream = [
+        frame(100 * ms, "a"),
+        frame(200 * ms, "b1"),
+        frame(200 * ms, "b2"),  # two parts of one long line share a stamp
+        frame(195 * ms, "stderr"),  # stamped a little earlier by the other copier: kept
+        frame(100 * ms, "a"),  # a rotation replays the file: dropped up to what was kept
+        frame(200 * ms, "b1"),
+        frame(200 * ms, "b2"),
+        frame(300 * ms, "c"),
+    ]
+    assert [t for t in map(order.keep, stream) if t is not None] == [b"a", b"b1", b"b2", b"stderr", b"c"]
+    assert order.since().endswith(".300000000")
+    order.replay()  # the catch-up read from `since` starts with the newest message again
+    assert [order.keep(frame(300 * ms, "c")), order.keep(frame(300 * ms, "c2"))] == [None, b"c2"]
+    trimmed = b"2026-11-28T23:00:01.5Z d"  # RFC 3339 drops trailing zeros
+    assert order.keep(trimmed) == b"d" and order.last % 10**9 == 500_000_000

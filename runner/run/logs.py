@@ -63,12 +63,13 @@ def log_limit() -> int:
 def docker_log_config(limit_bytes: int) -> dict:
     """The engine's json-file log options for a container whose experiment keeps `limit_bytes`.
 
-    Two files of half the limit each: the engine holds at most as much as the experiment keeps
-    (its JSON framing makes that somewhat less output), and the engine's copy goes away with the
-    container when the experiment is finalised.
+    Four files of half the limit each: at most twice the limit on the engine's disk, which is about
+    the limit's worth of output, since the JSON framing (~70 bytes a message, escapes) roughly
+    doubles short lines. So a detached run saved from the engine keeps about as much of its end as a
+    live capture keeps in total, and the engine's copy goes away with the container at finalisation.
     """
     half_kib = max(limit_bytes // 2 >> 10, 1)
-    return {"type": "json-file", "config": {"max-size": f"{half_kib}k", "max-file": "2"}}
+    return {"type": "json-file", "config": {"max-size": f"{half_kib}k", "max-file": "4"}}
 
 
 # --- writing ---------------------------------------------------------------------------------------
