@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -104,7 +105,28 @@ def node_settings(env: dict | None = None, **overrides) -> NodeSettings:
     return NodeSettings(**values)
 
 
+_SIZE_RE = re.compile(r"(\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+
+
+def _size(raw) -> int | None:
+    """`100M`, `2G`, `500000` (bytes, binary units) → bytes; None when it is not a size."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    m = _SIZE_RE.fullmatch(str(raw).strip())
+    if not m:
+        return None
+    unit = m.group(2).lower()
+    return int(m.group(1)) << (10 * ("kmgt".index(unit) + 1) if unit else 0)
+
+
 def _coerce(name: str, raw, origin: str):
+    if name == "log_limit_bytes":
+        value = _size(raw)
+        if value is None or not BOUNDS[name][0] <= value <= BOUNDS[name][1]:
+            raise UsageError(
+                f"{origin}={raw!r}: use a size of at least 1M, like 100M or 2G (bytes, or K/M/G/T binary units)"
+            )
+        return value
     if name not in BOUNDS:
         if not isinstance(raw, str):
             raise UsageError(f"{origin}: must be a string")

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -21,8 +23,21 @@ def _run(args: list[str], tmp_path: Path) -> str:
 
 def test_bench_data_small(tmp_path):
     # the e2e stage asserts that load_variants and the naive per-row path give identical outputs
-    doc = json.loads(_run([str(REPO / "benchmarks/bench_data.py"), "--n", "3000", "--naive-n", "500", "--json",
-                           "--db", str(tmp_path / "synthetic.sqlite")], tmp_path).splitlines()[-1])
+    doc = json.loads(
+        _run(
+            [
+                str(REPO / "benchmarks/bench_data.py"),
+                "--n",
+                "3000",
+                "--naive-n",
+                "500",
+                "--json",
+                "--db",
+                str(tmp_path / "synthetic.sqlite"),
+            ],
+            tmp_path,
+        ).splitlines()[-1]
+    )
     assert set(doc["results"]) == {"sql", "mutate", "e2e"}
     for r in doc["results"].values():
         assert r["fast"]["n"] == 3000 and r["naive"]["n"] == 500 and r["speedup"] > 0
@@ -30,8 +45,24 @@ def test_bench_data_small(tmp_path):
 
 def test_bench_train_small(tmp_path):
     report = tmp_path / "train.json"
-    _run([str(REPO / "benchmarks/bench_train.py"), "--device", "cpu", "--model", "mlp", "--n", "512", "--epochs", "1",
-          "--batch-size", "128", "--json", str(report)], tmp_path)
+    _run(
+        [
+            str(REPO / "benchmarks/bench_train.py"),
+            "--device",
+            "cpu",
+            "--model",
+            "mlp",
+            "--n",
+            "512",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "128",
+            "--json",
+            str(report),
+        ],
+        tmp_path,
+    )
     doc = json.loads(report.read_text())
     assert doc["model"] == "mlp" and doc["plain_samples_per_s"] > 0 and doc["core_samples_per_s"] > 0
 
@@ -41,3 +72,14 @@ def test_bench_import_small(tmp_path):
         doc = json.loads(_run([str(REPO / "benchmarks/bench_import.py"), "--shape", shape, "--mb", "0.2",
                                "--dir", str(tmp_path)], tmp_path))
         assert doc["rows"] > 500 and doc["rows_per_second"] > 0 and doc["peak_rss_mb"] > 0, doc
+
+
+@pytest.mark.docker
+def test_bench_logs_small(tmp_path, docker_client):
+    doc = json.loads(
+        _run(
+            [str(REPO / "benchmarks/bench_logs.py"), "--flood-mb", "2", "--line-mib", "2", "--json"], tmp_path
+        ).splitlines()[-1]
+    )
+    assert doc["flood"]["live"]["output_mb"] == doc["flood"]["save"]["output_mb"] == 2.0
+    assert doc["long_line"]["live"]["kept_mb"] <= 0.1 and doc["tail_1"]["peak_rss_mb"] > 0

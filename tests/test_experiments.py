@@ -123,7 +123,15 @@ def test_reconcile_keeps_live_local_process_running(tmp_path):
 def test_localwrap_records_exit_code_and_forwards_sigterm(tmp_path):
     exit_file = tmp_path / "code"
     done = subprocess.run(
-        [sys.executable, "-m", "runner.run.local_wrapper", str(exit_file), sys.executable, "-c", "import sys; sys.exit(7)"]
+        [
+            sys.executable,
+            "-m",
+            "runner.run.local_wrapper",
+            str(exit_file),
+            sys.executable,
+            "-c",
+            "import sys; sys.exit(7)",
+        ]
     )
     assert done.returncode == 7 and exit_file.read_text().strip() == "7"
     child = (
@@ -155,33 +163,19 @@ def test_list_filters_and_since(tmp_path):
         parse_since("yesterday")
 
 
+@pytest.mark.parametrize("value", ["1000000d", "9" * 30 + "s", "9" * 5000 + "m"])
+def test_since_too_far_back_is_a_usage_error(value):
+    with pytest.raises(UsageError, match=r"reaches back before year 1; use a smaller age or an ISO time"):
+        parse_since(value)
+
+
+def test_since_unicode_digits_are_not_an_age():
+    with pytest.raises(UsageError, match="use an ISO time"):
+        parse_since("\u00b2d")  # '²'.isdigit() is true, int('²') is not
+
+
 def test_status_json_is_valid_json_after_many_updates(tmp_path):
     exp = make_exp(tmp_path)
     for i in range(50):
         exp.update(message=f"m{i}")
     assert json.loads(exp.status_path.read_text())["message"] == "m49"
-
-
-def test_follow_local_streams_from_offset_until_done(tmp_path):
-    import time
-
-    from runner.run.logs import follow_local
-
-    exp = make_exp(tmp_path)
-    exp.container_log.write_bytes(b"old line\n")
-    offset = exp.container_log.stat().st_size
-    seen: list[str] = []
-    finished = threading.Event()
-
-    def writer():
-        for i in range(3):
-            with open(exp.container_log, "ab") as fh:
-                fh.write(f"epoch {i}\n".encode())
-            time.sleep(0.05)
-        finished.set()
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    follow_local(exp, finished.is_set, seen.append, offset=offset)
-    thread.join()
-    assert seen == ["epoch 0", "epoch 1", "epoch 2"]

@@ -66,23 +66,46 @@ def status(experiment_id: ID_ARG, json_out: JSON_OPT = False, workdir: WORKDIR_O
 def logs(
     experiment_id: ID_ARG,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the training ends.")] = False,
-    tail: Annotated[int | None, typer.Option("--tail", help="Only the last N lines.")] = None,
+    tail: Annotated[int | None, typer.Option("--tail", help="Only the last N lines (N >= 1).")] = None,
     workdir: WORKDIR_OPT = None,
 ) -> None:
     """Print an experiment's training output (stdout and stderr of the container or process).
 
-    Example: infra logs blat-linear-3f2a9c01de --follow
+    Lines longer than 64 KiB are cut with a marker; escape sequences and control characters are
+    removed (colours are kept when stdout is a terminal). A log over the limit shows where its
+    middle was dropped (docs/experiments.md).
+
+    Example: infra logs blat-linear-3f2a9c01de --follow --tail 20
     """
+    import os
+    import sys
+
+    from runner.errors import UsageError
     from runner.run.logs import follow_logs
     from runner.run.records import find
 
+    if tail is not None and tail < 1:
+        raise UsageError(f"--tail {tail}: use a number of lines of at least 1 (leave --tail out for the whole log)")
     exp = find(_workdir(workdir), experiment_id)
-    follow_logs(exp, lambda line: typer.echo(line), follow=follow, tail=tail)
+    out = sys.stdout
+
+    def on_line(line: str) -> None:
+        out.write(line + "\n")
+        if follow:
+            out.flush()
+
+    try:
+        follow_logs(exp, on_line, follow=follow, tail=tail, keep_colors=out.isatty() and "NO_COLOR" not in os.environ)
+        out.flush()
+    except BrokenPipeError:  # `infra logs ID | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
 
 
 def stop(
     experiment_id: ID_ARG,
-    timeout: Annotated[int, typer.Option("--timeout", help="Seconds to wait for a graceful stop before killing.")] = 60,
+    timeout: Annotated[
+        int, typer.Option("--timeout", help="Seconds (>= 0) to wait for a graceful stop before killing.")
+    ] = 60,
     json_out: JSON_OPT = False,
     workdir: WORKDIR_OPT = None,
 ) -> None:
@@ -92,9 +115,12 @@ def stop(
 
     Example: infra stop blat-linear-3f2a9c01de --timeout 30
     """
+    from runner.errors import UsageError
     from runner.run.launch import stop_experiment
     from runner.run.records import find
 
+    if timeout < 0:
+        raise UsageError(f"--timeout {timeout}: use a number of seconds of at least 0 (0 kills at once)")
     record = stop_experiment(
         find(_workdir(workdir), experiment_id), timeout=timeout, reason="stopped with 'infra stop'"
     )

@@ -278,20 +278,19 @@ class LocalBackend:
             env["CUDA_VISIBLE_DEVICES"] = ""
         core = [sys.executable, "-m", "runner.core", str(exp.root / "config" / "plan.json"), "--exp-dir", str(exp.root),
                 "--workdir", str(workdir)]  # fmt: skip
-        wrapper = [sys.executable, "-m", "runner.run.local_wrapper", str(exp.root / EXIT_FILE), *core]
-        logfd = safefs.open_append(exp.root, exp.container_log.name)
-        try:
-            proc = subprocess.Popen(
-                wrapper,
-                stdout=logfd,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-                cwd=str(exp.root),
-            )
-        finally:
-            os.close(logfd)
+        # The wrapper captures the output into the kept log (capped, bounded) and writes the exit file
+        # only once the log is complete.
+        wrapper = [sys.executable, "-m", "runner.run.local_wrapper", "--log-dir", str(exp.root),
+                   str(exp.root / EXIT_FILE), *core]  # fmt: skip
+        proc = subprocess.Popen(
+            wrapper,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            cwd=str(exp.root),
+        )
         return set_state("running", pid=proc.pid, started_at=now_iso())
 
     def exit_code(self, exp: Experiment) -> int | None:
@@ -312,7 +311,7 @@ class LocalBackend:
             except ChildProcessError:
                 pass
 
-        follow_local(exp, lambda: self.exit_code(exp) is not None, on_log, on_idle=reap)
+        follow_local(exp, on_log, on_idle=reap)
         record = exp.update(log_complete=True)
         return finalize(exp, record, self.exit_code(exp))
 

@@ -2,7 +2,7 @@
 
 A record that says `starting`/`running` is checked against the container found by the
 `infra.experiment_id` label (docker backend) or the process id (local backend) every time it is
-read. A container that exited is finalised (its log saved to `logs/container.log`, the exit code and
+read. A container that exited is finalised (its log saved by `runner.run.logs`, the exit code and
 final state recorded, the container removed); one that vanished makes the record `lost`. So a killed
 runner or a dropped SSH session never leaves a run looking alive.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -79,17 +80,28 @@ def is_our_process(pid, experiment_id: str) -> bool:
     return experiment_id in cmdline
 
 
+_AGE_RE = re.compile(r"([0-9]+)([smhd])")
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
 def parse_since(value: str) -> datetime:
-    """'30m', '12h', '7d' (ago) or an ISO 8601 time; a UsageError says which forms work."""
+    """'30m', '12h', '7d' (ago) or an ISO 8601 time; a UsageError says which forms work.
+
+    An age reaching before year 1 is a UsageError too (not an OverflowError traceback).
+    """
     from runner.errors import UsageError
 
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if value and value[-1] in units and value[:-1].isdigit():
-        return datetime.now(UTC) - timedelta(seconds=int(value[:-1]) * units[value[-1]])
+    shown = repr(value if len(value) <= 40 else value[:40] + "…")
+    age = _AGE_RE.fullmatch(value)
+    if age:
+        try:
+            return datetime.now(UTC) - timedelta(seconds=int(age.group(1)) * _AGE_UNITS[age.group(2)])
+        except (OverflowError, ValueError):  # ValueError: more digits than Python converts
+            raise UsageError(f"--since {shown}: reaches back before year 1; use a smaller age or an ISO time") from None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise UsageError(f"--since {value!r}: use an ISO time (2026-11-27T10:00) or an age like 30m, 12h, 7d") from None
+        raise UsageError(f"--since {shown}: use an ISO time (2026-11-27T10:00) or an age like 30m, 12h, 7d") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from runner import __version__
 from runner.run.hardening import CAP_DROP, PIDS_LIMIT, SECURITY_OPT, security_args
+from runner.run.logs import docker_log_config
 from runner.settings import NodeSettings
 
 CONTAINER_EXP = "/exp"
@@ -132,12 +133,6 @@ def database_mounts(db: Path) -> tuple[Mount, ...]:
 
 def container_db_path(db: Path) -> str:
     return f"{CONTAINER_DATA}/{Path(db).name}"
-
-
-def docker_log_config(limit_bytes: int) -> dict[str, Any]:
-    """Docker keeps at most about the experiment's log limit (two rotating files of half each)."""
-    half = max(limit_bytes // 2, 1 << 20)
-    return {"type": "json-file", "config": {"max-size": str(half), "max-file": "2"}}
 
 
 def container_spec(
