@@ -106,9 +106,12 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    have_core = _have_core()
     for item in items:
         if item.path.name in CORE_MODULES:
             item.add_marker(pytest.mark.core)
+        if not have_core and item.get_closest_marker("core"):
+            item.add_marker(pytest.mark.skip(reason="needs the training core: pip install -e '.[core]'"))
 
 
 PG_REFERENCE = SHARED_DMS / "raw" / "proteingym_reference" / "DMS_substitutions.csv"

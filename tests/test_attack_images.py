@@ -187,6 +187,7 @@ def test_socket_is_refused_and_an_ignored_fifo_is_left_alone(wd):
 # --- 9: names and files that are not UTF-8 ------------------------------------------------------------------
 
 
+@pytest.mark.core
 def test_non_utf8_file_name_is_exit_2_with_the_bytes_escaped(wd, tmp_path):
     bad = os.path.join(os.fsencode(wd / "model"), b"caf\xe9.py")
     Path(os.fsdecode(bad)).write_text("X = 3\n")
@@ -311,6 +312,7 @@ CHANNEL_WRITER = (
 )
 
 
+@pytest.mark.core
 def test_plugin_printing_at_import_does_not_break_list(wd):
     (wd / "model" / "noisy.py").write_text(PRINTS)
     result = infra("plugins", "list", "--json", "--backend", "local", "--workdir", str(wd), timeout=300)
@@ -323,6 +325,7 @@ def test_plugin_printing_at_import_does_not_break_list(wd):
     }
 
 
+@pytest.mark.core
 def test_garbage_written_to_the_channel_is_a_clear_exit_1(wd):
     (wd / "model" / "writer.py").write_text(CHANNEL_WRITER)
     result = infra("plugins", "check", "--backend", "local", "--workdir", str(wd), timeout=300)
@@ -338,6 +341,7 @@ def test_garbage_written_to_the_channel_is_a_clear_exit_1(wd):
     assert doc["ok"] is False and doc["error"] == "DiscoveryOutputError" and str(wd) in doc["message"]
 
 
+@pytest.mark.core
 def test_plugin_ending_the_process_early_is_a_clear_exit_1(wd):
     (wd / "model" / "quitter.py").write_text("import os\nos._exit(0)\n")
     result = infra("plugins", "list", "--backend", "local", "--workdir", str(wd), timeout=300)

@@ -21,6 +21,7 @@ def _run(args: list[str], tmp_path: Path) -> str:
     return out.stdout
 
 
+@pytest.mark.core
 def test_bench_data_small(tmp_path):
     # the e2e stage asserts that load_variants and the naive per-row path give identical outputs
     doc = json.loads(
@@ -43,6 +44,7 @@ def test_bench_data_small(tmp_path):
         assert r["fast"]["n"] == 3000 and r["naive"]["n"] == 500 and r["speedup"] > 0
 
 
+@pytest.mark.core
 def test_bench_train_small(tmp_path):
     report = tmp_path / "train.json"
     _run(

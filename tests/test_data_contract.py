@@ -9,10 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from runner.core.data import load_variants
 from runner.errors import DataError, PlanError
 from runner.plan.load import load_plan
 from tests.conftest import BLAT_HEAD, LAB_DDL, make_db
@@ -68,7 +66,10 @@ def test_the_ddl_is_the_design_notes():
     assert LAB_DDL.splitlines() == [f"CREATE TABLE {line.strip()};" for line in LAB_DDL_TEXT.splitlines()]
 
 
+@pytest.mark.core
 def test_lab_database_validates_and_loads(tmp_path):
+    from runner.core.data import load_variants
+
     db = lab_db(tmp_path / "lab.sqlite")
     plan = load_plan("plan.json", text=json.dumps(plan_doc(db))).resolved
     vs = load_variants(plan)
@@ -81,7 +82,10 @@ def test_lab_database_validates_and_loads(tmp_path):
     assert 'm."source" AS source_ref' in vs.query["sql"]
 
 
+@pytest.mark.core
 def test_lab_database_where_on_null_mut_num_and_extra_columns(tmp_path):
+    from runner.core.data import load_variants
+
     db = lab_db(tmp_path / "lab.sqlite")
     where = [
         {"column": "mut_num", "op": "=", "value": 1},  # stored NULL for most rows: derived from the mutant
@@ -93,7 +97,10 @@ def test_lab_database_where_on_null_mut_num_and_extra_columns(tmp_path):
     assert vs.ids.tolist() == [10, 11, 13]
 
 
+@pytest.mark.core
 def test_lab_database_column_split_and_classification(tmp_path):
+    from runner.core.data import load_variants
+
     db = lab_db(tmp_path / "lab.sqlite")
     plan = load_plan(
         "plan.json",
@@ -106,7 +113,10 @@ def test_lab_database_column_split_and_classification(tmp_path):
     assert vs.dropped == {"nan_target": 2}
 
 
+@pytest.mark.core
 def test_infra_01_database_keeps_working(tmp_path):
+    from runner.core.data import load_variants
+
     db = make_db(tmp_path / "old.sqlite", layout="infra-0.1")
     where = [{"column": "description", "op": "=", "value": ""}, {"column": "mut_num", "op": "<=", "value": 1}]
     plan = load_plan("plan.json", text=json.dumps(plan_doc(db, data={"where": where}))).resolved
@@ -132,7 +142,10 @@ def test_infra_01_database_keeps_working(tmp_path):
         ("CREATE TABLE sources(id, source_text, template)", "has no 'mutations' table"),
     ],
 )
+@pytest.mark.core
 def test_a_database_the_core_cannot_use_fails_validation_naming_the_piece(tmp_path, ddl, message):
+    from runner.core.data import load_variants
+
     db = tmp_path / "broken.sqlite"
     conn = sqlite3.connect(db)
     conn.executescript(ddl)
@@ -144,7 +157,10 @@ def test_a_database_the_core_cannot_use_fails_validation_naming_the_piece(tmp_pa
     assert message in str(info.value)
 
 
+@pytest.mark.core
 def test_validation_checks_what_the_core_reads(tmp_path):
+    from runner.core.data import load_variants
+
     db = lab_db(tmp_path / "lab.sqlite")
     found = issues(
         plan_doc(
@@ -195,6 +211,7 @@ def test_cli_validate_on_a_lab_database(tmp_path):
 # --- ProteinGym folder -> import-proteingym -> a plan with split.strategy "column" -------------------
 
 
+@pytest.mark.core
 def test_proteingym_folder_to_a_column_split_run(tmp_path):
     from runner.core.cli import main
     from runner.data.importer import import_proteingym
@@ -225,7 +242,12 @@ def test_proteingym_folder_to_a_column_split_run(tmp_path):
 # --- only finite numbers ---------------------------------------------------------------------------
 
 
+@pytest.mark.core
 def test_infinite_scores_in_the_database_are_dropped_and_counted(tmp_path):
+    import numpy as np
+
+    from runner.core.data import load_variants
+
     rows = [*LAB_ROWS[:6]]
     rows[1] = (11, "H24C", 1e999, 1, None, 1, "amp")  # SQLite stores 1e999 as +Inf
     rows[2] = (12, "P25A", float("-inf"), 0, 1, 1, "cef")
@@ -237,6 +259,7 @@ def test_infinite_scores_in_the_database_are_dropped_and_counted(tmp_path):
     assert vs.dropped == {"non_finite_target": 2}  # infinite scores go even when NaN targets are kept
 
 
+@pytest.mark.core
 def test_a_diverging_training_ends_failed_with_one_line(tmp_path, capsys):
     from runner.core.cli import main
     from runner.data.importer import build_demo_db
@@ -262,6 +285,7 @@ def test_a_diverging_training_ends_failed_with_one_line(tmp_path, capsys):
     assert "training diverged" in (exp / "logs" / "train.log").read_text()
 
 
+@pytest.mark.core
 def test_nan_targets_kept_on_purpose_fail_the_run_instead_of_succeeding(tmp_path, capsys):
     from runner.core.cli import main
 
@@ -277,6 +301,7 @@ def test_nan_targets_kept_on_purpose_fail_the_run_instead_of_succeeding(tmp_path
     assert "infra-train: error: training diverged at epoch 0: " in capsys.readouterr().err
 
 
+@pytest.mark.core
 def test_the_core_refuses_what_validation_refuses(tmp_path):
     from runner.core.cli import main
 

@@ -12,6 +12,7 @@ from runner.plan.load import load_plan
 from runner.run import backends, launch
 
 
+@pytest.mark.core
 def test_local_backend_without_core_is_environment_error(tmp_path, mini_db, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(

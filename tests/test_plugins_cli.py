@@ -73,6 +73,7 @@ def test_parse_output_without_core_is_an_environment_problem():
 # --- local backend: real plugins in a host subprocess ---------------------------------------------------
 
 
+@pytest.mark.core
 def test_list_json_has_every_template_plugin(template_copy):
     result = infra("plugins", "list", "--json", "--backend", "local", "--workdir", str(template_copy))
     assert result.returncode == 0, result.stderr
@@ -84,6 +85,7 @@ def test_list_json_has_every_template_plugin(template_copy):
     assert {("model", "linear"), ("embedding", "onehot"), ("metric", "spearman"), ("vocab", "IUPAC")} <= builtins
 
 
+@pytest.mark.core
 def test_list_table_marks_builtins(template_copy):
     result = infra("plugins", "list", "--backend", "local", "--workdir", str(template_copy))
     assert result.returncode == 0, result.stderr
@@ -94,12 +96,14 @@ def test_list_table_marks_builtins(template_copy):
     assert "4 plugin component(s)" in result.stderr
 
 
+@pytest.mark.core
 def test_check_ok(template_copy):
     result = infra("plugins", "check", "--backend", "local", "--workdir", str(template_copy))
     assert result.returncode == 0, result.stderr
     assert result.stderr.startswith(f"ok: 4 plugin component(s) in {template_copy} load")
 
 
+@pytest.mark.core
 def test_check_syntax_error_message(template_copy):
     (template_copy / "model" / "broken.py").write_text(SYNTAX_ERROR)
     result = infra("plugins", "check", "--backend", "local", "--workdir", str(template_copy))
@@ -113,6 +117,7 @@ def test_check_syntax_error_message(template_copy):
     assert json.loads(listed.stdout)["error"]["exit_code"] == 1
 
 
+@pytest.mark.core
 def test_check_duplicate_name_message(template_copy):
     listed = infra("plugins", "list", "--json", "--backend", "local", "--workdir", str(template_copy))
     linear = next(r for r in json.loads(listed.stdout) if (r["kind"], r["name"]) == ("model", "linear"))
@@ -135,6 +140,7 @@ def test_check_duplicate_name_message(template_copy):
     assert result.stderr.strip() == f"infra: error: {message}"
 
 
+@pytest.mark.core
 def test_discovery_never_imports_plugins_on_the_host(template_copy):
     probe = (
         "import sys; from runner.workdir.plugins import discover; "
