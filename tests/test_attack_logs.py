@@ -247,7 +247,7 @@ def test_late_follower_gets_every_line_once(docker_client, os_image, containers)
 @pytest.mark.docker
 def test_logs_follow_tail_repeats_nothing(docker_client, os_image, containers, tmp_path):
     from runner.run.logs import follow_logs
-    from runner.run.reconcile import LABEL_ATTEMPT, LABEL_EXPERIMENT
+    from runner.run.spec import LABEL_ATTEMPT, LABEL_EXPERIMENT, LABEL_WORKDIR, workdir_identity
 
     exp = make_exp(tmp_path, state="running", backend="docker")
     program = (
@@ -260,7 +260,12 @@ def test_logs_follow_tail_repeats_nothing(docker_client, os_image, containers, t
         os_image,
         ["python3", "-c", program],
         detach=True,
-        labels={**LABELS, LABEL_EXPERIMENT: exp.id, LABEL_ATTEMPT: "1"},
+        labels={
+            **LABELS,
+            LABEL_EXPERIMENT: exp.id,
+            LABEL_ATTEMPT: "1",
+            LABEL_WORKDIR: workdir_identity(exp.root.parent.parent),
+        },
     )
     containers.append(container)
     deadline = time.monotonic() + 60

@@ -96,5 +96,5 @@ def test_lab_ddl_database_runs_in_a_container(base_image, workdir, run_user):
     error = failed["error"]
     assert error["type"] == "ExperimentFailed" and error["exit_code"] == 1
     assert error["reason"].startswith("training diverged at epoch 0: ") and "lower train.lr" in error["reason"]
-    log = (Path(failed["exp_dir"]) / "logs" / "container.log").read_text()
+    log = (Path(failed["exp_dir"]) / "container.log").read_text()
     assert "infra-train: error: training diverged at epoch 0: " in log and "Traceback" not in log
