@@ -10,6 +10,7 @@ Every plan is the data set's default: no model parameters, no target transform.
 
 Usage: python benchmarks/calibrate.py [--datasets blat,gb1,bgl3] [--models ridge,linear,...] [--folds 5]
                                       [--gb1-transform none] [--seed 0] [--workdir /tmp/calib] [--json OUT]
+       python benchmarks/calibrate.py --from-json ROWS.json ...   (one table from separate runs)
 The databases are built on first use (benchmarks/make_gb1_db.py, make_bgl3_db.py, the demo builder).
 """
 
@@ -90,6 +91,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merged(runs: list[list[dict]]) -> list[dict]:
+    """Rows of several runs in table order: data sets as in DATASETS, ridge first; a later run's row wins."""
+    rows = {(r["dataset"], r["model"]): r for run in runs for r in run}
+    order = list(DATASETS)
+    return sorted(rows.values(), key=lambda r: (order.index(r["dataset"]), r["model"] != REFERENCE, r["model"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default=",".join(DATASETS))
@@ -99,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="train.seed (weights, shuffling, dropout)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--from-json", nargs="+", default=None, metavar="ROWS",
+                        help="print the table from rows written by earlier runs (--json), e.g. one run per model")
     args = parser.parse_args(argv)
+    if args.from_json:
+        print(table(merged([json.loads(Path(f).read_text()) for f in args.from_json])))
+        return 0
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

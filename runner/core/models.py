@@ -18,6 +18,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -132,20 +133,29 @@ class RidgeFit:
         if not primal:
             xc, rhs = torch.cat(rows), torch.cat(targets)
             system = xc @ xc.T
-        eye = torch.eye(len(rhs), dtype=torch.float64)
+        # LAPACK through scipy: on a loaded CPU torch's cholesky_solve with one right-hand side took
+        # longer than the factorisation itself
+        from scipy.linalg import cho_factor, cho_solve
+
+        system_np, rhs_np = system.numpy(), rhs.numpy()
+        diag = np.arange(len(rhs_np))
         y_sq = float(sum((y.double().cpu() - y_mean).pow(2).sum() for _, y in train())) if val is None else 0.0
         val_rows = [(self._flat(x)[:, cols] - mean[cols], y.double().cpu()) for x, y in val()] if val else []
 
         def solve(alpha: float) -> tuple[torch.Tensor, float]:
-            chol = torch.linalg.cholesky(system + alpha * eye)
-            sol = torch.cholesky_solve(rhs[:, None], chol)[:, 0]
+            shifted = system_np.copy()
+            shifted[diag, diag] += alpha
+            factor = cho_factor(shifted, lower=True, overwrite_a=True, check_finite=False)
+            sol_np = cho_solve(factor, rhs_np, check_finite=False)
+            sol = torch.from_numpy(sol_np)
             w = sol if primal else xc.T @ sol
             if val_rows:
                 pred = torch.cat([f @ w for f, _ in val_rows]) + y_mean
                 return w, _spearman(torch.cat([y for _, y in val_rows]), pred)
             # generalised cross-validation: RSS / (1 - df/n)^2, df = trace of the hat matrix
-            df = float(len(rhs) - alpha * torch.cholesky_inverse(chol).diagonal().sum())
-            fitted = system @ sol  # primal: w'X'Xw via sol'(X'X)sol; dual: X X' a = fitted values
+            inverse_trace = float(np.trace(cho_solve(factor, np.eye(len(rhs_np)), check_finite=False)))
+            df = len(rhs_np) - alpha * inverse_trace
+            fitted = system @ sol  # primal: X'X w; dual: X X' a = the fitted values
             rss = y_sq - 2 * float(sol @ rhs) + float(sol @ fitted) if primal else float((rhs - fitted).pow(2).sum())
             return w, -max(rss, 0.0) / max(1 - df / n, 1e-9) ** 2
 
