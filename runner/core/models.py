@@ -379,15 +379,17 @@ class CNNModel(_RidgeBase):
             width = channels
         convs += [nn.Conv1d(width, head_channels, 1), nn.ReLU()]
         self.convs = nn.Sequential(*convs)
-        last = nn.Linear(hidden, n_outputs)
+        # the last layer keeps its random init: started at zero, the head died on GB1 (its ReLUs all
+        # switched off within the first epoch and the model stayed exactly the ridge fit)
         self.head = nn.Sequential(
             nn.Flatten(1), nn.Dropout(dropout), nn.Linear(head_channels * self.seq_len, hidden), nn.ReLU(),
-            _zero_last(last) if self.base is not None else last,
+            nn.Linear(hidden, n_outputs),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centred = self.centre(x.flatten(1).float()).view_as(x)
-        return self._with_base(x, self.head(self.convs(centred.transpose(1, 2))))
+        # the one-hot itself, not centred: a convolution shares its weights across positions, so a
+        # per-position centring would hand it a different input for the same residue at each site
+        return self._with_base(x, self.head(self.convs(x.float().transpose(1, 2))))
 
 
 @register_model("ge")
