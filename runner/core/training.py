@@ -309,6 +309,43 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return {"32": "32-true", "64": "64-true"}.get(precision, precision)
 
 
+class PlateauStop(Callback):
+    """Early stopping once none of `monitors` (name → "min"/"max") has improved for `patience` epochs.
+
+    Regression watches the validation Spearman *and* loss: on GB1 the Spearman dropped from 0.55 to
+    0.26 for a few mid-training epochs while the loss kept falling, and stopping on the Spearman
+    alone ended runs there; the checkpoint still keeps the best-Spearman epoch.
+    """
+
+    def __init__(self, monitors: dict[str, str], patience: int):
+        self.monitors, self.patience = monitors, int(patience)
+        self.best: dict[str, float] = {}
+        self.stale = 0
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        improved = False
+        for name, mode in self.monitors.items():
+            value = trainer.callback_metrics.get(name)
+            if value is None:
+                continue
+            value = float(value)
+            best = self.best.get(name)
+            if best is None or (value > best if mode == "max" else value < best):
+                self.best[name] = value
+                improved = True
+        self.stale = 0 if improved else self.stale + 1
+        if self.stale >= self.patience:
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict:
+        return {"best": dict(self.best), "stale": self.stale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.stale = dict(state.get("best", {})), int(state.get("stale", 0))
+
+
 def monitored(task: str, has_val: bool) -> tuple[str, str]:
     """The metric checkpoints and early stopping follow, and its mode.
 
@@ -336,7 +373,10 @@ def build_trainer(train: dict, ckpt_dir: Path, has_val: bool, callbacks: list[Ca
     callbacks = [checkpoint, *callbacks]
     patience = int(train.get("early_stopping_patience", 5))
     if patience > 0:
-        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
+        if monitor == "val_spearman":
+            callbacks.append(PlateauStop({"val_spearman": "max", "val_loss": "min"}, patience))
+        else:
+            callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
     kwargs: dict[str, Any] = {}
     if limit_batches:
         kwargs.update(limit_train_batches=limit_batches, limit_val_batches=limit_batches)
