@@ -379,17 +379,20 @@ class CNNModel(_RidgeBase):
             width = channels
         convs += [nn.Conv1d(width, head_channels, 1), nn.ReLU()]
         self.convs = nn.Sequential(*convs)
-        # the last layer keeps its random init: started at zero, the head died on GB1 (its ReLUs all
-        # switched off within the first epoch and the model stayed exactly the ridge fit)
         self.head = nn.Sequential(
             nn.Flatten(1), nn.Dropout(dropout), nn.Linear(head_channels * self.seq_len, hidden), nn.ReLU(),
             nn.Linear(hidden, n_outputs),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the one-hot itself, not centred: a convolution shares its weights across positions, so a
-        # per-position centring would hand it a different input for the same residue at each site
-        return self._with_base(x, self.head(self.convs(x.float().transpose(1, 2))))
+        # The convolutions see the one-hot itself (they share weights across positions), but the head
+        # sees their features minus those of the training-mean sequence: at positions that never vary
+        # the features are constants, and thousands of constant head inputs act as biases that Adam
+        # moves coherently, switching every ReLU off within a few steps (the network then predicted
+        # one value for every variant). Centred, they are exactly zero.
+        feats = self.convs(x.float().transpose(1, 2))
+        reference = self.convs(self.centre.mean.view(1, self.seq_len, self.in_dim).transpose(1, 2))
+        return self._with_base(x, self.head(feats - reference))
 
 
 @register_model("ge")
