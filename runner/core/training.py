@@ -369,8 +369,12 @@ def build_trainer(train: dict, ckpt_dir: Path, has_val: bool, callbacks: list[Ca
     devices = 1 if devices == "auto" else int(devices)
     monitor, mode = monitored(task, has_val)
     checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=monitor, mode=mode, save_top_k=1,
-                                 save_last=True, enable_version_counter=False)
-    callbacks = [checkpoint, *callbacks]
+                                 enable_version_counter=False)
+    # last.ckpt from its own callback, every epoch: ModelCheckpoint's save_last refreshed it only when
+    # best.ckpt changed, so a run whose final epoch was not its best resumed one epoch back
+    latest = ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1,
+                             enable_version_counter=False)
+    callbacks = [checkpoint, latest, *callbacks]
     patience = int(train.get("early_stopping_patience", 5))
     if patience > 0:
         if monitor == "val_spearman":
