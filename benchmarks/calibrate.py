@@ -81,13 +81,17 @@ def builtin_models() -> list[str]:
 def table(rows: list[dict]) -> str:
     """The markdown table: one row per data set and model, with the difference to the reference."""
     ref = {r["dataset"]: r for r in rows if r["model"] == REFERENCE}
-    lines = ["| data set | split | model | test Spearman | Δ vs `ridge` | test Pearson | training time (s) | epochs |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| data set | split | model | test Spearman | Δ vs `ridge` | test Pearson | training time (s) | epochs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         base = ref.get(r["dataset"])
         delta = "—" if base is None or r["model"] == REFERENCE else f"{r['test_spearman'] - base['test_spearman']:+.3f}"
-        lines.append(f"| {DATASETS[r['dataset']]} | {r['split']} | `{r['model']}` | {r['test_spearman']:.3f} | {delta} | "
-                     f"{r['test_pearson']:.3f} | {r['training_seconds']:.1f} | {r['epochs']} |")
+        lines.append(
+            f"| {DATASETS[r['dataset']]} | {r['split']} | `{r['model']}` | {r['test_spearman']:.3f} | {delta} | "
+            f"{r['test_pearson']:.3f} | {r['training_seconds']:.1f} | {r['epochs']} |"
+        )
     return "\n".join(lines)
 
 
@@ -107,8 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="train.seed (weights, shuffling, dropout)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
-    parser.add_argument("--from-json", nargs="+", default=None, metavar="ROWS",
-                        help="print the table from rows written by earlier runs (--json), e.g. one run per model")
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        metavar="ROWS",
+        help="print the table from rows written by earlier runs (--json), e.g. one run per model",
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         print(table(merged([json.loads(Path(f).read_text()) for f in args.from_json])))
@@ -124,33 +133,60 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for ds in datasets:
         for model in models:
-            plan = {"name": f"calib-{ds}-{model}", "data": {"db": str(dbs[ds])}, "model": {"name": model},
-                    "metrics": ["spearman", "pearson"], "train": {"seed": args.seed}}
+            plan = {
+                "name": f"calib-{ds}-{model}",
+                "data": {"db": str(dbs[ds])},
+                "model": {"name": model},
+                "metrics": ["spearman", "pearson"],
+                "train": {"seed": args.seed},
+            }
             if ds == "blat":
-                runs = [({**plan, "split": {"strategy": "random", "n_folds": 5, "fold": fold}}, f"-f{fold}")
-                        for fold in range(args.folds)]
+                runs = [
+                    ({**plan, "split": {"strategy": "random", "n_folds": 5, "fold": fold}}, f"-f{fold}")
+                    for fold in range(args.folds)
+                ]
                 split = f"random 5-fold ({args.folds} run), mean"
             else:
                 data = {**plan["data"], "transform": args.gb1_transform} if ds == "gb1" else plan["data"]
-                runs = [({**plan, "data": data, "split": {"strategy": "random", "test_fraction": 0.2,
-                                                          "val_fraction": 0.1}}, "")]
-                split = "random 70/10/20" + (f", transform={args.gb1_transform}" if ds == "gb1" and
-                                             args.gb1_transform != "none" else "")
+                runs = [
+                    (
+                        {
+                            **plan,
+                            "data": data,
+                            "split": {"strategy": "random", "test_fraction": 0.2, "val_fraction": 0.1},
+                        },
+                        "",
+                    )
+                ]
+                split = "random 70/10/20" + (
+                    f", transform={args.gb1_transform}" if ds == "gb1" and args.gb1_transform != "none" else ""
+                )
             results = []
             for p, suffix in runs:
                 results.append(run_one(p, work / f"{ds}-{model}{suffix}"))
                 r = results[-1]
-                print(f"  {ds} {model}{suffix}: test spearman {r['test']['spearman']:.4f} pearson "
-                      f"{r['test']['pearson']:.4f} ({r['training_seconds']:.1f}s, {r['epochs']} epochs, "
-                      f"best {r['best_epoch']})", flush=True)
-            row = {"dataset": ds, "model": model, "split": split,
-                   "test_spearman": round(sum(r["test"]["spearman"] for r in results) / len(results), 4),
-                   "test_pearson": round(sum(r["test"]["pearson"] for r in results) / len(results), 4),
-                   "training_seconds": round(sum(r["training_seconds"] for r in results), 1),
-                   "epochs": sum(r["epochs"] for r in results), "n": results[0]["n"]}
+                print(
+                    f"  {ds} {model}{suffix}: test spearman {r['test']['spearman']:.4f} pearson "
+                    f"{r['test']['pearson']:.4f} ({r['training_seconds']:.1f}s, {r['epochs']} epochs, "
+                    f"best {r['best_epoch']})",
+                    flush=True,
+                )
+            row = {
+                "dataset": ds,
+                "model": model,
+                "split": split,
+                "test_spearman": round(sum(r["test"]["spearman"] for r in results) / len(results), 4),
+                "test_pearson": round(sum(r["test"]["pearson"] for r in results) / len(results), 4),
+                "training_seconds": round(sum(r["training_seconds"] for r in results), 1),
+                "epochs": sum(r["epochs"] for r in results),
+                "n": results[0]["n"],
+            }
             rows.append(row)
-            print(f"{ds:5s} {model:7s} spearman {row['test_spearman']:.4f} pearson {row['test_pearson']:.4f} "
-                  f"train {row['training_seconds']:7.1f}s epochs {row['epochs']}", flush=True)
+            print(
+                f"{ds:5s} {model:7s} spearman {row['test_spearman']:.4f} pearson {row['test_pearson']:.4f} "
+                f"train {row['training_seconds']:7.1f}s epochs {row['epochs']}",
+                flush=True,
+            )
     print()
     print(table(rows))
     if args.json:

@@ -30,14 +30,22 @@ def build(out: Path, raw: Path = RAW, replace: bool = False):
         converted = Path(tmp) / "bgl3.csv"
         with gzip.open(raw / "bgl3_romero2015.csv.gz", "rb") as src, converted.open("wb") as dst:
             shutil.copyfileobj(src, dst)
-        return import_csv(converted, out, SOURCE, template, replace=replace,
-                          description="Bgl3 beta-glucosidase, 1-5 substitutions (Romero et al. 2015, PNAS; via nn4dms)")
+        return import_csv(
+            converted,
+            out,
+            SOURCE,
+            template,
+            replace=replace,
+            description="Bgl3 beta-glucosidase, 1-5 substitutions (Romero et al. 2015, PNAS; via nn4dms)",
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="database to write, e.g. bgl3.sqlite")
-    parser.add_argument("--raw", type=Path, default=RAW, help=f"folder with bgl3_romero2015.csv.gz and template.txt (default {RAW})")
+    parser.add_argument(
+        "--raw", type=Path, default=RAW, help=f"folder with bgl3_romero2015.csv.gz and template.txt (default {RAW})"
+    )
     parser.add_argument("--replace", action="store_true", help="replace the Bgl3 source if the database has it")
     args = parser.parse_args()
     result = build(args.out, args.raw, args.replace)

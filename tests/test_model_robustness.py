@@ -23,8 +23,15 @@ from runner.dataimport import import_csv
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 # every built-in with its defaults, and the networks of mlp and cnn without their ridge part
-CASES = [("ridge", {}), ("linear", {}), ("mlp", {}), ("cnn", {}), ("ge", {}), ("mlp", {"base": "none"}),
-         ("cnn", {"base": "none"})]
+CASES = [
+    ("ridge", {}),
+    ("linear", {}),
+    ("mlp", {}),
+    ("cnn", {}),
+    ("ge", {}),
+    ("mlp", {"base": "none"}),
+    ("cnn", {"base": "none"}),
+]
 # test predictions may leave the training target range by at most this share of its width on either side
 MARGIN = 0.15
 
@@ -93,9 +100,14 @@ def stress_db(tmp_path_factory) -> Path:
 
 
 def _plan(db: Path, model: str, params: dict) -> dict:
-    return {"name": f"stress-{model}", "data": {"db": str(db)}, "model": {"name": model, "params": params},
-            "split": {"strategy": "column", "column": "split"}, "metrics": ["spearman", "pearson"],
-            "train": {"max_epochs": 6, "batch_size": 16, "seed": 0, "early_stopping_patience": 0}}
+    return {
+        "name": f"stress-{model}",
+        "data": {"db": str(db)},
+        "model": {"name": model, "params": params},
+        "split": {"strategy": "column", "column": "split"},
+        "metrics": ["spearman", "pearson"],
+        "train": {"max_epochs": 6, "batch_size": 16, "seed": 0, "early_stopping_patience": 0},
+    }
 
 
 @pytest.mark.parametrize(("model", "params"), CASES, ids=[f"{m}-{p.get('base', 'default')}" for m, p in CASES])
@@ -109,8 +121,10 @@ def test_rare_and_unseen_substitutions_stay_in_range(tmp_path, stress_db, model,
     width = high - low
     assert np.isfinite(pred_test).all()
     worst_low, worst_high = float(pred_test.min()), float(pred_test.max())
-    print(f"\n{model} {params}: training targets [{low:.2f}, {high:.2f}], test predictions [{worst_low:.2f}, "
-          f"{worst_high:.2f}], test Spearman {metrics['test']['spearman']:.3f}")  # shown with -s
+    print(
+        f"\n{model} {params}: training targets [{low:.2f}, {high:.2f}], test predictions [{worst_low:.2f}, "
+        f"{worst_high:.2f}], test Spearman {metrics['test']['spearman']:.3f}"
+    )  # shown with -s
     assert worst_low >= low - MARGIN * width, (model, worst_low, low, high)
     assert worst_high <= high + MARGIN * width, (model, worst_high, low, high)
     # and it learnt the common substitutions' effects: the ranking of the test rows carries signal

@@ -84,8 +84,9 @@ class RidgeFit:
 
     def __init__(self, alphas: Iterable[float] | None = None, alpha: float | None = None):
         grid = [alpha] if alpha is not None else (None if alphas is None else list(alphas))
-        if grid is not None and (not grid or any(not isinstance(a, int | float) or not math.isfinite(a) or a <= 0
-                                                 for a in grid)):
+        if grid is not None and (
+            not grid or any(not isinstance(a, int | float) or not math.isfinite(a) or a <= 0 for a in grid)
+        ):
             raise ParamError(f"model.params: ridge alpha(s) must be positive numbers, not {grid!r}")
         self.grid = None if grid is None else sorted(float(a) for a in grid)
         self.report: dict = {}
@@ -115,8 +116,10 @@ class RidgeFit:
             self.report = {"alpha": None, "n_features": 0}
             return weight, torch.tensor(y_mean, dtype=torch.float64), mean
         if min(n, d) > MAX_GRAM:
-            raise ParamError(f"model 'ridge': {n} training rows and {d} varying features is past the closed-form "
-                             f"limit ({MAX_GRAM} of either); use model 'linear' (gradient descent) instead")
+            raise ParamError(
+                f"model 'ridge': {n} training rows and {d} varying features is past the closed-form "
+                f"limit ({MAX_GRAM} of either); use model 'linear' (gradient descent) instead"
+            )
         primal = d <= n
         system = torch.zeros(d, d, dtype=torch.float64) if primal else None
         rhs = torch.zeros(d, dtype=torch.float64) if primal else None
@@ -159,8 +162,11 @@ class RidgeFit:
             rss = y_sq - 2 * float(sol @ rhs) + float(sol @ fitted) if primal else float((rhs - fitted).pow(2).sum())
             return w, -max(rss, 0.0) / max(1 - df / n, 1e-9) ** 2
 
-        how = "fixed" if self.grid is not None and len(self.grid) == 1 else (
-            "validation Spearman" if val_rows else "generalised cross-validation")
+        how = (
+            "fixed"
+            if self.grid is not None and len(self.grid) == 1
+            else ("validation Spearman" if val_rows else "generalised cross-validation")
+        )
         tried: dict[float, tuple[torch.Tensor, float]] = {}
         for a in self.grid or COARSE_ALPHAS:
             tried[a] = solve(a)
@@ -172,11 +178,24 @@ class RidgeFit:
         w = tried[best][0]
         weight[cols] = w
         bias = torch.tensor(y_mean, dtype=torch.float64) - (mean[cols] * w).sum()
-        self.report = {"alpha": best, "chosen_by": how, "n_features": d, "n_rows": n,
-                       "solve": "primal" if primal else "dual",
-                       "scores": {f"{a:.4g}": round(s, 5) for a, (_, s) in sorted(tried.items())}}
-        log.info("ridge: alpha %.4g by %s (%d varying of %d features, %d rows, %s): %s", best, how, d, len(mean), n,
-                 self.report["solve"], self.report["scores"])
+        self.report = {
+            "alpha": best,
+            "chosen_by": how,
+            "n_features": d,
+            "n_rows": n,
+            "solve": "primal" if primal else "dual",
+            "scores": {f"{a:.4g}": round(s, 5) for a, (_, s) in sorted(tried.items())},
+        }
+        log.info(
+            "ridge: alpha %.4g by %s (%d varying of %d features, %d rows, %s): %s",
+            best,
+            how,
+            d,
+            len(mean),
+            n,
+            self.report["solve"],
+            self.report["scores"],
+        )
         return weight, bias, mean
 
     @staticmethod
@@ -209,8 +228,9 @@ class RidgeHead(nn.Module):
 
 def _regression_only(name: str, n_outputs: int) -> None:
     if n_outputs != 1:
-        raise ParamError(f"model {name!r} is a regression model (data.target DMS_score); for classes use "
-                         "'linear', 'mlp' or 'cnn'")
+        raise ParamError(
+            f"model {name!r} is a regression model (data.target DMS_score); for classes use 'linear', 'mlp' or 'cnn'"
+        )
 
 
 def _check_base(base: str, n_outputs: int) -> bool:
@@ -229,8 +249,14 @@ class RidgeModel(ProteinModel):
     value). Seconds on 150k variants. The reference the other built-ins are calibrated against.
     """
 
-    def __init__(self, seq_len: int, in_dim: int, n_outputs: int = 1, alphas: list[float] | None = None,
-                 alpha: float | None = None):
+    def __init__(
+        self,
+        seq_len: int,
+        in_dim: int,
+        n_outputs: int = 1,
+        alphas: list[float] | None = None,
+        alpha: float | None = None,
+    ):
         super().__init__(seq_len, in_dim, n_outputs)
         _regression_only("ridge", n_outputs)
         self.ridge = RidgeHead(self.seq_len * self.in_dim, alphas, alpha)
@@ -342,8 +368,15 @@ class MLPModel(_RidgeBase):
     Inputs are centred on their training mean (`FeatureMean`), never scaled.
     """
 
-    def __init__(self, seq_len: int, in_dim: int, n_outputs: int = 1, hidden: list[int] | int = (512, 256),
-                 dropout: float = 0.1, base: str = "ridge"):
+    def __init__(
+        self,
+        seq_len: int,
+        in_dim: int,
+        n_outputs: int = 1,
+        hidden: list[int] | int = (512, 256),
+        dropout: float = 0.1,
+        base: str = "ridge",
+    ):
         super().__init__(seq_len, in_dim, n_outputs, base)
         sizes = [hidden] if isinstance(hidden, int) else list(hidden)
         width = self.seq_len * self.in_dim
@@ -368,9 +401,19 @@ class CNNModel(_RidgeBase):
     `base` ("ridge" default, or "none"): the exact additive fit the network adds to (`_RidgeBase`).
     """
 
-    def __init__(self, seq_len: int, in_dim: int, n_outputs: int = 1, channels: int = 32, kernel_size: int = 5,
-                 n_layers: int = 2, head_channels: int = 8, hidden: int = 64, dropout: float = 0.1,
-                 base: str = "ridge"):
+    def __init__(
+        self,
+        seq_len: int,
+        in_dim: int,
+        n_outputs: int = 1,
+        channels: int = 32,
+        kernel_size: int = 5,
+        n_layers: int = 2,
+        head_channels: int = 8,
+        hidden: int = 64,
+        dropout: float = 0.1,
+        base: str = "ridge",
+    ):
         super().__init__(seq_len, in_dim, n_outputs, base)
         convs: list[nn.Module] = []
         width = self.in_dim
@@ -380,7 +423,10 @@ class CNNModel(_RidgeBase):
         convs += [nn.Conv1d(width, head_channels, 1), nn.ReLU()]
         self.convs = nn.Sequential(*convs)
         self.head = nn.Sequential(
-            nn.Flatten(1), nn.Dropout(dropout), nn.Linear(head_channels * self.seq_len, hidden), nn.ReLU(),
+            nn.Flatten(1),
+            nn.Dropout(dropout),
+            nn.Linear(head_channels * self.seq_len, hidden),
+            nn.ReLU(),
             nn.Linear(hidden, n_outputs),
         )
 
