@@ -1,12 +1,17 @@
-"""Model-quality calibration of the built-in models with their DEFAULT parameters (issue 3 "Show").
+"""Model-quality calibration of the built-in models with their DEFAULT parameters.
 
-Runs the real training core (`run_experiment`) and prints test Spearman and training time:
-  BLAT_ECOLX (Stiffler 2015), random 5-fold CV, mean test Spearman — linear, cnn (mlp optional)
-  GB1 (Wu 2016, 149,361 variants), random 70/10/20 — linear, mlp, cnn
+Runs the real training core (`run_experiment`) on every shared real data set and prints, per data
+set and built-in model, test Spearman and Pearson, training time and the difference to `ridge`
+(the closed-form one-hot ridge: the field's standard supervised baseline and the reference here):
+  BLAT_ECOLX (Stiffler 2015, 4,997 single mutants), random 5-fold CV, means over the folds
+  GB1 (Wu 2016, 149,361 variants, 4 sites), random 70/10/20
+  Bgl3 (Romero 2015, 26,653 variants of a 501-aa enzyme, 1-5 substitutions), random 70/10/20
+Every plan is the data set's default: no model parameters, no target transform.
 
-Usage: python benchmarks/calibrate.py [--datasets blat,gb1] [--models linear,mlp,cnn] [--folds 5]
-                                      [--gb1-transform log] [--seed 0] [--workdir /tmp/calib] [--json OUT]
-The GB1 database is built with benchmarks/make_gb1_db.py and the BLAT one with the demo builder.
+Usage: python benchmarks/calibrate.py [--datasets blat,gb1,bgl3] [--models ridge,linear,...] [--folds 5]
+                                      [--gb1-transform none] [--seed 0] [--workdir /tmp/calib] [--json OUT]
+       python benchmarks/calibrate.py --from-json ROWS.json ...   (one table from separate runs)
+The databases are built on first use (benchmarks/make_gb1_db.py, make_bgl3_db.py, the demo builder).
 """
 
 from __future__ import annotations
@@ -23,27 +28,41 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+DATASETS = {
+    "blat": "BLAT_ECOLX (Stiffler 2015, 4,997 singles)",
+    "gb1": "GB1 (Wu 2016, 149,361 variants)",
+    "bgl3": "Bgl3 (Romero 2015, 26,653 variants, 501 aa)",
+}
+REFERENCE = "ridge"
+
 
 def build_dbs(work: Path, datasets: list[str]) -> dict[str, Path]:
     dbs = {}
-    if "blat" in datasets:
-        from runner.data.importer import build_demo_db
+    for ds in datasets:
+        dbs[ds] = work / f"{ds}.sqlite"
+        if dbs[ds].exists():
+            continue
+        if ds == "blat":
+            from runner.data.importer import build_demo_db
 
-        dbs["blat"] = work / "blat.sqlite"
-        if not dbs["blat"].exists():
-            build_demo_db(dbs["blat"])
-    if "gb1" in datasets:
-        dbs["gb1"] = work / "gb1.sqlite"
-        if not dbs["gb1"].exists():
-            subprocess.run([sys.executable, str(REPO / "benchmarks/make_gb1_db.py"), str(dbs["gb1"])], check=True)
+            build_demo_db(dbs[ds])
+        else:
+            subprocess.run([sys.executable, str(REPO / f"benchmarks/make_{ds}_db.py"), str(dbs[ds])], check=True)
     return dbs
+
+
+def _plan_model():
+    try:
+        from runner.plan.models import Plan
+    except ImportError:  # before the host modules moved into runner/plan/
+        from runner.plan.models import Plan
+    return Plan
 
 
 def run_one(plan: dict, exp: Path) -> dict:
     from runner.core.experiment import run_experiment
-    from runner.plan.models import Plan
 
-    resolved = Plan.model_validate(plan).model_dump(mode="json")
+    resolved = _plan_model().model_validate(plan).model_dump(mode="json")
     shutil.rmtree(exp, ignore_errors=True)  # a fresh run each time, never a resume of an older one
     t0 = time.perf_counter()
     metrics = run_experiment(resolved, exp)
@@ -51,52 +70,125 @@ def run_one(plan: dict, exp: Path) -> dict:
     return metrics
 
 
+def builtin_models() -> list[str]:
+    from runner.core import builtins  # noqa: F401  (registers the built-ins)
+    from runner.core.models import MODELS
+
+    names = MODELS.names()
+    return [REFERENCE, *[n for n in names if n != REFERENCE]] if REFERENCE in names else names
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table: one row per data set and model, with the difference to the reference."""
+    ref = {r["dataset"]: r for r in rows if r["model"] == REFERENCE}
+    lines = [
+        "| data set | split | model | test Spearman | Δ vs `ridge` | test Pearson | training time (s) | epochs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = ref.get(r["dataset"])
+        delta = "—" if base is None or r["model"] == REFERENCE else f"{r['test_spearman'] - base['test_spearman']:+.3f}"
+        lines.append(
+            f"| {DATASETS[r['dataset']]} | {r['split']} | `{r['model']}` | {r['test_spearman']:.3f} | {delta} | "
+            f"{r['test_pearson']:.3f} | {r['training_seconds']:.1f} | {r['epochs']} |"
+        )
+    return "\n".join(lines)
+
+
+def merged(runs: list[list[dict]]) -> list[dict]:
+    """Rows of several runs in table order: data sets as in DATASETS, ridge first; a later run's row wins."""
+    rows = {(r["dataset"], r["model"]): r for run in runs for r in run}
+    order = list(DATASETS)
+    return sorted(rows.values(), key=lambda r: (order.index(r["dataset"]), r["model"] != REFERENCE, r["model"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", default="blat,gb1")
-    parser.add_argument("--models", default="linear,mlp,cnn")
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--models", default=None, help="comma-separated; default: every built-in, ridge first")
     parser.add_argument("--folds", type=int, default=5, help="BLAT folds to run (of 5)")
-    parser.add_argument("--gb1-transform", default="log", help="data.transform for GB1 (DESIGN §3: log lifts every model)")
+    parser.add_argument("--gb1-transform", default="none", help="data.transform for GB1 (default: the plan default)")
     parser.add_argument("--seed", type=int, default=0, help="train.seed (weights, shuffling, dropout)")
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--json", default=None, help="also write the table as JSON here")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        metavar="ROWS",
+        help="print the table from rows written by earlier runs (--json), e.g. one run per model",
+    )
     args = parser.parse_args(argv)
+    if args.from_json:
+        print(table(merged([json.loads(Path(f).read_text()) for f in args.from_json])))
+        return 0
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    datasets, models = args.datasets.split(","), args.models.split(",")
+    datasets = args.datasets.split(",")
+    models = args.models.split(",") if args.models else builtin_models()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="infra-calib-"))
     work.mkdir(parents=True, exist_ok=True)
     dbs = build_dbs(work, datasets)
     rows = []
     for ds in datasets:
         for model in models:
-            plan = {"name": f"calib-{ds}-{model}", "data": {"db": str(dbs[ds])}, "model": {"name": model},
-                    "train": {"seed": args.seed}}
+            plan = {
+                "name": f"calib-{ds}-{model}",
+                "data": {"db": str(dbs[ds])},
+                "model": {"name": model},
+                "metrics": ["spearman", "pearson"],
+                "train": {"seed": args.seed},
+            }
             if ds == "blat":
-                results = []
-                for fold in range(args.folds):
-                    p = {**plan, "split": {"strategy": "random", "n_folds": 5, "fold": fold}}
-                    results.append(run_one(p, work / f"{ds}-{model}-f{fold}"))
-                    print(f"  {ds} {model} fold {fold}: test spearman {results[-1]['test']['spearman']:.3f} "
-                          f"({results[-1]['training_seconds']:.0f}s)", flush=True)
-                split = f"random 5-fold ({args.folds} run)"
+                runs = [
+                    ({**plan, "split": {"strategy": "random", "n_folds": 5, "fold": fold}}, f"-f{fold}")
+                    for fold in range(args.folds)
+                ]
+                split = f"random 5-fold ({args.folds} run), mean"
             else:
-                p = {**plan, "data": {**plan["data"], "transform": args.gb1_transform},
-                     "split": {"strategy": "random", "test_fraction": 0.2, "val_fraction": 0.1}}
-                results = [run_one(p, work / f"{ds}-{model}")]
-                split = f"random 70/10/20, transform={args.gb1_transform}"
-            spearman = sum(r["test"]["spearman"] for r in results) / len(results)
-            seconds = sum(r["training_seconds"] for r in results)
-            epochs = sum(r["epochs"] for r in results)
-            row = {"dataset": ds, "model": model, "split": split, "test_spearman": round(spearman, 4),
-                   "training_seconds": round(seconds, 1), "epochs": epochs, "n": results[0]["n"]}
+                data = {**plan["data"], "transform": args.gb1_transform} if ds == "gb1" else plan["data"]
+                runs = [
+                    (
+                        {
+                            **plan,
+                            "data": data,
+                            "split": {"strategy": "random", "test_fraction": 0.2, "val_fraction": 0.1},
+                        },
+                        "",
+                    )
+                ]
+                split = "random 70/10/20" + (
+                    f", transform={args.gb1_transform}" if ds == "gb1" and args.gb1_transform != "none" else ""
+                )
+            results = []
+            for p, suffix in runs:
+                results.append(run_one(p, work / f"{ds}-{model}{suffix}"))
+                r = results[-1]
+                print(
+                    f"  {ds} {model}{suffix}: test spearman {r['test']['spearman']:.4f} pearson "
+                    f"{r['test']['pearson']:.4f} ({r['training_seconds']:.1f}s, {r['epochs']} epochs, "
+                    f"best {r['best_epoch']})",
+                    flush=True,
+                )
+            row = {
+                "dataset": ds,
+                "model": model,
+                "split": split,
+                "test_spearman": round(sum(r["test"]["spearman"] for r in results) / len(results), 4),
+                "test_pearson": round(sum(r["test"]["pearson"] for r in results) / len(results), 4),
+                "training_seconds": round(sum(r["training_seconds"] for r in results), 1),
+                "epochs": sum(r["epochs"] for r in results),
+                "n": results[0]["n"],
+            }
             rows.append(row)
-            print(f"{ds:5s} {model:7s} {split:38s} spearman {spearman:.3f}  train {seconds:7.1f}s  epochs {epochs}",
-                  flush=True)
-    print("\n| data set | model | split | test Spearman | training time (s) |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['dataset']} | {r['model']} | {r['split']} | {r['test_spearman']:.3f} | {r['training_seconds']:.0f} |")
+            print(
+                f"{ds:5s} {model:7s} spearman {row['test_spearman']:.4f} pearson {row['test_pearson']:.4f} "
+                f"train {row['training_seconds']:7.1f}s epochs {row['epochs']}",
+                flush=True,
+            )
+    print()
+    print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

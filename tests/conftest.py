@@ -81,7 +81,7 @@ CORE_MODULES = {
     "test_registries.py",
     "test_variants.py",
     "test_vocab.py",
-    "test_models_robust.py",
+    "test_model_robustness.py",
 }
 
 

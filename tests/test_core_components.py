@@ -53,7 +53,7 @@ def test_models_shapes_and_gradients(name, n_outputs):
     loss = y.float().pow(2).mean() + (model.penalty() if model.penalty() is not None else 0)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    assert {"linear", "mlp", "cnn"} <= set(MODELS.names())
+    assert {"ridge", "linear", "mlp", "cnn", "ge"} <= set(MODELS.names())
 
 
 def test_linear_penalty_is_ridge():
@@ -63,27 +63,82 @@ def test_linear_penalty_is_ridge():
     assert model.penalty().item() == pytest.approx(2.0)  # l2 * sum(w^2) / n_features
 
 
-def test_mlp_input_norm_silences_constant_positions(vocab):
-    from runner.core.models import InputNorm
-
+def test_network_inputs_are_centred_not_scaled(vocab):
     onehot = create_embedding("onehot", vocab)
-    # position 0 never varies, position 1 does: only position 1's columns reach the first layer
-    tokens = torch.from_numpy(vocab.encode(["MA", "MC", "MD", "ME"]))
-    x = onehot(tokens).flatten(1)
-    norm = InputNorm(x.shape[1]).train()
-    out = norm(x)
+    # position 0 never varies, position 1 does; "W" at position 1 is rare (1 row in 4)
+    tokens = torch.from_numpy(vocab.encode(["MA", "MA", "MA", "MW"]))
+    x = onehot(tokens)
     width = vocab.size
-    assert torch.equal(out[:, :width], torch.zeros(4, width))
-    assert out[:, width:].abs().sum() > 0 and torch.allclose(out[:, width:].mean(0), torch.zeros(width), atol=1e-6)
-    assert norm.running_mean[vocab.token_id("M")] > 0  # running statistics follow the batches
-    one_row = norm(x[:1])  # the last batch of an epoch can be one row: running statistics, no error
-    assert one_row.shape == (1, x.shape[1])
-    model = create_model("mlp", seq_len=2, in_dim=width, n_outputs=1)
-    assert any(k.endswith("running_mean") for k in model.state_dict())  # saved with model.pth / checkpoints
-    plain = create_model("mlp", seq_len=2, in_dim=width, n_outputs=1, params={"input_norm": "none"})
-    assert not any(isinstance(m, InputNorm) for m in plain.modules())
-    with pytest.raises(ParamError, match="model.params.input_norm: must be 'batch' or 'none'"):
-        create_model("mlp", seq_len=2, in_dim=width, n_outputs=1, params={"input_norm": "layer"})
+    model = create_model("mlp", seq_len=2, in_dim=width, n_outputs=1, params={"base": "none"})
+    model.fit_closed_form(lambda: [(x, torch.zeros(4))], None)
+    centred = model.centre(x.flatten(1))
+    assert torch.equal(centred[:, :width], torch.zeros(4, width))  # the constant position adds nothing
+    assert centred.abs().max() <= 1.0  # the rare column is not amplified (a standardisation made it 1.73)
+    assert centred[3, width + vocab.token_id("W")] == pytest.approx(0.75)
+    assert any(k.endswith("centre.mean") for k in model.state_dict())  # saved with model.pth / checkpoints
+    with pytest.raises(ParamError, match="model.params.base: must be 'ridge' or 'none'"):
+        create_model("mlp", seq_len=2, in_dim=width, n_outputs=1, params={"base": "lasso"})
+
+
+def test_ridge_matches_the_normal_equations_and_picks_alpha_on_validation():
+    from runner.core.models import RidgeFit
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(300, 5, 2)))
+    w_true = rng.normal(size=10)
+    y = torch.from_numpy(x.flatten(1).numpy() @ w_true + 3.0 + rng.normal(scale=0.1, size=300))
+    chunks = lambda lo, hi: (lambda: [(x[i : min(i + 50, hi)], y[i : min(i + 50, hi)]) for i in range(lo, hi, 50)])  # noqa: E731
+    weight, bias, mean = RidgeFit(alpha=2.0).fit(chunks(0, 200), None)
+    xc = x[:200].flatten(1).numpy() - x[:200].flatten(1).numpy().mean(0)
+    yc = y[:200].numpy() - y[:200].numpy().mean()
+    expected = np.linalg.solve(xc.T @ xc + 2.0 * np.eye(10), xc.T @ yc)
+    assert np.allclose(weight.numpy(), expected, atol=1e-8)
+    assert float(bias) == pytest.approx(float(y[:200].mean() - (mean * weight).sum()))
+    fit = RidgeFit()
+    weight, _, _ = fit.fit(chunks(0, 200), chunks(200, 300))  # more rows than columns: primal
+    assert fit.report["chosen_by"] == "validation Spearman" and fit.report["solve"] == "primal"
+    assert fit.report["alpha"] <= 10.0  # little noise and 200 rows: light regularisation wins
+    assert np.allclose(weight.numpy(), w_true, atol=0.05)
+    dual = RidgeFit(alpha=2.0)
+    w_dual, _, _ = dual.fit(chunks(0, 5), None)  # 5 rows, 10 columns: the dual (kernel) form
+    xs, ys = x[:5].flatten(1).numpy(), y[:5].numpy()
+    xs, ys = xs - xs.mean(0), ys - ys.mean()
+    assert dual.report["solve"] == "dual"
+    assert np.allclose(w_dual.numpy(), np.linalg.solve(xs.T @ xs + 2.0 * np.eye(10), xs.T @ ys), atol=1e-8)
+    with pytest.raises(ParamError, match="positive"):
+        RidgeFit(alphas=[1.0, -1.0])
+
+
+def test_ridge_has_nothing_for_gradient_descent_and_refuses_classes():
+    model = create_model("ridge", seq_len=3, in_dim=4, n_outputs=1)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert {"ridge.weight", "ridge.bias", "ridge.mean"} <= set(model.state_dict())
+    with pytest.raises(ParamError, match="regression model"):
+        create_model("ridge", seq_len=3, in_dim=4, n_outputs=2)
+    mlp = create_model("mlp", seq_len=3, in_dim=4, n_outputs=2)  # classification: no ridge part
+    assert mlp.base is None
+
+
+def test_ge_is_monotone_and_starts_at_the_ridge_fit():
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.integers(0, 2, size=(200, 4, 3)).astype(np.float32))
+    y = torch.from_numpy((x.flatten(1).numpy() @ rng.normal(size=12)).astype(np.float32))
+    model = create_model("ge", seq_len=4, in_dim=3, n_outputs=1)
+    model.fit_closed_form(lambda: [(x, y)], None)
+    with torch.no_grad():
+        start = model(x)
+        ridge = model.base(x)
+    assert torch.allclose(start, ridge, atol=0.05 * float(ridge.std()))  # g starts near the identity
+    with torch.no_grad():
+        for p in (model.unit_weight, model.unit_gain, model.unit_shift, model.slope):
+            p.normal_()
+        z = torch.linspace(-10, 10, 101)
+        u = (z - model.loc) / model.scale
+        sp = torch.nn.functional.softplus
+        g = model.loc + model.scale * (model.offset + sp(model.slope) * u
+                                       + (torch.tanh(sp(model.unit_gain) * u[:, None] + model.unit_shift)
+                                          * sp(model.unit_weight)).sum(-1))
+    assert (g.diff() > 0).all()  # increasing whatever the parameters
 
 
 def test_unknown_component_params_name_the_plan_key(vocab):

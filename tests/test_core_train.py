@@ -154,7 +154,7 @@ def test_bad_plan_and_data_exit_2(tmp_path, blat_db, capsys):
     plan = write_plan(tmp_path / "p2b.json", blat_db, model={"name": "mlp", "params": {"hiden": [8]}})
     assert main([str(plan), "--exp-dir", str(tmp_path / "e2b")]) == 2
     err = capsys.readouterr().err
-    assert "model.params: model 'mlp' has no parameter 'hiden'; it takes: hidden, dropout, input_norm" in err
+    assert "model.params: model 'mlp' has no parameter 'hiden'; it takes: hidden, dropout, base" in err
     assert not (tmp_path / "e2b/data/selected.parquet").exists()  # refused before reading the data
     plan = write_plan(tmp_path / "p3.json", blat_db, data={"where": [{"column": "mut_num", "op": ">", "value": 5}]})
     assert main([str(plan), "--exp-dir", str(tmp_path / "e3")]) == 2

@@ -125,9 +125,11 @@ def test_check_duplicate_name_message(template_copy):
     result = infra("plugins", "check", "--json", "--backend", "local", "--workdir", str(template_copy))
     assert result.returncode == 1
     plugin = template_copy / "model" / "second_linear.py"
+    source_lines = Path(linear["source_file"]).read_text().splitlines()
+    line = source_lines.index('@register_model("linear")') + 1  # where the built-in is registered
     message = (
         f"plugin {plugin}:4: RegistryError: model 'linear' is registered twice: by runner.core.models:LinearModel "
-        f"({linear['source_file']}:46) and by infra_ext.model.second_linear:AnotherLinear ({plugin}:4); "
+        f"({linear['source_file']}:{line}) and by infra_ext.model.second_linear:AnotherLinear ({plugin}:4); "
         "rename one of them; fix the file and run again"
     )
     assert json.loads(result.stdout) == {

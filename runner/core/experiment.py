@@ -243,7 +243,7 @@ def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     if stop is not None:
         callbacks.append(stop.callback())
     trainer = build_trainer(train, layout.path("ckpts"), has_val=sizes["val"] > 0, callbacks=callbacks,
-                            limit_batches=limit_batches)
+                            limit_batches=limit_batches, task="classification" if classification else "regression")
     last = layout.path("ckpts/last.ckpt")
     resume = str(last) if last.exists() else None
     if resume:
@@ -308,8 +308,12 @@ def _data_error(message: str):
 
 
 def _best_epoch(epochs: list[dict]) -> int | None:
-    key = "val_loss" if any(r.get("val_loss") is not None for r in epochs) else "train_loss"
-    scored = [(r[key], r["epoch"]) for r in epochs if r.get(key) is not None]
+    # the epoch the checkpoint kept: the one training.monitored() follows
+    if any(r.get("val_spearman") is not None for r in epochs):
+        scored = [(-r["val_spearman"], r["epoch"]) for r in epochs if r.get("val_spearman") is not None]
+    else:
+        key = "val_loss" if any(r.get("val_loss") is not None for r in epochs) else "train_loss"
+        scored = [(r[key], r["epoch"]) for r in epochs if r.get(key) is not None]
     return min(scored)[1] if scored else None
 
 

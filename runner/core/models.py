@@ -4,13 +4,21 @@ Every model is a `ProteinModel`: an `nn.Module` built as `factory(seq_len=L, in_
 n_outputs=K, **params)` whose `forward(x)` takes the embedded batch `[B, L, C]` and returns `[B]`
 (regression, K = 1) or `[B, K]` class logits. `penalty()` may return an extra loss term (e.g. the
 ridge L2 of the linear model) that training adds to the loss.
+
+A model may also define `fit_closed_form(train, val)`: training calls it once before any
+gradient step with the training (and validation) rows, as re-iterable chunks of embedded batches
+(see `ChunkSource`). `ridge` is fitted entirely there (it has no trainable parameters, so training
+takes one pass and stops); `mlp`, `cnn` and `ge` fit their additive ridge part there and learn the
+rest by gradient descent.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +27,9 @@ from runner.core.registry import ParamError, Registry
 log = logging.getLogger(__name__)
 
 MODELS: Registry[nn.Module] = Registry("model")
+
+# A re-iterable source of `(x [B, L, C] embedded, y [B])` chunks: each call starts a fresh pass.
+ChunkSource = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def register_model(name: str, factory: Callable[..., nn.Module] | None = None):
@@ -43,14 +54,229 @@ class ProteinModel(nn.Module):
         return y.squeeze(-1) if self.n_outputs == 1 else y
 
 
+# ---------------------------------------------------------------------------------------------
+# closed-form ridge regression
+
+
+COARSE_ALPHAS = tuple(10.0**k for k in range(-2, 6))  # then refined by half a decade around the best
+MAX_GRAM = 20_000  # largest d×d (primal) or n×n (dual) system solved: 20k² float64 is 3.2 GB
+
+
+def _spearman(y: torch.Tensor, p: torch.Tensor) -> float:
+    """Spearman (average ranks for ties) of two 1-D tensors; NaN when either is constant."""
+    from runner.core.metrics import spearman
+
+    return spearman(y.double().cpu().numpy(), p.double().cpu().numpy())
+
+
+class RidgeFit:
+    """Streaming closed-form ridge on flattened features, the regularisation chosen on validation rows.
+
+    Only the columns that vary in the training rows enter the solve (GB1's one-hot has 1,400
+    columns of which 80 vary); features are centred on the training mean and never scaled, so a
+    column seen once in training is not amplified (the failure of per-feature standardisation).
+    Each alpha is one Cholesky solve in float64 on the CPU, of the d×d normal equations or, with
+    fewer rows than varying columns, of the n×n kernel (the dual). Alpha: the best validation
+    Spearman (ties: the larger alpha) over decades 1e-2…1e5, then half a decade either side of the
+    best; or exactly `alphas` when given, or `alpha`. Without validation rows: generalised
+    cross-validation on the training rows.
+    """
+
+    def __init__(self, alphas: Iterable[float] | None = None, alpha: float | None = None):
+        grid = [alpha] if alpha is not None else (None if alphas is None else list(alphas))
+        if grid is not None and (
+            not grid or any(not isinstance(a, int | float) or not math.isfinite(a) or a <= 0 for a in grid)
+        ):
+            raise ParamError(f"model.params: ridge alpha(s) must be positive numbers, not {grid!r}")
+        self.grid = None if grid is None else sorted(float(a) for a in grid)
+        self.report: dict = {}
+
+    @staticmethod
+    def _flat(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).double().cpu()
+
+    def fit(self, train: ChunkSource, val: ChunkSource | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return `(weight [d], bias [], column_mean [d])` for the flattened features (float64, CPU)."""
+        n, total, total_sq, y_sum = 0, None, None, 0.0
+        for x, y in train():
+            f = self._flat(x)
+            total = f.sum(0) if total is None else total + f.sum(0)
+            total_sq = (f * f).sum(0) if total_sq is None else total_sq + (f * f).sum(0)
+            y_sum += float(y.double().sum())
+            n += len(f)
+        if n == 0:
+            raise ValueError("ridge: no training rows")
+        mean = total / n
+        var = (total_sq / n - mean * mean).clamp_min(0)
+        cols = torch.nonzero(var > 1e-12 * (1 + mean.abs())).squeeze(1)
+        y_mean = y_sum / n
+        d = len(cols)
+        weight = torch.zeros_like(mean)
+        if d == 0:  # nothing varies: predict the training mean
+            self.report = {"alpha": None, "n_features": 0}
+            return weight, torch.tensor(y_mean, dtype=torch.float64), mean
+        if min(n, d) > MAX_GRAM:
+            raise ParamError(
+                f"model 'ridge': {n} training rows and {d} varying features is past the closed-form "
+                f"limit ({MAX_GRAM} of either); use model 'linear' (gradient descent) instead"
+            )
+        primal = d <= n
+        system = torch.zeros(d, d, dtype=torch.float64) if primal else None
+        rhs = torch.zeros(d, dtype=torch.float64) if primal else None
+        rows, targets = [], []
+        for x, y in train():
+            f = self._flat(x)[:, cols] - mean[cols]
+            yc = y.double().cpu() - y_mean
+            if primal:
+                system += f.T @ f
+                rhs += f.T @ yc
+            else:
+                rows.append(f)
+                targets.append(yc)
+        if not primal:
+            xc, rhs = torch.cat(rows), torch.cat(targets)
+            system = xc @ xc.T
+        # LAPACK through scipy: on a loaded CPU torch's cholesky_solve with one right-hand side took
+        # longer than the factorisation itself
+        from scipy.linalg import cho_factor, cho_solve
+
+        system_np, rhs_np = system.numpy(), rhs.numpy()
+        diag = np.arange(len(rhs_np))
+        y_sq = float(sum((y.double().cpu() - y_mean).pow(2).sum() for _, y in train())) if val is None else 0.0
+        val_rows = [(self._flat(x)[:, cols] - mean[cols], y.double().cpu()) for x, y in val()] if val else []
+
+        def solve(alpha: float) -> tuple[torch.Tensor, float]:
+            shifted = system_np.copy()
+            shifted[diag, diag] += alpha
+            factor = cho_factor(shifted, lower=True, overwrite_a=True, check_finite=False)
+            sol_np = cho_solve(factor, rhs_np, check_finite=False)
+            sol = torch.from_numpy(sol_np)
+            w = sol if primal else xc.T @ sol
+            if val_rows:
+                pred = torch.cat([f @ w for f, _ in val_rows]) + y_mean
+                return w, _spearman(torch.cat([y for _, y in val_rows]), pred)
+            # generalised cross-validation: RSS / (1 - df/n)^2, df = trace of the hat matrix
+            inverse_trace = float(np.trace(cho_solve(factor, np.eye(len(rhs_np)), check_finite=False)))
+            df = len(rhs_np) - alpha * inverse_trace
+            fitted = system @ sol  # primal: X'X w; dual: X X' a = the fitted values
+            rss = y_sq - 2 * float(sol @ rhs) + float(sol @ fitted) if primal else float((rhs - fitted).pow(2).sum())
+            return w, -max(rss, 0.0) / max(1 - df / n, 1e-9) ** 2
+
+        how = (
+            "fixed"
+            if self.grid is not None and len(self.grid) == 1
+            else ("validation Spearman" if val_rows else "generalised cross-validation")
+        )
+        tried: dict[float, tuple[torch.Tensor, float]] = {}
+        for a in self.grid or COARSE_ALPHAS:
+            tried[a] = solve(a)
+        if self.grid is None and len(tried) > 1:
+            best = self._pick(tried)
+            for a in (best / 10**0.5, best * 10**0.5):
+                tried[a] = solve(a)
+        best = self._pick(tried)
+        w = tried[best][0]
+        weight[cols] = w
+        bias = torch.tensor(y_mean, dtype=torch.float64) - (mean[cols] * w).sum()
+        self.report = {
+            "alpha": best,
+            "chosen_by": how,
+            "n_features": d,
+            "n_rows": n,
+            "solve": "primal" if primal else "dual",
+            "scores": {f"{a:.4g}": round(s, 5) for a, (_, s) in sorted(tried.items())},
+        }
+        log.info(
+            "ridge: alpha %.4g by %s (%d varying of %d features, %d rows, %s): %s",
+            best,
+            how,
+            d,
+            len(mean),
+            n,
+            self.report["solve"],
+            self.report["scores"],
+        )
+        return weight, bias, mean
+
+    @staticmethod
+    def _pick(tried: dict[float, tuple[torch.Tensor, float]]) -> float:
+        scores = {a: (s if math.isfinite(s) else -math.inf) for a, (_, s) in tried.items()}
+        top = max(scores.values())
+        # the largest alpha among the best: the most regularised of equal fits
+        return max(a for a, s in scores.items() if s >= top - 1e-12)
+
+
+class RidgeHead(nn.Module):
+    """`x.flatten(1) @ weight + bias` with the weight from `RidgeFit` (buffers: not trained by SGD)."""
+
+    def __init__(self, n_features: int, alphas: Iterable[float] | None = None, alpha: float | None = None):
+        super().__init__()
+        self.fitter = RidgeFit(alphas, alpha)
+        self.register_buffer("weight", torch.zeros(n_features))
+        self.register_buffer("bias", torch.zeros(()))
+        self.register_buffer("mean", torch.zeros(n_features))  # the training mean of every feature
+
+    def fit(self, train: ChunkSource, val: ChunkSource | None) -> None:
+        weight, bias, mean = self.fitter.fit(train, val)
+        self.weight.copy_(weight.to(self.weight))
+        self.bias.copy_(bias.to(self.bias))
+        self.mean.copy_(mean.to(self.mean))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).float() @ self.weight.float() + self.bias.float()
+
+
+def _regression_only(name: str, n_outputs: int) -> None:
+    if n_outputs != 1:
+        raise ParamError(
+            f"model {name!r} is a regression model (data.target DMS_score); for classes use 'linear', 'mlp' or 'cnn'"
+        )
+
+
+def _check_base(base: str, n_outputs: int) -> bool:
+    """Whether to fit a ridge base: `base` is "ridge" or "none"; classification never has one."""
+    if base not in ("ridge", "none"):
+        raise ParamError(f"model.params.base: must be 'ridge' or 'none', not {base!r}")
+    return base == "ridge" and n_outputs == 1
+
+
+@register_model("ridge")
+class RidgeModel(ProteinModel):
+    """Closed-form ridge regression on the flattened embedding (ProteinGym's one-hot baseline).
+
+    No gradient descent: the weights are solved exactly (`RidgeFit`) with the regularisation chosen
+    on the validation rows by Spearman (`RidgeFit`; `alphas`: an explicit grid, `alpha`: a fixed
+    value). Seconds on 150k variants. The reference the other built-ins are calibrated against.
+    """
+
+    def __init__(
+        self,
+        seq_len: int,
+        in_dim: int,
+        n_outputs: int = 1,
+        alphas: list[float] | None = None,
+        alpha: float | None = None,
+    ):
+        super().__init__(seq_len, in_dim, n_outputs)
+        _regression_only("ridge", n_outputs)
+        self.ridge = RidgeHead(self.seq_len * self.in_dim, alphas, alpha)
+
+    def fit_closed_form(self, train: ChunkSource, val: ChunkSource | None) -> None:
+        self.ridge.fit(train, val)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ridge(x)
+
+
 @register_model("linear")
 class LinearModel(ProteinModel):
-    """Ridge-style linear model on the flattened embedding (the ProteinGym one-hot baseline).
+    """Ridge-style linear model on the flattened embedding, trained by gradient descent.
 
     `l2` is the ridge penalty on the weights (sum of squares, scaled by 1/n_features so the
     default suits any length). `lr_scale` reparameterises the weights so Adam's per-step move is
     `lr * lr_scale`: a linear model on thousands of sparse one-hot features needs far larger steps
-    than a deep model at the same plan-level learning rate.
+    than a deep model at the same plan-level learning rate. `ridge` solves the same kind of model
+    exactly; `linear` remains for classification and for feature sets past ridge's size limit.
     """
 
     def __init__(self, seq_len: int, in_dim: int, n_outputs: int = 1, l2: float = 1.0, lr_scale: float = 10.0):
@@ -70,68 +296,125 @@ class LinearModel(ProteinModel):
         return self.l2 * w.pow(2).sum() / w.shape[0]
 
 
-class InputNorm(nn.Module):
-    """Per-feature batch normalisation of the flattened embedding (no learned scale or shift).
+class FeatureMean(nn.Module):
+    """Centres the flattened embedding on its training mean (fixed once, before training).
 
-    Why: positions that never vary in a data set (GB1 mutates 4 of 56) are constant one-hot
-    columns. Un-normalised, each of their first-layer weights acts as one more bias that Adam moves
-    at the full learning rate, so the layer's bias effectively trains ~50x too fast and the
-    predictions jitter; normalised, constant columns are exactly zero. Measured on GB1 (MLP, raw
-    target, plain loop): test Spearman 0.562 without it, 0.607-0.620 with it (3 seeds). A batch of
-    one row (the last of an epoch) uses the running statistics instead of its own.
+    Why: positions that never vary (GB1 mutates 4 of 56) are constant one-hot columns whose
+    first-layer weights would act as extra biases; centred they are exactly zero. Centring keeps
+    every input within [-1, 1] for a one-hot: unlike a per-feature standardisation it never
+    amplifies a column that is rare in training (dividing by its tiny standard deviation turned a
+    substitution seen once in 10,000 rows into an input of ~100 and predictions far out of range).
     """
 
-    def __init__(self, n_features: int, momentum: float = 0.1, eps: float = 1e-5):
+    def __init__(self, n_features: int):
         super().__init__()
-        self.momentum, self.eps = momentum, eps
-        self.register_buffer("running_mean", torch.zeros(n_features))
-        self.register_buffer("running_var", torch.ones(n_features))
+        self.register_buffer("mean", torch.zeros(n_features))
+
+    def set(self, mean: torch.Tensor) -> None:
+        self.mean.copy_(mean.to(self.mean))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch_stats = self.training and x.shape[0] > 1
-        return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, training=batch_stats,
-                                              momentum=self.momentum, eps=self.eps)
+        return x - self.mean
+
+
+def _feature_mean(train: ChunkSource, n_features: int) -> torch.Tensor:
+    total, n = torch.zeros(n_features, dtype=torch.float64), 0
+    for x, _ in train():
+        total += x.flatten(1).double().cpu().sum(0)
+        n += len(x)
+    return total / max(n, 1)
+
+
+class _RidgeBase(ProteinModel):
+    """Shared by the non-linear built-ins: an optional exact ridge part plus a learned part.
+
+    With `base: "ridge"` the additive effects are solved in closed form before training and held
+    fixed; the network learns what they leave (its last layer starts at zero, so training starts
+    from the ridge fit, and checkpoint selection on validation Spearman keeps the network only
+    where it adds). The additive part therefore cannot win a race against the non-linear one and
+    end training early, and a substitution rare in training moves the prediction no more than it
+    moves ridge. Classification (n_outputs > 1) never has the ridge part.
+    """
+
+    def __init__(self, seq_len: int, in_dim: int, n_outputs: int, base: str):
+        super().__init__(seq_len, in_dim, n_outputs)
+        n_features = self.seq_len * self.in_dim
+        self.base = RidgeHead(n_features) if _check_base(base, n_outputs) else None
+        self.centre = FeatureMean(n_features)
+
+    def fit_closed_form(self, train: ChunkSource, val: ChunkSource | None) -> None:
+        if self.base is not None:
+            self.base.fit(train, val)
+            self.centre.set(self.base.mean)
+        else:
+            self.centre.set(_feature_mean(train, self.seq_len * self.in_dim))
+
+    def _with_base(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y = self._out(y)
+        return y if self.base is None else y + self.base(x).to(y.dtype)
+
+
+def _zero_last(layer: nn.Linear) -> nn.Linear:
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
 @register_model("mlp")
-class MLPModel(ProteinModel):
-    """Fully connected network on the flattened embedding: captures interactions between sites.
+class MLPModel(_RidgeBase):
+    """Fully connected network on the centred, flattened embedding: interactions between sites.
 
-    `input_norm` ("batch" or "none") normalises each input feature first (see `InputNorm`).
+    `base` ("ridge" default, or "none"): the exact ridge fit the network adds to (see `_RidgeBase`).
+    Inputs are centred on their training mean (`FeatureMean`), never scaled.
     """
 
-    def __init__(self, seq_len: int, in_dim: int, n_outputs: int = 1, hidden: list[int] | int = (512, 256),
-                 dropout: float = 0.1, input_norm: str = "batch"):
-        super().__init__(seq_len, in_dim, n_outputs)
-        if input_norm not in ("batch", "none"):
-            raise ParamError(f"model.params.input_norm: must be 'batch' or 'none', not {input_norm!r}")
+    def __init__(
+        self,
+        seq_len: int,
+        in_dim: int,
+        n_outputs: int = 1,
+        hidden: list[int] | int = (512, 256),
+        dropout: float = 0.1,
+        base: str = "ridge",
+    ):
+        super().__init__(seq_len, in_dim, n_outputs, base)
         sizes = [hidden] if isinstance(hidden, int) else list(hidden)
         width = self.seq_len * self.in_dim
-        layers: list[nn.Module] = [InputNorm(width)] if input_norm == "batch" else []
+        layers: list[nn.Module] = []
         for size in sizes:
             layers += [nn.Linear(width, int(size)), nn.ReLU(), nn.Dropout(dropout)]
             width = int(size)
-        layers.append(nn.Linear(width, n_outputs))
+        last = nn.Linear(width, n_outputs)
+        layers.append(_zero_last(last) if self.base is not None else last)
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._out(self.net(x.flatten(1).float()))
+        return self._with_base(x, self.net(self.centre(x.flatten(1).float())))
 
 
 @register_model("cnn")
-class CNNModel(ProteinModel):
+class CNNModel(_RidgeBase):
     """1-D convolutions over the sequence, then a position-aware dense head.
 
     Convolutions see each residue in its local context; the head keeps the position (a few
     channels per position, flattened) because the effect of a substitution depends on where it is.
+    `base` ("ridge" default, or "none"): the exact additive fit the network adds to (`_RidgeBase`).
     """
 
-    def __init__(self, seq_len: int, in_dim: int, n_outputs: int = 1, channels: int = 32, kernel_size: int = 5,
-                 n_layers: int = 2, head_channels: int = 8, hidden: int = 64, dropout: float = 0.1,
-                 linear_skip: bool = True, l2: float = 1.0):
-        super().__init__(seq_len, in_dim, n_outputs)
-        # wide-and-deep: a ridge term per (position, residue) plus the convolutional part for context
-        self.linear = LinearModel(seq_len, in_dim, n_outputs, l2=l2) if linear_skip else None
+    def __init__(
+        self,
+        seq_len: int,
+        in_dim: int,
+        n_outputs: int = 1,
+        channels: int = 32,
+        kernel_size: int = 5,
+        n_layers: int = 2,
+        head_channels: int = 8,
+        hidden: int = 64,
+        dropout: float = 0.1,
+        base: str = "ridge",
+    ):
+        super().__init__(seq_len, in_dim, n_outputs, base)
         convs: list[nn.Module] = []
         width = self.in_dim
         for _ in range(int(n_layers)):
@@ -140,16 +423,71 @@ class CNNModel(ProteinModel):
         convs += [nn.Conv1d(width, head_channels, 1), nn.ReLU()]
         self.convs = nn.Sequential(*convs)
         self.head = nn.Sequential(
-            nn.Flatten(1), nn.Dropout(dropout), nn.Linear(head_channels * self.seq_len, hidden), nn.ReLU(),
+            nn.Flatten(1),
+            nn.Dropout(dropout),
+            nn.Linear(head_channels * self.seq_len, hidden),
+            nn.ReLU(),
             nn.Linear(hidden, n_outputs),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._out(self.head(self.convs(x.transpose(1, 2))))
-        return y if self.linear is None else y + self.linear(x)
+        # The convolutions see the one-hot itself (they share weights across positions), but the head
+        # sees their features minus those of the training-mean sequence: at positions that never vary
+        # the features are constants, and thousands of constant head inputs act as biases that Adam
+        # moves coherently, switching every ReLU off within a few steps (the network then predicted
+        # one value for every variant). Centred, they are exactly zero.
+        feats = self.convs(x.float().transpose(1, 2))
+        reference = self.convs(self.centre.mean.view(1, self.seq_len, self.in_dim).transpose(1, 2))
+        return self._with_base(x, self.head(feats - reference))
 
-    def penalty(self) -> torch.Tensor | None:
-        return None if self.linear is None else self.linear.penalty()
+
+@register_model("ge")
+class GlobalEpistasisModel(ProteinModel):
+    """Global epistasis: an additive latent phenotype through a learned monotone nonlinearity.
+
+    `y = g(z)`, `z = w·x + b` on the flattened embedding, `g(z) = c + s·(a·u + Σ_k v_k tanh(r_k u + t_k))`
+    with `u = (z - m)/s` and `a, v_k, r_k > 0` (softplus), so `g` is increasing: saturation,
+    thresholds and diminishing returns between substitutions are captured with one parameter per
+    substitution (as in MAVE-NN / Otwinowski 2018). The latent starts at the exact ridge fit and
+    `g` near the identity (m, s: the mean and spread of the ridge fit on the training rows), so
+    training starts where `ridge` ends. `units`: tanh units of `g`; `l2`: penalty on the latent's
+    move away from the ridge weights (per feature, as `linear`'s).
+    """
+
+    def __init__(self, seq_len: int, in_dim: int, n_outputs: int = 1, units: int = 8, l2: float = 1.0):
+        super().__init__(seq_len, in_dim, n_outputs)
+        _regression_only("ge", n_outputs)
+        n_features = self.seq_len * self.in_dim
+        self.base = RidgeHead(n_features)
+        self.weight = nn.Parameter(torch.zeros(n_features))  # the latent's move from the ridge weights
+        self.l2 = float(l2)
+        self.register_buffer("loc", torch.zeros(()))
+        self.register_buffer("scale", torch.ones(()))
+        inv_softplus_1 = math.log(math.e - 1)
+        self.slope = nn.Parameter(torch.tensor(inv_softplus_1))
+        self.unit_weight = nn.Parameter(torch.full((int(units),), -6.0))  # softplus(-6) ≈ 0.0025: g starts ≈ identity
+        self.unit_gain = nn.Parameter(torch.full((int(units),), inv_softplus_1))
+        self.unit_shift = nn.Parameter(torch.linspace(-2.0, 2.0, int(units)))
+        self.offset = nn.Parameter(torch.zeros(()))
+
+    def fit_closed_form(self, train: ChunkSource, val: ChunkSource | None) -> None:
+        self.base.fit(train, val)
+        with torch.no_grad():
+            z = torch.cat([self.base(x.to(self.base.weight.device)).double().cpu() for x, _ in train()])
+            self.loc.fill_(float(z.mean()))
+            self.scale.fill_(max(float(z.std()), 1e-6) if len(z) > 1 else 1.0)
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + x.flatten(1).float() @ self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = (self.latent(x) - self.loc) / self.scale
+        sp = nn.functional.softplus
+        units = torch.tanh(sp(self.unit_gain) * u[:, None] + self.unit_shift) * sp(self.unit_weight)
+        return self.loc + self.scale * (self.offset + sp(self.slope) * u + units.sum(-1))
+
+    def penalty(self) -> torch.Tensor:
+        return self.l2 * self.weight.pow(2).sum() / self.weight.shape[0]
 
 
 def create_model(name: str, seq_len: int, in_dim: int, n_outputs: int, params: dict | None = None) -> nn.Module:
@@ -159,5 +497,3 @@ def create_model(name: str, seq_len: int, in_dim: int, n_outputs: int, params: d
     if not isinstance(model, nn.Module):
         raise TypeError(f"model {name!r} factory returned {type(model).__name__}, not a torch.nn.Module")
     return model
-
-

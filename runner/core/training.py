@@ -27,6 +27,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from runner.core.embeddings import create_embedding
+from runner.core.metrics import spearman
 from runner.core.models import create_model
 from runner.core.vocab import get_vocab_processor
 
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=r".*IterableDataset.*__len__.*")
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")
+# a closed-form model (`ridge`) runs one pass with no optimizer and no gradient step, on purpose
+warnings.filterwarnings("ignore", message=r".*configure_optimizers.*returned `None`.*")
+warnings.filterwarnings("ignore", message=r".*training_step.*returned `None`.*")
 
 
 class TokenBatches(torch.utils.data.IterableDataset):
@@ -130,6 +134,36 @@ class VariantModule(L.LightningModule):
         self._sums: dict[str, list[torch.Tensor]] = {}
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+    @property
+    def closed_form_only(self) -> bool:
+        """The model is solved in closed form and has nothing for gradient descent to train (`ridge`)."""
+        return hasattr(self.model, "fit_closed_form") and not any(p.requires_grad for p in self.parameters())
+
+    def _chunks(self, name: str):
+        """A re-iterable source of embedded `(x, y)` chunks of split `name` (None when it is empty)."""
+        dm = self.trainer.datamodule
+        index = dm.index[name]
+        if not len(index):
+            return None
+        width = max(int(self.hparams.seq_len) * int(self.embed.dim), 1)
+        rows = max(64, min(8192, 2**22 // width))  # ~16 MB of float32 features per chunk
+
+        def source():
+            with torch.no_grad():
+                for start in range(0, len(index), rows):
+                    idx = index[start : start + rows]
+                    yield self.embed(dm.tokens[idx]), dm.target[idx]
+
+        return source
+
+    def on_train_start(self) -> None:
+        # the closed-form part of the fit, before any gradient step (deterministic, so a resumed run
+        # recomputes exactly what it had)
+        if hasattr(self.model, "fit_closed_form"):
+            t0 = time.perf_counter()
+            self.model.fit_closed_form(self._chunks("train"), self._chunks("val"))
+            log.info("closed-form fit in %.2fs", time.perf_counter() - t0)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(self.embed(tokens))
 
@@ -148,8 +182,12 @@ class VariantModule(L.LightningModule):
         sums = self._sums.pop(stage, None)
         return float(sums[0]) / sums[1] if sums and sums[1] else None
 
-    def _shared_step(self, batch, stage: str) -> torch.Tensor:
+    def _shared_step(self, batch, stage: str) -> torch.Tensor | None:
         tokens, y = batch
+        if stage == "train" and self.closed_form_only:
+            with torch.no_grad():  # nothing to step: record the training loss only
+                self._accumulate(stage, self.loss(self(tokens), y), len(y))
+            return None
         out = self(tokens)
         loss = self.loss(out, y)
         self._accumulate(stage, loss, len(y))
@@ -159,7 +197,7 @@ class VariantModule(L.LightningModule):
                 loss = loss + penalty
         else:
             self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
-            if stage == "val" and self.val_metrics_fn is not None:
+            if stage == "val":
                 self._val_outputs.append((y.detach(), self.scores(out.detach())))
         return loss
 
@@ -195,20 +233,32 @@ class VariantModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.close_train_epoch()
+        if self.closed_form_only:
+            self.trainer.should_stop = True  # solved exactly in on_train_start: one pass is all there is
 
     def on_validation_epoch_end(self) -> None:
         loss = self._epoch_loss("val")
         if loss is None:
             return
         self.epoch_record["val_loss"] = loss
-        if self._val_outputs and self.val_metrics_fn is not None:
+        if self._val_outputs:
             y = torch.cat([a for a, _ in self._val_outputs]).float().cpu().numpy()
             p = torch.cat([b for _, b in self._val_outputs]).float().cpu().numpy()
-            self.epoch_record["val"] = self.val_metrics_fn(y, p)
+            if self.hparams.task != "classification":
+                # the metric users rank by: checkpoints and early stopping follow it (NaN, e.g. constant
+                # predictions, counts as the worst value)
+                rho = spearman(y, p)
+                rho = -1.0 if not math.isfinite(rho) else rho
+                self.log("val_spearman", rho)
+                self.epoch_record["val_spearman"] = rho
+            if self.val_metrics_fn is not None:
+                self.epoch_record["val"] = self.val_metrics_fn(y, p)
         self._val_outputs = []
 
     def configure_optimizers(self):
         hp = self.hparams
+        if self.closed_form_only:
+            return None
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
         else:
@@ -259,8 +309,57 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return {"32": "32-true", "64": "64-true"}.get(precision, precision)
 
 
+class PlateauStop(Callback):
+    """Early stopping once none of `monitors` (name → "min"/"max") has improved for `patience` epochs.
+
+    Regression watches the validation Spearman *and* loss: on GB1 the Spearman dropped from 0.55 to
+    0.26 for a few mid-training epochs while the loss kept falling, and stopping on the Spearman
+    alone ended runs there; the checkpoint still keeps the best-Spearman epoch.
+    """
+
+    def __init__(self, monitors: dict[str, str], patience: int):
+        self.monitors, self.patience = monitors, int(patience)
+        self.best: dict[str, float] = {}
+        self.stale = 0
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        improved = False
+        for name, mode in self.monitors.items():
+            value = trainer.callback_metrics.get(name)
+            if value is None:
+                continue
+            value = float(value)
+            best = self.best.get(name)
+            if best is None or (value > best if mode == "max" else value < best):
+                self.best[name] = value
+                improved = True
+        self.stale = 0 if improved else self.stale + 1
+        if self.stale >= self.patience:
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict:
+        return {"best": dict(self.best), "stale": self.stale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.stale = dict(state.get("best", {})), int(state.get("stale", 0))
+
+
+def monitored(task: str, has_val: bool) -> tuple[str, str]:
+    """The metric checkpoints and early stopping follow, and its mode.
+
+    Regression: the validation Spearman (what users rank models by; the loss can keep falling while
+    the ranking gets worse, e.g. on GB1's mass of zero scores). Classification: the validation loss.
+    Without validation rows: the training loss.
+    """
+    if not has_val:
+        return "train_loss", "min"
+    return ("val_loss", "min") if task == "classification" else ("val_spearman", "max")
+
+
 def build_trainer(train: dict, ckpt_dir: Path, has_val: bool, callbacks: list[Callback],
-                  limit_batches: int | None = None) -> L.Trainer:
+                  limit_batches: int | None = None, task: str = "regression") -> L.Trainer:
     """A Trainer from the plan's `train` section: checkpoints, early stopping, precision, devices."""
     accelerator = train.get("accelerator", "auto")
     if accelerator == "auto":
@@ -268,13 +367,20 @@ def build_trainer(train: dict, ckpt_dir: Path, has_val: bool, callbacks: list[Ca
     devices = train.get("devices", "auto")
     # one device unless the plan asks for more: the data set is small enough to live on one GPU
     devices = 1 if devices == "auto" else int(devices)
-    monitor = "val_loss" if has_val else "train_loss"
-    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=monitor, mode="min", save_top_k=1,
-                                 save_last=True, enable_version_counter=False)
-    callbacks = [checkpoint, *callbacks]
+    monitor, mode = monitored(task, has_val)
+    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=monitor, mode=mode, save_top_k=1,
+                                 enable_version_counter=False)
+    # last.ckpt from its own callback, every epoch: ModelCheckpoint's save_last refreshed it only when
+    # best.ckpt changed, so a run whose final epoch was not its best resumed one epoch back
+    latest = ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1,
+                             enable_version_counter=False)
+    callbacks = [checkpoint, latest, *callbacks]
     patience = int(train.get("early_stopping_patience", 5))
     if patience > 0:
-        callbacks.append(EarlyStopping(monitor=monitor, mode="min", patience=patience))
+        if monitor == "val_spearman":
+            callbacks.append(PlateauStop({"val_spearman": "max", "val_loss": "min"}, patience))
+        else:
+            callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
     kwargs: dict[str, Any] = {}
     if limit_batches:
         kwargs.update(limit_train_batches=limit_batches, limit_val_batches=limit_batches)
