@@ -37,8 +37,16 @@ def make_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def new_module(model: str, lr: float) -> VariantModule:
-    return VariantModule(model_name=model, model_params={}, embedding_name="onehot", embedding_params={},
-                         vocab_name="IUPAC", vocab_params={}, seq_len=L_SEQ, lr=lr)
+    return VariantModule(
+        model_name=model,
+        model_params={},
+        embedding_name="onehot",
+        embedding_params={},
+        vocab_name="IUPAC",
+        vocab_params={},
+        seq_len=L_SEQ,
+        lr=lr,
+    )
 
 
 def sync(device: str) -> None:
@@ -79,8 +87,13 @@ def core(tokens, target, args) -> float:
     n = len(tokens)
     split = {"train": np.arange(n), "val": np.zeros(0, dtype=np.int64), "test": np.arange(min(n, 10))}
     with tempfile.TemporaryDirectory() as tmp:
-        train = {"max_epochs": args.epochs, "precision": args.precision, "early_stopping_patience": 0,
-                 "accelerator": "gpu" if args.device == "cuda" else "cpu", "batch_size": args.batch_size}
+        train = {
+            "max_epochs": args.epochs,
+            "precision": args.precision,
+            "early_stopping_patience": 0,
+            "accelerator": "gpu" if args.device == "cuda" else "cpu",
+            "batch_size": args.batch_size,
+        }
         trainer = build_trainer(train, Path(tmp) / "ckpts", has_val=False, callbacks=[])
         dm = VariantDataModule(tokens, target, split, args.batch_size)
         module = new_module(args.model, args.lr)
@@ -109,9 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     tokens, target = make_data(args.n)
     plain_loop(tokens[: min(args.n, 8 * args.batch_size)], target[: min(args.n, 8 * args.batch_size)], args)  # warm-up
-    out = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__,
-           "model": args.model, "n": args.n, "L": L_SEQ, "epochs": args.epochs, "batch_size": args.batch_size,
-           "precision": args.precision, "threads": torch.get_num_threads()}
+    out = {
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "model": args.model,
+        "n": args.n,
+        "L": L_SEQ,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "threads": torch.get_num_threads(),
+    }
     out["plain_samples_per_s"] = round(plain_loop(tokens, target, args))
     out["core_samples_per_s"] = round(core(tokens, target, args))
     out["ratio"] = round(out["core_samples_per_s"] / out["plain_samples_per_s"], 3)

@@ -407,7 +407,9 @@ def test_discovery_containers_get_the_training_hardening(wd, monkeypatch):
     assert args["network_mode"] == "none" and args["read_only"] is True and args["privileged"] is False
     assert args["tmpfs"] == {"/tmp": "rw,nosuid,nodev,size=256m,mode=1777"}
     assert args["log_config"] == {"type": "json-file", "config": {"max-size": "8m", "max-file": "1"}}
-    assert args["labels"]["infra.purpose"] == "plugin-discovery" and args["labels"]["infra.workdir"] == workdir_identity(wd)
+    assert args["labels"]["infra.purpose"] == "plugin-discovery" and args["labels"][
+        "infra.workdir"
+    ] == workdir_identity(wd)
 
 
 # --- against the real engine ------------------------------------------------------------------------------------
@@ -592,7 +594,12 @@ def test_docker_discovery_is_hardened_and_plugin_output_stays_out(docker_client,
     uid = "10001" if os.geteuid() == 0 else str(os.getuid())
     gid = "10001" if os.geteuid() == 0 else str(os.getgid())
     assert probe == f"probe_uid{uid}_gid{gid}_cap0000000000000000_nnp1_pids4096_netlo_rootwriteno"
-    assert engine.find_containers(docker_client, {"infra.purpose": "plugin-discovery", "infra.workdir": workdir_identity(wd)}) == []
+    assert (
+        engine.find_containers(
+            docker_client, {"infra.purpose": "plugin-discovery", "infra.workdir": workdir_identity(wd)}
+        )
+        == []
+    )
 
 
 @pytest.mark.docker

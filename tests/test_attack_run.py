@@ -107,7 +107,9 @@ def test_planted_links_and_fifos_are_never_followed_by_readers(tmp_path):
         result = subprocess.run([*cli, *args], capture_output=True, text=True, env=env, timeout=60)
         assert result.returncode == 0, (args, result.stderr)
         assert "top-secret" not in result.stdout + result.stderr
-    status = json.loads(subprocess.run([*cli, "status", exp.id, "--json"], capture_output=True, text=True, env=env).stdout)
+    status = json.loads(
+        subprocess.run([*cli, "status", exp.id, "--json"], capture_output=True, text=True, env=env).stdout
+    )
     assert status["state"] == "succeeded" and "test" not in status
 
 
@@ -227,8 +229,10 @@ def test_same_experiment_id_in_two_workdirs_never_touches_the_other(base_image, 
     assert status_a["state"] == "running"  # B's run did not remove or finalise A's container
     (exp_a / "metrics" / ".gate-open").touch()
     wait_for(
-        lambda: json.loads(infra_as(run_user, "status", "attack-twin", "--json", workdir=wd_a).stdout)["state"]
-        == "succeeded",
+        lambda: (
+            json.loads(infra_as(run_user, "status", "attack-twin", "--json", workdir=wd_a).stdout)["state"]
+            == "succeeded"
+        ),
         300,
         "workdir A's run to finish",
     )

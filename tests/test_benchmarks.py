@@ -71,8 +71,12 @@ def test_bench_train_small(tmp_path):
 
 def test_bench_import_small(tmp_path):
     for shape in ("proteingym", "short"):
-        doc = json.loads(_run([str(REPO / "benchmarks/bench_import.py"), "--shape", shape, "--mb", "0.2",
-                               "--dir", str(tmp_path)], tmp_path))
+        doc = json.loads(
+            _run(
+                [str(REPO / "benchmarks/bench_import.py"), "--shape", shape, "--mb", "0.2", "--dir", str(tmp_path)],
+                tmp_path,
+            )
+        )
         assert doc["rows"] > 500 and doc["rows_per_second"] > 0 and doc["peak_rss_mb"] > 0, doc
 
 

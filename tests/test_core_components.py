@@ -87,7 +87,7 @@ def test_ridge_matches_the_normal_equations_and_picks_alpha_on_validation():
     x = torch.from_numpy(rng.normal(size=(300, 5, 2)))
     w_true = rng.normal(size=10)
     y = torch.from_numpy(x.flatten(1).numpy() @ w_true + 3.0 + rng.normal(scale=0.1, size=300))
-    chunks = lambda lo, hi: (lambda: [(x[i : min(i + 50, hi)], y[i : min(i + 50, hi)]) for i in range(lo, hi, 50)])  # noqa: E731
+    chunks = lambda lo, hi: lambda: [(x[i : min(i + 50, hi)], y[i : min(i + 50, hi)]) for i in range(lo, hi, 50)]  # noqa: E731
     weight, bias, mean = RidgeFit(alpha=2.0).fit(chunks(0, 200), None)
     xc = x[:200].flatten(1).numpy() - x[:200].flatten(1).numpy().mean(0)
     yc = y[:200].numpy() - y[:200].numpy().mean()
@@ -135,14 +135,18 @@ def test_ge_is_monotone_and_starts_at_the_ridge_fit():
         z = torch.linspace(-10, 10, 101)
         u = (z - model.loc) / model.scale
         sp = torch.nn.functional.softplus
-        g = model.loc + model.scale * (model.offset + sp(model.slope) * u
-                                       + (torch.tanh(sp(model.unit_gain) * u[:, None] + model.unit_shift)
-                                          * sp(model.unit_weight)).sum(-1))
+        g = model.loc + model.scale * (
+            model.offset
+            + sp(model.slope) * u
+            + (torch.tanh(sp(model.unit_gain) * u[:, None] + model.unit_shift) * sp(model.unit_weight)).sum(-1)
+        )
     assert (g.diff() > 0).all()  # increasing whatever the parameters
 
 
 def test_unknown_component_params_name_the_plan_key(vocab):
-    with pytest.raises(ParamError, match=r"model.params: model 'mlp' has no parameter 'hiden'; it takes: hidden, dropout"):
+    with pytest.raises(
+        ParamError, match=r"model.params: model 'mlp' has no parameter 'hiden'; it takes: hidden, dropout"
+    ):
         create_model("mlp", seq_len=2, in_dim=4, n_outputs=1, params={"hiden": [8]})
     with pytest.raises(ParamError, match=r"embeddings.params: embedding 'onehot' has no parameter 'scale'"):
         create_embedding("onehot", vocab, {"scale": 2})
@@ -173,7 +177,8 @@ def test_metrics_against_references():
 def _variants(n=100, mut_num=None, first_pos=None, frame=None):
     rng = np.random.default_rng(1)
     return SimpleNamespace(
-        ids=np.arange(1000, 1000 + n), mut_num=np.asarray(mut_num if mut_num is not None else rng.integers(1, 4, n)),
+        ids=np.arange(1000, 1000 + n),
+        mut_num=np.asarray(mut_num if mut_num is not None else rng.integers(1, 4, n)),
         first_pos=np.asarray(first_pos if first_pos is not None else rng.integers(1, 51, n)),
         frame=frame if frame is not None else pd.DataFrame({"id": np.arange(n)}),
     )
@@ -189,8 +194,9 @@ def test_random_and_kfold_splits():
     s = make_split(v, {"strategy": "random", "test_fraction": 0.2, "val_fraction": 0.1, "seed": 3})
     _check_partition(s, 100)
     assert (len(s["train"]), len(s["val"]), len(s["test"])) == (70, 10, 20)
-    assert all(np.array_equal(s[k], make_split(v, {"strategy": "random", "seed": 3, "test_fraction": 0.2})[k])
-               for k in s)  # seeded
+    assert all(
+        np.array_equal(s[k], make_split(v, {"strategy": "random", "seed": 3, "test_fraction": 0.2})[k]) for k in s
+    )  # seeded
     tests = [make_split(v, {"strategy": "random", "n_folds": 5, "fold": f})["test"] for f in range(5)]
     assert sorted(np.concatenate(tests).tolist()) == list(range(100))  # folds partition the data
 

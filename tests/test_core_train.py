@@ -103,7 +103,9 @@ def test_smoke_layout_and_resume(tmp_path, blat_db, capsys):
     assert main([str(plan2), "--exp-dir", str(exp)]) == 0
     epochs = [json.loads(line) for line in (exp / "metrics/metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
-    assert any(e.get("phase") == "resume" for e in map(json.loads, (exp / "logs" / "events.jsonl").read_text().splitlines()))
+    assert any(
+        e.get("phase") == "resume" for e in map(json.loads, (exp / "logs" / "events.jsonl").read_text().splitlines())
+    )
     # config/plan.json is written only once (the host's copy is authoritative)
     assert json.loads((exp / "config/plan.json").read_text())["train"]["max_epochs"] == 2
 

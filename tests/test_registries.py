@@ -20,8 +20,10 @@ from runner.core.vocab import VOCABS
 @pytest.fixture
 def clean_plugins():
     """Forget plugin modules and their registrations after each test."""
-    before = {kind: set(reg.names()) for kind, reg in
-              {"vocab": VOCABS, "embed": EMBEDDINGS, "model": MODELS, "metric": METRICS}.items()}
+    before = {
+        kind: set(reg.names())
+        for kind, reg in {"vocab": VOCABS, "embed": EMBEDDINGS, "model": MODELS, "metric": METRICS}.items()
+    }
     yield
     for name in [m for m in sys.modules if m == "infra_ext" or m.startswith("infra_ext.")]:
         del sys.modules[name]
@@ -54,14 +56,17 @@ MODEL_PLUGIN = """
 
 def test_plugins_load_into_namespace_and_register(tmp_path, clean_plugins):
     write(tmp_path / "model" / "pool.py", MODEL_PLUGIN)
-    write(tmp_path / "metrics" / "top.py", """
+    write(
+        tmp_path / "metrics" / "top.py",
+        """
         import numpy as np
         from runner.core.metrics import register_metric
 
         @register_metric("top1_hit")
         def top1_hit(y_true, y_pred):
             return float(np.argmax(y_pred) == np.argmax(y_true))
-    """)
+    """,
+    )
     write(tmp_path / "embed" / "_private.py", "raise RuntimeError('never imported')\n")
     modules = load_plugins(tmp_path)
     assert [m.__name__ for m in modules] == ["infra_ext.model.pool", "infra_ext.metrics.top"]
@@ -116,9 +121,16 @@ def test_plugin_model_trains_through_the_cli(tmp_path, clean_plugins):
     db = tmp_path / "blat.sqlite"
     build_demo_db(db)
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"name": "plug", "data": {"db": "ignored.sqlite", "limit": 300},
-                                "model": {"name": "mean_pool", "params": {"scale": 2.0}},
-                                "train": {"max_epochs": 1}}))
+    plan.write_text(
+        json.dumps(
+            {
+                "name": "plug",
+                "data": {"db": "ignored.sqlite", "limit": 300},
+                "model": {"name": "mean_pool", "params": {"scale": 2.0}},
+                "train": {"max_epochs": 1},
+            }
+        )
+    )
     assert main([str(plan), "--exp-dir", str(tmp_path / "exp"), "--workdir", str(workdir), "--db", str(db)]) == 0
     metrics = json.loads((tmp_path / "exp/metrics/metrics.json").read_text())
     assert metrics["n"]["selected"] == 300

@@ -145,7 +145,9 @@ def test_case(case: Path, base_image, run_user, case_root, docker_client):
         step["args"] = _fill(step["args"], names)
         started = time.monotonic()
         result = _infra(run_user, step["args"], workdir, case_root)
-        print(f"{case.name}: infra {' '.join(step['args'])} -> {result.returncode} ({time.monotonic() - started:.1f} s)")
+        print(
+            f"{case.name}: infra {' '.join(step['args'])} -> {result.returncode} ({time.monotonic() - started:.1f} s)"
+        )
         _check_step(step, result, names)
     assert _left_behind(docker_client, workdir) == []
 
@@ -157,7 +159,8 @@ def _left_behind(client, workdir: Path) -> list[str]:
     ids = {p.name for p in (workdir / "experiments").glob("*")} if (workdir / "experiments").exists() else set()
     found = client.api.containers(all=True, filters={"label": f"{LABEL_PURPOSE}=plugin-discovery"})
     found += [
-        c for c in client.api.containers(all=True, filters={"label": "infra.experiment_id"})
+        c
+        for c in client.api.containers(all=True, filters={"label": "infra.experiment_id"})
         if c["Labels"].get("infra.experiment_id") in ids
     ]
     return [c["Names"][0] for c in found]

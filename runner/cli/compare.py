@@ -14,8 +14,9 @@ def compare(
     ] = None,
     metric: Annotated[
         str,
-        typer.Option("--metric", help="Sort by this test metric (best first; lower first for mse/rmse/mae), "
-                     "or val.NAME."),
+        typer.Option(
+            "--metric", help="Sort by this test metric (best first; lower first for mse/rmse/mae), or val.NAME."
+        ),
     ] = "spearman",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
     workdir: WORKDIR_OPT = None,

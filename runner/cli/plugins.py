@@ -77,5 +77,7 @@ def check(json_out: JSON_OPT = False, backend: BACKEND_OPT = "docker", workdir: 
     plugins = found.plugins()
     if json_out:
         emit_json({"ok": True, "workdir": str(wd), "image": found.image, "plugins": plugins})
-    say(f"ok: {len(plugins)} plugin component(s) in {wd} load "
-        f"({', '.join(sorted({p['kind'] + ' ' + p['name'] for p in plugins})) or 'none'})")
+    say(
+        f"ok: {len(plugins)} plugin component(s) in {wd} load "
+        f"({', '.join(sorted({p['kind'] + ' ' + p['name'] for p in plugins})) or 'none'})"
+    )

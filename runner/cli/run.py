@@ -57,7 +57,7 @@ def run(
         typer.Option(
             "--sweep",
             help="Run a grid: KEY=V1,V2,... (values JSON, else strings; a value with a comma needs the JSON "
-            "list form KEY='[\"a,b\",\"c\"]'). Repeatable: the cartesian product, one experiment each.",
+            'list form KEY=\'["a,b","c"]\'). Repeatable: the cartesian product, one experiment each.',
         ),
     ] = None,
     submit: Annotated[
@@ -101,9 +101,20 @@ def run(
         from runner.cli.sweep import run_sweep_command
 
         run_sweep_command(
-            plan, sweeps, overrides or [], gpus=gpus, detach=detach, backend=backend, rerun=rerun,
-            stop_timeout=stop_timeout, events=events, json_out=json_out, workdir=_workdir(workdir),
-            submit=submit, redis_url=redis_url, queue=queue,
+            plan,
+            sweeps,
+            overrides or [],
+            gpus=gpus,
+            detach=detach,
+            backend=backend,
+            rerun=rerun,
+            stop_timeout=stop_timeout,
+            events=events,
+            json_out=json_out,
+            workdir=_workdir(workdir),
+            submit=submit,
+            redis_url=redis_url,
+            queue=queue,
         )
         return
     if submit:

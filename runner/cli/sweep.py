@@ -59,8 +59,10 @@ def run_sweep_command(
         reused = " (already succeeded, not rerun)" if result.reused else ""
         spearman = result.test.get("spearman")
         score = f", test spearman {spearman:.4f}" if isinstance(spearman, float) else ""
-        say(f"[{result.index}/{total}] {sweep.label(result.values)}: {result.experiment_id or '-'} "
-            f"{result.state}{reused}{score}")
+        say(
+            f"[{result.index}/{total}] {sweep.label(result.values)}: {result.experiment_id or '-'} "
+            f"{result.state}{reused}{score}"
+        )
         if result.message and result.state != "succeeded":
             say(f"  {result.message}")
 

@@ -8,5 +8,10 @@ from runner.core.registry import Registry
 
 def registries() -> dict[str, Registry]:
     """The five registries by kind name."""
-    return {"vocab": vocab.VOCABS, "embedding": embeddings.EMBEDDINGS, "model": models.MODELS,
-            "metric": metrics.METRICS, "split": splits.SPLITS}
+    return {
+        "vocab": vocab.VOCABS,
+        "embedding": embeddings.EMBEDDINGS,
+        "model": models.MODELS,
+        "metric": metrics.METRICS,
+        "split": splits.SPLITS,
+    }

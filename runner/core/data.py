@@ -326,8 +326,9 @@ def _fetch_arrow(adbc, uri: str, sql: str, params: list[Any], id_range: tuple[in
         return cur.fetch_arrow_table()
 
 
-def _read_columns_arrow(path: Path, sql: str, params: list[Any], extras: list[str],
-                        parts: list[tuple[int, int]] | None = None):
+def _read_columns_arrow(
+    path: Path, sql: str, params: list[Any], extras: list[str], parts: list[tuple[int, int]] | None = None
+):
     """Fastest path: the selection as Arrow through the ADBC SQLite driver (a C reader that builds
     columns without a Python object per row; about 3x the aggregate read on 1 M rows). With
     `parts` (see `read_parts`) each id range is read by its own connection in a thread — the driver
@@ -467,7 +468,11 @@ def load_variants(
                 f"data.dataset: {', '.join(map(repr, unknown))} not in {path}; sources there: {', '.join(sorted(known)) or 'none'}"
             )
         try:
-            columns = _read_columns_arrow(path, sql, params, extras, read_parts(conn, data, layout)) if aggregate_read else None
+            columns = (
+                _read_columns_arrow(path, sql, params, extras, read_parts(conn, data, layout))
+                if aggregate_read
+                else None
+            )
             if columns is None:
                 columns = _read_columns(conn, sql, params, extras, aggregate=aggregate_read)
         except sqlite3.Error as exc:
@@ -515,8 +520,7 @@ def load_variants(
     if orphans:
         first = int(ids[np.flatnonzero(source_ids == orphans[0])[0]])
         raise DataError(
-            f"data: row id {first} of {path} refers to source {orphans[0]}, which is not in sources; "
-            "re-import the data"
+            f"data: row id {first} of {path} refers to source {orphans[0]}, which is not in sources; re-import the data"
         )
     source_names = [by_id[int(s)][0] for s in used]
     templates = [by_id[int(s)][1] for s in used]

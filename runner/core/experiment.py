@@ -126,8 +126,14 @@ def _drop_file_logging(handler: logging.Handler) -> None:
     handler.close()
 
 
-def run_experiment(plan: dict, exp_dir: str | Path, db_path: str | Path | None = None,
-                   workdir: str | Path | None = None, stop=None, limit_batches: int | None = None) -> dict:
+def run_experiment(
+    plan: dict,
+    exp_dir: str | Path,
+    db_path: str | Path | None = None,
+    workdir: str | Path | None = None,
+    stop=None,
+    limit_batches: int | None = None,
+) -> dict:
     """Run the resolved `plan` into `exp_dir`; return metrics.json's document.
 
     `db_path` overrides `data.db`; `workdir` holds the plugin folders; `stop` is a
@@ -175,11 +181,16 @@ def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     for name in plan.get("metrics", []):
         METRICS.get(name)  # unknown metric: fail before the expensive part
     # so are unknown model / embedding names and parameters
-    MODELS.check_params(plan["model"]["name"], dict(plan["model"].get("params") or {}), "model.params",
-                        fixed=("seq_len", "in_dim", "n_outputs"))
+    MODELS.check_params(
+        plan["model"]["name"],
+        dict(plan["model"].get("params") or {}),
+        "model.params",
+        fixed=("seq_len", "in_dim", "n_outputs"),
+    )
     embedding = plan.get("embeddings") or {}
-    EMBEDDINGS.check_params(embedding.get("name", "onehot"), dict(embedding.get("params") or {}), "embeddings.params",
-                            fixed=("vocab",))
+    EMBEDDINGS.check_params(
+        embedding.get("name", "onehot"), dict(embedding.get("params") or {}), "embeddings.params", fixed=("vocab",)
+    )
 
     started = time.perf_counter()
     variants = load_variants(plan, db_path=db_path)
@@ -187,7 +198,9 @@ def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     buf = io.BytesIO()
     variants.frame.to_parquet(buf, index=False)
     layout.write_bytes("data/selected.parquet", buf.getvalue())
-    log.info("selected %d variants (dropped %s) in %.2fs", len(variants), variants.dropped, time.perf_counter() - started)
+    log.info(
+        "selected %d variants (dropped %s) in %.2fs", len(variants), variants.dropped, time.perf_counter() - started
+    )
 
     split_spec = dict(plan.get("split") or {})
     split = make_split(variants, split_spec)
@@ -217,18 +230,25 @@ def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
         return pred if classification else transform.inverse(pred)
 
     module = VariantModule(
-        model_name=plan["model"]["name"], model_params=dict(plan["model"].get("params") or {}),
+        model_name=plan["model"]["name"],
+        model_params=dict(plan["model"].get("params") or {}),
         embedding_name=plan.get("embeddings", {}).get("name", "onehot"),
         embedding_params=dict(plan.get("embeddings", {}).get("params") or {}),
-        vocab_name=plan.get("vocab", {}).get("name", "IUPAC"), vocab_params=dict(plan.get("vocab", {}).get("params") or {}),
-        seq_len=int(variants.tokens.shape[1]), task="classification" if classification else "regression",
-        n_outputs=n_outputs, lr=float(train.get("lr", 1e-3)), weight_decay=float(train.get("weight_decay", 0.0)),
+        vocab_name=plan.get("vocab", {}).get("name", "IUPAC"),
+        vocab_params=dict(plan.get("vocab", {}).get("params") or {}),
+        seq_len=int(variants.tokens.shape[1]),
+        task="classification" if classification else "regression",
+        n_outputs=n_outputs,
+        lr=float(train.get("lr", 1e-3)),
+        weight_decay=float(train.get("weight_decay", 0.0)),
         optimizer=train.get("optimizer", "adamw"),
     )
     module.val_metrics_fn = lambda y, p: compute_metrics(
-        metric_names, y if classification else transform.inverse(y), to_scores(p))
-    datamodule = VariantDataModule(variants.tokens, y_train_scale, split, int(train.get("batch_size", 256)),
-                                   seed=int(train.get("seed", 0)))
+        metric_names, y if classification else transform.inverse(y), to_scores(p)
+    )
+    datamodule = VariantDataModule(
+        variants.tokens, y_train_scale, split, int(train.get("batch_size", 256)), seed=int(train.get("seed", 0))
+    )
     epochs: list[dict] = []
 
     def on_epoch(record: dict) -> None:
@@ -242,8 +262,14 @@ def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     callbacks = [EpochReporter(on_epoch), NonFiniteGuard()]
     if stop is not None:
         callbacks.append(stop.callback())
-    trainer = build_trainer(train, layout.path("ckpts"), has_val=sizes["val"] > 0, callbacks=callbacks,
-                            limit_batches=limit_batches, task="classification" if classification else "regression")
+    trainer = build_trainer(
+        train,
+        layout.path("ckpts"),
+        has_val=sizes["val"] > 0,
+        callbacks=callbacks,
+        limit_batches=limit_batches,
+        task="classification" if classification else "regression",
+    )
     last = layout.path("ckpts/last.ckpt")
     resume = str(last) if last.exists() else None
     if resume:
@@ -285,8 +311,9 @@ def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
 
     _write_artifacts(layout, plan, module, variants, split, y_all, pred_all, transform)
     try:
-        _write_plots(layout, epochs, variants, split, y_all, pred_all, result, data.get("target", "DMS_score"), plots,
-                     METRICS)
+        _write_plots(
+            layout, epochs, variants, split, y_all, pred_all, result, data.get("target", "DMS_score"), plots, METRICS
+        )
     except Exception:  # a plot must never fail a finished training run
         log.exception("writing plots failed")
     layout.event("progress", phase="done", test=result["test"], training_seconds=result["training_seconds"])
@@ -323,10 +350,17 @@ def _write_artifacts(layout: Layout, plan, module, variants, split, y_all, pred_
 
     hp = dict(module.hparams)
     buf = io.BytesIO()
-    torch.save({"model_name": hp["model_name"], "model_params": hp["model_params"], "hparams": hp,
-                "embedding": {"name": hp["embedding_name"], "params": hp["embedding_params"]},
-                "transform": transform.state(),
-                "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}, buf)
+    torch.save(
+        {
+            "model_name": hp["model_name"],
+            "model_params": hp["model_params"],
+            "hparams": hp,
+            "embedding": {"name": hp["embedding_name"], "params": hp["embedding_params"]},
+            "transform": transform.state(),
+            "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        },
+        buf,
+    )
     layout.write_bytes("artifacts/model.pth", buf.getvalue())
 
     arrays = {}
@@ -341,14 +375,16 @@ def _write_artifacts(layout: Layout, plan, module, variants, split, y_all, pred_
     layout.write_bytes("artifacts/labels.npz", buf.getvalue())
 
     in_split = np.array([s is not None for s in split_col])
-    frame = pd.DataFrame({
-        "id": np.asarray(variants.ids)[in_split],
-        "mutant": variants.frame["mutant"].to_numpy()[in_split],
-        "mut_num": np.asarray(variants.mut_num)[in_split],
-        "split": split_col[in_split].astype(str),
-        "y_true": y_all[in_split],
-        "y_pred": pred_all[in_split],
-    })
+    frame = pd.DataFrame(
+        {
+            "id": np.asarray(variants.ids)[in_split],
+            "mutant": variants.frame["mutant"].to_numpy()[in_split],
+            "mut_num": np.asarray(variants.mut_num)[in_split],
+            "split": split_col[in_split].astype(str),
+            "y_true": y_all[in_split],
+            "y_pred": pred_all[in_split],
+        }
+    )
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False)
     layout.write_bytes("artifacts/predictions.parquet", buf.getvalue())
@@ -362,8 +398,10 @@ def _write_plots(layout, epochs, variants, split, y_all, pred_all, result, targe
     history = {r["epoch"]: r for r in map(json.loads, filter(None, lines))}
     plots.learning_curves([history[k] for k in sorted(history)] or epochs, vis / "learning_curves.png", write)
     test = split["test"]
-    plots.predicted_vs_measured(y_all[test], pred_all[test], result["test"].get("spearman"), target,
-                                vis / "predicted_vs_measured.png", write)
+    plots.predicted_vs_measured(
+        y_all[test], pred_all[test], result["test"].get("spearman"), target, vis / "predicted_vs_measured.png", write
+    )
     spearman = metrics.get("spearman")
-    plots.per_mut_num(np.asarray(variants.mut_num)[test], y_all[test], pred_all[test], spearman,
-                      vis / "per_mut_num.png", write)
+    plots.per_mut_num(
+        np.asarray(variants.mut_num)[test], y_all[test], pred_all[test], spearman, vis / "per_mut_num.png", write
+    )

@@ -43,8 +43,9 @@ def learning_curves(epochs: list[dict], path: Path, write) -> None:
     _save(plt, fig, path, write)
 
 
-def predicted_vs_measured(y_true: np.ndarray, y_pred: np.ndarray, spearman: float | None, target: str, path: Path,
-                          write) -> None:
+def predicted_vs_measured(
+    y_true: np.ndarray, y_pred: np.ndarray, spearman: float | None, target: str, path: Path, write
+) -> None:
     """Scatter of test predictions against measurements, the test Spearman in the title."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -56,8 +57,9 @@ def predicted_vs_measured(y_true: np.ndarray, y_pred: np.ndarray, spearman: floa
     _save(plt, fig, path, write)
 
 
-def per_mut_num(mut_num: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, metric: Callable, path: Path,
-                write) -> None:
+def per_mut_num(
+    mut_num: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, metric: Callable, path: Path, write
+) -> None:
     """Test Spearman per number of mutations (bar labels give the count of variants)."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -71,8 +73,9 @@ def per_mut_num(mut_num: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, met
         counts.append(int(sel.sum()))
     bars = ax.bar([str(int(v)) for v in levels], values)
     for bar, count in zip(bars, counts, strict=False):
-        ax.annotate(f"n={count}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                    fontsize=8)
+        ax.annotate(
+            f"n={count}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
+        )
     ax.set_xlabel("mutations per variant")
     ax.set_ylabel("test Spearman")
     ax.set_title("Test Spearman by number of mutations")

@@ -81,8 +81,11 @@ class Registry(Generic[T]):
             sig = inspect.signature(self.get(name))
         except (TypeError, ValueError):  # builtins without a signature: let the call decide
             return
-        accepted = [p.name for p in sig.parameters.values()
-                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in fixed and p.name != "self"]
+        accepted = [
+            p.name
+            for p in sig.parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in fixed and p.name != "self"
+        ]
         if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
             return
         unknown = [k for k in params if k not in accepted]

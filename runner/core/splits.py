@@ -117,7 +117,9 @@ def column_split(variants, spec: dict) -> dict[str, np.ndarray]:
         raise _plan_error("column", "strategy 'column' needs split.column (a column of the mutations table)")
     frame = variants.frame
     if column not in frame.columns:
-        raise DataError(f"split column {column!r} is not in the selected data; columns: {', '.join(map(str, frame.columns))}")
+        raise DataError(
+            f"split column {column!r} is not in the selected data; columns: {', '.join(map(str, frame.columns))}"
+        )
     values = frame[column]
     if values.dtype.kind in "iuf":
         if values.isna().any():
@@ -156,5 +158,9 @@ def write_split(directory: Path, variants, split: dict[str, np.ndarray], spec: d
         buf = io.BytesIO()
         np.save(buf, np.asarray(variants.ids)[split[key]].astype(np.int64))
         atomic_write(directory / f"{key}.npy", buf.getvalue())
-    info = {"spec": spec, "sizes": {key: int(len(split[key])) for key in SPLIT_NAMES}, "ids": "splits/<name>.npy (mutations.id)"}
+    info = {
+        "spec": spec,
+        "sizes": {key: int(len(split[key])) for key in SPLIT_NAMES},
+        "ids": "splits/<name>.npy (mutations.id)",
+    }
     atomic_write(directory / "split.json", (json.dumps(info, indent=2) + "\n").encode())

@@ -45,9 +45,18 @@ warnings.filterwarnings("ignore", message=r".*training_step.*returned `None`.*")
 class TokenBatches(torch.utils.data.IterableDataset):
     """Batches `(tokens[idx], target[idx])` by index slicing; reshuffled each epoch from `seed + epoch`."""
 
-    def __init__(self, tokens: torch.Tensor, target: torch.Tensor, index: torch.Tensor, batch_size: int,
-                 shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 epoch_fn: Callable[[], int] | None = None):
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        target: torch.Tensor,
+        index: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch_fn: Callable[[], int] | None = None,
+    ):
         self.tokens, self.target, self.index = tokens, target, index
         self.epoch_fn = epoch_fn  # the trainer's epoch, so a resumed run reshuffles exactly as before
         self.batch_size, self.shuffle, self.seed = int(batch_size), shuffle, int(seed)
@@ -76,8 +85,15 @@ class TokenBatches(torch.utils.data.IterableDataset):
 class VariantDataModule(L.LightningDataModule):
     """Tokens, training targets and split indices; `setup` places them on the trainer's device."""
 
-    def __init__(self, tokens: np.ndarray, target: np.ndarray, split: dict[str, np.ndarray], batch_size: int,
-                 seed: int = 0, eval_batch_size: int | None = None):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        target: np.ndarray,
+        split: dict[str, np.ndarray],
+        batch_size: int,
+        seed: int = 0,
+        eval_batch_size: int | None = None,
+    ):
         super().__init__()
         self._tokens, self._target, self._split = tokens, target, split
         self.batch_size = int(batch_size)
@@ -96,8 +112,17 @@ class VariantDataModule(L.LightningDataModule):
         self.index = {k: torch.from_numpy(np.asarray(v, dtype=np.int64)).to(device) for k, v in self._split.items()}
         self.index["all"] = torch.arange(len(self._tokens), device=device)
         epoch_fn = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
-        self._train = TokenBatches(self.tokens, self.target, self.index["train"], self.batch_size, True, self.seed,
-                                   self.rank, self.world_size, epoch_fn)
+        self._train = TokenBatches(
+            self.tokens,
+            self.target,
+            self.index["train"],
+            self.batch_size,
+            True,
+            self.seed,
+            self.rank,
+            self.world_size,
+            epoch_fn,
+        )
 
     def _loader(self, batches: TokenBatches) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=0)
@@ -121,9 +146,21 @@ class VariantDataModule(L.LightningDataModule):
 class VariantModule(L.LightningModule):
     """Embedding + `ProteinModel`; MSE (regression) or cross-entropy (classification) in one shared step."""
 
-    def __init__(self, model_name: str, model_params: dict, embedding_name: str, embedding_params: dict,
-                 vocab_name: str, vocab_params: dict, seq_len: int, task: str = "regression", n_outputs: int = 1,
-                 lr: float = 1e-3, weight_decay: float = 0.0, optimizer: str = "adamw"):
+    def __init__(
+        self,
+        model_name: str,
+        model_params: dict,
+        embedding_name: str,
+        embedding_params: dict,
+        vocab_name: str,
+        vocab_params: dict,
+        seq_len: int,
+        task: str = "regression",
+        n_outputs: int = 1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        optimizer: str = "adamw",
+    ):
         super().__init__()
         self.save_hyperparameters()
         vocab = get_vocab_processor(vocab_name, **(vocab_params or {}))
@@ -296,8 +333,12 @@ class EpochReporter(Callback):
             return
         # callbacks run before the module's own hook: close the epoch here so the record is complete
         pl_module.close_train_epoch()
-        record = {"epoch": int(trainer.current_epoch), "step": int(trainer.global_step),
-                  "seconds": round(time.perf_counter() - self._t0, 4), **pl_module.epoch_record}
+        record = {
+            "epoch": int(trainer.current_epoch),
+            "step": int(trainer.global_step),
+            "seconds": round(time.perf_counter() - self._t0, 4),
+            **pl_module.epoch_record,
+        }
         self.sink(record)
 
 
@@ -358,8 +399,14 @@ def monitored(task: str, has_val: bool) -> tuple[str, str]:
     return ("val_loss", "min") if task == "classification" else ("val_spearman", "max")
 
 
-def build_trainer(train: dict, ckpt_dir: Path, has_val: bool, callbacks: list[Callback],
-                  limit_batches: int | None = None, task: str = "regression") -> L.Trainer:
+def build_trainer(
+    train: dict,
+    ckpt_dir: Path,
+    has_val: bool,
+    callbacks: list[Callback],
+    limit_batches: int | None = None,
+    task: str = "regression",
+) -> L.Trainer:
     """A Trainer from the plan's `train` section: checkpoints, early stopping, precision, devices."""
     accelerator = train.get("accelerator", "auto")
     if accelerator == "auto":
@@ -368,12 +415,14 @@ def build_trainer(train: dict, ckpt_dir: Path, has_val: bool, callbacks: list[Ca
     # one device unless the plan asks for more: the data set is small enough to live on one GPU
     devices = 1 if devices == "auto" else int(devices)
     monitor, mode = monitored(task, has_val)
-    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=monitor, mode=mode, save_top_k=1,
-                                 enable_version_counter=False)
+    checkpoint = ModelCheckpoint(
+        dirpath=str(ckpt_dir), filename="best", monitor=monitor, mode=mode, save_top_k=1, enable_version_counter=False
+    )
     # last.ckpt from its own callback, every epoch: ModelCheckpoint's save_last refreshed it only when
     # best.ckpt changed, so a run whose final epoch was not its best resumed one epoch back
-    latest = ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1,
-                             enable_version_counter=False)
+    latest = ModelCheckpoint(
+        dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1, enable_version_counter=False
+    )
     callbacks = [checkpoint, latest, *callbacks]
     patience = int(train.get("early_stopping_patience", 5))
     if patience > 0:
@@ -387,11 +436,20 @@ def build_trainer(train: dict, ckpt_dir: Path, has_val: bool, callbacks: list[Ca
     if not has_val:
         kwargs["limit_val_batches"] = 0
     return L.Trainer(
-        accelerator=accelerator, devices=devices, precision=resolve_precision(str(train.get("precision", "auto")), accelerator),
-        max_epochs=int(train.get("max_epochs", 30)), callbacks=callbacks, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        gradient_clip_val=train.get("gradient_clip_val"), deterministic=bool(train.get("deterministic", False)),
-        plugins=[AtomicCheckpointIO()], default_root_dir=str(ckpt_dir.parent), **kwargs,
+        accelerator=accelerator,
+        devices=devices,
+        precision=resolve_precision(str(train.get("precision", "auto")), accelerator),
+        max_epochs=int(train.get("max_epochs", 30)),
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        gradient_clip_val=train.get("gradient_clip_val"),
+        deterministic=bool(train.get("deterministic", False)),
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(ckpt_dir.parent),
+        **kwargs,
     )
 
 
@@ -458,8 +516,13 @@ class GracefulStop:
         return _StopCheck()
 
 
-def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: str | None,
-        stop: GracefulStop | None) -> None:
+def fit(
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    ckpt_path: str | None,
+    stop: GracefulStop | None,
+) -> None:
     """`trainer.fit`, treating Lightning's own SIGTERM exit as the graceful stop we asked for."""
     if stop is not None:
         stop.trainer = trainer

@@ -19,7 +19,9 @@ class TargetTransform:
 
     def __init__(self, name: str = "none", log_offset: float | None = None):
         if name not in NAMES:
-            raise PlanError("plan", [PlanIssue("data.transform", f"unknown transform {name!r}; use one of {', '.join(NAMES)}")])
+            raise PlanError(
+                "plan", [PlanIssue("data.transform", f"unknown transform {name!r}; use one of {', '.join(NAMES)}")]
+            )
         self.name = name
         self.log_offset = log_offset
         self.params: dict[str, float] = {}

@@ -18,6 +18,7 @@ STDIN = "-"
 # Below these keys the user's dictionaries are passed to factories as they are: no dotted expansion.
 OPAQUE_KEYS = {"params"}
 
+
 def read_plan_text(source: str) -> tuple[str, str, Path]:
     """Return (text, display name, folder relative paths resolve against) for a file path or '-'."""
     if source == STDIN:
@@ -33,7 +34,9 @@ def read_plan_text(source: str) -> tuple[str, str, Path]:
         raise UsageError(f"plan file {source} cannot be read: {exc}") from None
     return text, source, path.resolve().parent
 
+
 MAX_DEPTH = 64  # deeper JSON is refused: nothing in a plan nests like that, and deep nesting exhausts the stack
+
 
 def _loads(text: str) -> tuple[Any, dict[int, list[str]]]:
     """json.loads that also returns the keys each object repeated (by id of the object).
@@ -52,6 +55,7 @@ def _loads(text: str) -> tuple[Any, dict[int, list[str]]]:
         return obj
 
     return json.loads(text, object_pairs_hook=pairs), repeated
+
 
 def value_issues(doc: Any, repeated: dict[int, list[str]] | None = None, prefix: str = "") -> list[PlanIssue]:
     """Repeated keys, NaN/Infinity (also 1e999, which JSON parsers turn into Infinity) and nesting
@@ -81,6 +85,7 @@ def value_issues(doc: Any, repeated: dict[int, list[str]] | None = None, prefix:
             stack.extend((v, p, depth + 1) for v, p in reversed(children))
     return issues
 
+
 def parse_json(text: str, source: str) -> dict[str, Any]:
     """The plan document of `text`, or a PlanError: not JSON, not an object, repeated keys, NaN or
     Infinity, nesting deeper than MAX_DEPTH."""
@@ -100,6 +105,7 @@ def parse_json(text: str, source: str) -> dict[str, Any]:
     if issues:
         raise PlanError(source, issues)
     return doc
+
 
 def expand_dotted(doc: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], list[PlanIssue]]:
     """Expand {"train.lr": 1} into {"train": {"lr": 1}} at every level except below OPAQUE_KEYS."""
@@ -142,6 +148,7 @@ def expand_dotted(doc: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any]
         target[leaf] = value
     return out, issues
 
+
 def parse_override(item: str) -> tuple[str, Any]:
     """Parse one `--set key=value`: the value is JSON when it parses, else the literal string."""
     key, sep, raw = item.partition("=")
@@ -159,11 +166,13 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise UsageError(f"--set {issues[0]}")
     return key, value
 
+
 def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `--set` items in order; later ones win. Intermediate objects are created as needed."""
     for item in overrides:
         set_key(doc, *parse_override(item), flag="--set")
     return doc
+
 
 def set_key(doc: dict[str, Any], key: str, value: Any, flag: str = "--set") -> None:
     """Set a dotted `key` to an already-parsed `value`, creating intermediate objects."""
@@ -177,8 +186,10 @@ def set_key(doc: dict[str, Any], key: str, value: Any, flag: str = "--set") -> N
         target = nxt
     target[parts[-1]] = value
 
+
 def _is_scalar(value: Any) -> bool:
     return isinstance(value, str | int | float | bool)
+
 
 def _json_type(value: Any) -> str:
     if isinstance(value, bool):

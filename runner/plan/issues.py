@@ -36,6 +36,7 @@ PATTERN_RULES = {
     SIZE_PATTERN: "must be a size like '512m' or '2g'",
 }
 
+
 def _model_in(annotation: Any) -> type[BaseModel] | None:
     """The BaseModel class inside an annotation (X, list[X], X | None, Annotated[X, ...]) if any."""
     origin = typing.get_origin(annotation)
@@ -49,6 +50,7 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
             if found:
                 return found
     return None
+
 
 def _clean_loc(loc: tuple) -> tuple[str, type[BaseModel] | None, str | None]:
     """Turn a pydantic loc into 'a.b[0].c', dropping union-member tags; also return the model at the end."""
@@ -67,6 +69,7 @@ def _clean_loc(loc: tuple) -> tuple[str, type[BaseModel] | None, str | None]:
             path = f"{path}.{item}"
         # anything else is a union tag such as 'constrained-str' or 'list[...]'
     return path, model, last_field
+
 
 def _issues_from_pydantic(exc: ValidationError) -> list[PlanIssue]:
     issues: list[PlanIssue] = []
@@ -91,6 +94,7 @@ def _issues_from_pydantic(exc: ValidationError) -> list[PlanIssue]:
             seen.add(str(issue))
             issues.append(issue)
     return issues
+
 
 def _message(err: dict) -> str:
     kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")

@@ -145,9 +145,7 @@ class TrainSpec(Strict):
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed", "64"] = Field(
         default="auto", description="auto: bf16-mixed on a GPU that supports it, else 32"
     )
-    weight_decay: Annotated[float, Field(ge=0)] = Field(
-        default=0.0, description="optimizer weight decay (L2)"
-    )
+    weight_decay: Annotated[float, Field(ge=0)] = Field(default=0.0, description="optimizer weight decay (L2)")
     early_stopping_patience: Annotated[int, Field(ge=0, le=100_000), INTEGRAL] = Field(
         default=5, description="epochs without val improvement; 0 disables early stopping"
     )
@@ -163,10 +161,8 @@ class TrainSpec(Strict):
 
 
 class ResourcesSpec(Strict):
-    gpus: Annotated[str, Field(pattern=GPU_LIST_PATTERN)] | Annotated[
-        int, Field(ge=0, le=MAX_DEVICES), INTEGRAL
-    ] = Field(
-        default="none", description='"all", a count, a device list "0,2", or "none"; --gpus overrides it'
+    gpus: Annotated[str, Field(pattern=GPU_LIST_PATTERN)] | Annotated[int, Field(ge=0, le=MAX_DEVICES), INTEGRAL] = (
+        Field(default="none", description='"all", a count, a device list "0,2", or "none"; --gpus overrides it')
     )
     shm_size: Annotated[str, Field(pattern=SIZE_PATTERN)] = Field(default="1g", description="container /dev/shm size")
     memory: Annotated[str, Field(pattern=SIZE_PATTERN)] | None = Field(

@@ -204,4 +204,3 @@ def execute_plan(plan: dict) -> dict:
         "run_seconds": round(run_seconds, 3),  # inside runner.run.launch.run: what `infra run` would spend
         **metrics_summary(outcome.exp_dir),
     }
-

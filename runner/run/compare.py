@@ -128,7 +128,16 @@ def table(rows: list[dict], metric: str = "spearman") -> str:
     for r in rows:
         val_split = "val" if split == "test" else split
         body.append(
-            [r["experiment_id"], r["state"], r["model"], r["embedding"], *[r["test"].get(m) for m in shown],
-             r[val_split].get(name), r["n"].get("train"), r["n"].get("test"), r["training_seconds"]]
+            [
+                r["experiment_id"],
+                r["state"],
+                r["model"],
+                r["embedding"],
+                *[r["test"].get(m) for m in shown],
+                r[val_split].get(name),
+                r["n"].get("train"),
+                r["n"].get("test"),
+                r["training_seconds"],
+            ]
         )
     return render_table(headers, body)

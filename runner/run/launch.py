@@ -171,7 +171,9 @@ def dry_run(loaded: LoadedPlan, workdir: Path, opts: RunOptions) -> dict:
         doc["image"] = image
         doc["image_exists"] = bool(plugin.get("exists"))
         if image is None:
-            doc["note"] = f"base image {images['base']['tag']} is missing: 'infra run' builds it first (or 'infra build --base')"
+            doc["note"] = (
+                f"base image {images['base']['tag']} is missing: 'infra run' builds it first (or 'infra build --base')"
+            )
     else:
         image_hash = local_image_hash(workdir)
     exp_id = derive_experiment_id(resolved, image_hash) if image_hash else resolved.get("experiment_id")
@@ -269,7 +271,9 @@ def follow(exp: Experiment, backend, opts: RunOptions, attached: bool = False) -
     from runner.run.logs import tail_text
 
     tail = tail_text(exp, 20)
-    reason = next((line.split(CORE_ERROR, 1)[1].strip() for line in reversed(tail.splitlines()) if CORE_ERROR in line), None)
+    reason = next(
+        (line.split(CORE_ERROR, 1)[1].strip() for line in reversed(tail.splitlines()) if CORE_ERROR in line), None
+    )
     raise _with_record(
         ExperimentFailed(
             f"experiment {exp.id} {record['state']} (exit code {record.get('exit_code')}): "

@@ -259,7 +259,11 @@ def all_experiments(workdir: Path) -> list[Experiment]:
     if not root.is_dir():
         return []
     return sorted(
-        (Experiment(p) for p in root.iterdir() if p.is_dir() and not p.is_symlink() and os.path.lexists(p / STATUS_FILE)),
+        (
+            Experiment(p)
+            for p in root.iterdir()
+            if p.is_dir() and not p.is_symlink() and os.path.lexists(p / STATUS_FILE)
+        ),
         key=lambda e: e.id,
     )
 
@@ -273,6 +277,8 @@ def metrics_summary(exp_dir: Path) -> dict:
         value = metrics.get(key)
         if isinstance(value, dict):
             out[key] = {
-                str(k)[:64]: v for k, v in value.items() if isinstance(v, int | float | None) and not isinstance(v, bool)
+                str(k)[:64]: v
+                for k, v in value.items()
+                if isinstance(v, int | float | None) and not isinstance(v, bool)
             }
     return out

@@ -127,7 +127,7 @@ def database_mounts(db: Path) -> tuple[Mount, ...]:
     mounts = [Mount(str(db), target, True)]
     side = [Path(f"{db}-wal"), Path(f"{db}-shm")]
     if all(p.is_file() and not p.is_symlink() for p in side):
-        mounts += [Mount(str(p), f"{target}{p.name[len(db.name):]}", True) for p in side]
+        mounts += [Mount(str(p), f"{target}{p.name[len(db.name) :]}", True) for p in side]
     return tuple(mounts)
 
 

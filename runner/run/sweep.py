@@ -127,9 +127,7 @@ def load_points(source: str, text: str | None, overrides: list[str], points: lis
     loaded = []
     for i, point in enumerate(points, 1):
         try:
-            loaded.append(
-                load_plan_document(doc, name, workdir, base_dir=base_dir, overrides=overrides, values=point)
-            )
+            loaded.append(load_plan_document(doc, name, workdir, base_dir=base_dir, overrides=overrides, values=point))
         except PlanError as exc:
             raise PlanError(f"{exc.source} (sweep point {i}: {label(point)})", exc.issues) from None
     return loaded
@@ -166,7 +164,11 @@ def run_sweep(
             on_done(result, len(results))
             return results, exc.exit_code
         _from_record(result, outcome.record, EXIT_OK, None)
-        result.experiment_id, result.exp_dir, result.reused = outcome.experiment_id, str(outcome.exp_dir), outcome.reused
+        result.experiment_id, result.exp_dir, result.reused = (
+            outcome.experiment_id,
+            str(outcome.exp_dir),
+            outcome.reused,
+        )
         _add_metrics(result)
         on_done(result, len(results))
     return results, code
@@ -210,8 +212,13 @@ def summary_table(results: list[PointResult], keys: list[str]) -> str:
     names = names[:4]
     headers = ["#", *keys, "experiment", "state", *[f"test.{m}" for m in names]]
     rows = [
-        [r.index, *[show(r.values[k]) for k in keys], r.experiment_id,
-         r.state + (" (reused)" if r.reused else ""), *[r.test.get(m) for m in names]]
+        [
+            r.index,
+            *[show(r.values[k]) for k in keys],
+            r.experiment_id,
+            r.state + (" (reused)" if r.reused else ""),
+            *[r.test.get(m) for m in names],
+        ]
         for r in results
     ]
     return render_table(headers, rows)

@@ -41,7 +41,9 @@ def _attack(cfg):
     report["no_new_privs"] = next(line.split()[1] for line in status.splitlines() if line.startswith("NoNewPrivs"))
     report["exp_entries"] = sorted(os.listdir(EXP))
     report["data_entries"] = sorted(os.listdir("/data"))
-    report["docker_sock"] = any(os.path.exists(p) for p in ("/run/docker.sock", "/var/run/docker.sock", "/data/docker.sock"))
+    report["docker_sock"] = any(
+        os.path.exists(p) for p in ("/run/docker.sock", "/var/run/docker.sock", "/data/docker.sock")
+    )
     report["write_status"] = _try(lambda: _write(f"{EXP}/status.json"))
     report["write_events"] = _try(lambda: _write(f"{EXP}/events.jsonl"))
     report["write_container_log"] = _try(lambda: _write(f"{EXP}/container.log"))
@@ -52,12 +54,14 @@ def _attack(cfg):
     for fifo in cfg.get("fifos", []):
         report[f"fifo {fifo}"] = _try(lambda fifo=fifo: os.mkfifo(f"{EXP}/{fifo}"))
     if cfg.get("setuid"):
+
         def setuid_copy():
             path = f"{EXP}/artifacts/suid-sh"
             with open("/bin/sh", "rb") as src, open(path, "wb") as dst:
                 dst.write(src.read())
             os.chmod(path, 0o6755)
             return oct(stat.S_IMODE(os.stat(path).st_mode))
+
         report["setuid"] = _try(setuid_copy)
         report["chown_root"] = _try(lambda: os.chown(f"{EXP}/artifacts/suid-sh", 0, 0))
     with open(f"{EXP}/artifacts/attack.json", "w") as fh:
