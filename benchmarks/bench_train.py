@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from runner.core.training import VariantDataModule, VariantModule, build_trainer  # noqa: E402
+from runner.plan.models import TrainSpec  # noqa: E402
 
 L_SEQ = 56
 
@@ -87,13 +88,13 @@ def core(tokens, target, args) -> float:
     n = len(tokens)
     split = {"train": np.arange(n), "val": np.zeros(0, dtype=np.int64), "test": np.arange(min(n, 10))}
     with tempfile.TemporaryDirectory() as tmp:
-        train = {
-            "max_epochs": args.epochs,
-            "precision": args.precision,
-            "early_stopping_patience": 0,
-            "accelerator": "gpu" if args.device == "cuda" else "cpu",
-            "batch_size": args.batch_size,
-        }
+        train = TrainSpec(
+            max_epochs=args.epochs,
+            precision=args.precision,
+            early_stopping_patience=0,
+            accelerator="gpu" if args.device == "cuda" else "cpu",
+            batch_size=args.batch_size,
+        )
         trainer = build_trainer(train, Path(tmp) / "ckpts", has_val=False, callbacks=[])
         dm = VariantDataModule(tokens, target, split, args.batch_size)
         module = new_module(args.model, args.lr)

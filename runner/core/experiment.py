@@ -127,14 +127,17 @@ def _drop_file_logging(handler: logging.Handler) -> None:
 
 
 def run_experiment(
-    plan: dict,
+    plan,
     exp_dir: str | Path,
     db_path: str | Path | None = None,
     workdir: str | Path | None = None,
     stop=None,
     limit_batches: int | None = None,
 ) -> dict:
-    """Run the resolved `plan` into `exp_dir`; return metrics.json's document.
+    """Run `plan` (a typed `Plan`; a dict is validated into one) into `exp_dir`; return metrics.json's document.
+
+    Every default comes from `runner.plan.models`: the core reads the typed plan, never a default of
+    its own.
 
     `db_path` overrides `data.db`; `workdir` holds the plugin folders; `stop` is a
     `training.GracefulStop` (SIGTERM handling); `limit_batches` caps batches per epoch (smoke tests).
@@ -143,7 +146,7 @@ def run_experiment(
     layout = Layout(exp_dir)
     handler = _file_logging(layout.path("logs/train.log"))
     try:
-        return _run(plan, layout, db_path, workdir, stop, limit_batches)
+        return _run(_typed(plan), layout, db_path, workdir, stop, limit_batches)
     except InfraError as exc:
         log.error("%s", exc.message)  # logs/train.log says why, beside the container log
         raise
@@ -151,7 +154,14 @@ def run_experiment(
         _drop_file_logging(handler)
 
 
-def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
+def _typed(plan):
+    from runner.plan.issues import plan_from_document
+    from runner.plan.models import Plan
+
+    return plan if isinstance(plan, Plan) else plan_from_document(dict(plan), "plan")
+
+
+def _run(typed, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     import lightning as L
 
     from runner.core import plots
@@ -173,24 +183,19 @@ def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     )
     from runner.core.transforms import TargetTransform
 
+    plan = typed.model_dump(mode="json")  # the dict form the data and split functions take
     if not layout.path("config/plan.json").exists():
         layout.write_json("config/plan.json", plan)
     layout.write_json("config/environment.json", environment_info())
     if workdir is not None:
         load_plugins(workdir)
-    for name in plan.get("metrics", []):
+    for name in typed.metrics:
         METRICS.get(name)  # unknown metric: fail before the expensive part
     # so are unknown model / embedding names and parameters
     MODELS.check_params(
-        plan["model"]["name"],
-        dict(plan["model"].get("params") or {}),
-        "model.params",
-        fixed=("seq_len", "in_dim", "n_outputs"),
+        typed.model.name, dict(typed.model.params), "model.params", fixed=("seq_len", "in_dim", "n_outputs")
     )
-    embedding = plan.get("embeddings") or {}
-    EMBEDDINGS.check_params(
-        embedding.get("name", "onehot"), dict(embedding.get("params") or {}), "embeddings.params", fixed=("vocab",)
-    )
+    EMBEDDINGS.check_params(typed.embeddings.name, dict(typed.embeddings.params), "embeddings.params", fixed=("vocab",))
 
     started = time.perf_counter()
     variants = load_variants(plan, db_path=db_path)
@@ -202,14 +207,14 @@ def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
         "selected %d variants (dropped %s) in %.2fs", len(variants), variants.dropped, time.perf_counter() - started
     )
 
-    split_spec = dict(plan.get("split") or {})
+    split_spec = dict(plan["split"])
     split = make_split(variants, split_spec)
     write_split(layout.path("splits"), variants, split, split_spec, lambda p, b: layout.write_bytes(p, b))
     sizes = {k: int(len(v)) for k, v in split.items()}
     layout.event("progress", phase="data", n_selected=len(variants), split=sizes, dropped=variants.dropped)
 
-    data, train = plan["data"], dict(plan.get("train") or {})
-    classification = data.get("target", "DMS_score") == "DMS_score_bin"
+    train = typed.train
+    classification = typed.data.target == "DMS_score_bin"
     y_raw = variants.target.astype(np.float64)
     if classification:
         labels = y_raw.astype(np.int64)
@@ -219,36 +224,34 @@ def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
         y_train_scale = labels
         transform = TargetTransform("none")
     else:
-        transform = TargetTransform(data.get("transform", "none")).fit(y_raw[split["train"]])
+        transform = TargetTransform(typed.data.transform).fit(y_raw[split["train"]])
         y_train_scale = transform.forward(y_raw).astype(np.float32)
         n_outputs = 1
 
-    L.seed_everything(int(train.get("seed", 0)), workers=True, verbose=False)
-    metric_names = list(plan.get("metrics") or ["spearman"])
+    L.seed_everything(train.seed, workers=True, verbose=False)
+    metric_names = list(typed.metrics)
 
     def to_scores(pred: np.ndarray) -> np.ndarray:
         return pred if classification else transform.inverse(pred)
 
     module = VariantModule(
-        model_name=plan["model"]["name"],
-        model_params=dict(plan["model"].get("params") or {}),
-        embedding_name=plan.get("embeddings", {}).get("name", "onehot"),
-        embedding_params=dict(plan.get("embeddings", {}).get("params") or {}),
-        vocab_name=plan.get("vocab", {}).get("name", "IUPAC"),
-        vocab_params=dict(plan.get("vocab", {}).get("params") or {}),
+        model_name=typed.model.name,
+        model_params=dict(typed.model.params),
+        embedding_name=typed.embeddings.name,
+        embedding_params=dict(typed.embeddings.params),
+        vocab_name=typed.vocab.name,
+        vocab_params=dict(typed.vocab.params),
         seq_len=int(variants.tokens.shape[1]),
         task="classification" if classification else "regression",
         n_outputs=n_outputs,
-        lr=float(train.get("lr", 1e-3)),
-        weight_decay=float(train.get("weight_decay", 0.0)),
-        optimizer=train.get("optimizer", "adamw"),
+        lr=train.lr,
+        weight_decay=train.weight_decay,
+        optimizer=train.optimizer,
     )
     module.val_metrics_fn = lambda y, p: compute_metrics(
         metric_names, y if classification else transform.inverse(y), to_scores(p)
     )
-    datamodule = VariantDataModule(
-        variants.tokens, y_train_scale, split, int(train.get("batch_size", 256)), seed=int(train.get("seed", 0))
-    )
+    datamodule = VariantDataModule(variants.tokens, y_train_scale, split, train.batch_size, seed=train.seed)
     epochs: list[dict] = []
 
     def on_epoch(record: dict) -> None:
@@ -275,7 +278,7 @@ def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     if resume:
         log.info("resuming from %s", last)
         layout.event("progress", phase="resume", checkpoint="ckpts/last.ckpt")
-    layout.event("progress", phase="train", max_epochs=int(train.get("max_epochs", 30)))
+    layout.event("progress", phase="train", max_epochs=train.max_epochs)
     t_train = time.perf_counter()
     fit(trainer, module, datamodule, resume, stop)
     training_seconds = time.perf_counter() - t_train
@@ -311,9 +314,7 @@ def _run(plan, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
 
     _write_artifacts(layout, plan, module, variants, split, y_all, pred_all, transform)
     try:
-        _write_plots(
-            layout, epochs, variants, split, y_all, pred_all, result, data.get("target", "DMS_score"), plots, METRICS
-        )
+        _write_plots(layout, epochs, variants, split, y_all, pred_all, result, typed.data.target, plots, METRICS)
     except Exception:  # a plot must never fail a finished training run
         log.exception("writing plots failed")
     layout.event("progress", phase="done", test=result["test"], training_seconds=result["training_seconds"])

@@ -400,18 +400,19 @@ def monitored(task: str, has_val: bool) -> tuple[str, str]:
 
 
 def build_trainer(
-    train: dict,
+    train,
     ckpt_dir: Path,
     has_val: bool,
     callbacks: list[Callback],
     limit_batches: int | None = None,
     task: str = "regression",
 ) -> L.Trainer:
-    """A Trainer from the plan's `train` section: checkpoints, early stopping, precision, devices."""
-    accelerator = train.get("accelerator", "auto")
+    """A Trainer from the plan's typed `train` section (`runner.plan.models.TrainSpec`): checkpoints,
+    early stopping, precision, devices."""
+    accelerator = train.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    devices = train.get("devices", "auto")
+    devices = train.devices
     # one device unless the plan asks for more: the data set is small enough to live on one GPU
     devices = 1 if devices == "auto" else int(devices)
     monitor, mode = monitored(task, has_val)
@@ -424,7 +425,7 @@ def build_trainer(
         dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1, enable_version_counter=False
     )
     callbacks = [checkpoint, latest, *callbacks]
-    patience = int(train.get("early_stopping_patience", 5))
+    patience = train.early_stopping_patience
     if patience > 0:
         if monitor == "val_spearman":
             callbacks.append(PlateauStop({"val_spearman": "max", "val_loss": "min"}, patience))
@@ -438,15 +439,15 @@ def build_trainer(
     return L.Trainer(
         accelerator=accelerator,
         devices=devices,
-        precision=resolve_precision(str(train.get("precision", "auto")), accelerator),
-        max_epochs=int(train.get("max_epochs", 30)),
+        precision=resolve_precision(train.precision, accelerator),
+        max_epochs=train.max_epochs,
         callbacks=callbacks,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        gradient_clip_val=train.get("gradient_clip_val"),
-        deterministic=bool(train.get("deterministic", False)),
+        gradient_clip_val=train.gradient_clip_val,
+        deterministic=train.deterministic,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(ckpt_dir.parent),
         **kwargs,
