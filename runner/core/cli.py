@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from runner.core.experiment import run_experiment
         from runner.core.plugins import resolve_workdir
-        from runner.core.registry import RegistryError
 
         plan = read_plan(args.plan).model_dump(mode="json")
         result = run_experiment(
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except Cancelled as exc:
         print(f"infra-train: cancelled: {exc}", file=sys.stderr)
         return EXIT_CANCELLED
-    except (InfraError, RegistryError) as exc:
+    except InfraError as exc:
         print(f"infra-train: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", EXIT_USAGE)
     except Exception:

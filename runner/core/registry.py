@@ -12,11 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from runner.errors import InfraError
+
 T = TypeVar("T")
 
 
-class RegistryError(ValueError):
-    """Unknown name or duplicate registration."""
+class RegistryError(InfraError, ValueError):
+    """Unknown name or duplicate registration (exit 2: the plan or the plugins must change)."""
 
 
 class ParamError(RegistryError):

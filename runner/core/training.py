@@ -30,6 +30,7 @@ from runner.core.embeddings import create_embedding
 from runner.core.metrics import spearman
 from runner.core.models import create_model
 from runner.core.vocab import get_vocab_processor
+from runner.errors import InfraError
 
 log = logging.getLogger(__name__)
 
@@ -469,8 +470,10 @@ def predict(module: VariantModule, tokens: np.ndarray, batch_size: int = 8192) -
 EXIT_CANCELLED = 143  # 128 + SIGTERM: what a process killed by SIGTERM reports
 
 
-class Cancelled(Exception):
-    """Training stopped on request (SIGTERM); last.ckpt holds the state to resume from."""
+class Cancelled(InfraError):
+    """Training stopped on request (SIGTERM); last.ckpt holds the state to resume from (exit 143)."""
+
+    exit_code = EXIT_CANCELLED
 
 
 class GracefulStop:
