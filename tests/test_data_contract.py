@@ -214,7 +214,7 @@ def test_cli_validate_on_a_lab_database(tmp_path):
 @pytest.mark.core
 def test_proteingym_folder_to_a_column_split_run(tmp_path):
     from runner.core.cli import main
-    from runner.data.importer import import_proteingym
+    from runner.data.proteingym import import_proteingym
     from tests.conftest import make_proteingym_folder
 
     folder = make_proteingym_folder(tmp_path / "pg")

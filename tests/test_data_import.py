@@ -502,7 +502,7 @@ def pg_dir(tmp_path):
 
 
 def test_proteingym_folder_imports_per_assay_and_resumes(tmp_path, pg_dir):
-    from runner.data.importer import import_proteingym
+    from runner.data.proteingym import import_proteingym
 
     db = tmp_path / "pg.sqlite"
     result = import_proteingym(pg_dir, db).to_dict()
@@ -532,7 +532,7 @@ def test_proteingym_folder_imports_per_assay_and_resumes(tmp_path, pg_dir):
 def test_proteingym_zip_with_a_separate_reference(tmp_path, pg_dir):
     import zipfile
 
-    from runner.data.importer import import_proteingym
+    from runner.data.proteingym import import_proteingym
 
     archive = tmp_path / "DMS_ProteinGym_substitutions.zip"
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:

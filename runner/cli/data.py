@@ -164,7 +164,7 @@ def import_proteingym_command(
 
     Example: infra data import-proteingym DMS_ProteinGym_substitutions.zip --db pg.sqlite --reference DMS_substitutions.csv --assay BLAT_ECOLX_Stiffler_2015
     """
-    from runner.data.importer import import_proteingym
+    from runner.data.proteingym import import_proteingym
     from runner.errors import EXIT_USAGE
 
     def progress(entry: dict) -> None:
