@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.e2e import BASE_ENV
+from tests.helpers import collect, measured, spawn_measured
 from tests.test_experiments import make_exp
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,44 +24,8 @@ MIB = 1 << 20
 RSS_BOUND_MB = 200  # the runner's whole process: interpreter, docker SDK, one block of output
 LABELS = {"infra.test": "attack-logs"}
 
+
 pytestmark = pytest.mark.slow
-
-
-# Linux records the pre-exec memory's high-water mark in the exec'd process's ru_maxrss, so a process
-# started straight from pytest (hundreds of MB after the docker tests) would report pytest's size.
-# A tiny launcher spawns the measured command and reports its wait4 usage instead.
-RSS_PROBE = (
-    "import json, os, sys\n"
-    "pid = os.posix_spawn(sys.argv[4], sys.argv[4:], os.environ, file_actions=[\n"
-    "    (os.POSIX_SPAWN_OPEN, 1, sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),\n"
-    "    (os.POSIX_SPAWN_OPEN, 2, sys.argv[3], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)])\n"
-    "_, status, usage = os.wait4(pid, 0)\n"
-    "with open(sys.argv[1], 'w') as fh:\n"
-    "    json.dump([os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024], fh)\n"
-)
-
-
-def spawn_measured(cmd: list[str], env: dict | None = None) -> tuple[subprocess.Popen, Path]:
-    files = Path(tempfile.mkdtemp(prefix="infra-rss-"))
-    probe = subprocess.Popen(
-        [sys.executable, "-S", "-c", RSS_PROBE, *(str(files / n) for n in ("rss", "out", "err")), *cmd],
-        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-    )
-    return probe, files
-
-
-def collect(probe: subprocess.Popen, files: Path, timeout: int = 1800) -> tuple[int, str, str, float]:
-    """(exit code, stdout, stderr, peak RSS in MB) of the command the probe ran."""
-    assert probe.wait(timeout) == 0
-    code, rss = json.loads((files / "rss").read_text())
-    out, err = ((files / n).read_text() for n in ("out", "err"))
-    shutil.rmtree(files, ignore_errors=True)
-    return code, out, err, rss
-
-
-def measured(cmd: list[str], env: dict | None = None) -> tuple[int, str, str, float]:
-    """(exit code, stdout, stderr, peak RSS in MB) of one process."""
-    return collect(*spawn_measured(cmd, env))
 
 
 CAPTURE = """
