@@ -51,7 +51,7 @@ def test_detached_submission_over_ssh_survives_dropped_client(sshd, base_image, 
         600,
         "the detached run to finish",
     )
-    assert final["state"] == "succeeded", final
+    assert final["state"] == "succeeded", (final.get("message"), final)
     assert final["test"]["spearman"] > 0.5
     metrics = ssh(f"cat {final['exp_dir']}/metrics/metrics.json")
     assert json.loads(metrics.stdout)["test"]["spearman"] == final["test"]["spearman"]
@@ -79,7 +79,7 @@ def test_killed_ssh_client_mid_run_then_poll(sshd, base_image, workdir):
         600,
         "a final state",
     )
-    assert final["state"] == "succeeded", final
+    assert final["state"] == "succeeded", (final.get("message"), final)
 
 
 def test_concurrent_submissions_start_one_container(sshd, base_image, workdir, docker_client):

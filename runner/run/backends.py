@@ -209,6 +209,13 @@ class DockerBackend:
             return {**record, "verified": False, "message": f"state not verified: {self.handle.error}"}
         container = self.container(exp, record)
         if container is None:
+            # Another reader may have finalised and removed it since `record` was read: believe the
+            # record on disk over the stale copy.
+            current = exp.read()
+            if current.get("state") not in ("building", "starting", "running") or current.get("attempt") != record.get(
+                "attempt"
+            ):
+                return current
             return exp.update(
                 state="lost",
                 finished_at=now_iso(),
@@ -228,18 +235,31 @@ class DockerBackend:
         return self.finish(exp, record, state["exit_code"], container, message=message)
 
     def finish(self, exp, record, exit_code, container, message=None) -> dict:
-        """Save the log (when not captured live), record the final state, then remove the container."""
+        """Save the log (when not captured live), record the final state, then remove the container.
+
+        Serialised per experiment: the foreground runner and any number of `infra status` readers may
+        see the same exited container; the first one finalises, the others find the final record.
+        """
+        from filelock import FileLock
+
         from runner import engine
         from runner.run.logs import save_container_log
         from runner.run.reconcile import finalize
 
-        if not record.get("log_complete"):
-            try:
-                save_container_log(exp, container)
-            except (OSError, safefs.Tampered, EnvironmentProblem) as exc:
-                log.warning("could not save the log of %s: %s", exp.id, exc)
-        record = finalize(exp, record, exit_code, message=message)
-        engine.remove_container(container)
+        with FileLock(str(exp.lock_path.with_name(f"{exp.id}.final.lock")), timeout=600):
+            current = exp.read()
+            if current.get("state") not in ("building", "starting", "running") or current.get("attempt") != record.get(
+                "attempt"
+            ):
+                engine.remove_container(container)
+                return current
+            if not current.get("log_complete"):
+                try:
+                    save_container_log(exp, container)
+                except (OSError, safefs.Tampered, EnvironmentProblem) as exc:
+                    log.warning("could not save the log of %s: %s", exp.id, exc)
+            record = finalize(exp, current, exit_code, message=message)
+            engine.remove_container(container)
         _clear_setid_bits(exp)
         return record
 
