@@ -34,11 +34,8 @@ from runner.lines import LINE_LIMIT, LineSplitter, display_line
 from runner.run.records import CONTAINER_LOG
 
 LOG_LIMIT_ENV = "INFRA_LOG_LIMIT"
-DEFAULT_LOG_LIMIT = 100 << 20
-MIN_LOG_LIMIT = 1 << 20  # room for a head and two tail parts of several capped lines each
 BLOCK = 1 << 20  # bytes per read and per buffered write
 _PART_RE = re.compile(re.escape(CONTAINER_LOG) + r"\.(\d{16})")
-_SIZE_RE = re.compile(r"(\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 OnLine = Callable[[str], None]
 
 
