@@ -96,6 +96,7 @@ class DockerBackend:
         from runner.images.decide import decide_image
 
         client = self.handle.require()
+        self.on_build_log = on_log  # a build in `start` reports the same way
         if gpus_requested(gpus) and not engine.gpu_runtime_available(client):
             raise EnvironmentProblem(
                 f"GPUs requested (--gpus {gpus}) but the Docker engine has no GPU runtime: {engine.NVIDIA_HINT}"

@@ -113,9 +113,9 @@ def preflight_paths(db: Path, workdir: Path, settings: NodeSettings) -> None:
 def run(loaded: LoadedPlan, workdir: Path, opts: RunOptions) -> RunOutcome:
     """Run (or report, attach to, resume) the experiment of a validated plan. See the module docstring."""
     settings = node_settings()
+    if opts.stop_timeout < 0:
+        raise UsageError(f"--stop-timeout {opts.stop_timeout}: must be 0 or more seconds")
     backend = backend_for(opts.backend, settings)
-    if hasattr(backend, "on_build_log"):
-        backend.on_build_log = opts.on_log
     plan = loaded.plan
     gpus = resolve_gpus(plan.resources.gpus, opts.gpus)
     db = Path(plan.data.db)
