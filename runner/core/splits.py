@@ -16,6 +16,7 @@ import numpy as np
 
 from runner.core.registry import Registry
 from runner.errors import DataError, PlanError, PlanIssue
+from runner.plan.models import SplitSpec
 
 SPLITS: Registry[dict] = Registry("split")
 SPLIT_NAMES = ("train", "val", "test")
@@ -31,13 +32,13 @@ def _plan_error(key: str, message: str) -> PlanError:
 
 
 def _rng(spec: dict) -> np.random.Generator:
-    return np.random.default_rng(int(spec.get("seed", 0)))
+    return np.random.default_rng(spec["seed"])
 
 
 def _carve_val(rest: np.ndarray, spec: dict, rng: np.random.Generator, n_total: int) -> tuple[np.ndarray, np.ndarray]:
     # val_fraction is a fraction of all selected variants (the plan checks val + test < 1)
     rest = rng.permutation(rest)
-    n_val = min(int(round(float(spec.get("val_fraction", 0.1)) * n_total)), max(len(rest) - 1, 0))
+    n_val = min(int(round(spec["val_fraction"] * n_total)), max(len(rest) - 1, 0))
     return np.sort(rest[n_val:]), np.sort(rest[:n_val])
 
 
@@ -48,10 +49,10 @@ def _by_test_mask(test_mask: np.ndarray, spec: dict) -> dict[str, np.ndarray]:
 
 
 def _fold(spec: dict, default_folds: int | None = None) -> tuple[int, int] | None:
-    n_folds = spec.get("n_folds") or default_folds
+    n_folds = spec["n_folds"] or default_folds
     if n_folds is None:
         return None
-    fold = int(spec.get("fold", 0))
+    fold = spec["fold"]
     if fold >= n_folds:
         raise _plan_error("fold", f"fold {fold} is out of range for n_folds={n_folds}; use 0..{n_folds - 1}")
     return int(n_folds), fold
@@ -68,7 +69,7 @@ def random_split(variants, spec: dict) -> dict[str, np.ndarray]:
         n_folds, fold = folds
         test = np.array_split(perm, n_folds)[fold]
     else:
-        test = perm[: int(round(float(spec.get("test_fraction", 0.2)) * n))]
+        test = perm[: int(round(spec["test_fraction"] * n))]
     mask = np.zeros(n, dtype=bool)
     mask[test] = True
     return _by_test_mask(mask, spec)
@@ -77,7 +78,7 @@ def random_split(variants, spec: dict) -> dict[str, np.ndarray]:
 @register_split("mut_num")
 def mut_num_split(variants, spec: dict) -> dict[str, np.ndarray]:
     """Train/val on variants with at most `max_train_mut_num` mutations, test on those with more."""
-    limit = int(spec.get("max_train_mut_num", 1))
+    limit = spec["max_train_mut_num"]
     return _by_test_mask(np.asarray(variants.mut_num) > limit, spec)
 
 
@@ -112,7 +113,7 @@ _NAMED = {"train": "train", "training": "train", "val": "val", "valid": "val", "
 def column_split(variants, spec: dict) -> dict[str, np.ndarray]:
     """A predefined split column: values train/val/test (rows with other values are left out), or fold integers
     (test = rows whose value equals `fold`, val a random `val_fraction` of the rest)."""
-    column = spec.get("column")
+    column = spec["column"]
     if not column:
         raise _plan_error("column", "strategy 'column' needs split.column (a column of the mutations table)")
     frame = variants.frame
@@ -124,7 +125,7 @@ def column_split(variants, spec: dict) -> dict[str, np.ndarray]:
     if values.dtype.kind in "iuf":
         if values.isna().any():
             raise DataError(f"split column {column!r} has {int(values.isna().sum())} empty values; fill or filter them")
-        return _by_test_mask(values.to_numpy() == int(spec.get("fold", 0)), spec)
+        return _by_test_mask(values.to_numpy() == spec["fold"], spec)
     names = values.astype("string").str.strip().str.lower().map(_NAMED)
     out = {name: np.flatnonzero((names == name).fillna(False).to_numpy()) for name in SPLIT_NAMES}
     if not len(out["val"]):
@@ -134,7 +135,8 @@ def column_split(variants, spec: dict) -> dict[str, np.ndarray]:
 
 def make_split(variants, spec: dict) -> dict[str, np.ndarray]:
     """Run the plan's split strategy and check the result (non-empty train and test, disjoint)."""
-    name = spec.get("strategy", "random")
+    spec = SplitSpec.model_validate(dict(spec)).model_dump()  # every default from runner.plan.models
+    name = spec["strategy"]
     result = SPLITS.get(name)(variants, spec)
     out = {key: np.sort(np.asarray(result.get(key, []), dtype=np.int64)) for key in SPLIT_NAMES}
     for key in ("train", "test"):
