@@ -1,8 +1,8 @@
 """Build the Bgl3 (Romero et al. 2015) mutation database from the shared raw file with infra's own importer.
 
 26,653 variants of the 501-aa Bgl3 beta-glucosidase construct (1-5 substitutions from error-prone
-libraries). The shared CSV already has 1-based, `:`-joined mutants and a `DMS_score` column; it is
-gzipped, so it is unpacked to a temporary file for the importer.
+libraries). The shared CSV already has 1-based, `:`-joined mutants and a `DMS_score` column, so the
+importer reads the gzipped file as it is.
 
 Usage: python benchmarks/make_bgl3_db.py OUT.sqlite [--raw DIR] [--replace]
 """
@@ -10,34 +10,27 @@ Usage: python benchmarks/make_bgl3_db.py OUT.sqlite [--raw DIR] [--replace]
 from __future__ import annotations
 
 import argparse
-import gzip
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runner.data.importer import import_csv  # noqa: E402
 
-RAW = Path("/work/shared/data/dms/raw/bgl3_romero2015")
+RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "dms" / "raw" / "bgl3_romero2015"
 SOURCE = "BGL3_Romero_2015"
 
 
 def build(out: Path, raw: Path = RAW, replace: bool = False):
     template = (raw / "template.txt").read_text().strip()
-    with tempfile.TemporaryDirectory() as tmp:
-        converted = Path(tmp) / "bgl3.csv"
-        with gzip.open(raw / "bgl3_romero2015.csv.gz", "rb") as src, converted.open("wb") as dst:
-            shutil.copyfileobj(src, dst)
-        return import_csv(
-            converted,
-            out,
-            SOURCE,
-            template,
-            replace=replace,
-            description="Bgl3 beta-glucosidase, 1-5 substitutions (Romero et al. 2015, PNAS; via nn4dms)",
-        )
+    return import_csv(
+        raw / "bgl3_romero2015.csv.gz",
+        out,
+        SOURCE,
+        template,
+        replace=replace,
+        description="Bgl3 beta-glucosidase, 1-5 substitutions (Romero et al. 2015, PNAS; via nn4dms)",
+    )
 
 
 def main() -> None:

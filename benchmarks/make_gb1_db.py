@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runner.data.importer import import_csv  # noqa: E402
 
-RAW = Path("/work/shared/data/dms/raw/gb1_wu2016")
+RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "dms" / "raw" / "gb1_wu2016"
 SOURCE = "SPG1_STRSG_Wu_2016"
 TEMPLATE = "MQYKLILNGKTLKGETTTEAVDAATAEKVFKQYANDNGVDGEWTYDDATKTFTVTE"  # first 56 aa of 5LDE_1.fasta
 SITES = (39, 40, 41, 54)
