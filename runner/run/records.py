@@ -75,12 +75,6 @@ def experiments_root(workdir: Path) -> Path:
     return Path(workdir) / "experiments"
 
 
-def atomic_write_json(path: Path, doc: Any) -> None:
-    """Write a JSON document atomically in a folder the host controls (`path`'s parent is trusted)."""
-    path = Path(path)
-    safefs.write_atomic(path.parent, path.name, (json.dumps(doc, indent=2, default=str) + "\n").encode())
-
-
 class RecordError(InfraError):
     """An experiment's `status.json` cannot be used: unreadable, not JSON, or not a record (exit 1)."""
 
