@@ -454,12 +454,22 @@ def test_two_workers_ten_plans_each_experiment_runs_once(redis_url, qworkdir, tm
     ]
     try:
         # Both workers hold a job at the gate: both are alive, busy, on different jobs, heartbeating.
+        # Only this test's workers count (a worker of an earlier test may still be shutting down).
+        last: list[dict] = []
+
         def both_held():
             doc = status_doc(redis_url, qworkdir)
-            held = [w for w in doc["workers"] if w["alive"] and w["current_job"]]
+            last[:] = [doc]
+            held = [w for w in doc["workers"] if w["name"] in ("w0", "w1") and w["alive"] and w["current_job"]]
             return doc if len(held) == 2 and held[0]["current_job"] != held[1]["current_job"] else None
 
-        seen = wait_for(both_held, 120, "two live workers, each holding a job")
+        try:
+            seen = wait_for(both_held, 120, "two live workers, each holding a job")
+        except AssertionError:
+            raise AssertionError(
+                f"{last[-1] if last else 'no status'}\n" + "\n".join(p.read_text()[-1500:] for p in logs if p.exists())
+            ) from None
+        seen = {**seen, "workers": [w for w in seen["workers"] if w["name"] in ("w0", "w1")]}
         node = seen["workers"][0]["node"]
         assert node["cpus"] >= 1 and node["memory"]["total_bytes"] > 0 and "free_bytes" in node["disk"]
         assert node["ttl_left_s"] <= 6 and seen["notes"] == []
