@@ -13,7 +13,20 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 JSON_OPT = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-KEY_ARG = Annotated[str, typer.Argument(help="A setting (see 'infra config list'), or its INFRA_* variable name.")]
+
+
+def _complete_key(incomplete: str) -> list[str]:
+    from runner.settings import KEYS
+
+    return [k for k in KEYS if k.startswith(incomplete)]
+
+
+KEY_ARG = Annotated[
+    str,
+    typer.Argument(
+        help="A setting (see 'infra config list'), or its INFRA_* variable name.", autocompletion=_complete_key
+    ),
+]
 
 
 def _row(key: str) -> dict:
