@@ -1,6 +1,5 @@
 """`infra rm` and `infra prune`: delete experiments of the workdir and infra's unused images."""
 
-import re
 from typing import Annotated
 
 import typer
@@ -8,7 +7,6 @@ import typer
 from runner.cli.output import emit_json, say
 from runner.cli.run import WORKDIR_OPT, _workdir
 
-AGE = re.compile(r"[0-9]+[smhd]")
 DRY_RUN_OPT = Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed and its size.")]
 JSON_OPT = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
@@ -82,17 +80,9 @@ def prune(
 
     Example: infra prune --older-than 14d --state failed --images --dry-run
     """
-    from runner.errors import UsageError
-    from runner.run.housekeeping import prune_experiments, prune_images
-    from runner.run.reconcile import parse_since
+    from runner.run.housekeeping import prune_cutoff, prune_experiments, prune_images
 
-    if older_than is not None and before is not None:
-        raise UsageError("--older-than and --before name the same cutoff; give one of them")
-    if before is not None and AGE.fullmatch(before):
-        raise UsageError(f"--before {before!r}: give a time like 2026-11-01 (for an age use --older-than {before})")
-    if older_than is not None and not AGE.fullmatch(older_than):
-        raise UsageError(f"--older-than {older_than!r}: give an age like 30m, 12h or 7d (for a date use --before)")
-    cutoff = parse_since(before if before is not None else older_than or "30d")
+    cutoff = prune_cutoff(older_than, before)
     wd = _workdir(workdir)
     removals = prune_experiments(wd, cutoff, state or None, dry_run=dry_run)
     image_result = None

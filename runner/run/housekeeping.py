@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from runner.errors import EnvironmentProblem, UnknownExperiment, UsageError
@@ -143,6 +144,35 @@ def remove_experiments(
             ) from None
         removal.removed = True
     return out
+
+
+AGE = re.compile(r"([0-9]{1,9})([smhd])")
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def prune_cutoff(older_than: str | None, before: str | None, now: datetime | None = None) -> datetime:
+    """The cutoff of `infra prune` (pure): `--older-than AGE` (30m, 12h, 7d; default 30d) before
+    `now`, or `--before TIME` (ISO date or time, UTC unless it says otherwise)."""
+    now = now or datetime.now(UTC)
+    if older_than is not None and before is not None:
+        raise UsageError("--older-than and --before name the same cutoff; give one of them")
+    if before is not None:
+        if AGE.fullmatch(before):
+            raise UsageError(f"--before {before!r}: give a time like 2026-11-01 (for an age use --older-than {before})")
+        try:
+            parsed = datetime.fromisoformat(before.replace("Z", "+00:00"))
+        except ValueError:
+            raise UsageError(
+                f"--before {before[:40]!r}: use an ISO date or time, like 2026-11-01 or 2026-11-01T10:00"
+            ) from None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    age = AGE.fullmatch(older_than or "30d")
+    if not age:
+        raise UsageError(f"--older-than {older_than[:40]!r}: give an age like 30m, 12h or 7d (for a date use --before)")
+    try:
+        return now - timedelta(seconds=int(age.group(1)) * AGE_UNITS[age.group(2)])
+    except OverflowError:
+        raise UsageError(f"--older-than {older_than}: reaches back before year 1; give a smaller age") from None
 
 
 def _when(record: dict) -> datetime | None:
