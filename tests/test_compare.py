@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from runner.errors import UsageError
@@ -26,6 +27,7 @@ from tests.helpers import REPO, infra, infra_env
 from tests.test_sweep import BOOM, SMALL
 
 pytestmark = pytest.mark.core
+STATUS_SCHEMA = json.loads((REPO / "schemas" / "status.schema.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +222,8 @@ def test_ls_has_a_header_and_the_main_metric(swept):
     assert cells[ids["linear", 0]][4] == f"{spearman[ids['linear', 0]]:.4f}"
     assert cells[ids["boom", 1]][1] == "failed" and cells[ids["boom", 1]][4] == "-"
     listed = json.loads(infra("ls", "--json", workdir=work).stdout)["experiments"]
+    for doc in listed:
+        jsonschema.validate(doc, STATUS_SCHEMA)
     by_id = {d["experiment_id"]: d for d in listed}
     assert by_id[ids["linear", 1]]["test_spearman"] == spearman[ids["linear", 1]]
     assert by_id[ids["boom", 0]]["test_spearman"] is None and by_id[ids["boom", 0]]["state"] == "failed"
@@ -235,13 +239,14 @@ def test_status_of_a_failed_run_shows_the_error_line(swept):
     assert lines["error"] == "RuntimeError: boom on purpose"
     assert lines["log"] == f"{exp_dir / 'container.log'} (infra logs {ids['boom', 0]})"
     doc = json.loads(infra("status", ids["boom", 0], "--json", workdir=work).stdout)
-    assert doc["error"] == {
+    jsonschema.validate(doc, STATUS_SCHEMA)
+    assert doc["failure"] == {
         "message": f"training exited with code 1; see {exp_dir / 'container.log'}",
         "reason": "RuntimeError: boom on purpose",
         "log": str(exp_dir / "container.log"),
     }
     ok = json.loads(infra("status", ids["linear", 0], "--json", workdir=work).stdout)
-    assert "error" not in ok
+    assert "failure" not in ok and "error" not in ok
 
 
 # --- pure parts -------------------------------------------------------------------------------------

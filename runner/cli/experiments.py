@@ -82,7 +82,7 @@ def status(experiment_id: ID_ARG, json_out: JSON_OPT = False, workdir: WORKDIR_O
     """Show an experiment's state, checked against the engine (exit 4 if unknown).
 
     A failed or lost experiment shows its error line (the training's own error, else the record's
-    message) and its log; with --json as "error": {message, reason, log}.
+    message) and its log; with --json as "failure": {message, reason, log}.
 
     Example: infra status blat-linear-3f2a9c01de --json
     """
@@ -93,7 +93,7 @@ def status(experiment_id: ID_ARG, json_out: JSON_OPT = False, workdir: WORKDIR_O
     doc = status_document(record)
     failed = failure(record)
     if failed:
-        doc["error"] = failed
+        doc["failure"] = failed  # not "error": that key marks a command's own error document
     if json_out:
         emit_json(doc)
         return
