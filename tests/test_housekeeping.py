@@ -69,6 +69,10 @@ def test_rm_unknown_id_exits_4_and_removes_nothing(wd):
     assert "no experiment 'nope-0000000000'" in result.stderr
     assert exp.root.is_dir()
     assert infra("rm", "../work", workdir=wd).returncode == 4
+    exp.status_path.write_text("{damaged")  # an unreadable record can still be removed
+    removed = infra("rm", "a-1", "--json", workdir=wd)
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(removed.stdout)["experiments"][0]["state"] == "unreadable" and not exp.root.exists()
 
 
 def test_rm_never_follows_links(wd, tmp_path):
@@ -85,10 +89,12 @@ def test_rm_never_follows_links(wd, tmp_path):
     fake = tmp_path / "elsewhere"
     shutil.copytree(make_exp(tmp_path / "other", "b-2", "succeeded").root, fake)
     (wd / "experiments" / "b-2").symlink_to(fake)
-    result = infra("rm", "b-2", workdir=wd)
+    make_exp(wd, "c-3", "succeeded")
+    result = infra("rm", "c-3", "b-2", workdir=wd)
     assert result.returncode == 2
     assert f"{wd / 'experiments' / 'b-2'} is not a directory (a link or a file)" in result.stderr
     assert (fake / "status.json").exists() and (wd / "experiments" / "b-2").is_symlink()
+    assert (wd / "experiments" / "c-3").is_dir()  # checked before anything was deleted
 
 
 def test_rm_refuses_a_running_experiment_unless_forced(tmp_path):

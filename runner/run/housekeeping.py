@@ -73,6 +73,18 @@ def tree_bytes(root: Path) -> int:
     return total
 
 
+def check_real_dir(exp: Experiment) -> None:
+    """UsageError unless the experiment's entry under experiments/ is a directory itself, not a link."""
+    try:
+        mode = os.lstat(exp.root).st_mode
+    except FileNotFoundError:
+        raise UnknownExperiment(f"no experiment {exp.id!r} in {exp.root.parent}; list them with 'infra ls'") from None
+    if not stat.S_ISDIR(mode):
+        raise UsageError(
+            f"{exp.root} is not a directory (a link or a file); remove it by hand after checking what it is"
+        )
+
+
 def delete_experiment_dir(exp: Experiment) -> None:
     """Remove the experiment's directory and lock files without following any link (see the module doc)."""
     root = exp.root.parent
@@ -118,6 +130,8 @@ def remove_experiments(
     if not ids:
         raise UsageError("infra rm: give at least one experiment id (see 'infra ls')")
     exps = [find(workdir, i) for i in dict.fromkeys(ids)]
+    for exp in exps:
+        check_real_dir(exp)
     states = {e.id: _state(e) for e in exps}
     active = [i for i, s in states.items() if s in ACTIVE]
     if active and not force:
