@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -227,6 +228,35 @@ def test_ls_has_a_header_and_the_main_metric(swept):
     by_id = {d["experiment_id"]: d for d in listed}
     assert by_id[ids["linear", 1]]["test_spearman"] == spearman[ids["linear", 1]]
     assert by_id[ids["boom", 0]]["test_spearman"] is None and by_id[ids["boom", 0]]["state"] == "failed"
+
+
+def test_ls_on_a_terminal_is_a_table(swept):
+    import pty
+
+    work, ids = swept
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in infra_env(work).items() if k != "NO_COLOR"} | {"COLUMNS": "200", "TERM": "xterm"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", "ls"], stdout=follower, stderr=subprocess.PIPE, env=env, cwd=work
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    raw = b"".join(chunks).decode()
+    assert "\x1b[1m" in raw  # rich's bold header: the terminal table, not the plain text
+    text = re.sub(r"\x1b\[[0-9;]*m", "", raw)
+    lines = [line.split() for line in text.splitlines() if line.strip()]
+    assert lines[0] == ["EXPERIMENT", "STATE", "BACKEND", "CREATED", "TEST", "SPEARMAN"]
+    assert {line[0] for line in lines[1:]} == set(ids.values())
 
 
 def test_status_of_a_failed_run_shows_the_error_line(swept):
