@@ -132,6 +132,46 @@ def find_images(client, labels: Mapping[str, str]) -> list:
     return client.images.list(filters={"label": [f"{k}={v}" for k, v in labels.items()]})
 
 
+def labelled_images(client, label: str) -> list[dict]:
+    """Every image (dangling ones too) carrying the label `label`, as
+    {"id", "tags", "labels", "created" (unix seconds), "size" (bytes)}: one list call, no inspect."""
+    rows = client.api.images(all=False, filters={"label": label})
+    return [
+        {
+            "id": r["Id"],
+            "tags": [t for t in (r.get("RepoTags") or []) if t != "<none>:<none>"],
+            "labels": r.get("Labels") or {},
+            "created": int(r.get("Created") or 0),
+            "size": int(r.get("Size") or 0),
+        }
+        for r in rows
+    ]
+
+
+def container_image_ids(client) -> set[str]:
+    """The image ids of every container the engine has, running or stopped (one list call)."""
+    return {c["ImageID"] for c in client.api.containers(all=True) if c.get("ImageID")}
+
+
+def delete_image(client, image: dict) -> bool:
+    """Remove an image (a `labelled_images` row) never forced: by each tag, the last removal deleting
+    it, or by id when it has none. An image a container uses or with child images stays (False, the
+    engine's reason logged); True when it is gone."""
+    from docker.errors import APIError, ImageNotFound
+
+    try:
+        for ref in image["tags"] or [image["id"]]:
+            client.api.remove_image(ref, force=False, noprune=False)
+    except ImageNotFound:
+        return True
+    except APIError as exc:
+        if exc.status_code == 409:  # in use by a container, or has dependent child images
+            log.warning("image %s kept: %s", image["id"][:19], _short(exc))
+            return False
+        raise EnvironmentProblem(f"could not remove image {image['id'][:19]}: {_short(exc)}") from None
+    return get_image_id(client, image["id"]) is None
+
+
 def build_image(
     client,
     context: bytes | IO[bytes],

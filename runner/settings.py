@@ -1,15 +1,18 @@
 """Node settings: one frozen object, read at call time (flag → `INFRA_*` environment → config file → default).
 
 The config file is the user's `config.json` in the platformdirs config dir (`XDG_CONFIG_HOME` moves
-it); `infra workdir set` stores the workdir there and the keys below can be stored under "node".
+it); `infra workdir set` stores the workdir there and `infra config set` the keys of `KEYS` under
+"node". `KEYS` is the one place that knows the keys, their environment variables and kinds.
 Nothing is read at import time, so a test or a long-lived worker sees a changed environment.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -63,17 +66,29 @@ class NodeSettings:
     log_limit_bytes: int = 100 << 20  # INFRA_LOG_LIMIT: captured output kept per experiment
 
 
-ENV = {
-    "base_image": "INFRA_BASE_IMAGE",
-    "base_os": "INFRA_BASE_OS",
-    "torch_spec": "INFRA_TORCH_SPEC",
-    "wheelhouse": "INFRA_WHEELHOUSE",
-    "min_free_bytes": "INFRA_MIN_FREE_BYTES",
-    "train_uid": "INFRA_TRAIN_UID",
-    "train_gid": "INFRA_TRAIN_GID",
-    "pids_limit": "INFRA_PIDS_LIMIT",
-    "log_limit_bytes": "INFRA_LOG_LIMIT",
+@dataclass(frozen=True)
+class Key:
+    """One node setting as `infra config` and `node_settings` know it: its environment variable, the
+    kind of value (`text`, `path`, `int`, `size`) and what it does. The one table of the keys."""
+
+    env: str
+    kind: str
+    help: str
+
+
+KEYS = {
+    "base_image": Key("INFRA_BASE_IMAGE", "text", "a ready base image to use instead of building one"),
+    "base_os": Key("INFRA_BASE_OS", "text", "BASE_IMAGE build arg of the base build (e.g. infra-os:bookworm)"),
+    "torch_spec": Key("INFRA_TORCH_SPEC", "text", "torch requirement of the base build (e.g. torch==2.13.0)"),
+    "wheelhouse": Key("INFRA_WHEELHOUSE", "path", "folder of wheels for offline builds"),
+    "min_free_bytes": Key("INFRA_MIN_FREE_BYTES", "int", "free bytes needed under experiments/ before a run"),
+    "train_uid": Key("INFRA_TRAIN_UID", "int", "the training's uid when infra runs as root (never 0)"),
+    "train_gid": Key("INFRA_TRAIN_GID", "int", "the training's gid when infra runs as root (never 0)"),
+    "pids_limit": Key("INFRA_PIDS_LIMIT", "int", "processes + threads of one training container"),
+    "log_limit_bytes": Key("INFRA_LOG_LIMIT", "size", "captured output kept per experiment (e.g. 100M, 2G)"),
 }
+assert set(KEYS) == {f.name for f in fields(NodeSettings)}
+ENV = {name: key.env for name, key in KEYS.items()}
 BOUNDS = {
     "train_uid": (1, 2**31 - 2),
     "train_gid": (1, 2**31 - 2),
@@ -81,30 +96,128 @@ BOUNDS = {
     "log_limit_bytes": (1 << 20, 1 << 40),
     "min_free_bytes": (0, 1 << 50),
 }
+MAX_TEXT = 4096
+
+
+def _stored_node() -> dict:
+    stored = read_config().get("node") or {}
+    if not isinstance(stored, dict):
+        raise UsageError(f"config file {config_file()}: 'node' must be an object; fix it or run 'infra config list'")
+    return stored
+
+
+def _pick(name: str, overrides: dict, env_vars, stored: dict) -> tuple[object, str, str] | None:
+    """(raw value, origin for messages, source) of one key by precedence, None for the default."""
+    env_value = env_vars.get(KEYS[name].env)
+    if overrides.get(name) is not None:
+        return overrides[name], f"--{name.replace('_', '-')}", "flag"
+    if env_value not in (None, ""):
+        return env_value, KEYS[name].env, "env"
+    if name in stored:
+        return stored[name], f"{config_file()} node.{name}", "config"
+    return None
 
 
 def node_settings(env: dict | None = None, **overrides) -> NodeSettings:
     """The settings in force now; `overrides` (flags) win over the environment (`env`, default
-    os.environ) and the config file."""
+    os.environ), which wins over the config file's "node" section (`infra config set`)."""
     env_vars = os.environ if env is None else env
-    stored = read_config().get("node") or {}
-    if not isinstance(stored, dict):
-        raise UsageError(f"config file {config_file()}: 'node' must be an object")
+    stored = _stored_node()
     values = {}
-    for f in fields(NodeSettings):
-        env_value = env_vars.get(ENV[f.name])
-        if f.name in overrides and overrides[f.name] is not None:
-            raw, origin = overrides[f.name], f"--{f.name.replace('_', '-')}"
-        elif env_value not in (None, ""):
-            raw, origin = env_value, ENV[f.name]
-        elif f.name in stored:
-            raw, origin = stored[f.name], f"{config_file()} node.{f.name}"
-        else:
-            continue
-        values[f.name] = _coerce(f.name, raw, origin)
+    for name in KEYS:
+        picked = _pick(name, overrides, env_vars, stored)
+        if picked is not None:
+            values[name] = _coerce(name, picked[0], picked[1])
     return NodeSettings(**values)
 
 
+def describe_settings(env: dict | None = None) -> list[dict]:
+    """Every node setting for `infra config list`: key, env var, value in force and its source
+    (`env`, `config` or `default`), and what the config file stores (also when the env overrides it)."""
+    env_vars = os.environ if env is None else env
+    stored = _stored_node()
+    defaults = NodeSettings()
+    rows = []
+    for name, key in KEYS.items():
+        picked = _pick(name, {}, env_vars, stored)
+        value = _coerce(name, picked[0], picked[1]) if picked else getattr(defaults, name)
+        in_file = _coerce(name, stored[name], f"{config_file()} node.{name}") if name in stored else None
+        rows.append(
+            {
+                "key": name,
+                "env": key.env,
+                "value": value,
+                "source": picked[2] if picked else "default",
+                "stored": in_file,
+                "help": key.help,
+            }
+        )
+    return rows
+
+
+def setting_name(key: str) -> str:
+    """The setting `key` names (its name, or its environment variable); UsageError listing the keys."""
+    lowered = key.strip().lower()
+    for name, spec in KEYS.items():
+        if lowered in (name, spec.env.lower()):
+            return name
+    raise UsageError(f"unknown node setting {key!r}; valid keys: {', '.join(KEYS)} (see 'infra config list')")
+
+
+def set_setting(key: str, raw: str) -> tuple[str, object]:
+    """Validate `raw` for `key` and store it in the config file's "node" section; (name, stored value).
+
+    A path is stored absolute (the file is read from any directory); sizes and numbers are stored
+    as numbers.
+    """
+    name = setting_name(key)
+    value = _coerce(name, raw, f"infra config set {name}")
+    if KEYS[name].kind == "path":
+        value = str(Path(value).expanduser().resolve())
+
+    def change(data: dict) -> None:
+        node = data.get("node")
+        data["node"] = {**(node if isinstance(node, dict) else {}), name: value}
+
+    update_config(change)
+    return name, value
+
+
+def unset_setting(key: str) -> tuple[str, bool]:
+    """Remove `key` from the config file; (name, whether it was stored)."""
+    name = setting_name(key)
+
+    def change(data: dict) -> bool:
+        node = data.get("node")
+        return isinstance(node, dict) and node.pop(name, None) is not None
+
+    return name, update_config(change)
+
+
+@contextmanager
+def _config_lock():
+    """An exclusive lock on the config dir for a read-modify-write of the config file."""
+    folder = config_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".config.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def update_config(change):
+    """Apply `change(data)` to the config file's object under the lock and write it atomically;
+    returns what `change` returned. Two `infra config set` at once never lose each other's key."""
+    with _config_lock():
+        data = read_config()
+        result = change(data)
+        write_config(data)
+    return result
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SIZE_RE = re.compile(r"(\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 
 
@@ -128,8 +241,8 @@ def _coerce(name: str, raw, origin: str):
             )
         return value
     if name not in BOUNDS:
-        if not isinstance(raw, str):
-            raise UsageError(f"{origin}: must be a string")
+        if not isinstance(raw, str) or not raw.strip() or len(raw) > MAX_TEXT or _CONTROL.search(raw):
+            raise UsageError(f"{origin}: must be a non-empty line of text of at most {MAX_TEXT} characters")
         return raw
     try:
         value = int(raw) if not isinstance(raw, bool) else None

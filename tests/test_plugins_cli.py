@@ -52,7 +52,7 @@ def test_map_paths_rewrites_only_the_image_workdir():
 
 
 def test_parse_output_success_maps_plugin_files():
-    rows = [{"kind": "model", "name": "m", "source_file": "/workdir/model/m.py", "builtin": False}]
+    rows = [{"kind": "model", "name": "m", "source_file": "/workdir/model/m.py", "builtin": False, "params": []}]
     assert parse_output(0, json.dumps(rows), "", Path("/w"), "image x")[0]["source_file"] == "/w/model/m.py"
 
 
@@ -70,6 +70,37 @@ def test_parse_output_without_core_is_an_environment_problem():
         parse_output(1, "", "/usr/bin/python: No module named runner.core.plugins\n", Path("/w"), "a local subprocess")
 
 
+@pytest.mark.parametrize(
+    ("params", "why"),
+    [
+        ({}, "params is not a list"),
+        ([{"name": "x"}], "params item 0 is not an object of name, type, default, required"),
+        ([{"name": "x\x1b[2J", "type": None, "default": 1, "required": False}], "params item 0 has a name"),
+        ([{"name": "x", "type": None, "default": [1], "required": False}], "params item 0 has a name"),
+        ([{"name": "x", "type": None, "default": 1, "required": "no"}], "params item 0: required is not true or false"),
+        ([{"name": "x", "type": None, "default": "y" * 201, "required": False}], "params item 0 has a name"),
+    ],
+)
+def test_discovered_params_are_checked_as_untrusted(params, why):
+    from runner.workdir.plugins import DiscoveryOutputError, check_document
+
+    row = {"kind": "model", "name": "m", "source_file": "/w/m.py", "builtin": False, "params": params}
+    with pytest.raises(DiscoveryOutputError, match=f"item 0: {why}".replace("[", "\\[")):
+        check_document(json.dumps([row]), Path("/w"), "image x")
+
+
+def test_params_text():
+    from runner.workdir.plugins import params_text
+
+    params = [
+        {"name": "hidden", "type": "int", "default": 64, "required": False},
+        {"name": "base", "type": None, "default": "ridge", "required": False},
+        {"name": "alpha", "type": "float", "default": None, "required": True},
+    ]
+    assert params_text(params) == "hidden: int = 64, base = 'ridge', alpha: float (required)"
+    assert params_text([]) == "-"
+
+
 # --- local backend: real plugins in a host subprocess ---------------------------------------------------
 
 
@@ -78,11 +109,21 @@ def test_list_json_has_every_template_plugin(template_copy):
     result = infra("plugins", "list", "--json", "--backend", "local", "--workdir", str(template_copy))
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
-    assert {tuple(sorted(r)) for r in rows} == {("builtin", "kind", "name", "source_file")}
+    assert {tuple(sorted(r)) for r in rows} == {("builtin", "kind", "name", "params", "source_file")}
     plugins = {(r["kind"], r["name"], r["source_file"]) for r in rows if not r["builtin"]}
     assert plugins == {(k, n, str(template_copy / f)) for k, n, f in TEMPLATE_PLUGINS}
     builtins = {(r["kind"], r["name"]) for r in rows if r["builtin"]}
     assert {("model", "linear"), ("embedding", "onehot"), ("metric", "spearman"), ("vocab", "IUPAC")} <= builtins
+    params = {(r["kind"], r["name"]): r["params"] for r in rows}
+    assert params[("model", "tiny_attention")][0] == {
+        "name": "d_model",
+        "type": "int",
+        "default": 32,
+        "required": False,
+    }
+    assert [p["name"] for p in params[("model", "linear")]] == ["l2", "lr_scale"]  # seq_len, in_dim: the runner's
+    assert params[("metric", "ndcg")] == [{"name": "top_fraction", "type": "float", "default": 0.1, "required": False}]
+    assert params[("metric", "spearman")] == [] and params[("split", "random")] == []
 
 
 @pytest.mark.core
@@ -90,9 +131,15 @@ def test_list_table_marks_builtins(template_copy):
     result = infra("plugins", "list", "--backend", "local", "--workdir", str(template_copy))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["KIND", "NAME", "SOURCE"]
-    assert any(line.split() == ["model", "tiny_attention", "model/tiny_attention.py"] for line in lines)
-    assert any(line.split() == ["model", "linear", "(built-in)"] for line in lines)
+    assert lines[0].split() == ["KIND", "NAME", "SOURCE", "PARAMETERS"]
+    assert any(
+        line.split()[:5] == ["model", "tiny_attention", "model/tiny_attention.py", "d_model:", "int"] for line in lines
+    )
+    assert any(
+        line.endswith("(built-in)  l2: float = 1.0, lr_scale: float = 10.0") and line.split()[:2] == ["model", "linear"]
+        for line in lines
+    )
+    assert any(line.split() == ["metric", "spearman", "(built-in)", "-"] for line in lines)
     assert "4 plugin component(s)" in result.stderr
 
 

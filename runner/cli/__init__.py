@@ -20,8 +20,10 @@ from runner import __version__
 # each start); the host CLI uses none. Set before pydantic is imported; a caller's value wins.
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 from runner.cli import compare as _compare
+from runner.cli import config as _config
 from runner.cli import data as _data
 from runner.cli import experiments as _experiments
+from runner.cli import housekeeping as _housekeeping
 from runner.cli import plugins as _plugins
 from runner.cli import queue as _queue
 from runner.cli import run as _run
@@ -32,7 +34,7 @@ app = typer.Typer(
     name="infra",
     help="Validate protein-fitness experiment plans and run them in containers.\n\nExample: infra run plan.json --gpus all",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain click help: rich formatting costs ~0.1 s of start-up
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -82,6 +84,9 @@ app.command("submit")(_queue.submit)
 app.command("worker")(_queue.worker)
 app.add_typer(_queue.queue_app, name="queue")
 app.command("node")(_queue.node)
+app.command("rm")(_housekeeping.rm)
+app.command("prune")(_housekeeping.prune)
+app.add_typer(_config.app, name="config")
 
 
 def _click_module():

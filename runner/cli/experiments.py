@@ -1,5 +1,7 @@
 """`infra status`, `infra logs`, `infra stop`, `infra ls`: experiments as the engine really sees them."""
 
+import re
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -7,6 +9,7 @@ import typer
 
 from runner.cli.output import emit_json, say
 from runner.cli.run import WORKDIR_OPT, _workdir
+from runner.lines import terminal_safe
 
 JSON_OPT = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 ID_ARG = Annotated[str, typer.Argument(help="Experiment id (from 'infra run' or 'infra ls').")]
@@ -31,6 +34,11 @@ STATUS_KEYS = (
 )
 
 
+MAIN_METRIC = ("test", "spearman")
+ERROR_LINE = re.compile(r"^(?:infra-train: error: .+|(?:[A-Za-z_][\w.]*)?(?:Error|Exception|Interrupt|Exit)\b.*)$")
+ERROR_TAIL_LINES = 60
+
+
 def status_document(record: dict) -> dict:
     doc = {k: record.get(k) for k in STATUS_KEYS}
     doc["verified"] = record.get("verified", True)
@@ -41,8 +49,40 @@ def status_document(record: dict) -> dict:
     return doc
 
 
+def error_reason(log_tail: str) -> str | None:
+    """The training's own account of a failure (pure): its last `infra-train: error: …` line, else
+    the last line that looks like an exception (`ValueError: …`), from the end of its log."""
+    lines = [line.strip() for line in log_tail.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("infra-train: error: "):
+            return line[len("infra-train: error: ") :][:500]
+    for line in reversed(lines):
+        if ERROR_LINE.match(line):
+            return line[:500]
+    return None
+
+
+def failure(record: dict) -> dict | None:
+    """{"message": the record's message, "reason": the core's error line, "log": the log path} of a
+    failed or lost experiment, else None."""
+    if record.get("state") not in ("failed", "lost") or not record.get("exp_dir"):
+        return None
+    from runner.run.logs import tail_text
+    from runner.run.records import Experiment
+
+    exp = Experiment(Path(record["exp_dir"]))
+    return {
+        "message": record.get("message"),
+        "reason": error_reason(tail_text(exp, ERROR_TAIL_LINES)),
+        "log": str(exp.container_log),
+    }
+
+
 def status(experiment_id: ID_ARG, json_out: JSON_OPT = False, workdir: WORKDIR_OPT = None) -> None:
     """Show an experiment's state, checked against the engine (exit 4 if unknown).
+
+    A failed or lost experiment shows its error line (the training's own error, else the record's
+    message) and its log; with --json as "failure": {message, reason, log}.
 
     Example: infra status blat-linear-3f2a9c01de --json
     """
@@ -51,12 +91,18 @@ def status(experiment_id: ID_ARG, json_out: JSON_OPT = False, workdir: WORKDIR_O
 
     record = reconcile(find(_workdir(workdir), experiment_id))
     doc = status_document(record)
+    failed = failure(record)
+    if failed:
+        doc["failure"] = failed  # not "error": that key marks a command's own error document
     if json_out:
         emit_json(doc)
         return
     for key, value in doc.items():
         if value is not None and not isinstance(value, dict):
             typer.echo(f"{key:14} {value}")
+    if failed:
+        typer.echo(f"{'error':14} {terminal_safe(failed['reason'] or failed['message'] or 'no reason recorded')}")
+        typer.echo(f"{'log':14} {failed['log']} (infra logs {record.get('experiment_id')})")
     if doc.get("test"):
         typer.echo(
             "test           " + ", ".join(f"{k} {v:.4f}" for k, v in doc["test"].items() if isinstance(v, float))
@@ -137,15 +183,44 @@ def ls(
     json_out: JSON_OPT = False,
     workdir: WORKDIR_OPT = None,
 ) -> None:
-    """List the workdir's experiments with their reconciled states, newest first.
+    """List the workdir's experiments with their reconciled states and test Spearman, newest first.
+
+    A header row, then one row per experiment (a table on a terminal, aligned text otherwise).
+    With --json each experiment also has "test_spearman" (null without metrics).
 
     Example: infra ls --state running --since 24h --json
     """
     from runner.run.reconcile import list_experiments
 
     rows = list_experiments(_workdir(workdir), states=state or None, since=since)
+    docs = [status_document(r) for r in rows]
+    split, name = MAIN_METRIC
+    for doc in docs:
+        value = (doc.get(split) or {}).get(name)
+        doc[f"{split}_{name}"] = value if isinstance(value, int | float) else None
     if json_out:
-        emit_json({"experiments": [status_document(r) for r in rows]})
+        emit_json({"experiments": docs})
         return
-    for r in rows:
-        typer.echo(f"{r['experiment_id']:48} {r['state']:10} {r.get('backend') or '':7} {r.get('created_at') or ''}")
+    headers = ["EXPERIMENT", "STATE", "BACKEND", "CREATED", f"{split.upper()} {name.upper()}"]
+    cells = [
+        [
+            terminal_safe(str(d["experiment_id"])),
+            str(d["state"]),
+            str(d.get("backend") or ""),
+            str(d.get("created_at") or ""),
+            "-" if d[f"{split}_{name}"] is None else f"{d[f'{split}_{name}']:.4f}",
+        ]
+        for d in docs
+    ]
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*headers, box=None, header_style="bold")
+        for row in cells:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    widths = [max(len(r[i]) for r in [headers, *cells]) for i in range(len(headers))]
+    for row in [headers, *cells]:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())

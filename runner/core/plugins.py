@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import inspect
 import logging
+import math
 import os
 import sys
 import traceback
@@ -107,8 +109,55 @@ def load_plugins(workdir: str | Path | None) -> list[types.ModuleType]:
     return loaded
 
 
+# What the runner itself passes to each kind's factory: not plan parameters.
+RUNNER_ARGS = {
+    "model": ("seq_len", "in_dim", "n_outputs"),
+    "embedding": ("vocab",),
+    "metric": ("y_true", "y_pred"),
+    "split": ("variants", "spec"),  # a split's settings are the plan's split.* keys
+    "vocab": (),
+}
+MAX_SHOWN = 200
+
+
+def describe_params(kind: str, factory) -> list[dict]:
+    """The plan parameters a factory takes: `{"name", "type", "default", "required"}` each (the
+    arguments the runner passes and `*args`/`**kwargs` left out; a type or default that is not
+    plain JSON shown as bounded text)."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return []
+    out = []
+    for p in sig.parameters.values():
+        if p.name in RUNNER_ARGS.get(kind, ()) or p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        annotation = None if p.annotation is p.empty else p.annotation
+        if annotation is not None and not isinstance(annotation, str):
+            annotation = getattr(annotation, "__name__", None) or str(annotation)
+        default = None if p.default is p.empty else p.default
+        if not (default is None or isinstance(default, bool | int | str) or _finite_float(default)):
+            default = repr(default)
+        if isinstance(default, str):
+            default = default[:MAX_SHOWN]
+        out.append(
+            {
+                "name": p.name,
+                "type": annotation[:MAX_SHOWN] if annotation else None,
+                "default": default,
+                "required": p.default is p.empty,
+            }
+        )
+    return out
+
+
+def _finite_float(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
+
+
 def describe_registries() -> list[dict]:
-    """Every registered component: `{"kind", "name", "source_file", "builtin"}` (for `infra plugins list`)."""
+    """Every registered component: `{"kind", "name", "source_file", "builtin", "params"}` (for
+    `infra plugins list`); `params` as `describe_params`."""
     from runner.core.builtins import registries
 
     rows = []
@@ -121,6 +170,7 @@ def describe_registries() -> list[dict]:
                     "name": entry.name,
                     "source_file": entry.source_file,
                     "builtin": not module.startswith(NAMESPACE),
+                    "params": describe_params(kind, entry.factory),
                 }
             )
     return rows

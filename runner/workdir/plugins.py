@@ -47,6 +47,9 @@ MAX_DOCUMENT_BYTES = 8 << 20  # the template's document is about 3 KB
 MAX_COMPONENTS = 10_000
 STDERR_TAIL_BYTES = 64 << 10
 ROW_KEYS = {"kind": 100, "name": 200, "source_file": 4096}  # string fields and their longest values
+PARAM_KEYS = {"name", "type", "default", "required"}
+MAX_PARAMS = 200  # per component
+PARAM_TEXT = 200  # longest name, type or text default
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _WHERE_RE = re.compile(r"^plugin (?P<file>.+?)(?::(?P<line>\d+))?: (?P<error>\w+): (?P<detail>.*)$")
 
@@ -100,8 +103,10 @@ def check_document(data: bytes | str, workdir: Path, where: str) -> list[dict]:
     if len(rows) > MAX_COMPONENTS:
         raise DiscoveryOutputError(workdir, where, f"{len(rows)} components, more than {MAX_COMPONENTS}")
     for i, row in enumerate(rows):
-        if not isinstance(row, dict) or set(row) != {*ROW_KEYS, "builtin"}:
-            raise DiscoveryOutputError(workdir, where, f"item {i} is not an object of kind, name, source_file, builtin")
+        if not isinstance(row, dict) or set(row) != {*ROW_KEYS, "builtin", "params"}:
+            raise DiscoveryOutputError(
+                workdir, where, f"item {i} is not an object of kind, name, source_file, builtin, params"
+            )
         for key, longest in ROW_KEYS.items():
             value = row[key]
             if not isinstance(value, str) or len(value) > longest or _CONTROL.search(value):
@@ -110,12 +115,37 @@ def check_document(data: bytes | str, workdir: Path, where: str) -> list[dict]:
                 )
         if not isinstance(row["builtin"], bool):
             raise DiscoveryOutputError(workdir, where, f"item {i}: builtin is not true or false")
+        why = _params_problem(row["params"])
+        if why:
+            raise DiscoveryOutputError(workdir, where, f"item {i}: params {why}")
     return rows
+
+
+def _text(value, allow_none: bool = False) -> bool:
+    if value is None:
+        return allow_none
+    return isinstance(value, str) and len(value) <= PARAM_TEXT and not _CONTROL.search(value)
+
+
+def _params_problem(params) -> str | None:
+    """What is wrong with a component's `params` list (pure), None when it is well-formed."""
+    if not isinstance(params, list) or len(params) > MAX_PARAMS:
+        return f"is not a list of at most {MAX_PARAMS} parameters"
+    for j, param in enumerate(params):
+        if not isinstance(param, dict) or set(param) != PARAM_KEYS:
+            return f"item {j} is not an object of name, type, default, required"
+        default = param["default"]
+        plain = isinstance(default, bool | int | float) or _text(default, allow_none=True)
+        if not (_text(param["name"]) and _text(param["type"], allow_none=True) and plain):
+            return f"item {j} has a name, type or default that is not short printable text or a number"
+        if not isinstance(param["required"], bool):
+            return f"item {j}: required is not true or false"
+    return None
 
 
 @dataclass(frozen=True)
 class Discovery:
-    """What a workdir registers: `components` as `[{kind, name, source_file, builtin}]`, and where it was read."""
+    """What a workdir registers: `components` as `[{kind, name, source_file, builtin, params}]`, and where it was read."""
 
     components: list[dict]
     backend: str
@@ -236,13 +266,23 @@ def _discover_docker(workdir: Path, client, on_log: Callable[[str], None]) -> Di
     return Discovery(parse_output(code, stdout, stderr, workdir, f"image {tag}"), "docker", tag)
 
 
+def params_text(params: list[dict]) -> str:
+    """`hidden: int = 64, base: str = 'ridge', alpha: float (required)` (pure)."""
+    parts = []
+    for p in params:
+        text = p["name"] + (f": {p['type']}" if p["type"] else "")
+        text += " (required)" if p["required"] else f" = {p['default']!r}"
+        parts.append(text)
+    return ", ".join(parts) or "-"
+
+
 def table(components: list[dict], workdir: Path | None = None) -> str:
-    """Aligned `KIND NAME SOURCE` lines, plugins marked; sources under the workdir shown relative."""
-    rows = [("KIND", "NAME", "SOURCE")]
+    """Aligned `KIND NAME SOURCE PARAMETERS` lines, plugins marked; sources under the workdir shown relative."""
+    rows = [("KIND", "NAME", "SOURCE", "PARAMETERS")]
     for c in sorted(components, key=lambda c: (c["kind"], c["builtin"], c["name"])):
         source = c["source_file"]
         if workdir is not None and source.startswith(str(workdir) + "/"):
             source = source[len(str(workdir)) + 1 :]
-        rows.append((c["kind"], c["name"], "(built-in)" if c["builtin"] else source))
-    widths = [max(len(r[i]) for r in rows) for i in range(2)]
-    return "\n".join(f"{r[0]:{widths[0]}}  {r[1]:{widths[1]}}  {r[2]}" for r in rows)
+        rows.append((c["kind"], c["name"], "(built-in)" if c["builtin"] else source, params_text(c["params"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{r[0]:{widths[0]}}  {r[1]:{widths[1]}}  {r[2]:{widths[2]}}  {r[3]}".rstrip() for r in rows)

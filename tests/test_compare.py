@@ -1,0 +1,320 @@
+"""`infra compare` (differing plan keys, --where, --group-by, --csv, --json, --plot), `infra ls` and
+`infra status` of a failed run, on experiment directories made by real runs.
+
+One module-scoped sweep with the local backend (a real training process on the demo database, one
+epoch, 600 variants): model linear × seeds 0 and 1 succeed, the `boom` plugin model fails at its
+first step (seeds 0 and 1). Hand-made copies of those directories are tampered for the bad paths.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from runner.errors import UsageError
+from runner.run.compare import differing_keys, filter_rows, flatten, group_rows, parse_where, to_csv
+from tests.helpers import REPO, infra, infra_env
+from tests.test_sweep import BOOM, SMALL
+
+pytestmark = pytest.mark.core
+STATUS_SCHEMA = json.loads((REPO / "schemas" / "status.schema.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """(workdir, {(model, seed): experiment_id}) after a real 2 × 2 sweep."""
+    from runner.data.importer import build_demo_db
+
+    work = tmp_path_factory.mktemp("compare") / "work"
+    shutil.copytree(REPO / "plugins_template", work)
+    build_demo_db(work / "data" / "blat_ecolx.db")
+    (work / "model" / "boom.py").write_text(BOOM)
+    args = ["run", "plans/demo.json", "--backend", "local", *SMALL, "--json"]
+    result = infra(*args, "--sweep", "model.name=linear,boom", "--sweep", "train.seed=0,1", workdir=work)
+    assert result.returncode == 1, result.stderr[-2000:]
+    ids = {
+        (e["values"]["model.name"], e["values"]["train.seed"]): e["experiment_id"]
+        for e in json.loads(result.stdout)["experiments"]
+    }
+    states = {k: json.loads((work / "experiments" / i / "status.json").read_text())["state"] for k, i in ids.items()}
+    assert states == {
+        ("linear", 0): "succeeded",
+        ("linear", 1): "succeeded",
+        ("boom", 0): "failed",
+        ("boom", 1): "failed",
+    }
+    return work, ids
+
+
+def compare_json(work: Path, *args: str) -> dict:
+    result = infra("compare", *args, "--json", workdir=work)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_columns_for_every_differing_plan_key(swept):
+    work, ids = swept
+    doc = compare_json(work)
+    assert doc["differing"] == ["model.name", "train.seed"]
+    rows = doc["experiments"]
+    assert [r["experiment_id"] for r in rows[:2]] == sorted(
+        [ids["linear", 0], ids["linear", 1]],
+        key=lambda i: -next(r["test"]["spearman"] for r in rows if r["experiment_id"] == i),
+    )
+    assert rows[0]["plan"]["data.limit"] == 600 and rows[0]["plan"]["train.max_epochs"] == 1
+    human = infra("compare", ids["linear", 0], ids["linear", 1], workdir=work)
+    assert human.returncode == 0, human.stderr
+    header, *lines = human.stdout.splitlines()
+    assert header.split()[:6] == ["experiment", "state", "model", "embedding", "train.seed", "test.spearman"]
+    seeds = {line.split()[0]: line.split()[4] for line in lines}
+    assert seeds == {ids["linear", 0]: "0", ids["linear", 1]: "1"}  # the two sweep points are told apart
+
+
+def test_where_filters_with_json_typed_values(swept):
+    work, ids = swept
+    linear = compare_json(work, "--where", "model.name=linear")["experiments"]
+    assert {r["experiment_id"] for r in linear} == {ids["linear", 0], ids["linear", 1]}
+    both = compare_json(work, "--where", "model.name=linear", "--where", "train.seed=1")["experiments"]
+    assert [r["experiment_id"] for r in both] == [ids["linear", 1]]
+    assert compare_json(work, "--where", 'train.seed="1"')["experiments"] == []  # the text "1" is not the number 1
+    bad = infra("compare", "--where", "train.nope=1", workdir=work)
+    assert bad.returncode == 2
+    assert "--where train.nope: no compared experiment has this plan key; keys: data.dataset" in bad.stderr
+    malformed = infra("compare", "--where", "model.name", workdir=work)
+    assert malformed.returncode == 2 and "--where 'model.name': expected KEY=VALUE" in malformed.stderr
+
+
+def test_group_by_seed_gives_mean_and_sd(swept):
+    work, ids = swept
+    doc = compare_json(work, "--group-by", "train.seed")
+    rows = {r["experiment_id"]: r for r in doc["experiments"]}
+    linear, boom = doc["groups"]
+    values = [rows[ids["linear", s]]["test"]["spearman"] for s in (0, 1)]
+    assert linear["config"] == {"model.name": "linear"} and linear["n"] == 2
+    assert linear["test"]["spearman"] == {
+        "mean": pytest.approx(statistics.fmean(values)),
+        "sd": pytest.approx(statistics.stdev(values)),
+        "n": 2,
+    }
+    assert sorted(linear["grouped_over"]["train.seed"]) == [0, 1]
+    assert boom["config"] == {"model.name": "boom"} and boom["n"] == 2 and boom["test"] == {}
+    human = infra("compare", "--group-by", "train.seed", workdir=work)
+    header, first, second = human.stdout.splitlines()
+    assert header.split()[:6] == ["model", "embedding", "n", "test.spearman", "sd", "test.mae"]
+    assert first.split()[:5] == [
+        "linear",
+        "onehot",
+        "2/2",
+        f"{statistics.fmean(values):.4f}",
+        f"{statistics.stdev(values):.4f}",
+    ]
+    assert second.split()[:3] == ["boom", "onehot", "0/2"]
+    unknown = infra("compare", "--group-by", "train.seeds", workdir=work)
+    assert (
+        unknown.returncode == 2 and "--group-by train.seeds: no compared experiment has this plan key" in unknown.stderr
+    )
+
+
+def test_csv_to_stdout_and_to_a_file(swept, tmp_path):
+    work, ids = swept
+    doc = compare_json(work, "--where", "model.name=linear")
+    out = infra("compare", "--where", "model.name=linear", "--csv", "-", workdir=work)
+    assert out.returncode == 0, out.stderr
+    table = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert [r["experiment"] for r in table] == [r["experiment_id"] for r in doc["experiments"]]
+    assert float(table[0]["test.spearman"]) == doc["experiments"][0]["test"]["spearman"]  # full precision
+    assert {r["train.seed"] for r in table} == {"0", "1"} and "model.name" not in table[0]
+    target = tmp_path / "grouped.csv"
+    grouped = infra("compare", "--group-by", "train.seed", "--csv", str(target), workdir=work)
+    assert grouped.returncode == 0 and f"CSV written to {target}" in grouped.stderr
+    rows = list(csv.reader(target.open()))
+    assert rows[0][:4] == ["model", "embedding", "n", "test.spearman"] and rows[1][:3] == ["linear", "onehot", "2/2"]
+    assert rows[2][3] == ""  # boom: no mean
+    clash = infra("compare", "--json", "--csv", "-", workdir=work)
+    assert clash.returncode == 2 and "give --csv a file name" in clash.stderr
+    nowhere = infra("compare", "--csv", str(tmp_path / "no" / "x.csv"), workdir=work)
+    assert nowhere.returncode == 2 and "does not exist; create it first" in nowhere.stderr
+
+
+def test_plot_draws_a_png_and_checks_its_path(swept, tmp_path):
+    work, _ = swept
+    target = tmp_path / "side_by_side.png"
+    result = infra("compare", "--group-by", "train.seed", "--plot", str(target), workdir=work)
+    assert result.returncode == 0, result.stderr
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 10_000
+    ungrouped = infra("compare", "--plot", str(tmp_path / "rows.png"), workdir=work)
+    assert ungrouped.returncode == 0 and (tmp_path / "rows.png").exists()
+    assert infra("compare", "--plot", str(tmp_path / "x.jpg"), workdir=work).returncode == 2
+    missing = infra("compare", "--plot", str(tmp_path / "no" / "x.png"), workdir=work)
+    assert missing.returncode == 2 and f"folder {tmp_path / 'no'} does not exist" in missing.stderr
+
+
+def test_plot_without_matplotlib_names_the_extra(swept, tmp_path):
+    work, _ = swept
+    blocker = tmp_path / "blocker" / "matplotlib"  # a host-only install: importing matplotlib fails
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    env = {"PYTHONPATH": f"{tmp_path / 'blocker'}{os.pathsep}{REPO}"}
+    result = infra("compare", "--plot", str(tmp_path / "p.png"), workdir=work, env=env)
+    assert result.returncode == 3
+    assert result.stderr.strip() == (
+        "infra: error: --plot needs matplotlib, which this Python lacks; install the plot extra: "
+        "pip install 'infra[plot]'"
+    )
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_compare_with_plot_never_imports_torch(swept, tmp_path):
+    work, _ = swept
+    code = (
+        "import sys\nfrom runner.cli import main\n"
+        f"try:\n    main(['compare', '--group-by', 'train.seed', '--plot', {str(tmp_path / 'p.png')!r}])\n"
+        "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
+        "assert 'torch' not in sys.modules and 'lightning' not in sys.modules, 'torch imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=infra_env(work), capture_output=True, text=True, timeout=300, cwd=work
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_tampered_experiment_files_are_not_followed(swept, tmp_path):
+    work, ids = swept
+    source = work / "experiments" / ids["linear", 0]
+    copy = tmp_path / "work" / "experiments" / "blat-demo-tampered00"
+    shutil.copytree(source, copy, symlinks=True)
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"name": "secret", "train": {"lr": 99}}))
+    (copy / "config" / "plan.json").unlink()
+    (copy / "config" / "plan.json").symlink_to(secret)
+    (copy / "metrics" / "metrics.json").write_text("[1, 2, 3]")  # not an object
+    status = json.loads((copy / "status.json").read_text())
+    (copy / "status.json").write_text(json.dumps({**status, "experiment_id": copy.name}))
+    result = infra("compare", "--json", workdir=tmp_path / "work")
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)["experiments"]
+    assert row["plan"] == {} and row["test"] == {} and row["model"] is None
+    (copy / "status.json").write_text("{not json")
+    damaged = json.loads(infra("compare", "--json", workdir=tmp_path / "work").stdout)["experiments"]
+    assert damaged[0]["state"] == "unreadable"
+
+
+def test_ls_has_a_header_and_the_main_metric(swept):
+    work, ids = swept
+    result = infra("ls", workdir=work)
+    assert result.returncode == 0, result.stderr
+    header, *lines = result.stdout.splitlines()
+    assert header.split() == ["EXPERIMENT", "STATE", "BACKEND", "CREATED", "TEST", "SPEARMAN"]
+    cells = {line.split()[0]: line.split() for line in lines}
+    doc = compare_json(work)
+    spearman = {r["experiment_id"]: r["test"].get("spearman") for r in doc["experiments"]}
+    assert cells[ids["linear", 0]][1:3] == ["succeeded", "local"]
+    assert cells[ids["linear", 0]][4] == f"{spearman[ids['linear', 0]]:.4f}"
+    assert cells[ids["boom", 1]][1] == "failed" and cells[ids["boom", 1]][4] == "-"
+    listed = json.loads(infra("ls", "--json", workdir=work).stdout)["experiments"]
+    for doc in listed:
+        jsonschema.validate(doc, STATUS_SCHEMA)
+    by_id = {d["experiment_id"]: d for d in listed}
+    assert by_id[ids["linear", 1]]["test_spearman"] == spearman[ids["linear", 1]]
+    assert by_id[ids["boom", 0]]["test_spearman"] is None and by_id[ids["boom", 0]]["state"] == "failed"
+
+
+def test_ls_on_a_terminal_is_a_table(swept):
+    import pty
+
+    work, ids = swept
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in infra_env(work).items() if k != "NO_COLOR"} | {"COLUMNS": "200", "TERM": "xterm"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", "ls"], stdout=follower, stderr=subprocess.PIPE, env=env, cwd=work
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    raw = b"".join(chunks).decode()
+    assert "\x1b[1m" in raw  # rich's bold header: the terminal table, not the plain text
+    text = re.sub(r"\x1b\[[0-9;]*m", "", raw)
+    lines = [line.split() for line in text.splitlines() if line.strip()]
+    assert lines[0] == ["EXPERIMENT", "STATE", "BACKEND", "CREATED", "TEST", "SPEARMAN"]
+    assert {line[0] for line in lines[1:]} == set(ids.values())
+
+
+def test_status_of_a_failed_run_shows_the_error_line(swept):
+    work, ids = swept
+    exp_dir = work / "experiments" / ids["boom", 0]
+    result = infra("status", ids["boom", 0], workdir=work)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    assert lines["state"] == "failed"
+    assert lines["error"] == "RuntimeError: boom on purpose"
+    assert lines["log"] == f"{exp_dir / 'container.log'} (infra logs {ids['boom', 0]})"
+    doc = json.loads(infra("status", ids["boom", 0], "--json", workdir=work).stdout)
+    jsonschema.validate(doc, STATUS_SCHEMA)
+    assert doc["failure"] == {
+        "message": f"training exited with code 1; see {exp_dir / 'container.log'}",
+        "reason": "RuntimeError: boom on purpose",
+        "log": str(exp_dir / "container.log"),
+    }
+    ok = json.loads(infra("status", ids["linear", 0], "--json", workdir=work).stdout)
+    assert "failure" not in ok and "error" not in ok
+
+
+# --- pure parts -------------------------------------------------------------------------------------
+
+
+def test_flatten_bounds_untrusted_plans():
+    deep: dict = {"leaf": 1}
+    for _ in range(20):
+        deep = {"d": deep}
+    flat = flatten({"a": {"b": [1, 2]}, "s": "x" * 1000, "deep": deep, "e": {}, "t": True})
+    assert flat["a.b"] == "[1, 2]" and len(flat["s"]) == 200 and flat["t"] is True and flat["e"] == "{}"
+    assert max(k.count(".") for k in flat) <= 9
+    assert len(flatten({f"k{i}": i for i in range(5000)})) == 1000
+    assert flatten([1, 2]) == {}
+
+
+def test_differing_filter_group_pure():
+    rows = [
+        {
+            "experiment_id": f"e{i}",
+            "plan": {"m": m, "seed": s, "lr": 0.1},
+            "test": {"spearman": v},
+            "val": {},
+            "model": None,
+            "embedding": None,
+        }
+        for i, (m, s, v) in enumerate([("a", 0, 0.5), ("a", 1, 0.7), ("b", 0, 0.9), ("b", 1, None)])
+    ]
+    assert differing_keys(rows) == ["m", "seed"]
+    assert [r["experiment_id"] for r in filter_rows(rows, parse_where(["m=b", "seed=0"]))] == ["e2"]
+    groups = group_rows(rows, ["seed"], "spearman")
+    assert [g["config"] for g in groups] == [{"m": "b"}, {"m": "a"}]  # 0.9 (one value) beats 0.6
+    assert groups[0]["test"]["spearman"] == {"mean": 0.9, "sd": None, "n": 1}
+    assert groups[1]["test"]["spearman"]["sd"] == pytest.approx(statistics.stdev([0.5, 0.7]))
+    with pytest.raises(UsageError, match="expected KEY=VALUE"):
+        parse_where(["=1"])
+
+
+def test_csv_quotes_formula_like_text():
+    text = to_csv(["a", "b"], [["=HYPERLINK(1)", -1.5], [None, "@x"]])
+    assert text.splitlines() == ["a,b", "'=HYPERLINK(1),-1.5", ",'@x"]
