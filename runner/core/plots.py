@@ -79,11 +79,11 @@ def predicted_vs_measured(
     path: Path,
     write,
     regression: bool = True,
-) -> None:
+) -> str:
     """Test predictions against measurements: points, or density above `DENSITY_THRESHOLD` variants.
 
     Regression adds the y = x line on shared axes (a perfect model lies on it); a classifier's
-    probabilities against 0/1 labels have no such line.
+    probabilities against 0/1 labels have no such line. Returns "points" or "density".
     """
     plt = _figure()
     y_true, y_pred = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float)
@@ -110,6 +110,7 @@ def predicted_vs_measured(
     rho = "n/a" if spearman is None else f"{spearman:.3f}"
     ax.set_title(f"Test set: Spearman {rho} (n={n:,})")
     _save(plt, fig, path, write)
+    return "density" if n > DENSITY_THRESHOLD else "points"
 
 
 def per_mut_num(
@@ -200,8 +201,7 @@ def single_mutant_heatmap(mutants, y_true: np.ndarray, y_pred: np.ndarray, targe
     import matplotlib as mpl
 
     n_pos = len(labels)
-    cmap = mpl.colormaps["viridis"].copy()
-    cmap.set_bad("0.85")
+    cmap = mpl.colormaps["viridis"].with_extremes(bad="0.85")
     wide = n_pos > 40
     cell = 0.16
     if wide:
