@@ -195,7 +195,7 @@ def test_detached_run_is_tracked_once_by_whoever_finalises_it(mlflow_server, tmp
 
 @pytest.mark.core
 @pytest.mark.slow
-def test_unreachable_server_warns_and_the_run_still_succeeds(tmp_path):
+def test_unreachable_server_warns_and_the_run_still_succeeds(tmp_path, mlflow_server):
     work = local_workdir(tmp_path)
     closed = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     plan = write_plan(work, "unreachable", tracking={"mlflow_uri": closed})
@@ -210,6 +210,19 @@ def test_unreachable_server_warns_and_the_run_still_succeeds(tmp_path):
     assert event["mlflow_uri"] == closed and "Connection" in event["error"]
     assert not host_events(Path(doc["exp_dir"]), "tracked")
     assert time.monotonic() - t0 < 300
+
+    # `infra track` logs it later; its own failures are errors
+    exp_id = doc["experiment_id"]
+    again = infra("track", exp_id, workdir=work)
+    assert again.returncode == 3 and f"not logged to MLflow at {closed}" in again.stderr, again.stderr
+    tracked = infra("track", exp_id, "--mlflow-uri", mlflow_server, "--experiment", "infra-later", "--json",
+                    workdir=work)  # fmt: skip
+    assert tracked.returncode == 0, tracked.stderr
+    (run,) = runs_of(mlflow_server, "infra-later")
+    assert json.loads(tracked.stdout)["run_id"] == run.info.run_id
+    assert run.data.tags["infra.experiment_id"] == exp_id and "test_spearman" in run.data.metrics
+    bad = infra("track", exp_id, "--mlflow-uri", "https://user:secret@mlflow.lab", workdir=work)
+    assert bad.returncode == 2 and "--mlflow-uri" in bad.stderr and "secret" not in bad.stderr
 
 
 def test_tampered_plan_is_not_trusted_for_tracking(tmp_path):

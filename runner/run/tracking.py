@@ -94,6 +94,50 @@ def track_finished(exp: Experiment, record: dict) -> str | None:
     return run_id
 
 
+def track_again(exp: Experiment, record: dict, uri: str | None = None, experiment: str | None = None) -> dict:
+    """`infra track`: log a finished attempt (again: a new MLflow run), to the plan's server or `uri`.
+
+    Unlike the automatic logging, problems are errors: UsageError (exit 2) for an attempt that has
+    not ended or nowhere to log to, EnvironmentProblem (exit 3) when the server cannot be reached.
+    """
+    from pydantic import ValidationError
+
+    from runner.errors import UsageError
+    from runner.plan.models import TrackingSpec
+
+    if record.get("state") not in TRACKED_STATES:
+        raise UsageError(
+            f"experiment {exp.id} is {record.get('state')}: only a succeeded, failed or cancelled attempt can be tracked"
+        )
+    plan = verified_plan(exp, record)
+    if plan is None:
+        raise UsageError(f"experiment {exp.id} has no config/plan.json to log")
+    section = dict(plan.get("tracking") or {})
+    if uri is not None:
+        section["mlflow_uri"] = uri
+    if experiment is not None:
+        section["experiment"] = experiment
+    if "mlflow_uri" not in section:
+        raise UsageError(f"experiment {exp.id}'s plan has no tracking section: give --mlflow-uri")
+    try:
+        spec = TrackingSpec.model_validate(section)
+    except ValidationError:
+        raise UsageError(
+            "--mlflow-uri: use http(s)://host[:port][/path] without user, password, query or fragment; "
+            "--experiment: 1-256 printable characters"
+        ) from None
+    require_client(f"experiment {exp.id}")
+    name = spec.experiment or plan["name"]
+    try:
+        run_id = _log_attempt(exp, record, plan, spec.mlflow_uri, name)
+    except Exception as exc:  # noqa: BLE001 - reported as the command's error
+        error = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        exp.event("tracking_failed", mlflow_uri=spec.mlflow_uri, error=error)
+        raise EnvironmentProblem(f"experiment {exp.id} not logged to MLflow at {spec.mlflow_uri}: {error}") from None
+    exp.event("tracked", mlflow_uri=spec.mlflow_uri, mlflow_experiment=name, run_id=run_id)
+    return {"experiment_id": exp.id, "mlflow_uri": spec.mlflow_uri, "mlflow_experiment": name, "run_id": run_id}
+
+
 def verified_plan(exp: Experiment, record: dict) -> dict | None:
     """The experiment's `config/plan.json` if it is the plan the host wrote (same sha256), else an error.
 
