@@ -159,6 +159,12 @@ def test_container_run_is_tracked_and_logs_csv_and_tensorboard(mlflow_server, ba
     board = EventAccumulator(str(events_file.parent))
     board.Reload()
     assert {"train_loss", "val_loss", "val_spearman"} <= set(board.Tags()["scalars"])
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+    # `tensorboard --logdir <workdir>/experiments/` finds the run, named by its path
+    runs = EventMultiplexer().AddRunsFromDirectory(str(workdir / "experiments"))
+    runs.Reload()
+    assert f"{doc['experiment_id']}/logs/tensorboard/version_0" in runs.Runs()
     spearman = [e.value for e in board.Scalars("val_spearman")]
     epochs = [json.loads(line) for line in (exp_dir / "metrics" / "metrics.jsonl").read_text().splitlines()]
     assert spearman == pytest.approx([e["val_spearman"] for e in epochs])

@@ -337,7 +337,6 @@ class LocalBackend:
         return self.finish(exp, record, self.exit_code(exp))
 
     def stop(self, exp: Experiment, record: dict, timeout: int, reason: str) -> dict:
-
         pid = int(record["pid"])
         try:
             os.kill(pid, signal.SIGTERM)  # the wrapper forwards it to the core

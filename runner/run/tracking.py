@@ -74,9 +74,10 @@ def track_finished(exp: Experiment, record: dict) -> str | None:
         return None
     try:
         plan = verified_plan(exp, record)
-    except InfraError as exc:
-        log.warning("%s: not tracked: %s", exp.id, exc.message)
-        exp.event("tracking_failed", error=exc.message)
+    except (InfraError, OSError) as exc:
+        message = exc.message if isinstance(exc, InfraError) else f"config/plan.json cannot be read ({exc.strerror})"
+        log.warning("%s: not tracked: %s", exp.id, message)
+        exp.event("tracking_failed", error=message)
         return None
     tracking = plan.get("tracking") if plan else None
     if not tracking:
@@ -148,13 +149,13 @@ def verified_plan(exp: Experiment, record: dict) -> dict | None:
         doc = json.loads(safefs.read_bytes(exp.root, "config/plan.json", limit=safefs.DEFAULT_READ_LIMIT))
     except FileNotFoundError:
         return None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InfraError(f"{exp.root}/config/plan.json is not JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError):
+        raise safefs.Tampered(exp.root / "config/plan.json", "is not JSON") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), dict):
-        raise InfraError(f"{exp.root}/config/plan.json is not a plan")
+        raise safefs.Tampered(exp.root / "config/plan.json", "is not a plan")
     host = {**doc, "data": {**doc["data"], "db": record.get("db")}}
     if plan_sha256(host) != record.get("plan_sha256"):
-        raise InfraError(f"{exp.root}/config/plan.json differs from the plan infra wrote (plan_sha256); not trusted")
+        raise safefs.Tampered(exp.root / "config/plan.json", "differs from the plan infra wrote (plan_sha256)")
     return doc
 
 
