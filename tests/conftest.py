@@ -78,6 +78,7 @@ CORE_MODULES = {
     "test_core_components.py",
     "test_core_data.py",
     "test_core_train.py",
+    "test_core_plots.py",
     "test_registries.py",
     "test_variants.py",
     "test_vocab.py",

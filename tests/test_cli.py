@@ -202,7 +202,7 @@ def test_validate_does_not_import_heavy_modules(tmp_path, mini_db):
     assert result.stdout.strip() == ""
 
 
-@pytest.mark.parametrize("command", [["status"], ["logs"], ["stop"], ["status", "--json"]])
+@pytest.mark.parametrize("command", [["status"], ["logs"], ["stop"], ["track"], ["status", "--json"]])
 def test_unknown_experiment_exit_4(tmp_path, command):
     result = infra(command[0], "blat-0000000000", *command[1:], env={"INFRA_WORKDIR": str(tmp_path)})
     assert result.returncode == 4

@@ -39,7 +39,9 @@ LAYOUT = [
     "artifacts/predictions.parquet",
     "artifacts/visualization/learning_curves.png",
     "artifacts/visualization/predicted_vs_measured.png",
-    "artifacts/visualization/per_mut_num.png",
+    "artifacts/visualization/single_mutants.png",
+    "logs/csv/version_0/metrics.csv",
+    "logs/tensorboard/version_0/hparams.yaml",
     "logs/events.jsonl",
 ]
 

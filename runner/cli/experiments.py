@@ -175,6 +175,35 @@ def stop(
     say(f"experiment {experiment_id} {record['state']}")
 
 
+def track(
+    experiment_id: ID_ARG,
+    mlflow_uri: Annotated[
+        str | None, typer.Option("--mlflow-uri", help="Tracking server; default: the plan's tracking.mlflow_uri.")
+    ] = None,
+    experiment: Annotated[
+        str | None, typer.Option("--experiment", help="MLflow experiment; default: tracking.experiment or the name.")
+    ] = None,
+    json_out: JSON_OPT = False,
+    workdir: WORKDIR_OPT = None,
+) -> None:
+    """Log a finished experiment's latest attempt to MLflow (again: each call makes a new MLflow run).
+
+    For an attempt whose automatic logging failed (its events.jsonl has `tracking_failed`), or an
+    experiment whose plan had no tracking section. Exit 3 when the server cannot be reached.
+
+    Example: infra track blat-linear-3f2a9c01de --mlflow-uri http://mlflow.lab:5000
+    """
+    from runner.run.reconcile import reconcile
+    from runner.run.records import find
+    from runner.run.tracking import track_again
+
+    exp = find(_workdir(workdir), experiment_id)
+    doc = track_again(exp, reconcile(exp), uri=mlflow_uri, experiment=experiment)
+    if json_out:
+        emit_json(doc)
+    say(f"experiment {experiment_id} logged to MLflow at {doc['mlflow_uri']} (run {doc['run_id']})")
+
+
 def ls(
     state: Annotated[list[str] | None, typer.Option("--state", help="Only these states (repeatable).")] = None,
     since: Annotated[

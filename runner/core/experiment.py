@@ -272,6 +272,7 @@ def _run(typed, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
         callbacks=callbacks,
         limit_batches=limit_batches,
         task="classification" if classification else "regression",
+        logs_dir=layout.path("logs"),
     )
     last = layout.path("ckpts/last.ckpt")
     resume = str(last) if last.exists() else None
@@ -400,9 +401,19 @@ def _write_plots(layout, epochs, variants, split, y_all, pred_all, result, targe
     plots.learning_curves([history[k] for k in sorted(history)] or epochs, vis / "learning_curves.png", write)
     test = split["test"]
     plots.predicted_vs_measured(
-        y_all[test], pred_all[test], result["test"].get("spearman"), target, vis / "predicted_vs_measured.png", write
+        y_all[test],
+        pred_all[test],
+        result["test"].get("spearman"),
+        target,
+        vis / "predicted_vs_measured.png",
+        write,
+        regression=target == "DMS_score",
     )
     spearman = metrics.get("spearman")
     plots.per_mut_num(
         np.asarray(variants.mut_num)[test], y_all[test], pred_all[test], spearman, vis / "per_mut_num.png", write
     )
+    plots.single_mutant_heatmap(
+        variants.frame["mutant"].to_numpy()[test], y_all[test], pred_all[test], target,
+        vis / "single_mutants.png", write,
+    )  # fmt: skip

@@ -41,6 +41,8 @@ warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")
 # a closed-form model (`ridge`) runs one pass with no optimizer and no gradient step, on purpose
 warnings.filterwarnings("ignore", message=r".*configure_optimizers.*returned `None`.*")
 warnings.filterwarnings("ignore", message=r".*training_step.*returned `None`.*")
+# metrics are logged once per epoch, never per step: the step logging interval does not matter
+warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
 
 
 class TokenBatches(torch.utils.data.IterableDataset):
@@ -407,9 +409,16 @@ def build_trainer(
     callbacks: list[Callback],
     limit_batches: int | None = None,
     task: str = "regression",
+    logs_dir: Path | None = None,
 ) -> L.Trainer:
     """A Trainer from the plan's typed `train` section (`runner.plan.models.TrainSpec`): checkpoints,
-    early stopping, precision, devices."""
+    early stopping, precision, devices.
+
+    With `logs_dir`, the epoch metrics Lightning sees (train_loss, val_loss, val_spearman) also go to
+    a CSVLogger (`logs_dir/csv/version_N/metrics.csv`) and a TensorBoardLogger
+    (`logs_dir/tensorboard/version_N/`); each attempt of an experiment gets the next N, so a resumed
+    run keeps the earlier attempt's files and continues its steps.
+    """
     accelerator = train.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
@@ -443,7 +452,7 @@ def build_trainer(
         precision=resolve_precision(train.precision, accelerator),
         max_epochs=train.max_epochs,
         callbacks=callbacks,
-        logger=False,
+        logger=standard_loggers(logs_dir) if logs_dir is not None else False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -453,6 +462,17 @@ def build_trainer(
         default_root_dir=str(ckpt_dir.parent),
         **kwargs,
     )
+
+
+def standard_loggers(logs_dir: Path) -> list:
+    """Lightning's CSV and TensorBoard loggers below `logs_dir`, where `tensorboard --logdir` finds them."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    return [
+        CSVLogger(str(logs_dir), name="csv"),
+        # no `hp_metric` placeholder: the hyperparameters are in hparams.yaml and config/plan.json
+        TensorBoardLogger(str(logs_dir), name="tensorboard", default_hp_metric=False),
+    ]
 
 
 def predict(module: VariantModule, tokens: np.ndarray, batch_size: int = 8192) -> np.ndarray:

@@ -16,6 +16,7 @@ from runner.plan.document import OPAQUE_KEYS, expand_dotted
 from runner.plan.models import (
     GPU_LIST_PATTERN,
     IDENTIFIER_PATTERN,
+    MLFLOW_URI_PATTERN,
     NAME_PATTERN,
     REGISTRY_NAME_PATTERN,
     SIZE_PATTERN,
@@ -34,7 +35,11 @@ PATTERN_RULES = {
     REGISTRY_NAME_PATTERN: "must be a registered name (letters, digits, '.', '_', '-'; 1-64 characters)",
     GPU_LIST_PATTERN: 'must be "all", "none", a GPU count or a device list like "0,2"',
     SIZE_PATTERN: "must be a size like '512m' or '2g'",
+    MLFLOW_URI_PATTERN: "use http(s)://host[:port][/path] without user, password, query or fragment; "
+    "credentials go in the host's MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN",
 }
+# values not echoed in messages: a tracking URI may carry a password
+UNECHOED_PATTERNS = {MLFLOW_URI_PATTERN}
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:
@@ -136,7 +141,7 @@ def _message(err: dict) -> str:
         return f"must be one of {ctx['expected']}"
     if kind == "string_pattern_mismatch":
         rule = PATTERN_RULES.get(ctx["pattern"], f"must match {ctx['pattern']}")
-        return f"{value!r} is not allowed: {rule}"
+        return f"not allowed: {rule}" if ctx["pattern"] in UNECHOED_PATTERNS else f"{value!r} is not allowed: {rule}"
     return err["msg"]
 
 

@@ -176,6 +176,23 @@ class ResourcesSpec(Strict):
     )
 
 
+# http(s) only, no user:password@ (credentials come from the host's MLFLOW_TRACKING_* variables,
+# never from a plan that travels through queues and experiment folders), no query or fragment
+MLFLOW_URI_PATTERN = r"^https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~\-/%]*)?$"
+
+
+class TrackingSpec(Strict):
+    """Where the host logs each finished attempt (params, per-epoch metrics, test metrics, plots)."""
+
+    mlflow_uri: Annotated[str, Field(pattern=MLFLOW_URI_PATTERN, max_length=2048)] = Field(
+        description="MLflow tracking server, http(s)://host[:port][/path]; credentials from the host's "
+        "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN, never in the plan"
+    )
+    experiment: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$")] | None = Field(
+        default=None, description="MLflow experiment name; default: the plan's name"
+    )
+
+
 class Plan(Strict):
     """One experiment: what data, which components, how to split and train, what to report."""
 
@@ -193,3 +210,6 @@ class Plan(Strict):
         default_factory=lambda: list(DEFAULT_METRICS), description="registered metrics reported on val and test"
     )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec | None = Field(
+        default=None, description="log finished attempts to MLflow from the host; not part of the experiment id"
+    )

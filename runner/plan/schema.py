@@ -39,11 +39,7 @@ def plan_keys_table() -> str:
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
             key = f"{prefix}{name}"
-            sub = (
-                field.annotation
-                if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-                else None
-            )
+            sub = _model_of(field.annotation)
             if sub is not None:
                 walk(sub, f"{key}.")
                 continue
@@ -60,6 +56,20 @@ def plan_keys_table() -> str:
 
     walk(Plan, "")
     return "\n".join(rows) + "\n"
+
+
+def _model_of(annotation):
+    """The model of a nested section, also when it is optional (`TrackingSpec | None`)."""
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    for candidate in (annotation, *(typing.get_args(annotation) if optional else ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def render(schema: dict) -> str:

@@ -262,6 +262,7 @@ class DockerBackend:
             record = finalize(exp, current, exit_code, message=message)
             engine.remove_container(container)
         _clear_setid_bits(exp)
+        _track(exp, record)  # only the one caller that made the record final gets here
         return record
 
 
@@ -322,7 +323,6 @@ class LocalBackend:
 
     def follow(self, exp: Experiment, record: dict, on_log) -> dict:
         from runner.run.logs import follow_local
-        from runner.run.reconcile import finalize
 
         pid = int(record["pid"])
 
@@ -334,11 +334,9 @@ class LocalBackend:
 
         follow_local(exp, on_log, on_idle=reap)
         record = exp.update(log_complete=True)
-        return finalize(exp, record, self.exit_code(exp))
+        return self.finish(exp, record, self.exit_code(exp))
 
     def stop(self, exp: Experiment, record: dict, timeout: int, reason: str) -> dict:
-        from runner.run.reconcile import finalize
-
         pid = int(record["pid"])
         try:
             os.kill(pid, signal.SIGTERM)  # the wrapper forwards it to the core
@@ -354,10 +352,10 @@ class LocalBackend:
                 pass
             time.sleep(0.3)
         code = self.exit_code(exp)
-        return finalize(exp, exp.read(), 137 if code is None else code, message=reason)
+        return self.finish(exp, exp.read(), 137 if code is None else code, message=reason)
 
     def reconcile(self, exp: Experiment, record: dict) -> dict:
-        from runner.run.reconcile import finalize, is_our_process, pid_alive
+        from runner.run.reconcile import is_our_process, pid_alive
 
         pid = record.get("pid")
         if pid_alive(pid) and is_our_process(pid, exp.id):
@@ -367,7 +365,30 @@ class LocalBackend:
             return exp.update(
                 state="lost", finished_at=now_iso(), message="the training process is gone and left no exit code"
             )
-        return finalize(exp, record, code)
+        return self.finish(exp, record, code)
+
+    def finish(self, exp: Experiment, record: dict, exit_code: int | None, message: str | None = None) -> dict:
+        """Record the final state once: the runner and any number of readers may see the same exit."""
+        from filelock import FileLock
+
+        from runner.run.reconcile import finalize
+
+        with FileLock(str(exp.lock_path.with_name(f"{exp.id}.final.lock")), timeout=600):
+            current = exp.read()
+            if current.get("state") not in ("building", "starting", "running") or current.get("attempt") != record.get(
+                "attempt"
+            ):
+                return current
+            record = finalize(exp, current, exit_code, message=message)
+        _track(exp, record)
+        return record
+
+
+def _track(exp: Experiment, record: dict) -> None:
+    """Log the attempt that just ended to the plan's MLflow server (a no-op without `tracking`)."""
+    from runner.run.tracking import track_finished
+
+    track_finished(exp, record)
 
 
 def local_image_hash(workdir: Path) -> str:

@@ -36,8 +36,9 @@ STATUS_FILE = "status.json"
 EVENTS_FILE = "events.jsonl"
 CONTAINER_LOG = "container.log"
 RECORD_LIMIT = 1 << 20  # a status.json larger than this is not one infra wrote
-# Keys that do not change what an experiment computes; excluded from the derived id.
-ID_EXCLUDED_KEYS = ("experiment_id", "resources")
+# Keys that do not change what an experiment computes (where it runs, where results are reported);
+# excluded from the derived id.
+ID_EXCLUDED_KEYS = ("experiment_id", "resources", "tracking")
 
 
 def now_iso() -> str:
