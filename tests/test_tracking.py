@@ -280,15 +280,22 @@ def test_tracking_is_not_part_of_the_experiment_id(tmp_path, mini_db):
     assert len(ids) == 1
 
 
-def test_missing_mlflow_client_is_exit_3_at_plan_load(tmp_path, mini_db):
+def test_missing_mlflow_client_is_exit_3_when_the_run_starts(tmp_path, mini_db):
     path = tmp_path / "plan.json"
     path.write_text(json.dumps({"name": "p", "data": {"db": str(mini_db)}, "model": {"name": "linear"},
                                 "tracking": {"mlflow_uri": "http://mlflow.lab"}}))  # fmt: skip
     # this host's Python without the mlflow package (a None entry makes the import system refuse it)
     code = "import sys; sys.modules['mlflow'] = None; from runner.cli import main; main()"
-    result = subprocess.run(
-        [sys.executable, "-c", code, "validate", str(path)], capture_output=True, text=True, cwd=tmp_path, timeout=120
-    )
+
+    def without_client(*args):
+        return subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120
+        )
+
+    # validating (or submitting, on a Master that never logs) needs no client: the run's host logs
+    assert without_client("validate", str(path)).returncode == 0
+    result = without_client("run", str(path), "--backend", "local", "--workdir", str(tmp_path))
     assert result.returncode == 3, result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.strip()]
     assert "pip install 'infra[tracking]'" in line and str(path) in line
+    assert not (tmp_path / "experiments").exists() or not any((tmp_path / "experiments").iterdir())

@@ -105,10 +105,6 @@ def load_plan_document(
     issues = semantic_issues(plan, check_db=check_db)
     if issues:
         raise PlanError(source, issues)
-    if plan.tracking is not None:
-        from runner.run.tracking import require_client
-
-        require_client(source)
     return LoadedPlan(plan=plan, source=source, base_dir=base_dir)
 
 

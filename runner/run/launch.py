@@ -117,6 +117,10 @@ def run(loaded: LoadedPlan, workdir: Path, opts: RunOptions) -> RunOutcome:
         raise UsageError(f"--stop-timeout {opts.stop_timeout}: must be 0 or more seconds")
     backend = backend_for(opts.backend, settings)
     plan = loaded.plan
+    if plan.tracking is not None:  # checked where the run happens: a Master that only submits needs no client
+        from runner.run.tracking import require_client
+
+        require_client(loaded.source)
     gpus = resolve_gpus(plan.resources.gpus, opts.gpus)
     db = Path(plan.data.db)
     preflight_paths(db, workdir, settings)
