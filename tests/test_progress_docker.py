@@ -100,6 +100,7 @@ def test_terminal_view_shows_build_epochs_and_summary(base_image, workdir, run_u
     assert re.search(r"experiment blat-demo-\w+ succeeded: test spearman", text), text
     for noise in NOISE:
         assert noise not in text, (noise, text)
+    assert "validating the plan" not in text and "building infra-plugins:" not in text  # the live line is gone
     exp_dir = Path(re.search(r"\((/tmp/\S+/experiments/blat-demo-\w+)\)", text.replace("\n", "")).group(1))
     build_log = (exp_dir / "build.log").read_text()
     # the base image's build comes first when this run had to make it too
