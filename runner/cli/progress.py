@@ -150,13 +150,11 @@ def _short(text: str, width: int = 70) -> str:
 class _Progress:
     """What the view knows so far."""
 
-    experiment_id: str | None = None
     events: CoreEvents | None = None
     max_epochs: int | None = None
     epochs: dict[int, Epoch] = field(default_factory=dict)
     best: tuple[int, float] | None = None
     build_tag: str | None = None
-    build_step: str = ""
 
 
 class RunView:
@@ -167,7 +165,6 @@ class RunView:
             raise ValueError(f"unknown view mode {mode!r}")
         self.mode = mode
         self.workdir = workdir
-        self.title = title
         self.state = _Progress()
         self.console = console
         self.progress = None
@@ -254,7 +251,6 @@ class RunView:
             root = self.workdir / "experiments" / exp_id
             # a new attempt shows its own epochs; attaching shows the running attempt's so far
             self.state.events = CoreEvents(root, from_start=kind == "attached")
-            self.state.experiment_id = exp_id
         if kind == "reused":
             self._line(f"experiment {exp_id}: already succeeded (reported, not rerun; --rerun runs it again)")
         elif kind == "attached":
