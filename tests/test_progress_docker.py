@@ -102,6 +102,11 @@ def test_terminal_view_shows_build_epochs_and_summary(base_image, workdir, run_u
         assert noise not in text, (noise, text)
     assert "validating the plan" not in text and "building infra-plugins:" not in text  # the live line is gone
     exp_dir = Path(re.search(r"\((/tmp/\S+/experiments/blat-demo-\w+)\)", text.replace("\n", "")).group(1))
+    # the core's own output (the log, what -v shows): compact epoch lines, Lightning's notices, no adverts
+    container_log = (exp_dir / "container.log").read_text()
+    assert re.search(EPOCH_LINE.format(n=2), container_log) and "GPU available" in container_log, container_log
+    for advert in ("Tip", "litlogger", "litmodels", "{'"):
+        assert advert not in container_log, (advert, container_log)
     build_log = (exp_dir / "build.log").read_text()
     # the base image's build comes first when this run had to make it too
     assert f"\ninfra: building the plugins image {build.group(1)}\n" in "\n" + build_log, build_log[-2000:]
