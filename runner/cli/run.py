@@ -1,12 +1,14 @@
 """`infra run` and `infra build`."""
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from runner.cli.output import emit_event, emit_json, say
+from runner.cli.progress import RunView, view_mode
 from runner.run.records import metrics_summary
 
 JSON_OPT = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout when done.")]
@@ -51,6 +53,13 @@ def run(
         bool, typer.Option("--events", help="Stream JSON lines (state changes, log lines, result) on stdout.")
     ] = False,
     json_out: JSON_OPT = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only the result line (and errors); no progress.")
+    ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Print the raw image build and training output lines as they come."),
+    ] = False,
     workdir: WORKDIR_OPT = None,
     sweeps: Annotated[
         list[str] | None,
@@ -89,6 +98,10 @@ def run(
     Example: infra run plan.json --gpus all --set train.lr=0.0005
     Example: infra run plan.json --sweep train.lr=1e-3,1e-4 --sweep model.params.hidden=64,128
     Example: infra run plan.json --dry-run --json
+
+    On a terminal the progress is a live view (phases, a spinner with the build step or the epoch,
+    one line per epoch, a summary table); otherwise one line per phase and per epoch. The full build
+    log is the experiment's build.log, the training's output its container.log.
     """
     from runner.errors import ExperimentFailed, Interrupted, UsageError
     from runner.plan.load import load_plan
@@ -111,6 +124,7 @@ def run(
             stop_timeout=stop_timeout,
             events=events,
             json_out=json_out,
+            view=view_mode(quiet=quiet, verbose=_verbose(verbose), machine=json_out),
             workdir=_workdir(workdir),
             submit=submit,
             redis_url=redis_url,
@@ -127,20 +141,13 @@ def run(
         doc = describe_run(loaded, wd, RunOptions(backend=backend, gpus=gpus))
         emit_json(doc) if json_out else typer.echo(json.dumps(doc, indent=2))
         return
-    quiet = json_out or events
-    opts = RunOptions(
-        backend=backend,
-        gpus=gpus,
-        detach=detach,
-        rerun=rerun,
-        stop_timeout=stop_timeout,
-        on_log=(lambda line: emit_event({"event": "log", "line": line}))
-        if events
-        else (lambda line: None)
-        if json_out
-        else say,
-        on_event=emit_event if events else (lambda e: None) if quiet else _say_event,
-    )
+    view = RunView(view_mode(quiet=quiet, verbose=_verbose(verbose), machine=json_out or events), wd)
+    if events:
+        callbacks = {"on_log": lambda line: emit_event({"event": "log", "line": line}), "on_event": emit_event}
+    else:
+        callbacks = {} if json_out else view.options()
+    opts = RunOptions(backend=backend, gpus=gpus, detach=detach, rerun=rerun, stop_timeout=stop_timeout, **callbacks)
+    view.validated(loaded.plan.name, plan)
     try:
         outcome = run_experiment(loaded, wd, opts)
     except (ExperimentFailed, Interrupted) as exc:
@@ -148,11 +155,15 @@ def run(
         if record is not None:
             exc.document = _summary(record, Path(record["exp_dir"]))
         raise
+    finally:
+        view.stop()
     doc = {**outcome.to_dict(), **metrics_summary(outcome.exp_dir)}
     if events:
         emit_event({"event": "result", **doc})
     elif json_out:
         emit_json(doc)
+    elif not detach:
+        view.finish(doc)
     if outcome.reused:
         say(f"experiment {outcome.experiment_id} already succeeded; reported, not rerun (use --rerun to force)")
     elif detach:
@@ -163,13 +174,13 @@ def run(
         test = doc.get("test") or {}
         shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
         say(f"experiment {outcome.experiment_id} succeeded{': test ' + shown if shown else ''} ({outcome.exp_dir})")
-    if not quiet and detach:
+    if not (json_out or events) and detach:
         typer.echo(outcome.experiment_id)
 
 
-def _say_event(event: dict) -> None:
-    if event.get("event") == "state":
-        say(f"[{event['experiment_id']}] {event['state']}")
+def _verbose(flag: bool) -> bool:
+    """`infra run -v`, or the global `infra -v run` (which sets the log level before the command runs)."""
+    return flag or logging.getLogger().getEffectiveLevel() <= logging.INFO
 
 
 def _summary(record: dict, exp_dir: Path) -> dict:

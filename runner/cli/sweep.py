@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 
 from runner.cli.output import emit_json, say
+from runner.cli.progress import RunView
 
 
 def run_sweep_command(
@@ -19,12 +20,16 @@ def run_sweep_command(
     stop_timeout: int,
     events: bool,
     json_out: bool,
+    view: str,
     workdir: Path,
     submit: bool,
     redis_url: str | None,
     queue: str,
 ) -> None:
-    """Expand the grid, then run its points one after another (or submit them); exit with the worst code."""
+    """Expand the grid, then run its points one after another (or submit them); exit with the worst code.
+
+    Each point is shown by the same progress view as a single run (`view`: a runner.cli.progress
+    mode), headed by its index and values; the summary table follows the last one."""
     from runner.errors import UsageError
     from runner.plan.document import STDIN, read_plan_text
     from runner.run import sweep
@@ -50,11 +55,22 @@ def run_sweep_command(
             say(f"[{doc['index']}/{len(docs)}] {sweep.label(doc['values'])}: job {doc['job_id']} {state} on {queue!r}")
         return
 
+    views: list[RunView] = []
+
     def make_opts() -> RunOptions:
-        return RunOptions(backend=backend, gpus=gpus, rerun=rerun, stop_timeout=stop_timeout)
+        index = len(views)
+        title = f"[{index + 1}/{len(points)}] {sweep.label(points[index])}"
+        views.append(RunView(view, workdir, title=None if view == "quiet" else title))
+        return RunOptions(backend=backend, gpus=gpus, rerun=rerun, stop_timeout=stop_timeout, **views[-1].options())
 
     def on_done(result: sweep.PointResult, total: int) -> None:
+        if views:
+            views[-1].stop()
         if json_out:
+            return
+        if view == "quiet":  # the table is the result; a point's error is still shown
+            if result.message and result.state != "succeeded":
+                say(f"[{result.index}/{total}] {result.experiment_id or '-'} {result.state}: {result.message}")
             return
         reused = " (already succeeded, not rerun)" if result.reused else ""
         spearman = result.test.get("spearman")
@@ -66,9 +82,13 @@ def run_sweep_command(
         if result.message and result.state != "succeeded":
             say(f"  {result.message}")
 
-    if not json_out:
+    if view != "quiet":
         say(f"sweep: {len(points)} experiment(s) over {', '.join(keys)}")
-    results, code = sweep.run_sweep(loaded, points, workdir, make_opts, on_done)
+    try:
+        results, code = sweep.run_sweep(loaded, points, workdir, make_opts, on_done)
+    finally:
+        for point_view in views:
+            point_view.stop()
     if json_out:
         emit_json({"experiments": [r.to_dict() for r in results], "exit_code": code})
     else:

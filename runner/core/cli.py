@@ -16,6 +16,20 @@ from runner.errors import EXIT_EXPERIMENT_FAILED, EXIT_USAGE, InfraError, PlanEr
 
 log = logging.getLogger(__name__)
 
+# Where Lightning's rank-zero notices are logged (its "GPU available", "Tip" and "stopped" lines).
+LIGHTNING_NOTICE_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+ADVERT_MARKERS = ("💡 Tip", "litlogger", "litmodels", "Lightning AI", "lightning.ai")
+
+
+class _NoAdverts(logging.Filter):
+    """Drops third-party advertisements; warnings and errors always pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        message = record.getMessage()
+        return not any(marker in message for marker in ADVERT_MARKERS)
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -59,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     for logger in loggers:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    # Lightning's adverts ("💡 Tip: … litlogger / litmodels") go; its other notices stay in the log.
+    advert_filter = _NoAdverts()
+    for name in LIGHTNING_NOTICE_LOGGERS:
+        logging.getLogger(name).addFilter(advert_filter)
     from runner.core.training import EXIT_CANCELLED, Cancelled, GracefulStop
 
     stop = GracefulStop().install()
@@ -93,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).removeHandler(handler)
         sys.stdout.flush()
         sys.stderr.flush()
+        for name in LIGHTNING_NOTICE_LOGGERS:
+            logging.getLogger(name).removeFilter(advert_filter)
         for logger, level in zip(loggers, levels, strict=True):
             logger.removeHandler(handler)
             logger.setLevel(level)

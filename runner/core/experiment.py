@@ -260,7 +260,7 @@ def _run(typed, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
         epochs.append(record)
         layout.append_line("metrics/metrics.jsonl", record)
         layout.event("epoch", **record)
-        log.info("epoch %s: %s", record["epoch"], {k: v for k, v in record.items() if k != "epoch"})
+        log.info("%s", epoch_text(record, train.max_epochs))
 
     callbacks = [EpochReporter(on_epoch), NonFiniteGuard()]
     if stop is not None:
@@ -320,6 +320,16 @@ def _run(typed, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
         log.exception("writing plots failed")
     layout.event("progress", phase="done", test=result["test"], training_seconds=result["training_seconds"])
     return result
+
+
+def epoch_text(record: dict, max_epochs: int) -> str:
+    """One compact log line per epoch (1-based, as people count): the whole record is in logs/events.jsonl."""
+    parts = [f"epoch {record['epoch'] + 1}/{max_epochs}"]
+    for key in ("train_loss", "val_loss", "val_spearman"):
+        value = record.get(key)
+        if isinstance(value, int | float):
+            parts.append(f"{key} {value:.4f}")
+    return "  ".join(parts)
 
 
 def _nulls(record: dict) -> dict:

@@ -48,6 +48,11 @@ from runner.images.wheels import has_requirements, select_wheels
 
 log = logging.getLogger(__name__)
 
+# The lines `build` adds around the engine's output: they head each build in build.log, and the
+# progress view (runner.cli.progress) reads which image is being built from them.
+BUILD_START = "infra: building the {kind} image {tag}"
+BUILD_DONE = "infra: built {tag} in {seconds:.1f} s"
+
 LABEL_KIND = "infra.kind"
 LABEL_VERSION = "infra.version"
 LABEL_CONTENT_HASH = "infra.content_hash"
@@ -318,6 +323,8 @@ def default_wheelhouse(root: Path | None) -> Path | None:
 def build(client, spec: BuildSpec, on_log: Callable[[str], None] | None = None) -> ImageRef:
     """Build `spec` (streaming the log to `on_log`) from a context spooled through a temp file."""
     start = time.perf_counter()
+    if on_log is not None:
+        on_log(BUILD_START.format(kind=spec.kind, tag=spec.tag))
     with tempfile.TemporaryFile(prefix="infra-context-") as fh:
         write_context_tar(spec.entries, fh)
         fh.seek(0)
@@ -332,6 +339,8 @@ def build(client, spec: BuildSpec, on_log: Callable[[str], None] | None = None) 
         )
     seconds = time.perf_counter() - start
     log.info("built %s (%s) in %.1f s", spec.tag, image_id[:19], seconds)
+    if on_log is not None:
+        on_log(BUILD_DONE.format(tag=spec.tag, seconds=seconds))
     return ImageRef(spec.tag, image_id, spec.content_hash, built=True, seconds=seconds)
 
 

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_S = 600
 CORE_ERROR = "infra-train: error: "  # how the training core prints its one-line errors
+BUILD_LOG = "build.log"  # the image build output of the experiment's last build, host-only
+BUILD_LOG_LIMIT = 4 << 20
 OUTPUT_DIRS = ("metrics", "ckpts", "artifacts", "splits", "embeddings", "data", "logs")
 
 
@@ -55,8 +58,11 @@ class RunOptions:
     detach: bool = False
     rerun: bool = False
     stop_timeout: int = 60
-    on_log: Callable[[str], None] = field(default=lambda line: None)  # training/build output lines
+    on_log: Callable[[str], None] = field(default=lambda line: None)  # training output lines
     on_event: Callable[[dict], None] = field(default=lambda event: None)  # state changes for --events
+    on_build_log: Callable[[str], None] | None = None  # image build output lines; None: to on_log
+    # Phases the `--events` stream does not carry (it stays as documented): {"phase": "image", …}
+    on_phase: Callable[[dict], None] = field(default=lambda phase: None)
 
 
 @dataclass
@@ -124,7 +130,10 @@ def run(loaded: LoadedPlan, workdir: Path, opts: RunOptions) -> RunOutcome:
     gpus = resolve_gpus(plan.resources.gpus, opts.gpus)
     db = Path(plan.data.db)
     preflight_paths(db, workdir, settings)
-    prepared = backend.prepare(workdir, gpus, opts.on_log)
+    build_log = BuildLog(opts.on_log if opts.on_build_log is None else opts.on_build_log)
+    prepared = backend.prepare(workdir, gpus, build_log.add)
+    if prepared.image_tag is not None:
+        opts.on_phase({"phase": "image", "tag": prepared.image_tag, "reused": prepared.image_id is not None})
 
     resolved = plan.model_dump(mode="json")
     exp_id = derive_experiment_id(resolved, prepared.image_hash)
@@ -141,7 +150,7 @@ def run(loaded: LoadedPlan, workdir: Path, opts: RunOptions) -> RunOutcome:
             return RunOutcome(exp_id, exp.root, previous, EXIT_OK, reused=True)
         attach = bool(previous and previous["state"] in ACTIVE)
         if not attach:
-            record = _start_attempt(exp, backend, resolved, previous, opts, prepared, gpus, db, workdir)
+            record = _start_attempt(exp, backend, resolved, previous, opts, prepared, gpus, db, workdir, build_log)
     if attach:
         opts.on_event({"event": "attached", "experiment_id": exp_id, "state": previous["state"]})
         if opts.detach:
@@ -203,7 +212,7 @@ def plan_for_training(resolved: dict, backend_name: str) -> dict:
     return {**resolved, "data": {**resolved["data"], "db": inside}}
 
 
-def _start_attempt(exp, backend, resolved, previous, opts, prepared: Prepared, gpus, db, workdir) -> dict:
+def _start_attempt(exp, backend, resolved, previous, opts, prepared: Prepared, gpus, db, workdir, build_log) -> dict:
     attempt = (previous or {}).get("attempt", 0) + 1
     try:
         if previous and opts.rerun:
@@ -239,6 +248,51 @@ def _start_attempt(exp, backend, resolved, previous, opts, prepared: Prepared, g
         state = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
         exp.update(state=state, finished_at=now_iso(), message=str(exc) or type(exc).__name__)
         raise
+    finally:
+        build_log.save(exp)  # a failed build's whole log is what its user needs most
+
+
+class BuildLog:
+    """The image build output of one run: passed on line by line, kept (capped) for `build.log`.
+
+    The base image may be built before the experiment directory exists (its id depends on the
+    image), so the lines are held in memory until `save`: the first half of the cap and the last
+    half, with a line saying how much was dropped between them.
+    """
+
+    def __init__(self, on_line: Callable[[str], None], limit: int | None = None):
+        self.on_line = on_line
+        self.limit = BUILD_LOG_LIMIT if limit is None else limit
+        self.head: list[str] = []
+        self.tail: deque[str] = deque()
+        self.head_bytes = self.tail_bytes = self.dropped = 0
+
+    def add(self, line: str) -> None:
+        self.on_line(line)
+        size = len(line.encode()) + 1
+        if self.head_bytes + size <= self.limit // 2 and not self.tail:
+            self.head.append(line)
+            self.head_bytes += size
+            return
+        self.tail.append(line)
+        self.tail_bytes += size
+        while self.tail_bytes > self.limit // 2:
+            dropped = len(self.tail.popleft().encode()) + 1
+            self.tail_bytes -= dropped
+            self.dropped += dropped
+
+    def text(self) -> str:
+        gap = [f"[infra: {self.dropped} bytes of build output dropped here]"] if self.dropped else []
+        return "".join(line + "\n" for line in (*self.head, *gap, *self.tail))
+
+    def save(self, exp: Experiment) -> None:
+        """Write `build.log` beside the host's records when this run built an image (else keep the old one)."""
+        if not self.head:
+            return
+        try:
+            safefs.write_atomic(exp.root, BUILD_LOG, self.text().encode())
+        except (OSError, safefs.Tampered) as exc:  # the run itself is not spoilt by a missing copy of the log
+            log.warning("could not write %s/%s: %s", exp.root, BUILD_LOG, getattr(exc, "message", exc))
 
 
 def _archive_outputs(exp: Experiment, attempt: int) -> None:
