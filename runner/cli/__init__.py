@@ -23,6 +23,7 @@ from runner.cli import compare as _compare
 from runner.cli import data as _data
 from runner.cli import experiments as _experiments
 from runner.cli import plugins as _plugins
+from runner.cli import predict as _predict
 from runner.cli import queue as _queue
 from runner.cli import run as _run
 from runner.cli import validate as _validate
@@ -73,6 +74,7 @@ app.command("logs")(_experiments.logs)
 app.command("stop")(_experiments.stop)
 app.command("ls")(_experiments.ls)
 app.command("compare")(_compare.compare)
+app.command("predict")(_predict.predict)
 app.command("schema")(_validate.schema)
 app.command("init")(_workdir.init)
 app.add_typer(_workdir.app, name="workdir")
