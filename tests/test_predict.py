@@ -339,3 +339,20 @@ def test_docker_predict_in_the_experiments_image(base_image, workdir, run_user, 
     status.write_text(json.dumps(record))
     r = infra_as(run_user, "predict", eid, "--saturation", workdir=workdir)
     assert r.returncode == 1 and "is not infra's plugin image" in r.stderr
+
+
+@core
+@pytest.mark.slow
+def test_bench_predict_runs_small(tmp_path):
+    import subprocess
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_predict.py"), "--n", "3000", "--length", "60", "--json", str(out)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["n"] == doc["rows_written"] == 3000
+    assert doc["bare_model_per_s"] > 0 and doc["predict_per_s"] > 0 and doc["ratio"] > 0
+    assert "ratio" in proc.stderr and "peak RSS" in proc.stderr
