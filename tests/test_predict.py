@@ -335,7 +335,7 @@ def test_docker_predict_in_the_experiments_image(base_image, workdir, run_user, 
     # the record is untrusted: an image id that is not the experiment's plugin image is refused
     status = exp / "status.json"
     record = json.loads(status.read_text())
-    record["image_id"] = docker_client.images.get(base_image).id
+    record["image_id"] = base_image.id  # an infra image, but not a plugin image
     status.write_text(json.dumps(record))
     r = infra_as(run_user, "predict", eid, "--saturation", workdir=workdir)
     assert r.returncode == 1 and "is not infra's plugin image" in r.stderr

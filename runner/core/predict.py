@@ -267,7 +267,7 @@ def read_mutants(path: Path, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Array]
             head = stream.read(1 << 16).decode("utf-8", "replace")
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"{path}: cannot be read ({exc})") from None
-    header = head.splitlines()[0] if head else ""
+    header = head.lstrip("\ufeff").splitlines()[0] if head.strip() else ""
     sep = _delimiter(path, header)
     columns = [c.strip().strip('"') for c in header.split(sep)]
     if "mutant" not in columns:
