@@ -21,7 +21,7 @@ core = pytest.mark.core
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
-    """Two real experiments from the demo data (800 rows, 2 epochs): transform none and rank."""
+    """Real experiments from the demo data (800 rows, 2 epochs): transform none, rank, and a classifier."""
     from runner.core.experiment import run_experiment
     from runner.data.importer import build_demo_db
 
@@ -29,15 +29,17 @@ def trained(tmp_path_factory) -> dict:
     db = root / "blat.db"
     build_demo_db(db)
     out = {}
-    for transform in ("none", "rank"):
+    for kind in ("none", "rank", "classification"):
+        data = {"target": "DMS_score_bin"} if kind == "classification" else {"transform": kind}
         plan = {
-            "name": f"p-{transform}",
-            "data": {"db": str(db), "limit": 800, "transform": transform},
+            "name": f"p-{kind}",
+            "data": {"db": str(db), "limit": 800, **data},
             "model": {"name": "linear"},
             "train": {"max_epochs": 2, "batch_size": 128},
+            **({"metrics": ["auc", "spearman"]} if kind == "classification" else {}),
         }
-        run_experiment(plan, root / transform)
-        out[transform] = root / transform
+        run_experiment(plan, root / kind)
+        out[kind] = root / kind
     return out
 
 
@@ -60,7 +62,7 @@ def run_core(tmp_path: Path, exp: Path, *args: str) -> tuple[int, Path, str]:
 
 
 @core
-@pytest.mark.parametrize("transform", ["none", "rank"])
+@pytest.mark.parametrize("transform", ["none", "rank", "classification"])
 def test_predictions_equal_the_trainings_own(trained, tmp_path, transform):
     import numpy as np
     import pandas as pd
@@ -356,3 +358,57 @@ def test_bench_predict_runs_small(tmp_path):
     assert doc["n"] == doc["rows_written"] == 3000
     assert doc["bare_model_per_s"] > 0 and doc["predict_per_s"] > 0 and doc["ratio"] > 0
     assert "ratio" in proc.stderr and "peak RSS" in proc.stderr
+
+
+@core
+def test_several_sources_need_source(trained, tmp_path):
+    import pandas as pd
+
+    exp = tmp_path / "multi"
+    shutil.copytree(trained["none"], exp)
+    state_file = exp / "config" / "predict.json"
+    state = json.loads(state_file.read_text())
+    first = state["sources"][0]
+    state["sources"].append({"name": "OTHER", "template": "A" + first["template"][1:]})
+    state_file.write_text(json.dumps(state))
+    (tmp_path / "in.csv").write_text("mutant\nA1C\n")
+    code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "in.csv"))
+    assert code == 2 and f"pick one with --source ({first['name']}, OTHER)" in err
+    code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "in.csv"), "--source", "nope")
+    assert code == 2 and "--source 'nope' is not one of" in err
+    code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "in.csv"), "--source", "OTHER")
+    assert code == 0, err
+    assert pd.read_csv(out)["sequence"].item().startswith("C")
+
+
+def test_predict_spec_mounts_only_what_prediction_reads(tmp_path):
+    from runner.errors import UsageError
+    from runner.run.spec import LABEL_PURPOSE, LABEL_WORKDIR, predict_spec, workdir_identity
+    from runner.settings import node_settings
+
+    exp = tmp_path / "experiments" / "e1"
+    kwargs = dict(
+        experiment_id="e1",
+        name="infra-predict-e1-x",
+        image="sha256:" + "a" * 64,
+        image_id="sha256:" + "a" * 64,
+        workdir=tmp_path,
+        settings=node_settings(),
+        user=(1000, 1000),
+        read_only_files=((exp / "ckpts/best.ckpt", "/exp/ckpts/best.ckpt"), (tmp_path / "in.csv", "/in/input.csv")),
+        out_dir=tmp_path / ".infra-predict-x",
+        command=("python", "-m", "runner.core.predict"),
+    )
+    spec = predict_spec(**kwargs)
+    assert [m.describe() for m in spec.mounts] == [
+        f"{exp}/ckpts/best.ckpt:/exp/ckpts/best.ckpt:ro",
+        f"{tmp_path}/in.csv:/in/input.csv:ro",
+        f"{tmp_path}/.infra-predict-x:/out:rw",
+    ]
+    engine = spec.engine_kwargs()
+    assert engine["network_mode"] == "none" and engine["read_only"] is True and "/tmp" in engine["tmpfs"]
+    assert engine["cap_drop"] == ["ALL"] and engine["security_opt"] == ["no-new-privileges"]
+    assert engine["user"] == "1000:1000" and engine["gpus"] is None
+    assert spec.labels[LABEL_PURPOSE] == "predict" and spec.labels[LABEL_WORKDIR] == workdir_identity(tmp_path)
+    with pytest.raises(UsageError, match="never run as uid 0"):
+        predict_spec(**{**kwargs, "user": (0, 0)})
