@@ -412,3 +412,19 @@ def test_predict_spec_mounts_only_what_prediction_reads(tmp_path):
     assert spec.labels[LABEL_PURPOSE] == "predict" and spec.labels[LABEL_WORKDIR] == workdir_identity(tmp_path)
     with pytest.raises(UsageError, match="never run as uid 0"):
         predict_spec(**{**kwargs, "user": (0, 0)})
+
+
+class PickledObject:
+    """Stands for arbitrary code a checkpoint could carry; weights-only loading must refuse it."""
+
+
+@core
+def test_a_checkpoint_with_pickled_objects_is_refused(trained, tmp_path):
+    import torch
+
+    exp = tmp_path / "evil"
+    shutil.copytree(trained["none"], exp)
+    ckpt = torch.load(exp / "ckpts" / "best.ckpt", weights_only=True)
+    torch.save({**ckpt, "extra": PickledObject()}, exp / "ckpts" / "best.ckpt")
+    code, out, err = run_core(tmp_path, exp, "--saturation")
+    assert code == 2 and "best.ckpt: not a usable checkpoint (UnpicklingError" in err and not out.exists()

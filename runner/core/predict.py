@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import pickle
 import sys
 import time
 from collections.abc import Iterator
@@ -208,9 +209,11 @@ def load_predictor(exp_dir: Path, checkpoint: Path, workdir: Path | None = None,
     if workdir is not None:
         load_plugins(workdir)
     try:
-        ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain containers, never arbitrary pickled objects (the file is the
+        # training's output, i.e. plugin code's); Lightning checkpoints of infra's modules load this way
+        ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
         hparams, weights = dict(ckpt["hyper_parameters"]), ckpt["state_dict"]
-    except (OSError, KeyError, TypeError, RuntimeError, EOFError) as exc:
+    except (OSError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise DataError(f"{checkpoint}: not a usable checkpoint ({type(exc).__name__}: {exc})") from None
     module = VariantModule(**hparams)
     module.load_state_dict(weights)
