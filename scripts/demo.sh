@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The bundled demo, end to end on a fresh machine: install infra, start Docker, make the local base
-# image (nothing can be pulled here), build the demo database from the bundled BLAT_ECOLX scan, and
-# run the template workdir's demo plan in a container. Run as root (it installs Debian packages).
+# image (nothing can be pulled here), build the demo database from the bundled BLAT_ECOLX scan, run
+# the template workdir's demo plan in a container, and end with the 10 single substitutions the
+# trained model predicts best (infra predict --saturation --top 10). Run as root (it installs
+# Debian packages).
 #
 #   bash scripts/demo.sh            # workdir: ./demo-workdir (made from plugins_template/)
 #   INFRA_DEMO_WORKDIR=/path bash scripts/demo.sh
@@ -24,4 +26,7 @@ export INFRA_BASE_OS=${INFRA_BASE_OS:-infra-os:bookworm} INFRA_TORCH_SPEC=${INFR
 
 [ -d "$WORK" ] || cp -r plugins_template "$WORK"
 [ -f "$WORK/data/blat_ecolx.db" ] || infra data demo --db "$WORK/data/blat_ecolx.db"
-infra run "$WORK/plans/demo.json" --workdir "$WORK"
+EXP_ID=$(infra run "$WORK/plans/demo.json" --workdir "$WORK" --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["experiment_id"])')
+# the usual first design question: which single substitutions does the trained model like best?
+infra predict "$EXP_ID" --saturation --top 10 --workdir "$WORK" --out "$WORK/top10-$EXP_ID.csv"
+cat "$WORK/top10-$EXP_ID.csv"

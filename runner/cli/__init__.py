@@ -25,6 +25,7 @@ from runner.cli import data as _data
 from runner.cli import experiments as _experiments
 from runner.cli import housekeeping as _housekeeping
 from runner.cli import plugins as _plugins
+from runner.cli import predict as _predict
 from runner.cli import queue as _queue
 from runner.cli import run as _run
 from runner.cli import validate as _validate
@@ -76,6 +77,7 @@ app.command("stop")(_experiments.stop)
 app.command("ls")(_experiments.ls)
 app.command("track")(_experiments.track)
 app.command("compare")(_compare.compare)
+app.command("predict")(_predict.predict)
 app.command("schema")(_validate.schema)
 app.command("init")(_workdir.init)
 app.add_typer(_workdir.app, name="workdir")

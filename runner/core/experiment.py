@@ -171,6 +171,7 @@ def _run(typed, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     from runner.core.metrics import METRICS, compute_metrics
     from runner.core.models import MODELS
     from runner.core.plugins import load_plugins
+    from runner.core.predict import save_predict_state
     from runner.core.splits import make_split, write_split
     from runner.core.training import (
         Cancelled,
@@ -314,6 +315,7 @@ def _run(typed, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     layout.write_json("metrics/metrics.json", result)
 
     _write_artifacts(layout, plan, module, variants, split, y_all, pred_all, transform)
+    save_predict_state(layout, typed, variants, transform, result["task"])  # what `infra predict` needs
     try:
         _write_plots(layout, epochs, variants, split, y_all, pred_all, result, typed.data.target, plots, METRICS)
     except Exception:  # a plot must never fail a finished training run
@@ -360,6 +362,8 @@ def _write_artifacts(layout: Layout, plan, module, variants, split, y_all, pred_
     import pandas as pd
     import torch
 
+    from runner.core.predict import write_predictions_csv
+
     hp = dict(module.hparams)
     buf = io.BytesIO()
     torch.save(
@@ -400,6 +404,7 @@ def _write_artifacts(layout: Layout, plan, module, variants, split, y_all, pred_
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False)
     layout.write_bytes("artifacts/predictions.parquet", buf.getvalue())
+    write_predictions_csv(layout, frame, variants.frame["sequence"].array[in_split])
 
 
 def _write_plots(layout, epochs, variants, split, y_all, pred_all, result, target, plots, metrics) -> None:

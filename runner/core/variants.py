@@ -36,6 +36,7 @@ MALFORMED = "malformed"
 OUT_OF_RANGE = "out_of_range"
 MISMATCH = "mismatch"
 UNKNOWN_RESIDUE = "unknown_residue"
+REASONS = (MALFORMED, OUT_OF_RANGE, MISMATCH, UNKNOWN_RESIDUE)
 
 
 @dataclass
@@ -60,6 +61,8 @@ class MutationResult:
     keep: np.ndarray  # bool N_in: which input rows are in `tokens`
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows dropped (on_mismatch="drop")
     ascii: np.ndarray | None = None  # uint8 N_kept × L ASCII letters, NUL-padded (want_ascii=True)
+    # int8 N_in: 0 for a kept row, else 1 + the index in REASONS of why it was dropped (on_mismatch="drop")
+    reason: np.ndarray | None = None
 
 
 class MutantText:
@@ -257,13 +260,15 @@ def apply_mutants(
                 vocab,
             )
     bad_row = np.zeros(n, dtype=bool)
+    row_reason = np.zeros(n, dtype=np.int8)
     dropped: dict[str, int] = {}
-    for reason, flags in reasons:
+    for code, (reason, flags) in enumerate(reasons, start=1):
         if not flags.any():
             continue
         rows = np.unique(parsed.row[flags])
         rows = rows[~bad_row[rows]]  # count each row once, under its first reason
         bad_row[rows] = True
+        row_reason[rows] = code
         if rows.size:
             dropped[reason] = int(rows.size)
     keep = select & ~bad_row
@@ -289,7 +294,7 @@ def apply_mutants(
     if has_subs.size:
         seg_starts = (np.cumsum(parsed.mut_num) - parsed.mut_num)[has_subs]
         first_pos[has_subs] = np.minimum.reduceat(parsed.position, seg_starts)
-    return MutationResult(tokens, parsed.mut_num[kept_rows], first_pos[kept_rows], keep, dropped, ascii_out)
+    return MutationResult(tokens, parsed.mut_num[kept_rows], first_pos[kept_rows], keep, dropped, ascii_out, row_reason)
 
 
 def _rows_of(matrix: np.ndarray, codes: np.ndarray) -> np.ndarray:

@@ -72,9 +72,13 @@ class ContainerSpec:
     network_mode: str = "none"
     gpus: str | int | None = None
     log_config: dict[str, Any] = field(default_factory=dict)
+    read_only_root: bool = False  # the image's filesystem read-only (prediction), with `tmpfs` for scratch
+    tmpfs: tuple[tuple[str, str], ...] = ()
 
     def engine_kwargs(self) -> dict[str, Any]:
+        extra = {"read_only": True, "tmpfs": dict(self.tmpfs)} if self.read_only_root else {}
         return {
+            **extra,
             "command": list(self.command),
             "name": self.name,
             "labels": dict(self.labels),
@@ -184,4 +188,57 @@ def container_spec(
         network_mode=resources.get("network") or "none",
         gpus=gpus if gpus not in (None, 0, "none", "0") else None,
         log_config=docker_log_config(settings.log_limit_bytes),
+    )
+
+
+PREDICT_IN = "/in"
+PREDICT_OUT = "/out"
+LABEL_PURPOSE = "infra.purpose"
+
+
+def predict_spec(
+    *,
+    experiment_id: str,
+    name: str,
+    image: str,
+    image_id: str,
+    workdir: Path,
+    settings: NodeSettings,
+    user: tuple[int, int],
+    read_only_files: tuple[tuple[Path, str], ...],
+    out_dir: Path,
+    command: tuple[str, ...],
+) -> ContainerSpec:
+    """The container of `infra predict` (pure): the training's hardening and labels, network none, a
+    read-only root with a private /tmp, and only what prediction reads — the checkpoint and config
+    files, the input — read-only (host path, container path), plus one fresh output folder at /out."""
+    security = security_args(*user, pids_limit=settings.pids_limit)  # refuses uid 0
+    files = tuple(Mount(str(host), target, True) for host, target in read_only_files)
+    return ContainerSpec(
+        image=image,
+        command=command,
+        name=name,
+        user=security["user"],
+        labels={
+            LABEL_EXPERIMENT: experiment_id,
+            LABEL_PURPOSE: "predict",
+            LABEL_VERSION: __version__,
+            LABEL_WORKDIR: workdir_identity(workdir),
+        },
+        mounts=(*files, Mount(str(out_dir), PREDICT_OUT, False)),
+        environment={
+            "HOME": CONTAINER_HOME,
+            "INFRA_IMAGE_ID": image_id,
+            "INFRA_EXPERIMENT_ID": experiment_id,
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "MPLBACKEND": "Agg",
+        },
+        cap_drop=tuple(security["cap_drop"]),
+        security_opt=tuple(security["security_opt"]),
+        pids_limit=security["pids_limit"],
+        network_mode="none",
+        log_config=docker_log_config(settings.log_limit_bytes),
+        read_only_root=True,
+        tmpfs=(("/tmp", "rw,nosuid,nodev,size=1g,mode=1777"),),
     )

@@ -1,0 +1,430 @@
+"""`infra predict`: the core's parsing, per-row errors, top N and saturation on real trained models;
+the command end to end with the local backend and in the experiment's own image; its bad paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, infra
+
+core = pytest.mark.core
+
+
+# --- the core, on a real model trained here --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """Real experiments from the demo data (800 rows, 2 epochs): transform none, rank, and a classifier."""
+    from runner.core.experiment import run_experiment
+    from runner.data.importer import build_demo_db
+
+    root = tmp_path_factory.mktemp("predict-core")
+    db = root / "blat.db"
+    build_demo_db(db)
+    out = {}
+    for kind in ("none", "rank", "classification"):
+        data = {"target": "DMS_score_bin"} if kind == "classification" else {"transform": kind}
+        plan = {
+            "name": f"p-{kind}",
+            "data": {"db": str(db), "limit": 800, **data},
+            "model": {"name": "linear"},
+            "train": {"max_epochs": 2, "batch_size": 128},
+            **({"metrics": ["auc", "spearman"]} if kind == "classification" else {}),
+        }
+        run_experiment(plan, root / kind)
+        out[kind] = root / kind
+    return out
+
+
+def predictor_of(exp: Path):
+    from runner.core.predict import load_predictor
+
+    return load_predictor(exp, exp / "ckpts" / "best.ckpt")
+
+
+def run_core(tmp_path: Path, exp: Path, *args: str) -> tuple[int, Path, str]:
+    import subprocess
+
+    out = tmp_path / "out.csv"
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner.core.predict", "--exp-dir", str(exp), "--checkpoint",
+         str(exp / "ckpts" / "best.ckpt"), "--out", str(out), *args],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    return proc.returncode, out, proc.stderr
+
+
+@core
+@pytest.mark.parametrize("transform", ["none", "rank", "classification"])
+def test_predictions_equal_the_trainings_own(trained, tmp_path, transform):
+    import numpy as np
+    import pandas as pd
+
+    exp = trained[transform]
+    ref = pd.read_parquet(exp / "artifacts" / "predictions.parquet")
+    inp = tmp_path / "in.tsv"
+    ref[["mutant", "y_true"]].to_csv(inp, sep="\t", index=False)
+    code, out, err = run_core(tmp_path, exp, "--input", str(inp))
+    assert code == 0, err
+    got = pd.read_csv(out, keep_default_na=False)
+    assert list(got.columns) == ["mutant", "sequence", "prediction", "error"]
+    assert got["mutant"].tolist() == ref["mutant"].tolist()
+    np.testing.assert_allclose(got["prediction"].to_numpy(float), ref["y_pred"].to_numpy(), rtol=1e-6, atol=1e-6)
+    twin = pd.read_csv(exp / "artifacts" / "predictions.csv", keep_default_na=False)
+    assert twin["sequence"].tolist() == got["sequence"].tolist()  # the run's CSV twin carries the sequence
+    for column in ("id", "mutant", "split"):
+        assert twin[column].tolist() == ref[column].tolist()
+
+
+@core
+def test_bad_rows_keep_an_error_and_no_prediction(trained, tmp_path):
+    import pandas as pd
+
+    exp = trained["none"]
+    template = json.loads((exp / "config" / "predict.json").read_text())["sources"][0]["template"]
+    rows = ["H24A", "X1A", "H24Z9", "A9999G", f"{template[0]}1A:B", "", "h24a", "M1A:S2*", "H24?", "Q4K\nQ5K"]
+    pd.DataFrame({"mutant": rows, "other": range(len(rows))}).to_csv(tmp_path / "in.csv", index=False)
+    code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "in.csv"), "--summary", str(tmp_path / "s.json"))
+    assert code == 0, err
+    got = pd.read_csv(out, keep_default_na=False)
+    assert got["mutant"].tolist() == rows
+    error = dict(zip(got["mutant"], got["error"], strict=True))
+    assert error["H24A"] == error[""] == error["h24a"] == error["M1A:S2*"] == ""
+    assert error["X1A"].startswith("wild-type residue does not match")
+    assert error["H24Z9"].startswith("malformed") and error["M1A:B"].startswith("malformed")
+    assert error["A9999G"] == f"position outside the template (1..{len(template)})"
+    assert error["H24?"].startswith("malformed") and error["Q4K\nQ5K"].startswith("malformed")
+    bad = got["error"] != ""
+    assert (got.loc[bad, "prediction"] == "").all() and (got.loc[bad, "sequence"] == "").all()
+    assert got.loc[got["mutant"] == "", "sequence"].item() == template
+    assert (
+        got.loc[got["mutant"] == "h24a", "prediction"].item() == got.loc[got["mutant"] == "H24A", "prediction"].item()
+    )
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["errors"] == 6 and summary["predicted"] == 4
+    assert summary["errors_by_reason"] == {"malformed": 4, "out_of_range": 1, "mismatch": 1}
+
+
+@core
+def test_residue_outside_the_vocab_is_a_row_error(trained, tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    from runner.core.predict import mutant_text
+    from runner.core.vocab import BaseVocabProcessor
+
+    predictor = predictor_of(trained["none"])
+    predictor.vocab = BaseVocabProcessor("ACDEFGHIKLMNPQRSTVWY")  # no stop, no extended codes
+    scored = predictor.score(mutant_text(pa.array(["H24A", "H24*", "H24B"])))
+    assert scored.reason.tolist() == [0, 4, 4]
+    assert np.isfinite(scored.prediction[0]) and np.isnan(scored.prediction[1:]).all()
+
+
+@core
+def test_saturation_is_19_per_position_and_top_n_is_the_best(trained, tmp_path):
+    import pandas as pd
+
+    exp = trained["none"]
+    template = json.loads((exp / "config" / "predict.json").read_text())["sources"][0]["template"]
+    code, out, err = run_core(tmp_path, exp, "--saturation")
+    assert code == 0, err
+    full = pd.read_csv(out, keep_default_na=False)
+    assert len(full) == 19 * len(template) and (full["error"] == "").all()
+    code, top_out, err = run_core(tmp_path, exp, "--saturation", "--top", "10", "--format", "parquet")
+    assert code == 0, err
+    top = pd.read_parquet(top_out)
+    best = full.sort_values("prediction", ascending=False, kind="stable").head(10)
+    assert top["mutant"].tolist() == best["mutant"].tolist()
+    assert top["prediction"].is_monotonic_decreasing
+
+
+@core
+def test_top_n_merges_chunks_like_one_sort(trained, tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from runner.core.predict import mutant_text, predict_to_file, saturation_mutants
+
+    predictor = predictor_of(trained["rank"])
+    mutants = saturation_mutants(predictor.template, predictor.vocab)
+    chunks = [mutants.slice(s, 97) for s in range(0, len(mutants), 97)]  # many small chunks
+    summary = predict_to_file(predictor, iter(chunks), tmp_path / "top.parquet", "parquet", top=25)
+    assert summary["rows"] == len(mutants) and summary["written"] == 25
+    full = predictor.score(mutant_text(mutants)).prediction
+    expect = np.asarray(mutants.to_pylist())[np.argsort(-full, kind="stable")[:25]]
+    assert pq.read_table(tmp_path / "top.parquet").column("mutant").to_pylist() == expect.tolist()
+
+
+@core
+def test_no_mutant_column_empty_input_and_all_bad_rows(trained, tmp_path):
+    exp = trained["none"]
+    (tmp_path / "x.csv").write_text("variant,score\nH24A,1\n")
+    code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "x.csv"))
+    assert code == 2 and "no 'mutant' column (columns: variant, score)" in err and not out.exists()
+    (tmp_path / "empty.csv").write_text("mutant\n")
+    code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "empty.csv"))
+    assert code == 2 and "no rows to predict" in err and not out.exists()
+    assert not list(tmp_path.glob(".out.csv.*"))  # the temporary file is gone too
+    (tmp_path / "bad.csv").write_text("mutant\nZ1A\nfoo\n")
+    code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "bad.csv"))
+    assert code == 2 and "none of the 2 rows could be predicted" in err
+    assert out.read_text().count("\n") == 3  # written anyway: the error column says why
+
+
+@core
+def test_an_experiment_from_before_predict_says_so(trained, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(trained["none"], old)
+    (old / "config" / "predict.json").unlink()
+    code, out, err = run_core(tmp_path, old, "--saturation")
+    assert code == 2 and "config/predict.json is missing" in err and "--rerun" in err
+
+
+# --- the command: local backend -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory) -> tuple[Path, str]:
+    """A workdir from the template with a demo experiment trained by `infra run --backend local`."""
+    from runner.data.importer import build_demo_db
+
+    work = tmp_path_factory.mktemp("predict-local") / "work"
+    shutil.copytree(REPO / "plugins_template", work)
+    build_demo_db(work / "data" / "blat_ecolx.db")
+    result = infra(
+        "run", "plans/demo.json", "--backend", "local", "--set", "train.max_epochs=2", "--json", workdir=work
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, json.loads(result.stdout)["experiment_id"]
+
+
+def copy_experiment(work: Path, eid: str, new: str, **record) -> str:
+    src, dst = work / "experiments" / eid, work / "experiments" / new
+    shutil.copytree(src, dst, symlinks=True)
+    doc = json.loads((dst / "status.json").read_text())
+    doc.update(experiment_id=new, exp_dir=str(dst), **record)
+    (dst / "status.json").write_text(json.dumps(doc))
+    return new
+
+
+@core
+@pytest.mark.slow
+def test_local_backend_predicts_a_csv_and_saturation_top(local_run, tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    work, eid = local_run
+    ref = pd.read_parquet(work / "experiments" / eid / "artifacts" / "predictions.parquet").head(300)
+    ref[["mutant"]].to_csv(tmp_path / "in.csv", index=False)
+    out = tmp_path / "p.csv"
+    result = infra(
+        "predict", eid, str(tmp_path / "in.csv"), "--out", str(out), "--backend", "local", "--json", workdir=work
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    doc = json.loads(result.stdout)
+    assert doc["rows"] == doc["predicted"] == 300 and doc["errors"] == 0 and doc["out"] == str(out)
+    assert doc["checkpoint"] == "ckpts/best.ckpt" and doc["format"] == "csv" and doc["seconds"] > 0
+    got = pd.read_csv(out)
+    np.testing.assert_allclose(got["prediction"], ref["y_pred"], rtol=1e-6, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "p.csv"]  # no scratch folder left
+
+    result = infra("predict", eid, "--saturation", "--top", "10", "--backend", "local", workdir=work, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "wrote 10 rows" in result.stderr
+    top = pd.read_csv(tmp_path / f"predictions-{eid}-saturation.csv")  # the default --out
+    assert len(top) == 10 and top["prediction"].is_monotonic_decreasing
+
+
+@core
+@pytest.mark.slow
+def test_bad_paths_exit_codes_and_messages(local_run, tmp_path):
+    work, eid = local_run
+    (tmp_path / "in.csv").write_text("mutant\nH24A\n")
+    inp = str(tmp_path / "in.csv")
+
+    def run(*args):
+        return infra("predict", *args, "--backend", "local", workdir=work, cwd=tmp_path)
+
+    r = run("nope-0000000000", inp)
+    assert r.returncode == 4 and "no experiment 'nope-0000000000'" in r.stderr
+    r = run(eid, inp, "--top", "0")
+    assert r.returncode == 2 and "--top 0: must be a positive number" in r.stderr
+    r = run(eid, str(tmp_path / "missing.csv"))
+    assert r.returncode == 2 and "missing.csv: cannot be read" in r.stderr
+    r = run(eid)
+    assert r.returncode == 2 and "INPUT file of mutants or --saturation" in r.stderr
+    r = run(eid, inp, "--out", str(tmp_path / "no" / "x.csv"))
+    assert r.returncode == 2 and "does not exist or is not writable" in r.stderr
+    r = run(eid, inp, "--format", "xlsx")
+    assert r.returncode == 2 and "--format 'xlsx'" in r.stderr
+    (tmp_path / "bad.csv").write_text("mutant\nZ1A\n")
+    r = run(eid, str(tmp_path / "bad.csv"), "--json")
+    assert r.returncode == 2 and json.loads(r.stdout)["errors_by_reason"] == {"mismatch": 1}
+    (tmp_path / "cols.csv").write_text("variant\nH24A\n")
+    r = run(eid, str(tmp_path / "cols.csv"))
+    assert r.returncode == 2 and "no 'mutant' column" in r.stderr
+
+    failed = copy_experiment(work, eid, "demo-failed", state="failed")
+    r = run(failed, inp)
+    assert r.returncode == 1 and "is failed, not succeeded" in r.stderr
+
+    no_ckpt = copy_experiment(work, eid, "demo-no-ckpt")
+    for ckpt in (work / "experiments" / no_ckpt / "ckpts").glob("*.ckpt"):
+        ckpt.unlink()
+    r = run(no_ckpt, inp)
+    assert r.returncode == 1 and "has no checkpoint (ckpts/best.ckpt or ckpts/last.ckpt)" in r.stderr
+
+    linked = copy_experiment(work, eid, "demo-linked")
+    best = work / "experiments" / linked / "ckpts" / "best.ckpt"
+    best.unlink()
+    best.symlink_to("/etc/passwd")
+    out = tmp_path / "keep.csv"
+    out.write_text("old\n")
+    r = run(linked, inp, "--out", str(out))
+    assert r.returncode == 1 and "best.ckpt: is a symbolic link" in r.stderr
+    assert out.read_text() == "old\n"  # untouched
+
+    old = copy_experiment(work, eid, "demo-old")
+    (work / "experiments" / old / "config" / "predict.json").unlink()
+    r = run(old, inp)
+    assert r.returncode == 2 and "lacks config/predict.json" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no scratch left
+
+
+# --- the command: docker, the experiment's own image -----------------------------------------------
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_docker_predict_in_the_experiments_image(base_image, workdir, run_user, docker_client, tmp_path):
+    import pandas as pd
+
+    from tests.e2e import chown_to, infra_as, labelled_containers
+
+    result = infra_as(run_user, "run", "plans/demo.json", "--set", "train.max_epochs=3", "--json", workdir=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    eid = json.loads(result.stdout)["experiment_id"]
+    exp = workdir / "experiments" / eid
+    ref = pd.read_parquet(exp / "artifacts" / "predictions.parquet")
+    assert (exp / "artifacts" / "predictions.csv").is_file() and (exp / "config" / "predict.json").is_file()
+    inp = workdir / "variants.csv"
+    ref[["mutant"]].assign(note="x").to_csv(inp, index=False)
+    chown_to(run_user, inp)
+    out = workdir / "p.parquet"
+
+    r = infra_as(run_user, "predict", eid, str(inp), "--out", str(out), "--json", workdir=workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    assert doc["rows"] == len(ref) and doc["errors"] == 0 and doc["format"] == "parquet"
+    got = pd.read_parquet(out)
+    assert got["mutant"].tolist() == ref["mutant"].tolist()
+    assert (abs(got["prediction"] - ref["y_pred"]) <= 1e-6 * (1 + abs(ref["y_pred"]))).all()
+    assert os.stat(out).st_uid == run_user[0]
+
+    r = infra_as(run_user, "predict", eid, "--saturation", "--top", "10", workdir=workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    top = pd.read_csv(workdir / f"predictions-{eid}-saturation.csv")
+    assert len(top) == 10 and top["prediction"].is_monotonic_decreasing
+    assert labelled_containers(docker_client, workdir) == []  # the prediction container is removed
+
+    # the record is untrusted: an image id that is not the experiment's plugin image is refused
+    status = exp / "status.json"
+    record = json.loads(status.read_text())
+    record["image_id"] = base_image.id  # an infra image, but not a plugin image
+    status.write_text(json.dumps(record))
+    r = infra_as(run_user, "predict", eid, "--saturation", workdir=workdir)
+    assert r.returncode == 1 and "is not infra's plugin image" in r.stderr
+
+
+@core
+@pytest.mark.slow
+def test_bench_predict_runs_small(tmp_path):
+    import subprocess
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_predict.py"), "--n", "3000", "--length", "60", "--json", str(out)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["n"] == doc["rows_written"] == 3000
+    assert doc["bare_model_per_s"] > 0 and doc["predict_per_s"] > 0 and doc["ratio"] > 0
+    assert "ratio" in proc.stderr and "peak RSS" in proc.stderr
+
+
+@core
+def test_several_sources_need_source(trained, tmp_path):
+    import pandas as pd
+
+    exp = tmp_path / "multi"
+    shutil.copytree(trained["none"], exp)
+    state_file = exp / "config" / "predict.json"
+    state = json.loads(state_file.read_text())
+    first = state["sources"][0]
+    state["sources"].append({"name": "OTHER", "template": "A" + first["template"][1:]})
+    state_file.write_text(json.dumps(state))
+    (tmp_path / "in.csv").write_text("mutant\nA1C\n")
+    code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "in.csv"))
+    assert code == 2 and f"pick one with --source ({first['name']}, OTHER)" in err
+    code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "in.csv"), "--source", "nope")
+    assert code == 2 and "--source 'nope' is not one of" in err
+    code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "in.csv"), "--source", "OTHER")
+    assert code == 0, err
+    assert pd.read_csv(out)["sequence"].item().startswith("C")
+
+
+def test_predict_spec_mounts_only_what_prediction_reads(tmp_path):
+    from runner.errors import UsageError
+    from runner.run.spec import LABEL_PURPOSE, LABEL_WORKDIR, predict_spec, workdir_identity
+    from runner.settings import node_settings
+
+    exp = tmp_path / "experiments" / "e1"
+    kwargs = dict(
+        experiment_id="e1",
+        name="infra-predict-e1-x",
+        image="sha256:" + "a" * 64,
+        image_id="sha256:" + "a" * 64,
+        workdir=tmp_path,
+        settings=node_settings(),
+        user=(1000, 1000),
+        read_only_files=((exp / "ckpts/best.ckpt", "/exp/ckpts/best.ckpt"), (tmp_path / "in.csv", "/in/input.csv")),
+        out_dir=tmp_path / ".infra-predict-x",
+        command=("python", "-m", "runner.core.predict"),
+    )
+    spec = predict_spec(**kwargs)
+    assert [m.describe() for m in spec.mounts] == [
+        f"{exp}/ckpts/best.ckpt:/exp/ckpts/best.ckpt:ro",
+        f"{tmp_path}/in.csv:/in/input.csv:ro",
+        f"{tmp_path}/.infra-predict-x:/out:rw",
+    ]
+    engine = spec.engine_kwargs()
+    assert engine["network_mode"] == "none" and engine["read_only"] is True and "/tmp" in engine["tmpfs"]
+    assert engine["cap_drop"] == ["ALL"] and engine["security_opt"] == ["no-new-privileges"]
+    assert engine["user"] == "1000:1000" and engine["gpus"] is None
+    assert spec.labels[LABEL_PURPOSE] == "predict" and spec.labels[LABEL_WORKDIR] == workdir_identity(tmp_path)
+    with pytest.raises(UsageError, match="never run as uid 0"):
+        predict_spec(**{**kwargs, "user": (0, 0)})
+
+
+class PickledObject:
+    """Stands for arbitrary code a checkpoint could carry; weights-only loading must refuse it."""
+
+
+@core
+def test_a_checkpoint_with_pickled_objects_is_refused(trained, tmp_path):
+    import torch
+
+    exp = tmp_path / "evil"
+    shutil.copytree(trained["none"], exp)
+    ckpt = torch.load(exp / "ckpts" / "best.ckpt", weights_only=True)
+    torch.save({**ckpt, "extra": PickledObject()}, exp / "ckpts" / "best.ckpt")
+    code, out, err = run_core(tmp_path, exp, "--saturation")
+    assert code == 2 and "best.ckpt: not a usable checkpoint (UnpicklingError" in err and not out.exists()
