@@ -296,6 +296,6 @@ def test_missing_mlflow_client_is_exit_3_when_the_run_starts(tmp_path, mini_db):
     assert without_client("validate", str(path)).returncode == 0
     result = without_client("run", str(path), "--backend", "local", "--workdir", str(tmp_path))
     assert result.returncode == 3, result.stderr
-    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("infra: error:")]
     assert "pip install 'infra[tracking]'" in line and str(path) in line
     assert not (tmp_path / "experiments").exists() or not any((tmp_path / "experiments").iterdir())
