@@ -366,8 +366,8 @@ class _RidgeBase(ProteinModel):
 
     With `base: "ridge"` the additive effects are solved in closed form before training and held
     fixed; the network learns what they leave (its last layer starts at zero, so training starts
-    from the ridge fit, and checkpoint selection on validation Spearman keeps the network only
-    where it adds). The additive part therefore cannot win a race against the non-linear one and
+    from the ridge fit; checkpoint selection on validation Spearman picks among trained epochs, so
+    a network that never helps still ends one epoch away from the fit). The additive part therefore cannot win a race against the non-linear one and
     end training early, and a substitution rare in training moves the prediction no more than it
     moves ridge. Classification (n_outputs > 1) never has the ridge part.
     """
