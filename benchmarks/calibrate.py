@@ -51,18 +51,11 @@ def build_dbs(work: Path, datasets: list[str]) -> dict[str, Path]:
     return dbs
 
 
-def _plan_model():
-    try:
-        from runner.plan.models import Plan
-    except ImportError:  # before the host modules moved into runner/plan/
-        from runner.plan.models import Plan
-    return Plan
-
-
 def run_one(plan: dict, exp: Path) -> dict:
     from runner.core.experiment import run_experiment
+    from runner.plan.models import Plan
 
-    resolved = _plan_model().model_validate(plan).model_dump(mode="json")
+    resolved = Plan.model_validate(plan).model_dump(mode="json")
     shutil.rmtree(exp, ignore_errors=True)  # a fresh run each time, never a resume of an older one
     t0 = time.perf_counter()
     metrics = run_experiment(resolved, exp)

@@ -89,3 +89,30 @@ def test_bench_logs_small(tmp_path, docker_client):
     )
     assert doc["flood"]["live"]["output_mb"] == doc["flood"]["save"]["output_mb"] == 2.0
     assert doc["long_line"]["live"]["kept_mb"] <= 0.1 and doc["tail_1"]["peak_rss_mb"] > 0
+
+
+@pytest.mark.core
+def test_calibrate_runs_and_merges_its_rows(tmp_path):
+    # one BLAT fold of the reference model for real, then the table from the saved rows
+    rows = tmp_path / "rows.json"
+    out = _run(
+        [
+            str(REPO / "benchmarks/calibrate.py"),
+            "--datasets",
+            "blat",
+            "--models",
+            "ridge",
+            "--folds",
+            "1",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(rows),
+        ],
+        tmp_path,
+    )
+    (row,) = json.loads(rows.read_text())
+    assert row["dataset"] == "blat" and row["model"] == "ridge" and 0.6 < row["test_spearman"] < 0.9
+    table = _run([str(REPO / "benchmarks/calibrate.py"), "--from-json", str(rows)], tmp_path)
+    line = next(x for x in table.splitlines() if x.startswith("| BLAT_ECOLX"))
+    assert f"| {row['test_spearman']:.3f} | — |" in line and line in out

@@ -109,6 +109,60 @@ def test_ridge_matches_the_normal_equations_and_picks_alpha_on_validation():
         RidgeFit(alphas=[1.0, -1.0])
 
 
+def _sparse_variants(vocab, n_rows: int, length: int, varying: list[int], seed: int = 0) -> torch.Tensor:
+    """One-hot rows of a poly-A template with 1-3 substitutions each, only at `varying` positions."""
+    rng = np.random.default_rng(seed)
+    seqs = []
+    for _ in range(n_rows):
+        seq = ["A"] * length
+        for pos in rng.choice(varying, int(rng.integers(1, 4)), replace=False):
+            seq[pos] = str(rng.choice(list("CDEFGHIKLMNPQRSTVWY")))
+        seqs.append("".join(seq))
+    return create_embedding("onehot", vocab)(torch.from_numpy(vocab.encode(seqs)))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_networks_start_at_the_ridge_fit_scaled_for_sparse_inputs(vocab, name):
+    # 40 positions, substitutions only at 5 of them (the shape of Bgl3: a few substitutions per row
+    # among thousands of one-hot columns). PyTorch's default initialisation gave pre-activations far
+    # below the steps Adam takes on the biases, and the network never left the ridge fit.
+    length, varying = 40, [3, 4, 5, 6, 7]
+    x = _sparse_variants(vocab, 300, length, varying)
+    y = torch.from_numpy(np.random.default_rng(1).normal(size=300).astype(np.float32))
+    model = create_model(name, seq_len=length, in_dim=vocab.size, n_outputs=1)
+    model.fit_closed_form(lambda: [(x[:150], y[:150]), (x[150:], y[150:])], lambda: [(x, y)])
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), model.base(x))  # the last layer starts at zero
+        if name == "mlp":
+            first, inputs = model.net[0], model.centre(x.flatten(1))
+        else:
+            first, inputs = model.head[2], model._head_input(x).flatten(1)
+        pre = first(inputs)
+    assert 0.5 < float(pre.std()) < 2.0  # unit scale on the rows it trains on (the default gave ~0.03)
+    assert 0.2 < float((pre > 0).float().mean()) < 0.8  # no ReLU starts switched off
+
+    # a substitution at a position never varied in training (far from the varied ones) moves nothing
+    def hidden(rows: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if name == "mlp":
+                return model.net[:-1](model.centre(rows.flatten(1)))
+            return model.head[:-1](model._head_input(rows))
+
+    unseen = x[:1].clone()
+    unseen[0, 30] = 0
+    unseen[0, 30, vocab.token_id("W")] = 1
+    assert torch.equal(hidden(unseen), hidden(x[:1]))
+    # a resumed run calls fit_closed_form again: the trained network must survive it
+    with torch.no_grad():
+        first.weight.add_(1.0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    resumed = create_model(name, seq_len=length, in_dim=vocab.size, n_outputs=1)
+    resumed.load_state_dict(state)
+    resumed.fit_closed_form(lambda: [(x[:150], y[:150]), (x[150:], y[150:])], lambda: [(x, y)])
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in state.items())
+
+
 def test_ridge_has_nothing_for_gradient_descent_and_refuses_classes():
     model = create_model("ridge", seq_len=3, in_dim=4, n_outputs=1)
     assert not any(p.requires_grad for p in model.parameters())
