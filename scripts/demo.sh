@@ -26,7 +26,9 @@ export INFRA_BASE_OS=${INFRA_BASE_OS:-infra-os:bookworm} INFRA_TORCH_SPEC=${INFR
 
 [ -d "$WORK" ] || cp -r plugins_template "$WORK"
 [ -f "$WORK/data/blat_ecolx.db" ] || infra data demo --db "$WORK/data/blat_ecolx.db"
-EXP_ID=$(infra run "$WORK/plans/demo.json" --workdir "$WORK" --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["experiment_id"])')
+infra run "$WORK/plans/demo.json" --workdir "$WORK"    # the progress view: build, one line per epoch, a summary
+# the same plan now names the same experiment (its images exist): ask for its id without running anything
+EXP_ID=$(infra run "$WORK/plans/demo.json" --workdir "$WORK" --dry-run --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["experiment_id"])')
 # the usual first design question: which single substitutions does the trained model like best?
 infra predict "$EXP_ID" --saturation --top 10 --workdir "$WORK" --out "$WORK/top10-$EXP_ID.csv"
 cat "$WORK/top10-$EXP_ID.csv"
