@@ -7,6 +7,7 @@ the same checks inside the plugin image are the data-driven cases in tests/cases
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -135,10 +136,8 @@ def test_list_table_marks_builtins(template_copy):
     assert any(
         line.split()[:5] == ["model", "tiny_attention", "model/tiny_attention.py", "d_model:", "int"] for line in lines
     )
-    assert any(
-        line.endswith("(built-in)  l2: float = 1.0, lr_scale: float = 10.0") and line.split()[:2] == ["model", "linear"]
-        for line in lines
-    )
+    columns = [re.split(r"\s{2,}", line.strip()) for line in lines]  # the table's columns are 2+ spaces apart
+    assert ["model", "linear", "(built-in)", "l2: float = 1.0, lr_scale: float = 10.0"] in columns
     assert any(line.split() == ["metric", "spearman", "(built-in)", "-"] for line in lines)
     assert "4 plugin component(s)" in result.stderr
 
