@@ -22,7 +22,13 @@ if ((${#need[@]})); then apt-get update -qq && apt-get install -y -qq --no-insta
 bash scripts/start-services.sh docker
 bash scripts/make-base-os-image.sh        # debootstrap → docker import (infra-os:bookworm)
 bash scripts/make-wheelhouse.sh           # offline wheels for the image build (CPU torch)
-export INFRA_BASE_OS=${INFRA_BASE_OS:-infra-os:bookworm} INFRA_TORCH_SPEC=${INFRA_TORCH_SPEC:-torch==2.13.0}
+# Keep the local base OS and the CPU torch pin in the node's config file (unless it already has its
+# own), so every later command typed by hand builds and finds the same base image; INFRA_* still win.
+for setting in base_os=infra-os:bookworm torch_spec=torch==2.13.0; do
+    key=${setting%%=*}
+    stored=$(infra config get "$key" --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["stored"] or "")')
+    [ -n "$stored" ] || infra config set "$key" "${setting#*=}"
+done
 
 [ -d "$WORK" ] || cp -r plugins_template "$WORK"
 [ -f "$WORK/data/blat_ecolx.db" ] || infra data demo --db "$WORK/data/blat_ecolx.db"
