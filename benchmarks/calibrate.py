@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"  {ds} {model}{suffix}: test spearman {r['test']['spearman']:.4f} pearson "
                     f"{r['test']['pearson']:.4f} ({r['training_seconds']:.1f}s, {r['epochs']} epochs, "
-                    f"best {r['best_epoch']})",
+                    f"kept {r.get('selected') if r.get('selected') == 'start' else r['best_epoch']})",
                     flush=True,
                 )
             row = {
@@ -173,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
                 "training_seconds": round(sum(r["training_seconds"] for r in results), 1),
                 "epochs": sum(r["epochs"] for r in results),
                 "n": results[0]["n"],
+                # what best.ckpt holds per run: "start" (no epoch beat the untrained start on validation)
+                # or the epoch it kept
+                "kept": [
+                    r.get("selected") if r.get("selected") == "start" else f"epoch {r['best_epoch']}" for r in results
+                ],
             }
             rows.append(row)
             print(
