@@ -388,6 +388,9 @@ class StartValidation(Callback):
         trainer._logger_connector._first_loop_iter = first_loop_iter
         self.record = dict(pl_module.epoch_record) or None
         pl_module.epoch_record = {}
+        if self.record:
+            shown = {k: v for k, v in self.record.items() if k in ("val_loss", "val_spearman")}
+            log.info("start (before the first step): %s", "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
 
     def state_dict(self) -> dict:
         return {"done": self.done, "record": self.record}
