@@ -75,17 +75,28 @@ def table(rows: list[dict]) -> str:
     """The markdown table: one row per data set and model, with the difference to the reference."""
     ref = {r["dataset"]: r for r in rows if r["model"] == REFERENCE}
     lines = [
-        "| data set | split | model | test Spearman | Δ vs `ridge` | test Pearson | training time (s) | epochs |",
-        "|---|---|---|---|---|---|---|---|",
+        "| data set | split | model | test Spearman | Δ vs `ridge` | test Pearson | training time (s) | epochs | kept |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = ref.get(r["dataset"])
         delta = "—" if base is None or r["model"] == REFERENCE else f"{r['test_spearman'] - base['test_spearman']:+.3f}"
         lines.append(
             f"| {DATASETS[r['dataset']]} | {r['split']} | `{r['model']}` | {r['test_spearman']:.3f} | {delta} | "
-            f"{r['test_pearson']:.3f} | {r['training_seconds']:.1f} | {r['epochs']} |"
+            f"{r['test_pearson']:.3f} | {r['training_seconds']:.1f} | {r['epochs']} | {kept_text(r)} |"
         )
     return "\n".join(lines)
+
+
+def kept_text(row: dict) -> str:
+    """What best.ckpt held: "start", "epoch 12", over folds "start 3/5" (or "epochs"); "—" before the rule."""
+    kept = row.get("kept")
+    if not kept:
+        return "—"
+    if len(kept) == 1:
+        return kept[0]
+    starts = sum(k == "start" for k in kept)
+    return f"start {starts}/{len(kept)}" if starts else "epochs"
 
 
 def merged(runs: list[list[dict]]) -> list[dict]:
