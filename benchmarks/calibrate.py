@@ -75,17 +75,28 @@ def table(rows: list[dict]) -> str:
     """The markdown table: one row per data set and model, with the difference to the reference."""
     ref = {r["dataset"]: r for r in rows if r["model"] == REFERENCE}
     lines = [
-        "| data set | split | model | test Spearman | Δ vs `ridge` | test Pearson | training time (s) | epochs |",
-        "|---|---|---|---|---|---|---|---|",
+        "| data set | split | model | test Spearman | Δ vs `ridge` | test Pearson | training time (s) | epochs | kept |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = ref.get(r["dataset"])
         delta = "—" if base is None or r["model"] == REFERENCE else f"{r['test_spearman'] - base['test_spearman']:+.3f}"
         lines.append(
             f"| {DATASETS[r['dataset']]} | {r['split']} | `{r['model']}` | {r['test_spearman']:.3f} | {delta} | "
-            f"{r['test_pearson']:.3f} | {r['training_seconds']:.1f} | {r['epochs']} |"
+            f"{r['test_pearson']:.3f} | {r['training_seconds']:.1f} | {r['epochs']} | {kept_text(r)} |"
         )
     return "\n".join(lines)
+
+
+def kept_text(row: dict) -> str:
+    """What best.ckpt held: "start", "epoch 12", over folds "start 3/5" (or "epochs"); "—" before the rule."""
+    kept = row.get("kept")
+    if not kept:
+        return "—"
+    if len(kept) == 1:
+        return kept[0]
+    starts = sum(k == "start" for k in kept)
+    return f"start {starts}/{len(kept)}" if starts else "epochs"
 
 
 def merged(runs: list[list[dict]]) -> list[dict]:
@@ -161,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"  {ds} {model}{suffix}: test spearman {r['test']['spearman']:.4f} pearson "
                     f"{r['test']['pearson']:.4f} ({r['training_seconds']:.1f}s, {r['epochs']} epochs, "
-                    f"best {r['best_epoch']})",
+                    f"kept {r.get('selected') if r.get('selected') == 'start' else r['best_epoch']})",
                     flush=True,
                 )
             row = {
@@ -173,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                 "training_seconds": round(sum(r["training_seconds"] for r in results), 1),
                 "epochs": sum(r["epochs"] for r in results),
                 "n": results[0]["n"],
+                # what best.ckpt holds per run: "start" (no epoch beat the untrained start on validation)
+                # or the epoch it kept
+                "kept": [
+                    r.get("selected") if r.get("selected") == "start" else f"epoch {r['best_epoch']}" for r in results
+                ],
             }
             rows.append(row)
             print(

@@ -116,3 +116,15 @@ def test_calibrate_runs_and_merges_its_rows(tmp_path):
     table = _run([str(REPO / "benchmarks/calibrate.py"), "--from-json", str(rows)], tmp_path)
     line = next(x for x in table.splitlines() if x.startswith("| BLAT_ECOLX"))
     assert f"| {row['test_spearman']:.3f} | — |" in line and line in out
+    # what best.ckpt held: ridge has no start candidate, so its one epoch
+    assert row["kept"] == ["epoch 0"] and line.endswith("| epoch 0 |")
+
+
+def test_calibrate_kept_column():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from calibrate import kept_text
+
+    assert kept_text({"kept": ["start"]}) == "start"
+    assert kept_text({"kept": ["start", "epoch 3", "start", "epoch 0", "start"]}) == "start 3/5"
+    assert kept_text({"kept": ["epoch 1", "epoch 0"]}) == "epochs"
+    assert kept_text({}) == "—"  # a row from before the rule

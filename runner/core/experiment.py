@@ -176,6 +176,7 @@ def _run(typed, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     from runner.core.training import (
         Cancelled,
         EpochReporter,
+        StartValidation,
         VariantDataModule,
         VariantModule,
         build_trainer,
@@ -291,11 +292,18 @@ def _run(typed, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     samples = sum(int(r.get("samples", 0)) for r in epochs)
 
     best = layout.path("ckpts/best.ckpt")
+    start = next((c for c in trainer.callbacks if isinstance(c, StartValidation)), None)
+    start_record = start.record if start is not None else None
+    selected = "epoch"
     if best.exists():
         import torch
 
-        state = torch.load(str(best), map_location=module.device, weights_only=False)["state_dict"]
-        module.load_state_dict(state)
+        checkpoint = torch.load(str(best), map_location=module.device, weights_only=False)
+        module.load_state_dict(checkpoint["state_dict"])
+        # saved at global step 0 after a start pass: no epoch beat the untrained start on validation
+        if start_record is not None and int(checkpoint.get("global_step", -1)) == 0:
+            selected = "start"
+            log.info("the start (before any optimiser step) scored best on validation; kept it")
     pred_all = to_scores(predict(module, variants.tokens))
     check_predictions(pred_all)
     y_all = y_raw
@@ -307,7 +315,10 @@ def _run(typed, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     result["train"] = compute_metrics(metric_names, y_all[split["train"]], pred_all[split["train"]])
     result["n"] = {**sizes, "selected": len(variants), "dropped": dict(variants.dropped)}
     result["epochs"] = len(epochs)
-    result["best_epoch"] = _best_epoch(epochs)
+    result["best_epoch"] = _best_epoch(epochs) if selected == "epoch" else None
+    result["selected"] = selected
+    if start_record is not None:
+        result["start"] = _nulls(start_record)
     result["training_seconds"] = round(training_seconds, 3)
     result["samples_per_second"] = round(samples / training_seconds, 1) if training_seconds > 0 else None
     result["transform"] = transform.state()

@@ -46,6 +46,11 @@ class ProteinModel(nn.Module):
         self.in_dim = int(in_dim)
         self.n_outputs = int(n_outputs)
 
+    # True when the model before its first gradient step is already a fitted model (a closed-form
+    # part, the learned part starting at zero): the validation pass before training then makes that
+    # start a checkpoint candidate like any epoch (training.StartValidation). A random start is not one.
+    fitted_start = False
+
     def penalty(self) -> torch.Tensor | None:
         """Extra loss term added in training (None: nothing)."""
         return None
@@ -366,16 +371,17 @@ class _RidgeBase(ProteinModel):
 
     With `base: "ridge"` the additive effects are solved in closed form before training and held
     fixed; the network learns what they leave (its last layer starts at zero, so training starts
-    from the ridge fit; checkpoint selection on validation Spearman picks among trained epochs, so
-    a network that never helps still ends one epoch away from the fit). The additive part therefore cannot win a race against the non-linear one and
-    end training early, and a substitution rare in training moves the prediction no more than it
-    moves ridge. Classification (n_outputs > 1) never has the ridge part.
+    from the ridge fit, and that start is a checkpoint candidate like any epoch: a network that never
+    helps on validation ends as the fit itself). The additive part therefore cannot win a race
+    against the non-linear one and end training early, and a substitution rare in training moves the
+    prediction no more than it moves ridge. Classification (n_outputs > 1) never has the ridge part.
     """
 
     def __init__(self, seq_len: int, in_dim: int, n_outputs: int, base: str):
         super().__init__(seq_len, in_dim, n_outputs)
         n_features = self.seq_len * self.in_dim
         self.base = RidgeHead(n_features) if _check_base(base, n_outputs) else None
+        self.fitted_start = self.base is not None  # without the ridge part the start predicts a constant
         self.centre = FeatureMean(n_features)
         # set once the network's data-dependent initialisation ran; saved with the weights, so a
         # resumed run (which calls fit_closed_form again) keeps its trained network
@@ -528,9 +534,12 @@ class GlobalEpistasisModel(ProteinModel):
     thresholds and diminishing returns between substitutions are captured with one parameter per
     substitution (as in MAVE-NN / Otwinowski 2018). The latent starts at the exact ridge fit and
     `g` near the identity (m, s: the mean and spread of the ridge fit on the training rows), so
-    training starts where `ridge` ends. `units`: tanh units of `g`; `l2`: penalty on the latent's
+    training starts where `ridge` ends (an increasing `g` keeps ridge's ranking: the start's
+    validation Spearman is ridge's). `units`: tanh units of `g`; `l2`: penalty on the latent's
     move away from the ridge weights (per feature, as `linear`'s).
     """
+
+    fitted_start = True
 
     def __init__(self, seq_len: int, in_dim: int, n_outputs: int = 1, units: int = 8, l2: float = 1.0):
         super().__init__(seq_len, in_dim, n_outputs)

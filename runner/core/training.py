@@ -345,6 +345,78 @@ class EpochReporter(Callback):
         self.sink(record)
 
 
+def start_is_candidate(module: L.LightningModule) -> bool:
+    """Whether the module's untrained start (after its closed-form part) competes with the epochs."""
+    model = getattr(module, "model", None)
+    return bool(getattr(model, "fitted_start", False)) and not getattr(module, "closed_form_only", False)
+
+
+class StartValidation(Callback):
+    """Scores the validation split once before the first optimiser step, as a candidate like any epoch.
+
+    The pass runs Lightning's own validation loop at the start of the first epoch (after
+    `on_train_start`, i.e. after a closed-form part such as `mlp`/`cnn`'s ridge base is solved), so
+    `ModelCheckpoint`, `EarlyStopping` and `PlateauStop` see its metrics exactly as they see an epoch's:
+    when no epoch beats the start on the monitored metric, ckpts/best.ckpt keeps the start's weights
+    (for `mlp`/`cnn` with their zero-initialised last layer: the ridge fit). Lightning's sanity check
+    cannot do this: its results are discarded by design. The start's record (`val_loss`,
+    `val_spearman`, `val`) is kept in `record` and in the checkpoints' callback state, so a resumed
+    run still knows it and never scores a second start. Closed-form-only models (`ridge`) skip the
+    pass: their single epoch is the same model. So do models whose start is not a fit
+    (`ProteinModel.fitted_start` False: `linear`, `mlp`/`cnn` with `base: "none"`, plugins unless
+    they set it): a random or constant start is no candidate (a classifier's uniform start beat its
+    trained epochs on validation loss while ranking nothing).
+    """
+
+    def __init__(self):
+        self.done = False
+        self.record: dict[str, Any] | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.done or trainer.global_step > 0 or not start_is_candidate(pl_module):
+            return
+        self.done = True
+        loop = trainer.fit_loop.epoch_loop.val_loop
+        if not trainer.enable_validation:
+            return
+        pl_module.epoch_record = {}
+        # what Lightning's training loop does around its own validation call
+        first_loop_iter = trainer._logger_connector._first_loop_iter
+        trainer.validating = True
+        loop.run()
+        trainer.training = True
+        trainer._logger_connector._first_loop_iter = first_loop_iter
+        self.record = dict(pl_module.epoch_record) or None
+        pl_module.epoch_record = {}
+        if self.record:
+            shown = {k: v for k, v in self.record.items() if k in ("val_loss", "val_spearman")}
+            log.info("start (before the first step): %s", "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+
+    def state_dict(self) -> dict:
+        return {"done": self.done, "record": self.record}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.done, self.record = bool(state.get("done", True)), state.get("record")
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` that may also save at global step 0, i.e. the `StartValidation` pass.
+
+    Lightning's skips a save when nothing stepped since its last one, and it counts "no save yet" as
+    step 0, so the start could never become best.ckpt; -1 means "nothing saved yet" instead.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._last_global_step_saved = -1
+
+    @property
+    def state_key(self) -> str:
+        # Lightning keys callback state by class name: keep ModelCheckpoint's, so a last.ckpt written
+        # before this subclass existed still restores the best score on resume
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     """Plan precision → Lightning's: 'auto' is bf16-mixed on a CUDA device that supports it, else 32-true."""
     if precision == "auto":
@@ -426,21 +498,35 @@ def build_trainer(
     # one device unless the plan asks for more: the data set is small enough to live on one GPU
     devices = 1 if devices == "auto" else int(devices)
     monitor, mode = monitored(task, has_val)
-    checkpoint = ModelCheckpoint(
-        dirpath=str(ckpt_dir), filename="best", monitor=monitor, mode=mode, save_top_k=1, enable_version_counter=False
+    # saved after each validation (Lightning's default with validation every epoch is the epoch's end,
+    # which never sees the StartValidation pass); without validation rows, at the epoch's end
+    checkpoint = BestCheckpoint(
+        dirpath=str(ckpt_dir),
+        filename="best",
+        monitor=monitor,
+        mode=mode,
+        save_top_k=1,
+        enable_version_counter=False,
+        save_on_train_epoch_end=not has_val,
     )
     # last.ckpt from its own callback, every epoch: ModelCheckpoint's save_last refreshed it only when
     # best.ckpt changed, so a run whose final epoch was not its best resumed one epoch back
     latest = ModelCheckpoint(
         dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1, enable_version_counter=False
     )
-    callbacks = [checkpoint, latest, *callbacks]
+    # first in the list (Lightning moves the checkpoint callbacks last): the start pass runs before the
+    # other callbacks' epoch-start hooks, so it is not timed as part of epoch 0
+    callbacks = [StartValidation(), checkpoint, latest, *callbacks]
     patience = train.early_stopping_patience
     if patience > 0:
         if monitor == "val_spearman":
             callbacks.append(PlateauStop({"val_spearman": "max", "val_loss": "min"}, patience))
         else:
-            callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
+            # checked after each validation (not at the epoch's end, Lightning's default here), so the
+            # StartValidation pass counts like an epoch
+            callbacks.append(
+                EarlyStopping(monitor=monitor, mode=mode, patience=patience, check_on_train_epoch_end=False)
+            )
     kwargs: dict[str, Any] = {}
     if limit_batches:
         kwargs.update(limit_train_batches=limit_batches, limit_val_batches=limit_batches)
