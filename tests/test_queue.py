@@ -431,6 +431,31 @@ def test_status_skips_what_infra_did_not_write(redis_url, qworkdir):
 # --- end to end: real workers, real training -------------------------------------------------------
 
 
+def test_a_heartbeat_before_the_workers_birth_does_not_take_its_name(redis_url, tmp_path):
+    """The heartbeat thread starts before RQ registers the worker; its first beat must not create RQ's
+    worker hash, or register_birth refuses the worker's own name ("an active worker named … already")."""
+    from redis import Redis
+
+    from runner.queue.connection import queue, serializer
+    from runner.queue.job import InfraJob
+    from runner.queue.worker import Heartbeat, InfraWorker, WorkerConfig
+
+    conn = Redis.from_url(redis_url)
+    cfg = WorkerConfig(redis_url=redis_url, workdir=tmp_path, backend="local", name="early-beat")
+    worker = InfraWorker(
+        [queue(conn, "infra", job_class=InfraJob)], connection=conn, name=cfg.name, serializer=serializer(),
+        job_class=InfraJob,
+    )  # fmt: skip
+    beat = Heartbeat(worker, cfg)
+    beat.beat()  # what the thread does first, here before the birth, deterministically
+    assert conn.exists(beat.key)  # infra's node document is published at once
+    worker.register_birth()  # raised ValueError before the fix
+    beat.beat()
+    assert conn.hget(worker.key, "last_heartbeat") is not None  # after the birth, RQ's heartbeat runs
+    worker.register_death()
+    conn.delete(beat.key)
+
+
 @pytest.mark.slow
 def test_two_workers_ten_plans_each_experiment_runs_once(redis_url, qworkdir, tmp_path):
     gate = tmp_path / "gate-open"  # one gate for every job: each worker is held on its first job

@@ -187,7 +187,10 @@ class Heartbeat(threading.Thread):
                 )
                 execution.heartbeat(registry, ttl, pipe)
             pipe.execute()
-        self.worker.heartbeat(timeout=ttl + 60)
+        # RQ's own worker hash only once RQ registered the worker's birth: a heartbeat before that
+        # creates the hash, and register_birth then refuses the name as "an active worker already".
+        if self.worker.birth_date is not None:
+            self.worker.heartbeat(timeout=ttl + 60)
         self.cleanup_abandoned(conn)
 
     def cleanup_abandoned(self, conn) -> None:
