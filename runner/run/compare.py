@@ -37,9 +37,11 @@ MAX_KEYS = 1000
 MAX_TEXT = 200
 
 
-def flatten(doc: Any, prefix: str = "", out: dict | None = None, depth: int = 0) -> dict[str, Any]:
+def flatten(
+    doc: Any, prefix: str = "", out: dict | None = None, depth: int = 0, max_text: int = MAX_TEXT
+) -> dict[str, Any]:
     """An untrusted JSON object as {dotted key: value}; lists and deep values become bounded JSON
-    text, strings are cut to MAX_TEXT, at most MAX_KEYS keys (pure)."""
+    text, strings are cut to `max_text`, at most MAX_KEYS keys (pure). Also what MLflow's params are."""
     out = {} if out is None else out
     if not isinstance(doc, dict):
         return out
@@ -48,13 +50,13 @@ def flatten(doc: Any, prefix: str = "", out: dict | None = None, depth: int = 0)
             break
         name = f"{prefix}{str(key)[:64]}"
         if isinstance(value, dict) and depth < MAX_DEPTH and value:
-            flatten(value, name + ".", out, depth + 1)
+            flatten(value, name + ".", out, depth + 1, max_text)
         elif isinstance(value, str):
-            out[name] = value[:MAX_TEXT]
+            out[name] = value[:max_text]
         elif value is None or isinstance(value, bool | int | float):
             out[name] = value
         else:
-            out[name] = json.dumps(value, sort_keys=True, default=str)[:MAX_TEXT]
+            out[name] = json.dumps(value, sort_keys=True, default=str)[:max_text]
     return out
 
 

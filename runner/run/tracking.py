@@ -244,17 +244,12 @@ def _chunks(items: list, size: int):
         yield items[start : start + size]
 
 
-def flatten(doc: dict, prefix: str = "") -> dict[str, str]:
-    """`{"train": {"lr": 0.001}}` → `{"train.lr": "0.001"}`; lists and scalars as JSON text, capped."""
-    out: dict[str, str] = {}
-    for key, value in doc.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{name}."))
-        else:
-            text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-            out[name[:250]] = text if len(text) <= PARAM_VALUE_LIMIT else text[: PARAM_VALUE_LIMIT - 1] + "…"
-    return out
+def flatten(doc: dict) -> dict[str, str]:
+    """`{"train": {"lr": 0.001}}` → `{"train.lr": "0.001"}`: compare's bounded flattener, as MLflow's text."""
+    from runner.run.compare import flatten as flatten_plan
+
+    flat = flatten_plan(doc, max_text=PARAM_VALUE_LIMIT)
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in flat.items()}
 
 
 def run_params(plan: dict, record: dict) -> dict[str, str]:
