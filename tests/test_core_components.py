@@ -11,7 +11,7 @@ import torch
 from scipy import stats
 
 from runner.core.embeddings import EMBEDDINGS, create_embedding
-from runner.core.metrics import METRICS, compute_metrics
+from runner.core.metrics import METRICS, compute_metrics, spearman_gain_z
 from runner.core.models import MODELS, ProteinModel, create_model
 from runner.core.registry import ParamError
 from runner.core.splits import SPLITS, make_split
@@ -226,6 +226,32 @@ def test_metrics_against_references():
     assert METRICS.get("mcc")(labels, labels.astype(float)) == pytest.approx(1.0)
     assert METRICS.get("mcc")(labels, 1 - labels) == pytest.approx(-1.0)
     assert compute_metrics(["spearman"], t, np.zeros_like(t)) == {"spearman": None}  # undefined, not NaN in JSON
+
+
+def test_spearman_gain_z_is_a_standard_error_of_the_paired_difference():
+    # two predictions of equal quality on the same rows: z is ~ N(0, 1) whether their errors are
+    # independent or shared (the shared case is the one that matters: an epoch vs its start)
+    rng = np.random.default_rng(0)
+    for shared in (0.0, 0.9, 0.99):
+        zs = []
+        for _ in range(300):
+            y, common = rng.normal(size=300), rng.normal(size=300)
+            e1, e2 = (np.sqrt(shared) * common + np.sqrt(1 - shared) * rng.normal(size=300) for _ in range(2))
+            zs.append(spearman_gain_z(y, y + e1, y + e2))
+        assert abs(np.mean(zs)) < 0.2 and 0.85 < np.std(zs) < 1.2, (shared, np.mean(zs), np.std(zs))
+
+
+def test_spearman_gain_z_edges():
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=500)
+    start = y + rng.normal(scale=1.2, size=500)
+    assert spearman_gain_z(y, start, start) == 0.0
+    assert spearman_gain_z(y, 2 * start + 1, start) == 0.0  # same ranking
+    better = start + 0.3 * (y - start)
+    assert spearman_gain_z(y, better, start) > 5
+    assert spearman_gain_z(y, start, better) == pytest.approx(-spearman_gain_z(y, better, start))
+    assert spearman_gain_z(y, np.zeros(500), start) == float("-inf")  # a constant prediction ranks nothing
+    assert spearman_gain_z(y, start, np.zeros(500)) == float("inf")
 
 
 def _variants(n=100, mut_num=None, first_pos=None, frame=None):

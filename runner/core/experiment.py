@@ -295,15 +295,18 @@ def _run(typed, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     start = next((c for c in trainer.callbacks if isinstance(c, StartValidation)), None)
     start_record = start.record if start is not None else None
     selected = "epoch"
+    kept_epoch: int | None = None
     if best.exists():
         import torch
 
         checkpoint = torch.load(str(best), map_location=module.device, weights_only=False)
         module.load_state_dict(checkpoint["state_dict"])
-        # saved at global step 0 after a start pass: no epoch beat the untrained start on validation
+        # saved at global step 0 after a start pass: no epoch was clearly above the untrained start
         if start_record is not None and int(checkpoint.get("global_step", -1)) == 0:
             selected = "start"
-            log.info("the start (before any optimiser step) scored best on validation; kept it")
+            log.info("no epoch was clearly above the start (before any optimiser step) on validation; kept it")
+        elif isinstance(checkpoint.get("epoch"), int):
+            kept_epoch = int(checkpoint["epoch"])
     pred_all = to_scores(predict(module, variants.tokens))
     check_predictions(pred_all)
     y_all = y_raw
@@ -315,7 +318,11 @@ def _run(typed, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     result["train"] = compute_metrics(metric_names, y_all[split["train"]], pred_all[split["train"]])
     result["n"] = {**sizes, "selected": len(variants), "dropped": dict(variants.dropped)}
     result["epochs"] = len(epochs)
-    result["best_epoch"] = _best_epoch(epochs) if selected == "epoch" else None
+    # the epoch best.ckpt holds (with a fitted start, not always the highest val_spearman: see
+    # training.LEAVE_START_Z); computed from the epoch records only for a run without best.ckpt
+    result["best_epoch"] = (
+        None if selected == "start" else kept_epoch if kept_epoch is not None else _best_epoch(epochs)
+    )
     result["selected"] = selected
     if start_record is not None:
         result["start"] = _nulls(start_record)
