@@ -170,9 +170,9 @@ def test_epoch_kept_when_training_clearly_helps(tmp_path, epistatic_db):
     assert got["test"]["spearman"] > metrics(ridge)["test"]["spearman"] + 0.05
 
 
-@pytest.mark.parametrize("model,params", [("linear", {}), ("mlp", {"base": "none"})])
+@pytest.mark.parametrize("model,params", [("linear", {"init": "zero"}), ("mlp", {"base": "none"})])
 def test_no_start_pass_without_a_fitted_start(tmp_path, blat_db, model, params):
-    # a random (linear) or constant (a network alone, last layer at zero) start is no candidate
+    # a zero (linear) or constant (a network alone, last layer at zero) start is no candidate
     plan = {
         "name": "nofit",
         "data": {"db": str(blat_db), "limit": 800},
@@ -214,3 +214,23 @@ def test_early_stopping_counts_the_start(tmp_path, blat_db):
     assert got["selected"] == "start"
     per_epoch = epochs(exp)
     assert len(per_epoch) < 5, per_epoch
+
+
+def test_linear_starts_at_the_ridge_fit(tmp_path, blat_db):
+    # regression `linear` starts at the exact ridge fit (alpha on validation): its start scores what
+    # ridge scores, so a fixed l2 that suits the data worse than ridge's alpha cannot leave it below
+    ridge = metrics(run(tmp_path, blat_db, "ridge", "ridge"))
+    got = metrics(run(tmp_path, blat_db, "linear", "linear"))
+    assert got["start"]["val_spearman"] == pytest.approx(ridge["val"]["spearman"], abs=1e-6)
+    if got["selected"] == "start":
+        assert got["test"]["spearman"] == pytest.approx(ridge["test"]["spearman"], abs=1e-6)
+
+
+def test_linear_past_the_closed_form_limit_starts_at_zero(tmp_path, blat_db, monkeypatch):
+    import runner.core.models as models
+
+    monkeypatch.setattr(models, "MAX_GRAM", 10)
+    exp = run(tmp_path, blat_db, "linear", "linear", max_epochs=1)
+    got = metrics(exp)
+    assert "start" not in got and got["selected"] == "epoch"
+    assert "linear: no ridge start" in (exp / "logs/train.log").read_text()

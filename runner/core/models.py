@@ -282,17 +282,61 @@ class LinearModel(ProteinModel):
     `l2` is the ridge penalty on the weights (sum of squares, scaled by 1/n_features so the
     default suits any length). `lr_scale` reparameterises the weights so Adam's per-step move is
     `lr * lr_scale`: a linear model on thousands of sparse one-hot features needs far larger steps
-    than a deep model at the same plan-level learning rate. `ridge` solves the same kind of model
-    exactly; `linear` remains for classification and for feature sets past ridge's size limit.
+    than a deep model at the same plan-level learning rate. `init`: "ridge" (regression's default)
+    starts the weights at the exact ridge fit (`RidgeFit`, alpha on validation), and that start is
+    a checkpoint candidate like `mlp`'s, so a fixed `l2` that suits the data set worse than ridge's
+    chosen alpha cannot leave `linear` below `ridge` (Bgl3: 0.034 below when it started at zero);
+    "zero" starts at zero, as classification always does. Past ridge's closed-form size limit the
+    start is zero too (logged). `ridge` solves the model exactly; `linear` is for classification,
+    feature sets past that limit, and refining the fit by gradient descent.
     """
 
-    def __init__(self, seq_len: int, in_dim: int, n_outputs: int = 1, l2: float = 1.0, lr_scale: float = 10.0):
+    def __init__(
+        self,
+        seq_len: int,
+        in_dim: int,
+        n_outputs: int = 1,
+        l2: float = 1.0,
+        lr_scale: float = 10.0,
+        init: str = "ridge",
+    ):
         super().__init__(seq_len, in_dim, n_outputs)
+        if init not in ("ridge", "zero"):
+            raise ParamError(f"model.params.init: must be 'ridge' or 'zero', not {init!r}")
         n_features = self.seq_len * self.in_dim
         self.l2 = float(l2)
         self.lr_scale = float(lr_scale)
+        self.init = init if n_outputs == 1 else "zero"
         self.weight = nn.Parameter(torch.zeros(n_features, n_outputs))
         self.bias = nn.Parameter(torch.zeros(n_outputs))
+        # saved with the weights: a resumed run (which calls fit_closed_form again) keeps its trained
+        # weights, and still knows whether its start was the ridge fit
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("ridge_start", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def fitted_start(self) -> bool:  # type: ignore[override]
+        return bool(self.ridge_start)
+
+    def fit_closed_form(self, train: ChunkSource, val: ChunkSource | None) -> None:
+        if self.init != "ridge" or bool(self.initialised):
+            return
+        self.initialised.fill_(True)
+        try:
+            weight, bias, _ = RidgeFit().fit(train, val)
+        except ParamError as exc:
+            log.warning("linear: no ridge start (%s); starting from zero", exc)
+            return
+        with torch.no_grad():
+            self.weight.copy_((weight / self.lr_scale).to(self.weight)[:, None])
+            self.bias.fill_(float(bias) / self.lr_scale)
+        self.ridge_start.fill_(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # weights saved before the ridge start existed: trained already, and not from a ridge start
+        state_dict.setdefault(prefix + "initialised", torch.ones((), dtype=torch.bool))
+        state_dict.setdefault(prefix + "ridge_start", torch.zeros((), dtype=torch.bool))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight * self.lr_scale

@@ -403,7 +403,7 @@ class StartValidation(Callback):
     `val_spearman`, `val`) is kept in `record` and in the checkpoints' callback state, so a resumed
     run still knows it and never scores a second start. Closed-form-only models (`ridge`) skip the
     pass: their single epoch is the same model. So do models whose start is not a fit
-    (`ProteinModel.fitted_start` False: `linear`, `mlp`/`cnn` with `base: "none"`, plugins unless
+    (`ProteinModel.fitted_start` False: `linear` with `init: "zero"`, `mlp`/`cnn` with `base: "none"`, plugins unless
     they set it): a random or constant start is no candidate (a classifier's uniform start beat its
     trained epochs on validation loss while ranking nothing).
     """
