@@ -23,10 +23,11 @@ from runner.core.metrics import spearman
 from runner.data.importer import import_csv
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
-# every built-in with its defaults, and the networks of mlp and cnn without their ridge part
+# every built-in with its defaults, `linear` from zero, and the networks of mlp and cnn without their ridge part
 CASES = [
     ("ridge", {}),
     ("linear", {}),
+    ("linear", {"init": "zero"}),
     ("mlp", {}),
     ("cnn", {}),
     ("ge", {}),
