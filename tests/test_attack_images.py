@@ -325,6 +325,7 @@ def test_plugin_printing_at_import_does_not_break_list(wd):
         "params": [
             {"name": "l2", "type": "float", "default": 1.0, "required": False},
             {"name": "lr_scale", "type": "float", "default": 10.0, "required": False},
+            {"name": "init", "type": "str", "default": "ridge", "required": False},
         ],
     }
 

@@ -68,9 +68,10 @@ def test_columns_for_every_differing_plan_key(swept):
     doc = compare_json(work)
     assert doc["differing"] == ["model.name", "train.seed"]
     rows = doc["experiments"]
+    # best test Spearman first; equal values (both seeds may keep linear's ridge start) by id
     assert [r["experiment_id"] for r in rows[:2]] == sorted(
         [ids["linear", 0], ids["linear", 1]],
-        key=lambda i: -next(r["test"]["spearman"] for r in rows if r["experiment_id"] == i),
+        key=lambda i: (-next(r["test"]["spearman"] for r in rows if r["experiment_id"] == i), i),
     )
     assert rows[0]["plan"]["data.limit"] == 600 and rows[0]["plan"]["train.max_epochs"] == 1
     human = infra("compare", ids["linear", 0], ids["linear", 1], workdir=work)

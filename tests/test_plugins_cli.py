@@ -122,7 +122,8 @@ def test_list_json_has_every_template_plugin(template_copy):
         "default": 32,
         "required": False,
     }
-    assert [p["name"] for p in params[("model", "linear")]] == ["l2", "lr_scale"]  # seq_len, in_dim: the runner's
+    # seq_len, in_dim: the runner's
+    assert [p["name"] for p in params[("model", "linear")]] == ["l2", "lr_scale", "init"]
     assert params[("metric", "ndcg")] == [{"name": "top_fraction", "type": "float", "default": 0.1, "required": False}]
     assert params[("metric", "spearman")] == [] and params[("split", "random")] == []
 
@@ -137,7 +138,7 @@ def test_list_table_marks_builtins(template_copy):
         line.split()[:5] == ["model", "tiny_attention", "model/tiny_attention.py", "d_model:", "int"] for line in lines
     )
     columns = [re.split(r"\s{2,}", line.strip()) for line in lines]  # the table's columns are 2+ spaces apart
-    assert ["model", "linear", "(built-in)", "l2: float = 1.0, lr_scale: float = 10.0"] in columns
+    assert ["model", "linear", "(built-in)", "l2: float = 1.0, lr_scale: float = 10.0, init: str = 'ridge'"] in columns
     assert any(line.split() == ["metric", "spearman", "(built-in)", "-"] for line in lines)
     assert "4 plugin component(s)" in result.stderr
 

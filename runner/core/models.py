@@ -194,14 +194,14 @@ class RidgeFit:
             "scores": {f"{a:.4g}": round(s, 5) for a, (_, s) in sorted(tried.items())},
         }
         log.info(
-            "ridge: alpha %.4g by %s (%d varying of %d features, %d rows, %s): %s",
+            "ridge: alpha %.4g by %s (%d varying of %d features, %d rows, %s); score by alpha: %s",
             best,
             how,
             d,
             len(mean),
             n,
             self.report["solve"],
-            self.report["scores"],
+            "  ".join(f"{a} {v}" for a, v in self.report["scores"].items()),
         )
         return weight, bias, mean
 
