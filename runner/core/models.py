@@ -76,6 +76,17 @@ def _spearman(y: torch.Tensor, p: torch.Tensor) -> float:
     return spearman(y.double().cpu().numpy(), p.double().cpu().numpy())
 
 
+class ClosedFormTooLarge(ParamError):
+    """More training rows and varying features than `RidgeFit` solves (MAX_GRAM of either)."""
+
+    def __init__(self, n_rows: int, n_features: int):
+        self.n_rows, self.n_features = n_rows, n_features
+        super().__init__(
+            f"model 'ridge': {n_rows} training rows and {n_features} varying features is past the closed-form "
+            f"limit ({MAX_GRAM} of either); use model 'linear' (gradient descent) instead"
+        )
+
+
 class RidgeFit:
     """Streaming closed-form ridge on flattened features, the regularisation chosen on validation rows.
 
@@ -123,10 +134,7 @@ class RidgeFit:
             self.report = {"alpha": None, "n_features": 0}
             return weight, torch.tensor(y_mean, dtype=torch.float64), mean
         if min(n, d) > MAX_GRAM:
-            raise ParamError(
-                f"model 'ridge': {n} training rows and {d} varying features is past the closed-form "
-                f"limit ({MAX_GRAM} of either); use model 'linear' (gradient descent) instead"
-            )
+            raise ClosedFormTooLarge(n, d)
         primal = d <= n
         system = torch.zeros(d, d, dtype=torch.float64) if primal else None
         rhs = torch.zeros(d, dtype=torch.float64) if primal else None
@@ -324,8 +332,14 @@ class LinearModel(ProteinModel):
         self.initialised.fill_(True)
         try:
             weight, bias, _ = RidgeFit().fit(train, val)
-        except ParamError as exc:
-            log.warning("linear: no ridge start (%s); starting from zero", exc)
+        except ClosedFormTooLarge as exc:
+            log.warning(
+                "linear: no ridge start: %d training rows and %d varying features are past the closed-form "
+                "limit (%d of either); starting from zero",
+                exc.n_rows,
+                exc.n_features,
+                MAX_GRAM,
+            )
             return
         with torch.no_grad():
             self.weight.copy_((weight / self.lr_scale).to(self.weight)[:, None])
