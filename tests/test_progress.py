@@ -129,6 +129,26 @@ def test_plain_view_prints_one_line_per_phase_and_epoch(tmp_path, capsys):
     ]
 
 
+def test_best_marker_follows_the_cores_word_when_it_gives_one(tmp_path, capsys):
+    # with a fitted start, an epoch above every earlier one on val_spearman may still not be kept
+    # (not clearly above the start): the core says which epochs became best.ckpt
+    exp = tmp_path / "experiments" / "demo-1"
+    exp.mkdir(parents=True)
+    view = RunView("plain", tmp_path)
+    view.event({"event": "state", "experiment_id": "demo-1", "state": "running", "attempt": 1})
+    write_events(
+        exp,
+        b'{"event": "progress", "phase": "train", "max_epochs": 3}\n',
+        b'{"event": "epoch", "epoch": 0, "val_spearman": 0.7706, "best": false}\n',
+        b'{"event": "epoch", "epoch": 1, "val_spearman": 0.7707, "best": false}\n',
+        b'{"event": "epoch", "epoch": 2, "val_spearman": 0.7600, "best": true}\n',
+        b'{"event": "epoch", "epoch": 3, "val_spearman": 0.7800, "best": "yes"}\n',  # not a bool: not the core's word
+    )
+    view.event({"event": "state", "experiment_id": "demo-1", "state": "succeeded"})
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch ")]
+    assert [line.endswith("  best") for line in lines] == [False, False, True, True], lines
+
+
 def test_verbose_view_adds_the_raw_lines_and_leaves_epochs_to_the_core(tmp_path, capsys):
     lines = plain_run(tmp_path, capsys, mode="verbose")
     assert "Step 1/2 : FROM infra-base:x" in lines

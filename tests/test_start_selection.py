@@ -83,6 +83,8 @@ def test_an_epoch_only_marginally_above_the_start_is_not_kept(tmp_path, blat_db)
     assert max(e["val_spearman"] for e in per_epoch) > got["start"]["val_spearman"], (got["start"], per_epoch)
     assert all(e["start_z"] < LEAVE_START_Z for e in per_epoch), per_epoch
     assert got["selected"] == "start" and got["best_epoch"] is None
+    # what the progress view marks "best": no epoch became best.ckpt
+    assert [e["best"] for e in per_epoch] == [False] * len(per_epoch)
     assert torch.load(exp / "ckpts/best.ckpt", weights_only=False)["global_step"] == 0
 
 
@@ -164,6 +166,8 @@ def test_epoch_kept_when_training_clearly_helps(tmp_path, epistatic_db):
     kept = max(eligible, key=lambda e: e["val_spearman"])
     assert kept["val_spearman"] > got["start"]["val_spearman"] + 0.02, (got["start"], per_epoch)
     assert got["selected"] == "epoch" and got["best_epoch"] == kept["epoch"]
+    assert [e["epoch"] for e in per_epoch if e["best"]][-1] == kept["epoch"]
+    assert all(not e["best"] for e in per_epoch if e not in eligible)
     assert got["val"]["spearman"] == pytest.approx(kept["val_spearman"], abs=1e-4)  # batched float32 sums
     assert torch.load(exp / "ckpts/best.ckpt", weights_only=False)["global_step"] > 0
     # the network's gain holds on the test rows, which selection never saw

@@ -57,13 +57,17 @@ class Epoch:
     train_loss: float | None = None
     val_loss: float | None = None
     val_spearman: float | None = None
+    # the core's word on whether this epoch became ckpts/best.ckpt (None: not said, e.g. no
+    # validation rows, or an older core): with a fitted start that is not simply the best val_spearman
+    best: bool | None = None
 
     @classmethod
     def from_event(cls, doc: dict) -> Epoch | None:
         index = doc.get("epoch")
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 10**7:
             return None
-        return cls(index, *(_number(doc.get(key)) for key in EPOCH_KEYS))
+        best = doc.get("best")
+        return cls(index, *(_number(doc.get(key)) for key in EPOCH_KEYS), best if isinstance(best, bool) else None)
 
 
 class CoreEvents:
@@ -112,7 +116,8 @@ class CoreEvents:
 
 
 def best_rank(epoch: Epoch) -> tuple[int, float] | None:
-    """Lower is better; the core's checkpoint rule: highest val_spearman, else lowest val_loss, else train_loss."""
+    """Lower is better, for epochs the core did not mark (`Epoch.best` None): highest val_spearman, else lowest
+    val_loss, else train_loss."""
     for priority, key in enumerate(("val_spearman", "val_loss", "train_loss")):
         value = getattr(epoch, key)
         if value is not None:
@@ -307,10 +312,13 @@ class RunView:
 
     def _epoch(self, epoch: Epoch) -> None:
         self.state.epochs[epoch.index] = epoch
-        rank = best_rank(epoch)
-        best = rank is not None and (self.state.best is None or rank < self.state.best)
-        if best:
-            self.state.best = rank
+        if epoch.best is not None:
+            best = epoch.best
+        else:
+            rank = best_rank(epoch)
+            best = rank is not None and (self.state.best is None or rank < self.state.best)
+            if best:
+                self.state.best = rank
         if self.mode != "verbose":  # with -v the core's own epoch line is already shown
             self._line(epoch_text(epoch, self.state.max_epochs, best))
         self._status(f"training (epoch {epoch.index + 1} done)", epoch.index + 1, self.state.max_epochs)

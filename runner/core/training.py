@@ -299,6 +299,8 @@ class VariantModule(L.LightningModule):
         if loss is None:
             return
         self.epoch_record["val_loss"] = loss
+        if not self.scoring_start:
+            self.epoch_record["best"] = False  # BestCheckpoint sets it when this epoch becomes best.ckpt
         if self._val_outputs:
             y = torch.cat([a for a, _ in self._val_outputs]).float().cpu().numpy()
             p = torch.cat([b for _, b in self._val_outputs]).float().cpu().numpy()
@@ -474,6 +476,14 @@ class BestCheckpoint(ModelCheckpoint):
         if score is not None:
             candidates["val_select"] = torch.tensor(float(score))
         return candidates
+
+    def _update_best_and_save(self, current, trainer, monitor_candidates) -> None:
+        super()._update_best_and_save(current, trainer, monitor_candidates)
+        module = trainer.lightning_module
+        if not getattr(module, "scoring_start", False):
+            # in the epoch's record (metrics.jsonl, the epoch event): what the progress view marks
+            # "best", without second-guessing the selection rule on the host
+            module.epoch_record["best"] = True
 
     @property
     def state_key(self) -> str:
