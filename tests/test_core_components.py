@@ -63,6 +63,20 @@ def test_linear_penalty_is_ridge():
     assert model.penalty().item() == pytest.approx(2.0)  # l2 * sum(w^2) / n_features
 
 
+def test_linear_weights_saved_before_the_ridge_start_still_load():
+    # an experiment trained before `init` existed: its weights load for `infra predict`, count as
+    # trained (a resume must not overwrite them with a ridge fit) and not as a fitted start
+    old = create_model("linear", seq_len=2, in_dim=3, n_outputs=1)
+    state = {k: v for k, v in old.state_dict().items() if k in ("weight", "bias")}
+    state["weight"] = torch.ones_like(state["weight"])
+    model = create_model("linear", seq_len=2, in_dim=3, n_outputs=1)
+    model.load_state_dict(state)
+    assert bool(model.initialised) and not model.fitted_start
+    assert torch.equal(model.weight, torch.ones_like(model.weight))
+    with pytest.raises(ParamError, match="model.params.init: must be 'ridge' or 'zero'"):
+        create_model("linear", seq_len=2, in_dim=3, n_outputs=1, params={"init": "random"})
+
+
 def test_network_inputs_are_centred_not_scaled(vocab):
     onehot = create_embedding("onehot", vocab)
     # position 0 never varies, position 1 does; "W" at position 1 is rare (1 row in 4)
