@@ -238,3 +238,16 @@ def test_linear_past_the_closed_form_limit_starts_at_zero(tmp_path, blat_db, mon
     got = metrics(exp)
     assert "start" not in got and got["selected"] == "epoch"
     assert "linear: no ridge start" in (exp / "logs/train.log").read_text()
+
+
+def test_linear_with_an_unknown_init_is_a_plan_error(tmp_path, blat_db, capsys):
+    plan = {
+        "name": "badinit",
+        "data": {"db": str(blat_db), "limit": 300},
+        "model": {"name": "linear", "params": {"init": "random"}},
+        "train": {"max_epochs": 1},
+    }
+    (tmp_path / "p.json").write_text(json.dumps(plan))
+    assert main([str(tmp_path / "p.json"), "--exp-dir", str(tmp_path / "e")]) == 2
+    assert "model.params.init: must be 'ridge' or 'zero', not 'random'" in capsys.readouterr().err
+    assert not (tmp_path / "e" / "ckpts" / "best.ckpt").exists()
