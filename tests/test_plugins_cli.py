@@ -193,7 +193,7 @@ def test_check_duplicate_name_message(template_copy):
 def test_discovery_never_imports_plugins_on_the_host(template_copy):
     probe = (
         "import sys; from runner.workdir.plugins import discover; "
-        f"found = discover({str(template_copy)!r}, backend='local'); "
+        f"from runner.run.backends import backend_for; found = discover({str(template_copy)!r}, backend_for('local')); "
         "print(len(found.plugins()), sorted(m for m in sys.modules if m.startswith(('infra_ext', 'torch'))))"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
@@ -204,7 +204,7 @@ def test_discovery_never_imports_plugins_on_the_host(template_copy):
 def test_unknown_backend_is_usage_error(template_copy):
     result = infra("plugins", "list", "--backend", "podman", "--workdir", str(template_copy))
     assert result.returncode == 2
-    assert "--backend 'podman': use 'docker' or 'local'" in result.stderr
+    assert "Invalid value for '--backend'" in result.stderr and "'podman' is not one of 'docker', 'local'" in result.stderr
 
 
 def test_commands_have_help_and_examples():

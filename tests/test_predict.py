@@ -383,35 +383,44 @@ def test_several_sources_need_source(trained, tmp_path):
 
 def test_predict_spec_mounts_only_what_prediction_reads(tmp_path):
     from runner.errors import UsageError
-    from runner.run.spec import LABEL_PURPOSE, LABEL_WORKDIR, predict_spec, workdir_identity
+    from runner.run.jobs import predict_job
+    from runner.run.spec import LABEL_PURPOSE, LABEL_WORKDIR, container_spec, workdir_identity
     from runner.settings import node_settings
 
     exp = tmp_path / "experiments" / "e1"
-    kwargs = dict(
+    job = predict_job(
         experiment_id="e1",
-        name="infra-predict-e1-x",
-        image="sha256:" + "a" * 64,
-        image_id="sha256:" + "a" * 64,
-        workdir=tmp_path,
-        settings=node_settings(),
-        user=(1000, 1000),
-        read_only_files=((exp / "ckpts/best.ckpt", "/exp/ckpts/best.ckpt"), (tmp_path / "in.csv", "/in/input.csv")),
+        exp_root=exp,
+        checkpoint="ckpts/best.ckpt",
+        state_files=("config/predict.json",),
+        source=tmp_path / "in.csv",
         out_dir=tmp_path / ".infra-predict-x",
-        command=("python", "-m", "runner.core.predict"),
-    )
-    spec = predict_spec(**kwargs)
+        result_name="result.csv",
+        summary_name="summary.json",
+        core_args=("--format", "csv"),
+        workdir=tmp_path,
+        labels={LABEL_PURPOSE: "predict"},
+        name="infra-predict-e1-x",
+    ).with_image("infra-plugins:aaaaaaaaaaaa", "sha256:" + "a" * 64)
+    spec = container_spec(job, user=(1000, 1000), settings=node_settings())
     assert [m.describe() for m in spec.mounts] == [
         f"{exp}/ckpts/best.ckpt:/exp/ckpts/best.ckpt:ro",
+        f"{exp}/config/predict.json:/exp/config/predict.json:ro",
         f"{tmp_path}/in.csv:/in/input.csv:ro",
         f"{tmp_path}/.infra-predict-x:/out:rw",
     ]
+    assert spec.command == (
+        "python", "-m", "runner.core.predict", "--exp-dir", "/exp", "--checkpoint", "/exp/ckpts/best.ckpt",
+        "--out", "/out/result.csv", "--summary", "/out/summary.json", "--format", "csv",
+        "--input", "/in/input.csv", "--workdir", "/workdir",
+    )  # fmt: skip
     engine = spec.engine_kwargs()
     assert engine["network_mode"] == "none" and engine["read_only"] is True and "/tmp" in engine["tmpfs"]
     assert engine["cap_drop"] == ["ALL"] and engine["security_opt"] == ["no-new-privileges"]
     assert engine["user"] == "1000:1000" and engine["gpus"] is None
     assert spec.labels[LABEL_PURPOSE] == "predict" and spec.labels[LABEL_WORKDIR] == workdir_identity(tmp_path)
     with pytest.raises(UsageError, match="never run as uid 0"):
-        predict_spec(**{**kwargs, "user": (0, 0)})
+        container_spec(job, user=(0, 0), settings=node_settings())
 
 
 class PickledObject:

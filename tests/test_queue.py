@@ -204,14 +204,16 @@ def test_redact_hides_the_password():
 
 def test_gpu_slots():
     from runner.errors import UsageError
+    from runner.plan.models import GpuRequest
     from runner.queue.pool import gpu_slots
-    from runner.queue.worker import WorkerConfig
 
     assert gpu_slots("0,1") == ["0", "1"]
     assert gpu_slots(None) == [None]
     with pytest.raises(UsageError, match="device ids"):
         gpu_slots("0,0")
-    assert WorkerConfig("redis://x", Path("."), gpus="1").run_gpus() == ["1"]
+    # a worker's slot "1" is device 1, never a count of one GPU
+    assert GpuRequest.parse("1", devices_only=True).engine_value() == "1"
+    assert GpuRequest.parse("1").engine_value() == 1
 
 
 def test_exposure_warning_only_for_open_urls():
@@ -439,9 +441,10 @@ def test_a_heartbeat_before_the_workers_birth_does_not_take_its_name(redis_url, 
     from runner.queue.connection import queue, serializer
     from runner.queue.job import InfraJob
     from runner.queue.worker import Heartbeat, InfraWorker, WorkerConfig
+    from runner.run.backends import backend_for
 
     conn = Redis.from_url(redis_url)
-    cfg = WorkerConfig(redis_url=redis_url, workdir=tmp_path, backend="local", name="early-beat")
+    cfg = WorkerConfig(redis_url=redis_url, workdir=tmp_path, backend=backend_for("local"), name="early-beat")
     worker = InfraWorker(
         [queue(conn, "infra", job_class=InfraJob)], connection=conn, name=cfg.name, serializer=serializer(),
         job_class=InfraJob,

@@ -154,7 +154,7 @@ def test_case(case: Path, base_image, run_user, case_root, docker_client):
 
 def _left_behind(client, workdir: Path) -> list[str]:
     """Names of this case's containers still in the engine: discovery ones and its experiments'."""
-    from runner.workdir.plugins import LABEL_PURPOSE
+    from runner.run.spec import LABEL_PURPOSE
 
     ids = {p.name for p in (workdir / "experiments").glob("*")} if (workdir / "experiments").exists() else set()
     found = client.api.containers(all=True, filters={"label": f"{LABEL_PURPOSE}=plugin-discovery"})

@@ -5,8 +5,8 @@ from typing import Annotated
 
 import typer
 
+from runner.cli.options import WORKDIR_OPT, resolve_workdir
 from runner.cli.output import emit_json, say
-from runner.cli.run import WORKDIR_OPT, _workdir
 
 
 def compare(
@@ -58,7 +58,7 @@ def compare(
         from runner.run.compare_plot import plot_target
 
         target = plot_target(plot)
-    rows = lib.compare(_workdir(workdir), list(ids or []), metric, where=list(where or []))
+    rows = lib.compare(resolve_workdir(workdir), list(ids or []), metric, where=list(where or []))
     by = [k.strip() for k in (group_by or "").split(",") if k.strip()]
     groups = lib.group_rows(rows, by, metric) if by else None
     headers, body = lib.group_cells(groups, metric) if groups is not None else lib.table_cells(rows, metric)

@@ -4,6 +4,7 @@ from typing import Annotated
 
 import typer
 
+from runner.cli.options import JSON_OPT
 from runner.cli.output import emit_json, say
 
 app = typer.Typer(
@@ -12,7 +13,6 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
 )
-JSON_OPT = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
 
 def _complete_key(incomplete: str) -> list[str]:

@@ -7,11 +7,10 @@ from typing import Annotated
 
 import typer
 
+from runner.cli.options import JSON_OPT, WORKDIR_OPT, resolve_workdir
 from runner.cli.output import emit_json, say
-from runner.cli.run import WORKDIR_OPT, _workdir
 from runner.lines import terminal_safe
 
-JSON_OPT = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 ID_ARG = Annotated[str, typer.Argument(help="Experiment id (from 'infra run' or 'infra ls').")]
 STATUS_KEYS = (
     "experiment_id",
@@ -35,7 +34,7 @@ STATUS_KEYS = (
 
 
 MAIN_METRIC = ("test", "spearman")
-ERROR_LINE = re.compile(r"^(?:infra-train: error: .+|(?:[A-Za-z_][\w.]*)?(?:Error|Exception|Interrupt|Exit)\b.*)$")
+ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*)?(?:Error|Exception|Interrupt|Exit)\b.*$")
 ERROR_TAIL_LINES = 60
 
 
@@ -52,10 +51,12 @@ def status_document(record: dict) -> dict:
 def error_reason(log_tail: str) -> str | None:
     """The training's own account of a failure (pure): its last `infra-train: error: …` line, else
     the last line that looks like an exception (`ValueError: …`), from the end of its log."""
+    from runner.run.jobs import core_error
+
+    reason = core_error("train", log_tail)
+    if reason:
+        return reason[:500]
     lines = [line.strip() for line in log_tail.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.startswith("infra-train: error: "):
-            return line[len("infra-train: error: ") :][:500]
     for line in reversed(lines):
         if ERROR_LINE.match(line):
             return line[:500]
@@ -89,7 +90,7 @@ def status(experiment_id: ID_ARG, json_out: JSON_OPT = False, workdir: WORKDIR_O
     from runner.run.reconcile import reconcile
     from runner.run.records import find
 
-    record = reconcile(find(_workdir(workdir), experiment_id))
+    record = reconcile(find(resolve_workdir(workdir), experiment_id))
     doc = status_document(record)
     failed = failure(record)
     if failed:
@@ -132,7 +133,7 @@ def logs(
 
     if tail is not None and tail < 1:
         raise UsageError(f"--tail {tail}: use a number of lines of at least 1 (leave --tail out for the whole log)")
-    exp = find(_workdir(workdir), experiment_id)
+    exp = find(resolve_workdir(workdir), experiment_id)
     out = sys.stdout
 
     def on_line(line: str) -> None:
@@ -168,7 +169,7 @@ def stop(
     if timeout < 0:
         raise UsageError(f"--timeout {timeout}: use a number of seconds of at least 0 (0 kills at once)")
     record = stop_experiment(
-        find(_workdir(workdir), experiment_id), timeout=timeout, reason="stopped with 'infra stop'"
+        find(resolve_workdir(workdir), experiment_id), timeout=timeout, reason="stopped with 'infra stop'"
     )
     if json_out:
         emit_json(status_document(record))
@@ -197,7 +198,7 @@ def track(
     from runner.run.records import find
     from runner.run.tracking import track_again
 
-    exp = find(_workdir(workdir), experiment_id)
+    exp = find(resolve_workdir(workdir), experiment_id)
     doc = track_again(exp, reconcile(exp), uri=mlflow_uri, experiment=experiment)
     if json_out:
         emit_json(doc)
@@ -221,7 +222,7 @@ def ls(
     """
     from runner.run.reconcile import list_experiments
 
-    rows = list_experiments(_workdir(workdir), states=state or None, since=since)
+    rows = list_experiments(resolve_workdir(workdir), states=state or None, since=since)
     docs = [status_document(r) for r in rows]
     split, name = MAIN_METRIC
     for doc in docs:

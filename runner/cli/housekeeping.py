@@ -4,11 +4,10 @@ from typing import Annotated
 
 import typer
 
+from runner.cli.options import JSON_OPT, WORKDIR_OPT, resolve_workdir
 from runner.cli.output import emit_json, say
-from runner.cli.run import WORKDIR_OPT, _workdir
 
 DRY_RUN_OPT = Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed and its size.")]
-JSON_OPT = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
 
 def _size(n: int) -> str:
@@ -38,7 +37,7 @@ def rm(
     """
     from runner.run.housekeeping import remove_experiments
 
-    removals = remove_experiments(_workdir(workdir), list(ids), force=force, dry_run=dry_run)
+    removals = remove_experiments(resolve_workdir(workdir), list(ids), force=force, dry_run=dry_run)
     if json_out:
         emit_json({"dry_run": dry_run, "experiments": [r.to_dict() for r in removals]})
     verb = "would remove" if dry_run else "removed"
@@ -83,7 +82,7 @@ def prune(
     from runner.run.housekeeping import prune_cutoff, prune_experiments, prune_images
 
     cutoff = prune_cutoff(older_than, before)
-    wd = _workdir(workdir)
+    wd = resolve_workdir(workdir)
     removals = prune_experiments(wd, cutoff, state or None, dry_run=dry_run)
     image_result = None
     if images:

@@ -1,12 +1,13 @@
 """`infra plugins list` and `infra plugins check`: what the workdir registers, read out of process."""
 
 from pathlib import Path
-from typing import Annotated
 
 import typer
 
+from runner.cli import options
+from runner.cli.options import BACKEND_OPT, JSON_OPT, WORKDIR_OPT, resolve_workdir
 from runner.cli.output import emit_json, say
-from runner.cli.run import WORKDIR_OPT, _workdir
+from runner.run.backends import BackendName
 
 app = typer.Typer(
     help="What the workdir's plugins register, discovered inside the plugin image (never imported here).\n\n"
@@ -15,18 +16,12 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-JSON_OPT = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-BACKEND_OPT = Annotated[
-    str,
-    typer.Option("--backend", help="docker (a throw-away container of the plugin image) or local (a host subprocess)."),
-]
 
-
-def _discover(workdir: Path | None, backend: str, quiet: bool):
+def _discover(workdir: Path | None, backend: BackendName, quiet: bool):
     from runner.workdir.plugins import discover
 
-    wd = _workdir(workdir)
-    return wd, discover(wd, backend=backend, on_log=None if quiet else _build_line)
+    wd = resolve_workdir(workdir)
+    return wd, discover(wd, options.backend(backend), on_log=None if quiet else _build_line)
 
 
 def _build_line(line: str) -> None:
@@ -35,7 +30,7 @@ def _build_line(line: str) -> None:
 
 
 @app.command("list")
-def list_(json_out: JSON_OPT = False, backend: BACKEND_OPT = "docker", workdir: WORKDIR_OPT = None) -> None:
+def list_(json_out: JSON_OPT = False, backend: BACKEND_OPT = BackendName.docker, workdir: WORKDIR_OPT = None) -> None:
     """List every registered vocab, embedding, model, metric and split: kind, name, source file.
 
     Built-ins are included (`builtin: true`); plugin source files are the workdir's files. A plugin
@@ -55,7 +50,7 @@ def list_(json_out: JSON_OPT = False, backend: BACKEND_OPT = "docker", workdir: 
 
 
 @app.command("check")
-def check(json_out: JSON_OPT = False, backend: BACKEND_OPT = "docker", workdir: WORKDIR_OPT = None) -> None:
+def check(json_out: JSON_OPT = False, backend: BACKEND_OPT = BackendName.docker, workdir: WORKDIR_OPT = None) -> None:
     """Load every plugin as a run would; exit 0 when all load, 1 naming the file, line and error otherwise.
 
     Messages: `plugin FILE:LINE: SyntaxError: <detail>; fix the file and run again`, and for a name

@@ -5,8 +5,10 @@ from typing import Annotated
 
 import typer
 
+from runner.cli import options
+from runner.cli.options import WORKDIR_OPT, resolve_workdir
 from runner.cli.output import emit_json, say
-from runner.cli.run import WORKDIR_OPT, _workdir
+from runner.run.backends import BackendName
 
 
 def predict(
@@ -35,8 +37,14 @@ def predict(
         str | None, typer.Option("--source", help="Which template, when the experiment trained on several sources.")
     ] = None,
     backend: Annotated[
-        str, typer.Option("--backend", help="docker (the experiment's image) or local (a host process; trusted code).")
-    ] = "docker",
+        BackendName | None,
+        typer.Option(
+            "--backend",
+            help="docker (the experiment's own image) or local (a host process; trusted code); "
+            "default: the backend that trained the experiment.",
+            case_sensitive=False,
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON summary document on stdout.")] = False,
     workdir: WORKDIR_OPT = None,
 ) -> None:
@@ -51,8 +59,8 @@ def predict(
     from runner.run.predict import PredictRequest
     from runner.run.predict import predict as run_predict
 
-    request = PredictRequest(experiment_id, input_file, saturation, out, fmt, top, source, backend)
-    summary = run_predict(_workdir(workdir), request)
+    request = PredictRequest(experiment_id, input_file, saturation, out, fmt, top, source)
+    summary = run_predict(resolve_workdir(workdir), request, None if backend is None else options.backend(backend))
     if json_out:
         emit_json(summary)
         return

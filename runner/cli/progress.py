@@ -256,6 +256,9 @@ class RunView:
             root = self.workdir / "experiments" / exp_id
             # a new attempt shows its own epochs; attaching shows the running attempt's so far
             self.state.events = CoreEvents(root, from_start=kind == "attached")
+        if self.state.events is not None and isinstance(event.get("outputs"), str):
+            # a study point's output folders sit in its slot while it runs (runner.run.slots)
+            self.state.events.root = Path(event["outputs"])
         if kind == "reused":
             self._line(f"experiment {exp_id}: already succeeded (reported, not rerun; --rerun runs it again)")
         elif kind == "attached":

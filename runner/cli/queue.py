@@ -5,9 +5,11 @@ from typing import Annotated
 
 import typer
 
+from runner.cli import options
+from runner.cli.options import BACKEND_OPT, JSON_OPT, WORKDIR_OPT, resolve_workdir
 from runner.cli.output import emit_json, say
+from runner.run.backends import BackendName
 
-JSON_OPT = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 REDIS_OPT = Annotated[
     str,
     typer.Option(
@@ -15,9 +17,6 @@ REDIS_OPT = Annotated[
         envvar="INFRA_REDIS_URL",
         help="Redis URL: redis://[:PASSWORD@]HOST:PORT/DB, rediss:// for TLS (env INFRA_REDIS_URL).",
     ),
-]
-WORKDIR_OPT = Annotated[
-    Path | None, typer.Option("--workdir", help="Workdir to use (default: INFRA_WORKDIR, then 'infra workdir set').")
 ]
 
 queue_app = typer.Typer(
@@ -28,10 +27,9 @@ queue_app = typer.Typer(
 
 
 def _optional_workdir(flag: Path | None) -> Path | None:
-    from runner.cli.run import _workdir
     from runner.workdir.store import get_workdir
 
-    return _workdir(flag) if flag is not None else get_workdir(required=False)
+    return resolve_workdir(flag) if flag is not None else get_workdir(required=False)
 
 
 def submit(
@@ -87,9 +85,7 @@ def worker(
         ),
     ] = None,
     burst: Annotated[bool, typer.Option("--burst", help="Exit once the queues are empty.")] = False,
-    backend: Annotated[
-        str, typer.Option("--backend", help="docker (a container) or local (a host process; needs '.[core]').")
-    ] = "docker",
+    backend: BACKEND_OPT = BackendName.docker,
     name: Annotated[str | None, typer.Option("--name", help="Worker name (default HOST.PID).")] = None,
     heartbeat_ttl: Annotated[
         int,
@@ -120,20 +116,19 @@ def worker(
     import logging
     import socket
 
-    from runner.cli.run import _workdir
     from runner.queue.connection import DEFAULT_QUEUE, exposure_warning
     from runner.queue.pool import gpu_slots, run_pool
 
     warning = exposure_warning(redis_url)
     if warning:
         say(f"infra: warning: {warning}")
-    wd = _workdir(workdir)
+    wd = resolve_workdir(workdir)
     for logger in ("runner", "rq.worker"):
         if logging.getLogger(logger).getEffectiveLevel() > logging.INFO:
             logging.getLogger(logger).setLevel(logging.INFO)
     slots = gpu_slots(gpus)
     if len(slots) > 1:
-        argv = ["worker", "--redis", redis_url, "--backend", backend, "--workdir", str(wd)]
+        argv = ["worker", "--redis", redis_url, "--backend", str(backend), "--workdir", str(wd)]
         for queue in queues or [DEFAULT_QUEUE]:
             argv += ["--queue", queue]
         argv += ["--heartbeat-ttl", str(heartbeat_ttl), "--stop-timeout", str(stop_timeout)]
@@ -141,14 +136,15 @@ def worker(
             argv.append("--burst")
         say(f"starting {len(slots)} workers, one per GPU: {', '.join(slots)}")
         raise typer.Exit(run_pool(argv, slots, name or socket.gethostname()))
+    from runner.plan.models import GpuRequest
     from runner.queue.worker import WorkerConfig, run_worker
 
     cfg = WorkerConfig(
         redis_url=redis_url,
         workdir=wd,
         queues=list(queues or [DEFAULT_QUEUE]),
-        gpus=slots[0],
-        backend=backend,
+        gpus=None if slots[0] is None else GpuRequest.parse(slots[0], "--gpus", devices_only=True),
+        backend=options.backend(backend),
         burst=burst,
         name=name,
         heartbeat_ttl=heartbeat_ttl,

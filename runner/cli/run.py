@@ -7,42 +7,24 @@ from typing import Annotated
 
 import typer
 
+from runner.cli import options
+from runner.cli.options import BACKEND_OPT, GPUS_OPT, JSON_OPT, WORKDIR_OPT
 from runner.cli.output import emit_event, emit_json, say
 from runner.cli.progress import RunView, view_mode
+from runner.run.backends import BackendName
 from runner.run.records import metrics_summary
-
-JSON_OPT = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout when done.")]
-WORKDIR_OPT = Annotated[
-    Path | None, typer.Option("--workdir", help="Workdir to use (default: INFRA_WORKDIR, then 'infra workdir set').")
-]
-
-
-def _workdir(flag: Path | None) -> Path:
-    from runner.errors import WorkdirError
-    from runner.workdir.store import get_workdir
-
-    if flag is not None:
-        if not flag.is_dir():
-            raise WorkdirError(f"--workdir {flag} is not a directory; create it or use 'infra init {flag}'")
-        return flag.resolve()
-    return get_workdir(required=True)
 
 
 def run(
     plan: Annotated[str, typer.Argument(help="Plan JSON file, or '-' to read it from stdin.")],
-    gpus: Annotated[
-        str | None,
-        typer.Option("--gpus", help='GPUs: "all", a count, a device list "0,2", or "none" (overrides resources.gpus).'),
-    ] = None,
+    gpus: GPUS_OPT = None,
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a plan key: KEY=VALUE. Repeatable.")
     ] = None,
     detach: Annotated[
         bool, typer.Option("--detach", "-d", help="Return once the training runs; poll with 'infra status ID'.")
     ] = False,
-    backend: Annotated[
-        str, typer.Option("--backend", help="docker (a container) or local (a host process; needs '.[core]').")
-    ] = "docker",
+    backend: BACKEND_OPT = BackendName.docker,
     rerun: Annotated[
         bool, typer.Option("--rerun", help="Run again even if this experiment already succeeded.")
     ] = False,
@@ -52,7 +34,7 @@ def run(
     events: Annotated[
         bool, typer.Option("--events", help="Stream JSON lines (state changes, log lines, result) on stdout.")
     ] = False,
-    json_out: JSON_OPT = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout when done.")] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only the result line (and errors); no progress.")
     ] = False,
@@ -76,6 +58,22 @@ def run(
         str | None, typer.Option("--redis", envvar="INFRA_REDIS_URL", help="Redis URL for --submit.")
     ] = None,
     queue: Annotated[str, typer.Option("--queue", help="Queue for --submit.")] = "infra",
+    parallel: Annotated[
+        int | None,
+        typer.Option(
+            "--parallel",
+            help="With --sweep: run up to N points at once, each in its own long-lived slot with 1/N of the "
+            "CPUs (default: one slot per GPU given by --gpus, else 1).",
+        ),
+    ] = None,
+    isolated: Annotated[
+        bool,
+        typer.Option(
+            "--isolated",
+            help="With --sweep: a fresh training process per point (as single runs), not long-lived slots; "
+            "for plugins that keep global state between experiments.",
+        ),
+    ] = False,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -103,51 +101,53 @@ def run(
     one line per epoch, a summary table); otherwise one line per phase and per epoch. The full build
     log is the experiment's build.log, the training's output its container.log.
     """
-    from runner.errors import ExperimentFailed, Interrupted, UsageError
-    from runner.plan.load import load_plan
-    from runner.run.launch import RunOptions
-    from runner.run.launch import run as run_experiment
+    from runner.errors import UsageError
 
-    if sweeps and dry_run:
-        raise UsageError("--dry-run does not go with --sweep; dry-run one point with --set")
+    wd = options.resolve_workdir(workdir)
+    view = view_mode(quiet=quiet, verbose=_verbose(verbose), machine=json_out or events)
     if sweeps:
+        if dry_run:
+            raise UsageError("--dry-run does not go with --sweep; dry-run one point with --set")
         from runner.cli.sweep import run_sweep_command
 
         run_sweep_command(
-            plan,
-            sweeps,
-            overrides or [],
-            gpus=gpus,
-            detach=detach,
-            backend=backend,
-            rerun=rerun,
-            stop_timeout=stop_timeout,
-            events=events,
-            json_out=json_out,
-            view=view_mode(quiet=quiet, verbose=_verbose(verbose), machine=json_out),
-            workdir=_workdir(workdir),
-            submit=submit,
-            redis_url=redis_url,
-            queue=queue,
-        )
+            plan, sweeps, overrides or [], gpus=options.gpus(gpus), detach=detach, backend=options.backend(backend),
+            rerun=rerun, stop_timeout=stop_timeout, events=events, json_out=json_out, view=view, workdir=wd,
+            submit=submit, redis_url=redis_url, queue=queue, parallel=parallel, isolated=isolated,
+        )  # fmt: skip
         return
     if submit:
         raise UsageError("--submit goes with --sweep; to queue one plan use 'infra submit PLAN --redis URL'")
-    wd = _workdir(workdir)
+    if parallel is not None or isolated:
+        raise UsageError("--parallel and --isolated go with --sweep (a study of several points)")
+    from runner.plan.load import load_plan
+    from runner.run.launch import RunOptions
+
     loaded = load_plan(plan, overrides or [], workdir=wd)
+    opts = RunOptions(
+        backend=options.backend(backend), gpus=options.gpus(gpus), detach=detach, rerun=rerun, stop_timeout=stop_timeout
+    )
     if dry_run:
         from runner.run.launch import dry_run as describe_run
 
-        doc = describe_run(loaded, wd, RunOptions(backend=backend, gpus=gpus))
+        doc = describe_run(loaded, wd, opts)
         emit_json(doc) if json_out else typer.echo(json.dumps(doc, indent=2))
         return
-    view = RunView(view_mode(quiet=quiet, verbose=_verbose(verbose), machine=json_out or events), wd)
+    _run_one(loaded, wd, opts, plan, RunView(view, wd), events=events, json_out=json_out)
+
+
+def _run_one(loaded, wd: Path, opts, source: str, view: RunView, *, events: bool, json_out: bool) -> None:
+    """Run one experiment with its progress shown (or its events streamed); the result line or document."""
+    from runner.errors import ExperimentFailed, Interrupted
+    from runner.run.launch import run as run_experiment
+
     if events:
-        callbacks = {"on_log": lambda line: emit_event({"event": "log", "line": line}), "on_event": emit_event}
-    else:
-        callbacks = {} if json_out else view.options()
-    opts = RunOptions(backend=backend, gpus=gpus, detach=detach, rerun=rerun, stop_timeout=stop_timeout, **callbacks)
-    view.validated(loaded.plan.name, plan)
+        opts.on_log = lambda line: emit_event({"event": "log", "line": line})
+        opts.on_event = emit_event
+    elif not json_out:
+        for key, callback in view.options().items():
+            setattr(opts, key, callback)
+    view.validated(loaded.plan.name, source)
     try:
         outcome = run_experiment(loaded, wd, opts)
     except (ExperimentFailed, Interrupted) as exc:
@@ -162,20 +162,19 @@ def run(
         emit_event({"event": "result", **doc})
     elif json_out:
         emit_json(doc)
-    elif not detach:
+    elif not opts.detach:
         view.finish(doc)
+    eid = outcome.experiment_id
     if outcome.reused:
-        say(f"experiment {outcome.experiment_id} already succeeded; reported, not rerun (use --rerun to force)")
-    elif detach:
-        say(
-            f"experiment {outcome.experiment_id} {outcome.record['state']}; follow with 'infra logs {outcome.experiment_id} --follow'"
-        )
+        say(f"experiment {eid} already succeeded; reported, not rerun (use --rerun to force)")
+    elif opts.detach:
+        say(f"experiment {eid} {outcome.record['state']}; follow with 'infra logs {eid} --follow'")
     else:
         test = doc.get("test") or {}
         shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
-        say(f"experiment {outcome.experiment_id} succeeded{': test ' + shown if shown else ''} ({outcome.exp_dir})")
-    if not (json_out or events) and detach:
-        typer.echo(outcome.experiment_id)
+        say(f"experiment {eid} succeeded{': test ' + shown if shown else ''} ({outcome.exp_dir})")
+    if not (json_out or events) and opts.detach:
+        typer.echo(eid)
 
 
 def _verbose(flag: bool) -> bool:
@@ -203,32 +202,25 @@ def build(
 ) -> None:
     """Build (or reuse) the plugin image for the workdir; `--base` for the base image.
 
-    Tags are content hashes: an unchanged workdir is never rebuilt. The base image uses
-    INFRA_BASE_OS / INFRA_TORCH_SPEC build args when set, or INFRA_BASE_IMAGE as a ready base.
+    Tags are content hashes: an unchanged workdir is never rebuilt. The base image follows the node
+    settings ('infra config', INFRA_* variables): base_os / torch_spec as its build args, or
+    base_image (INFRA_BASE_IMAGE) as a ready base that is never built.
 
     Example: infra build --dry-run --json
     """
-    import os
-
     from runner import engine
     from runner.images import builds
-    from runner.images.decide import decide_image
+    from runner.images.decide import decide_image, ensure_base
 
     if dry_run:
-        doc = _dry_run(None if base else _workdir(workdir))
+        doc = _dry_run(None if base else options.resolve_workdir(workdir))
         (emit_json(doc) if json_out else typer.echo(_describe(doc)))
         return
     client = engine.get_client()
     if base:
-        ref = builds.ensure_base_image(
-            client,
-            base_image=os.environ.get("INFRA_BASE_OS") or None,
-            torch_spec=os.environ.get("INFRA_TORCH_SPEC") or None,
-            on_log=say,
-            force=force,
-        )
+        ref = ensure_base(client, say, force=force)
     else:
-        wd = _workdir(workdir)
+        wd = options.resolve_workdir(workdir)
         decision = decide_image(client, wd, say)
         if decision.image_id and not force:
             ref = builds.ImageRef(decision.spec.tag, decision.image_id, decision.spec.content_hash, built=False)

@@ -1,4 +1,4 @@
-"""The `--sweep` branch of `infra run`: parse, validate every point, run or submit, render the summary."""
+"""The `--sweep` branch of `infra run`: parse, validate every point, run the study or submit it, render the summary."""
 
 from pathlib import Path
 
@@ -13,9 +13,9 @@ def run_sweep_command(
     sweeps: list[str],
     overrides: list[str],
     *,
-    gpus: str | None,
+    gpus,
     detach: bool,
-    backend: str,
+    backend,
     rerun: bool,
     stop_timeout: int,
     events: bool,
@@ -25,22 +25,28 @@ def run_sweep_command(
     submit: bool,
     redis_url: str | None,
     queue: str,
+    parallel: int | None = None,
+    isolated: bool = False,
 ) -> None:
-    """Expand the grid, then run its points one after another (or submit them); exit with the worst code.
+    """Expand the grid, then run it as a study (`runner.run.study`) or submit it; exit with the worst code.
 
-    Each point is shown by the same progress view as a single run (`view`: a runner.cli.progress
-    mode), headed by its index and values; the summary table follows the last one."""
+    With one slot each point is shown by the same progress view as a single run, headed by its
+    index and values; with several, one line per point as it starts and ends. The summary table
+    follows the last point."""
     from runner.errors import UsageError
     from runner.plan.document import STDIN, read_plan_text
     from runner.run import sweep
-    from runner.run.launch import RunOptions
+    from runner.run.launch import plan_gpus
+    from runner.run.study import StudyOptions, default_parallel, run_study
 
     if detach:
-        raise UsageError("--detach does not go with --sweep (the grid runs one after another); use --submit")
+        raise UsageError("--detach does not go with --sweep (the study runs in this process); use --submit")
     if events:
         raise UsageError("--events does not go with --sweep; use --json for one summary document")
     if submit and not redis_url:
         raise UsageError("--submit needs --redis URL (or INFRA_REDIS_URL)")
+    if parallel is not None and parallel < 1:
+        raise UsageError(f"--parallel {parallel}: use a number of slots of at least 1")
     points = sweep.grid(sweeps)
     keys = list(points[0])
     text = read_plan_text(plan)[0] if plan == STDIN else None
@@ -55,17 +61,21 @@ def run_sweep_command(
             say(f"[{doc['index']}/{len(docs)}] {sweep.label(doc['values'])}: job {doc['job_id']} {state} on {queue!r}")
         return
 
-    views: list[RunView] = []
+    slots = min(parallel or default_parallel(plan_gpus(loaded[0], gpus)), len(points))
+    views: dict[int, RunView] = {}
 
-    def make_opts() -> RunOptions:
-        index = len(views)
-        title = f"[{index + 1}/{len(points)}] {sweep.label(points[index])}"
-        views.append(RunView(view, workdir, title=None if view == "quiet" else title))
-        return RunOptions(backend=backend, gpus=gpus, rerun=rerun, stop_timeout=stop_timeout, **views[-1].options())
+    def point_view(result: sweep.PointResult) -> dict:
+        title = f"[{result.index}/{len(points)}] {sweep.label(result.values)}"
+        if slots > 1:  # several points at once: a line as each starts, none of their epochs
+            if view != "quiet":
+                say(f"{title}: {result.experiment_id} started")
+            return {}
+        views[result.index] = RunView(view, workdir, title=None if view == "quiet" else title)
+        return views[result.index].options()
 
     def on_done(result: sweep.PointResult, total: int) -> None:
-        if views:
-            views[-1].stop()
+        if result.index in views:
+            views.pop(result.index).stop()
         if json_out:
             return
         if view == "quiet":  # the table is the result; a point's error is still shown
@@ -83,15 +93,22 @@ def run_sweep_command(
             say(f"  {result.message}")
 
     if view != "quiet":
-        say(f"sweep: {len(points)} experiment(s) over {', '.join(keys)}")
+        how = "one process per point" if isolated else f"{slots} slot{'s' if slots > 1 else ''}"
+        say(f"sweep: {len(points)} experiment(s) over {', '.join(keys)}; {how}")
+    opts = StudyOptions(
+        backend=backend, gpus=gpus, parallel=slots, rerun=rerun, stop_timeout=stop_timeout, isolated=isolated,
+        point_view=point_view, on_done=on_done, on_build_log=say if view == "verbose" else (lambda line: None),
+    )  # fmt: skip
     try:
-        results, code = sweep.run_sweep(loaded, points, workdir, make_opts, on_done)
+        results, code, study = run_study(loaded, points, workdir, opts)
     finally:
-        for point_view in views:
-            point_view.stop()
+        for point_view_ in views.values():
+            point_view_.stop()
     if json_out:
-        emit_json({"experiments": [r.to_dict() for r in results], "exit_code": code})
+        emit_json({"study_id": study, "experiments": [r.to_dict() for r in results], "exit_code": code})
     else:
         typer.echo(sweep.summary_table(results, keys))
+        if study:
+            say(f"study {study}: {sum(r.state == 'succeeded' for r in results)}/{len(results)} succeeded")
     if code:
         raise typer.Exit(code)

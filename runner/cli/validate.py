@@ -4,9 +4,9 @@ from typing import Annotated
 
 import typer
 
+from runner.cli.options import JSON_OPT
 from runner.cli.output import emit_json, say
 
-JSON_OPT = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 SET_OPT = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a plan key: KEY=VALUE (VALUE parsed as JSON, else a string). Repeatable."),

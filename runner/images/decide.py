@@ -31,20 +31,30 @@ def _base_args() -> dict:
     return {"base_image": settings.base_os, "torch_spec": settings.torch_spec}
 
 
-def decide_image(client, workdir: Path, on_log: Callable[[str], None]) -> ImageDecision:
-    """Ensure the base image (INFRA_BASE_IMAGE, or built from this checkout) and plan the plugin image."""
+def ensure_base(client, on_log: Callable[[str], None], force: bool = False) -> builds.ImageRef:
+    """The base image by the node settings: INFRA_BASE_IMAGE as it is (never built), else built from this
+    checkout with the settings' base OS and torch spec when its tag is missing (or `force`).
+
+    `infra run`, plugin discovery and `infra build --base` all come here, so they build the same
+    base that `infra build --dry-run` shows."""
     from runner import engine
 
-    base_tag = node_settings().base_image
-    if base_tag:
-        base_id = engine.get_image_id(client, base_tag)
+    ready = node_settings().base_image
+    if ready:
+        base_id = engine.get_image_id(client, ready)
         if base_id is None:
-            raise EnvironmentProblem(f"INFRA_BASE_IMAGE={base_tag} is not in the Docker engine; build or load it first")
-    else:
-        ref = builds.ensure_base_image(client, on_log=on_log, **_base_args())
-        base_tag, base_id = ref.tag, ref.id
-    spec = builds.plan_plugin_build(workdir, base_tag, base_id, builds.default_wheelhouse(builds.source_root()))
-    return ImageDecision(base_tag, spec, engine.get_image_id(client, spec.tag))
+            raise EnvironmentProblem(f"INFRA_BASE_IMAGE={ready} is not in the Docker engine; build or load it first")
+        return builds.ImageRef(ready, base_id, None, built=False)
+    return builds.ensure_base_image(client, on_log=on_log, force=force, **_base_args())
+
+
+def decide_image(client, workdir: Path, on_log: Callable[[str], None]) -> ImageDecision:
+    """Ensure the base image (`ensure_base`) and plan the plugin image."""
+    from runner import engine
+
+    base = ensure_base(client, on_log)
+    spec = builds.plan_plugin_build(workdir, base.tag, base.id, builds.default_wheelhouse(builds.source_root()))
+    return ImageDecision(base.tag, spec, engine.get_image_id(client, spec.tag))
 
 
 def plan_base(client) -> dict:

@@ -213,3 +213,78 @@ class Plan(Strict):
     tracking: TrackingSpec | None = Field(
         default=None, description="log finished attempts to MLflow from the host; not part of the experiment id"
     )
+
+
+class GpuRequest(BaseModel):
+    """A GPU request parsed once (`--gpus`, `resources.gpus`, a worker's or a study slot's devices) and
+    passed on typed: never turned back into text to be parsed again.
+
+    `kind` is "none", "all", "count" (`count` GPUs, any of them) or "devices" (exactly `devices`).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["none", "all", "count", "devices"] = "none"
+    count: int = 0
+    devices: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, value: Any, what: str = "--gpus", devices_only: bool = False) -> GpuRequest:
+        """`"all"`, `"none"`, a count (`2`, `"2"`) or a device list (`"0,2"`); with `devices_only`, a
+        bare number is a device id (a worker's slot `--gpus 1`), never a count. UsageError otherwise."""
+        import re
+
+        from runner.errors import UsageError
+
+        if isinstance(value, GpuRequest):
+            return value
+        if value is None:
+            return cls()
+        hint = (
+            "use device ids like 0,1, all or none"
+            if devices_only
+            else "use all, none, a GPU count or a device list like 0,2"
+        )
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise UsageError(f"{what} {value!r}: {hint}")
+        text = str(value).strip().lower()
+        if not re.fullmatch(GPU_LIST_PATTERN, text) or (isinstance(value, int) and value > MAX_DEVICES):
+            raise UsageError(f"{what} {str(value)[:40]!r}: {hint}")
+        if text in ("none", "all"):
+            return cls(kind=text)
+        numbers = [int(part) for part in text.split(",")]
+        if len(set(numbers)) != len(numbers):
+            raise UsageError(f"{what} {text!r}: a device is listed twice; {hint}")
+        if len(numbers) == 1 and not devices_only and "," not in text:
+            return cls(kind="count", count=numbers[0]) if numbers[0] else cls()
+        return cls(kind="devices", devices=tuple(numbers))
+
+    @property
+    def requested(self) -> bool:
+        return self.kind != "none"
+
+    def text(self) -> str:
+        """As a user writes it: none, all, 2 (a count), 0,2 (devices)."""
+        if self.kind == "count":
+            return str(self.count)
+        if self.kind == "devices":
+            return ",".join(map(str, self.devices))
+        return self.kind
+
+    def engine_value(self) -> str | int | None:
+        """What `runner.engine.device_requests` takes: None, "all", a count, or "0,2"."""
+        return {"none": None, "all": "all", "count": self.count, "devices": self.text()}[self.kind]
+
+    def cuda_visible_devices(self) -> str | None:
+        """CUDA_VISIBLE_DEVICES for a host process: "" hides every GPU, a list picks devices, None leaves it."""
+        if self.kind == "none":
+            return ""
+        if self.kind == "devices":
+            return self.text()
+        return None
+
+    def split(self, slots: int) -> list[GpuRequest]:
+        """One request per slot: each listed device its own slot (a study runs one point per GPU)."""
+        if self.kind == "devices":
+            return [GpuRequest(kind="devices", devices=(d,)) for d in self.devices][:slots] or [self]
+        return [self] * slots

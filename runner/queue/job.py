@@ -183,7 +183,7 @@ def execute_plan(plan: dict) -> dict:
 
     opts = RunOptions(
         backend=cfg.backend,
-        gpus=cfg.run_gpus(),
+        gpus=cfg.gpus,
         detach=False,
         stop_timeout=cfg.stop_timeout,
         on_log=lambda line: log.debug("%s | %s", exp_id, line),

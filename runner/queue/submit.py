@@ -30,7 +30,7 @@ PENDING = ("queued", "started", "deferred", "scheduled", "created")
 
 def submission_id(resolved: dict, workdir: Path | None) -> str:
     """The experiment id a submitted plan runs under (see the module docstring)."""
-    from runner.run.launch import local_image_hash
+    from runner.run.backends.common import local_image_hash
     from runner.run.records import derive_experiment_id
 
     if resolved.get("experiment_id"):

@@ -25,10 +25,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rq import SimpleWorker
 
-from runner.errors import Interrupted, UsageError
+from runner.errors import Interrupted
+from runner.plan.models import GpuRequest
 from runner.queue import job as infra_job
 from runner.queue.connection import DEFAULT_QUEUE, NODE_KEY_PREFIX, connect, queue, redact, serializer
 
@@ -38,15 +40,19 @@ CLEANUP_LOCK = "infra:cleanup-lock:{}"
 DEFAULT_HEARTBEAT_TTL = 60
 
 
+if TYPE_CHECKING:
+    from runner.run.backends import Backend
+
+
 @dataclass
 class WorkerConfig:
     """How one worker process runs its jobs (flag → default, resolved once by the CLI)."""
 
     redis_url: str
     workdir: Path
+    backend: Backend
     queues: list[str] = field(default_factory=lambda: [DEFAULT_QUEUE])
-    gpus: str | None = None  # this worker's GPU slot: a device id list "1" / "0,1", "all", "none" or None (plan)
-    backend: str = "docker"
+    gpus: GpuRequest | None = None  # this worker's GPU slot (devices, all, none), or None: each plan's own
     burst: bool = False
     name: str | None = None
     heartbeat_ttl: int = DEFAULT_HEARTBEAT_TTL
@@ -55,12 +61,6 @@ class WorkerConfig:
     @property
     def heartbeat_interval(self) -> float:
         return max(0.5, self.heartbeat_ttl / 3)
-
-    def run_gpus(self):
-        """The `RunOptions.gpus` of this slot: device ids stay device ids (never read as a count)."""
-        if self.gpus is None or self.gpus in ("all", "none"):
-            return self.gpus
-        return [d.strip() for d in self.gpus.split(",") if d.strip()]
 
 
 class InfraWorker(SimpleWorker):
@@ -159,21 +159,21 @@ class Heartbeat(threading.Thread):
     def beat(self) -> None:
         from rq.registry import StartedJobRegistry
 
-        from runner.node import docker_info, node_info
+        from runner.node import node_info
         from runner.run.records import now_iso
 
         conn = self.worker.connection
         ttl = self.cfg.heartbeat_ttl
-        if self.cfg.backend == "docker" and time.monotonic() - self._docker_at > 300:
-            self._docker, self._docker_at = docker_info(), time.monotonic()
-        doc = node_info(self.cfg.workdir, docker=self._docker or {"reachable": None, "note": "local backend"})
+        if self._docker is None or time.monotonic() - self._docker_at > 300:
+            self._docker, self._docker_at = self.cfg.backend.engine_info(), time.monotonic()
+        doc = node_info(self.cfg.workdir, docker=self._docker)
         execution = self.worker.execution
         doc.update(
             worker=self.worker.name,
             pid=os.getpid(),
             queues=self.cfg.queues,
-            gpu_slot=self.cfg.gpus,
-            backend=self.cfg.backend,
+            gpu_slot=self.cfg.gpus.text() if self.cfg.gpus else None,
+            backend=self.cfg.backend.name,
             state=str(getattr(self.worker.get_state(), "value", self.worker.get_state())),
             current_job=execution.job_id if execution else None,
             heartbeat_at=now_iso(),
@@ -225,8 +225,6 @@ def run_worker(cfg: WorkerConfig) -> bool:
     """
     global _current_worker
 
-    if cfg.backend not in ("docker", "local"):
-        raise UsageError(f"--backend {cfg.backend!r}: use 'docker' or 'local'")
     conn = connect(cfg.redis_url, retries=8)
     cfg.name = cfg.name or f"{socket.gethostname()}.{os.getpid()}"
     worker = InfraWorker(
@@ -247,8 +245,8 @@ def run_worker(cfg: WorkerConfig) -> bool:
         cfg.name,
         redact(cfg.redis_url),
         cfg.queues,
-        cfg.backend,
-        cfg.gpus,
+        cfg.backend.name,
+        cfg.gpus.text() if cfg.gpus else "each plan's",
     )
     try:
         return worker.work(burst=cfg.burst, logging_level=None, with_scheduler=False)

@@ -1,21 +1,21 @@
-"""The run path shared by `infra run`, sweeps, the queue worker and the demo: plan → experiment → training.
+"""The run path shared by `infra run`, studies, the queue worker and the demo: plan → experiment → training.
 
     LoadedPlan (typed, validated by the caller) → backend.prepare (image / pre-flight) → experiment id
     → lock → idempotency decision → layout + record + config/plan.json → backend.start → follow
     (foreground) or return (detach) → final state.
 
-The plan is serialised once, here, into the experiment's canonical `config/plan.json`, with the
-database path already rewritten for where the training reads it (inside the container, or on the
-host for the local backend); the training core reads that file and nothing else. Both backends start
-the training detached from this process, so a runner killed with SIGKILL leaves a run that
-`infra status` can still reconcile. Ctrl-C stops the training gracefully and records `cancelled`.
+The plan is serialised once, here, into the experiment's canonical `config/plan.json` (with the
+host's database path; the core job says where the core finds the file). The training core reads
+that file and nothing else. Both backends start the training detached from this process, so a
+runner killed with SIGKILL leaves a run that `infra status` can still reconcile. Ctrl-C stops the
+training gracefully and records `cancelled`. Studies (`runner.run.study`) use the same decision and
+attempt functions for each point, then hand the point to a slot instead of `backend.start`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from collections import deque
 from collections.abc import Callable
@@ -27,10 +27,12 @@ from filelock import FileLock
 from runner import safefs
 from runner.errors import EXIT_OK, EnvironmentProblem, ExperimentFailed, Interrupted, UsageError
 from runner.plan.load import LoadedPlan
-from runner.plan.models import GPU_LIST_PATTERN
-from runner.run.backends import Prepared, backend_for, local_image_hash  # noqa: F401 - the queue's id
+from runner.plan.models import GpuRequest
+from runner.run.backends import Backend, backend_of
+from runner.run.jobs import Limits, core_error, train_job
 from runner.run.records import (
     ACTIVE,
+    MOUNTED_DIRS,
     Experiment,
     canonical_json,
     derive_experiment_id,
@@ -39,22 +41,20 @@ from runner.run.records import (
     now_iso,
     plan_sha256,
 )
-from runner.run.spec import container_db_path
+from runner.run.spec import LABEL_ATTEMPT, LABEL_PLAN
 from runner.settings import NodeSettings, node_settings
 
 log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_S = 600
-CORE_ERROR = "infra-train: error: "  # how the training core prints its one-line errors
 BUILD_LOG = "build.log"  # the image build output of the experiment's last build, host-only
 BUILD_LOG_LIMIT = 4 << 20
-OUTPUT_DIRS = ("metrics", "ckpts", "artifacts", "splits", "embeddings", "data", "logs")
 
 
 @dataclass
 class RunOptions:
-    backend: str = "docker"
-    gpus: str | int | list | None = None  # --gpus; None keeps resources.gpus
+    backend: Backend
+    gpus: GpuRequest | None = None  # --gpus, parsed; None keeps resources.gpus
     detach: bool = False
     rerun: bool = False
     stop_timeout: int = 60
@@ -85,16 +85,9 @@ class RunOutcome:
         }
 
 
-def resolve_gpus(plan_gpus, override) -> str | int:
-    """The GPU request: `--gpus` (validated like resources.gpus) over the plan's value; "2" → count 2."""
-    if isinstance(override, list | tuple):  # exact device ids (a queue worker's GPU slot), never a count
-        return ",".join(str(d) for d in override)
-    if isinstance(override, str) and not re.fullmatch(GPU_LIST_PATTERN, override.strip()):
-        raise UsageError(f"--gpus {override!r}: use all, none, a GPU count or a device list like 0,2")
-    value = plan_gpus if override is None else override
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    return value
+def plan_gpus(loaded: LoadedPlan, override: GpuRequest | None) -> GpuRequest:
+    """The GPU request of a run: `--gpus` over the plan's `resources.gpus` (both parsed once)."""
+    return override if override is not None else GpuRequest.parse(loaded.plan.resources.gpus, "resources.gpus")
 
 
 def preflight_paths(db: Path, workdir: Path, settings: NodeSettings) -> None:
@@ -116,140 +109,169 @@ def preflight_paths(db: Path, workdir: Path, settings: NodeSettings) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Target:
+    """One experiment about to run: its resolved plan (the id filled in) and where it lives."""
+
+    loaded: LoadedPlan
+    resolved: dict
+    exp: Experiment
+    db: Path
+    workdir: Path
+    gpus: GpuRequest
+
+    @classmethod
+    def of(cls, loaded: LoadedPlan, workdir: Path, image_hash: str | None, gpus: GpuRequest) -> Target:
+        resolved = loaded.plan.model_dump(mode="json")
+        exp_id = derive_experiment_id(resolved, image_hash) if image_hash else resolved.get("experiment_id")
+        resolved["experiment_id"] = exp_id
+        root = experiments_root(workdir) / (exp_id or f"{loaded.plan.name}-<id after the build>")
+        return cls(loaded, resolved, Experiment(root), Path(loaded.plan.data.db), workdir, gpus)
+
+    @property
+    def plan_sha(self) -> str:
+        return plan_sha256(self.resolved)
+
+    def job(self, attempt: int, threads: int | None = None):
+        """The training core job of one attempt (the image is filled in by the backend)."""
+        from runner.run.spec import workdir_identity
+
+        return train_job(
+            experiment_id=self.exp.id,
+            exp_root=self.exp.root,
+            db=self.db,
+            workdir=self.workdir,
+            output_dirs=MOUNTED_DIRS,
+            gpus=self.gpus,
+            limits=Limits.from_resources(self.loaded.plan.resources, threads),
+            labels={LABEL_ATTEMPT: str(attempt), LABEL_PLAN: self.plan_sha},
+            name=f"infra-{self.exp.id}-{workdir_identity(self.workdir)[:8]}",
+        )
+
+
 def run(loaded: LoadedPlan, workdir: Path, opts: RunOptions) -> RunOutcome:
     """Run (or report, attach to, resume) the experiment of a validated plan. See the module docstring."""
     settings = node_settings()
     if opts.stop_timeout < 0:
         raise UsageError(f"--stop-timeout {opts.stop_timeout}: must be 0 or more seconds")
-    backend = backend_for(opts.backend, settings)
+    backend = opts.backend
     plan = loaded.plan
     if plan.tracking is not None:  # checked where the run happens: a Master that only submits needs no client
         from runner.run.tracking import require_client
 
         require_client(loaded.source)
-    gpus = resolve_gpus(plan.resources.gpus, opts.gpus)
-    db = Path(plan.data.db)
-    preflight_paths(db, workdir, settings)
+    gpus = plan_gpus(loaded, opts.gpus)
+    preflight_paths(Path(plan.data.db), workdir, settings)
     build_log = BuildLog(opts.on_log if opts.on_build_log is None else opts.on_build_log)
     prepared = backend.prepare(workdir, gpus, build_log.add)
     if prepared.image_tag is not None:
         opts.on_phase({"phase": "image", "tag": prepared.image_tag, "reused": prepared.image_id is not None})
-
-    resolved = plan.model_dump(mode="json")
-    exp_id = derive_experiment_id(resolved, prepared.image_hash)
-    resolved["experiment_id"] = exp_id
-    exp = Experiment(experiments_root(workdir) / exp_id)
+    target = Target.of(loaded, workdir, prepared.image_hash, gpus)
+    exp = target.exp
     exp.lock_path.parent.mkdir(parents=True, exist_ok=True)
 
     with FileLock(str(exp.lock_path), timeout=LOCK_TIMEOUT_S):
-        from runner.run.reconcile import reconcile
-
-        previous = reconcile(exp, backend) if exp.exists() else None
+        previous = decide(exp, backend)
         if previous and previous["state"] == "succeeded" and not opts.rerun:
-            opts.on_event({"event": "reused", "experiment_id": exp_id, "state": "succeeded"})
-            return RunOutcome(exp_id, exp.root, previous, EXIT_OK, reused=True)
+            opts.on_event({"event": "reused", "experiment_id": exp.id, "state": "succeeded"})
+            return RunOutcome(exp.id, exp.root, previous, EXIT_OK, reused=True)
         attach = bool(previous and previous["state"] in ACTIVE)
         if not attach:
-            record = _start_attempt(exp, backend, resolved, previous, opts, prepared, gpus, db, workdir, build_log)
+            record = open_attempt(target, backend.name, previous, opts.rerun, opts.on_event)
+            try:
+                record = backend.start(
+                    exp, target.job(record["attempt"]), prepared, _set_state(exp, opts), build_log.add
+                )
+            except BaseException as exc:
+                fail_attempt(exp, exc)
+                raise
+            finally:
+                build_log.save(exp)  # a failed build's whole log is what its user needs most
     if attach:
-        opts.on_event({"event": "attached", "experiment_id": exp_id, "state": previous["state"]})
+        opts.on_event({"event": "attached", "experiment_id": exp.id, "state": previous["state"]})
         if opts.detach:
-            return RunOutcome(exp_id, exp.root, previous, EXIT_OK, attached=True)
+            return RunOutcome(exp.id, exp.root, previous, EXIT_OK, attached=True)
         return follow(exp, backend, opts, attached=True)
     if opts.detach:
-        return RunOutcome(exp_id, exp.root, record, EXIT_OK)
+        return RunOutcome(exp.id, exp.root, record, EXIT_OK)
     return follow(exp, backend, opts)
+
+
+def decide(exp: Experiment, backend: Backend) -> dict | None:
+    """The experiment's reconciled record before a new attempt (None when it does not exist yet)."""
+    from runner.run.reconcile import reconcile
+
+    return reconcile(exp, backend) if exp.exists() else None
 
 
 def dry_run(loaded: LoadedPlan, workdir: Path, opts: RunOptions) -> dict:
     """What `run` would do, built from the same functions, without building, writing or starting anything.
 
-    For the docker backend the document holds the container spec (user, mounts, capabilities,
-    security options, limits, labels, environment, command): the trust boundary in one place.
+    The document holds what the backend would start (for docker the container spec: user, mounts,
+    capabilities, security options, limits, labels, environment, command): the trust boundary in
+    one place.
     """
-    settings = node_settings()
-    backend = backend_for(opts.backend, settings)
-    plan = loaded.plan
-    gpus = resolve_gpus(plan.resources.gpus, opts.gpus)
-    resolved = plan.model_dump(mode="json")
-    db = Path(plan.data.db)
-    doc: dict = {"backend": backend.name, "workdir": str(workdir)}
-    if backend.name == "docker":
-        from runner.images.decide import plan_images
-
-        images = plan_images(backend.handle.require(), workdir)
-        plugin = images["plugins"]
-        image_hash, image, image_id = plugin.get("content_hash"), plugin.get("tag"), plugin.get("id")
-        doc["base_image"] = images["base"]["tag"]
-        doc["image"] = image
-        doc["image_exists"] = bool(plugin.get("exists"))
-        if image is None:
-            doc["note"] = (
-                f"base image {images['base']['tag']} is missing: 'infra run' builds it first (or 'infra build --base')"
-            )
-    else:
-        image_hash = local_image_hash(workdir)
-    exp_id = derive_experiment_id(resolved, image_hash) if image_hash else resolved.get("experiment_id")
-    doc["experiment_id"] = exp_id
-    exp = Experiment(experiments_root(workdir) / (exp_id or f"{plan.name}-<id after the build>"))
-    doc["exp_dir"] = str(exp.root)
-    if exp_id:
-        resolved["experiment_id"] = exp_id
-    doc["plan"] = plan_for_training(resolved, backend.name)
-    if backend.name == "docker":
-        previous = exp.read() if exp_id and exp.exists() else {}
-        stub = {"attempt": previous.get("attempt", 0) + 1, "plan_sha256": plan_sha256(resolved), "gpus": gpus,
-                "image": image or "<plugin image, built on run>"}  # fmt: skip
-        spec = backend.spec(exp, stub, resolved, db, workdir, image_id or "<built on run>")
-        doc["container"] = spec.describe()
-    return doc
+    backend = opts.backend
+    gpus = plan_gpus(loaded, opts.gpus)
+    images = backend.dry_prepare(workdir)
+    target = Target.of(loaded, workdir, images.pop("image_hash", None), gpus)
+    exp = target.exp
+    previous = exp.read() if target.resolved.get("experiment_id") and exp.exists() else {}
+    job = target.job(previous.get("attempt", 0) + 1)
+    job = job.with_image(images.get("image"), images.get("image_id") or ("<built on run>" if images else None))
+    return {
+        "backend": backend.name,
+        "workdir": str(workdir),
+        **images,
+        "experiment_id": target.resolved.get("experiment_id"),
+        "exp_dir": str(exp.root),
+        "plan": target.resolved,
+        **backend.describe(job),
+    }
 
 
-def plan_for_training(resolved: dict, backend_name: str) -> dict:
-    """The canonical plan the training reads: the database path as the training sees it."""
-    db = resolved["data"]["db"]
-    inside = container_db_path(Path(db)) if backend_name == "docker" else db
-    return {**resolved, "data": {**resolved["data"], "db": inside}}
-
-
-def _start_attempt(exp, backend, resolved, previous, opts, prepared: Prepared, gpus, db, workdir, build_log) -> dict:
+def open_attempt(target: Target, backend_name: str, previous: dict | None, rerun: bool, on_event=None) -> dict:
+    """A new attempt of the experiment on disk: layout, the canonical plan, a fresh record (`created`)."""
+    exp = target.exp
     attempt = (previous or {}).get("attempt", 0) + 1
     try:
-        if previous and opts.rerun:
+        if previous and rerun:
             _archive_outputs(exp, previous.get("attempt", 0))
         exp.make_layout()
-        training_plan = plan_for_training(resolved, backend.name)
-        safefs.write_atomic(exp.root, "config/plan.json", (canonical_json(training_plan) + "\n").encode())
+        safefs.write_atomic(exp.root, "config/plan.json", (canonical_json(target.resolved) + "\n").encode())
     except safefs.Tampered as exc:
         if previous:  # the record says why this attempt could not even start
             exp.update(state="failed", finished_at=now_iso(), message=exc.message)
         raise
     record = new_record(
         exp,
-        name=resolved["name"],
-        backend=backend.name,
-        plan_sha=plan_sha256(resolved),
+        name=target.resolved["name"],
+        backend=backend_name,
+        plan_sha=target.plan_sha,
         attempt=attempt,
         previous=previous,
     )
-    record.update(runner_pid=os.getpid(), gpus=gpus, db=str(db))
+    record.update(runner_pid=os.getpid(), gpus=target.gpus.text(), db=str(target.db))
     exp.write(record)
     exp.event("state", state="created", attempt=attempt, resumed=bool(previous))
-    opts.on_event({"event": "state", "experiment_id": exp.id, "state": "created", "attempt": attempt})
+    if on_event is not None:
+        on_event({"event": "state", "experiment_id": exp.id, "state": "created", "attempt": attempt})
+    return record
 
+
+def fail_attempt(exp: Experiment, exc: BaseException) -> None:
+    """The record of an attempt that could not start: cancelled on Ctrl-C, else failed with the reason."""
+    state = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
+    exp.update(state=state, finished_at=now_iso(), message=str(exc) or type(exc).__name__)
+
+
+def _set_state(exp: Experiment, opts: RunOptions) -> Callable[..., dict]:
     def set_state(state: str, **fields) -> dict:
         record = exp.update(state=state, **fields)
         opts.on_event({"event": "state", "experiment_id": exp.id, "state": state, "attempt": record.get("attempt")})
         return record
 
-    try:
-        return backend.start(exp, resolved, exp.read(), prepared, db, workdir, set_state)
-    except BaseException as exc:
-        state = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
-        exp.update(state=state, finished_at=now_iso(), message=str(exc) or type(exc).__name__)
-        raise
-    finally:
-        build_log.save(exp)  # a failed build's whole log is what its user needs most
+    return set_state
 
 
 class BuildLog:
@@ -301,14 +323,14 @@ def _archive_outputs(exp: Experiment, attempt: int) -> None:
         safefs.open_dir(exp.root, f"attempts/{attempt}", create=True) as target_fd,
         safefs.open_dir(exp.root) as root_fd,
     ):
-        for name in (*OUTPUT_DIRS, "config"):
+        for name in MOUNTED_DIRS:
             try:
                 os.replace(name, name, src_dir_fd=root_fd, dst_dir_fd=target_fd)
             except FileNotFoundError:
                 continue
 
 
-def follow(exp: Experiment, backend, opts: RunOptions, attached: bool = False) -> RunOutcome:
+def follow(exp: Experiment, backend: Backend, opts: RunOptions, attached: bool = False) -> RunOutcome:
     """Stream the training's output until it ends; Ctrl-C stops it gracefully and records `cancelled`."""
     record = exp.read()
     try:
@@ -322,6 +344,11 @@ def follow(exp: Experiment, backend, opts: RunOptions, attached: bool = False) -
     opts.on_event(
         {"event": "state", "experiment_id": exp.id, "state": record["state"], "exit_code": record.get("exit_code")}
     )
+    return outcome_of(exp, record, attached)
+
+
+def outcome_of(exp: Experiment, record: dict, attached: bool = False) -> RunOutcome:
+    """The outcome of a final record: success, or the error saying why (with the log's tail)."""
     if record["state"] == "succeeded":
         return RunOutcome(exp.id, exp.root, record, EXIT_OK, attached=attached)
     if record["state"] == "cancelled":
@@ -329,9 +356,7 @@ def follow(exp: Experiment, backend, opts: RunOptions, attached: bool = False) -
     from runner.run.logs import tail_text
 
     tail = tail_text(exp, 20)
-    reason = next(
-        (line.split(CORE_ERROR, 1)[1].strip() for line in reversed(tail.splitlines()) if CORE_ERROR in line), None
-    )
+    reason = core_error("train", tail)
     raise _with_record(
         ExperimentFailed(
             f"experiment {exp.id} {record['state']} (exit code {record.get('exit_code')}): "
@@ -350,15 +375,17 @@ def _with_record(exc: Exception, record: dict) -> Exception:
     return exc
 
 
-def stop_experiment(exp: Experiment, backend=None, timeout: int = 60, reason: str = "stopped") -> dict:
+def stop_experiment(
+    exp: Experiment, backend: Backend | None = None, timeout: int = 60, reason: str = "stopped"
+) -> dict:
     """Stop an active experiment gracefully (SIGTERM; SIGKILL after `timeout` s) and record `cancelled`."""
     from runner.run.reconcile import reconcile
 
     if timeout < 0:
         raise UsageError(f"--timeout {timeout}: must be 0 or more seconds")
     record = exp.read()
-    backend = backend if backend is not None and backend.name == record["backend"] else None
-    backend = backend or backend_for(record["backend"], node_settings())
+    if backend is None or backend.name != record["backend"]:
+        backend = backend_of(record)
     record = reconcile(exp, backend)
     if record["state"] not in ACTIVE:
         return record

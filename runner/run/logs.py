@@ -465,37 +465,32 @@ def _first_to_follow(root, tail, emit, exit_file, on_idle, poll_s, stack) -> tup
         time.sleep(poll_s)
 
 
-def follow_local(exp, on_line: OnLine, on_idle: Callable[[], None] | None = None, tail: int | None = None) -> None:
-    """The local backend's foreground follower: the log from the start (or its last `tail` lines)
-    until the wrapper writes the exit file; `on_idle` runs between polls (reap the child there)."""
-    from runner.run.backends import EXIT_FILE
-
-    follow_file_log(exp.root, exp.root / EXIT_FILE, on_line, tail=tail, on_idle=on_idle, keep_colors=True)
-
-
 def follow_logs(exp, on_line: OnLine, follow: bool = False, tail: int | None = None, keep_colors: bool = False) -> None:
-    """`infra logs`: the training output, live from the engine while a container runs, else the kept log.
+    """`infra logs`: the training output, live from its backend while it runs, else the kept log.
 
-    `tail` (≥ 1) starts at the last `tail` lines; with `follow` the engine is asked for both in one
-    request, so no line is repeated or missed. Bounded memory whatever the log size.
+    `tail` (≥ 1) starts at the last `tail` lines; a live source is asked for both in one request,
+    so no line is repeated or missed. Bounded memory whatever the log size.
     """
-    from runner.run.backends import EXIT_FILE, DockerBackend
+    from runner.run.backends import backend_of
     from runner.run.reconcile import reconcile
-    from runner.settings import node_settings
 
     record = reconcile(exp)
-    running = record.get("state") == "running"
-    if record.get("backend") == "docker" and running:
-        container = DockerBackend(node_settings()).container(exp, record)
-        if container is not None:
-            from runner import engine
-
-            splitter = LineSplitter(lambda line: on_line(display_line(line, keep_colors)))
-            for chunk in engine.log_chunks(container, follow=follow, tail=tail):
-                splitter.feed(chunk)
-            splitter.close()
+    if record.get("state") == "running":
+        backend = backend_of(record)
+        if backend.live_output(exp, record, on_line, follow=follow, tail=tail, keep_colors=keep_colors):
             return
-    if follow and running and record.get("backend") == "local":
-        follow_file_log(exp.root, exp.root / EXIT_FILE, on_line, tail=tail, keep_colors=keep_colors)
-        return
     read_log(exp.root, on_line, tail=tail, keep_colors=keep_colors)
+
+
+def shorten_log(exp, nbytes: int) -> None:
+    """Give back the last `nbytes` of the kept log (a full disk), saying so at the cut."""
+    fd = safefs.open_append(exp.root, exp.container_log.name)
+    try:
+        os.ftruncate(fd, max(os.fstat(fd).st_size - nbytes, 0))
+        os.write(fd, b"\n[infra: the disk is full; the log is cut here]\n")
+    except OSError as exc:
+        import logging
+
+        logging.getLogger(__name__).warning("could not shorten %s: %s", exp.container_log, exc)
+    finally:
+        os.close(fd)

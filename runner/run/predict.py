@@ -3,9 +3,10 @@
 The host never loads the model: it checks the request, finds the experiment's checkpoint and
 prediction state (untrusted files: no links followed), checks that the image its record names is an
 infra plugin image the engine has, and runs `python -m runner.core.predict` in a container from it
-(`runner.run.spec.predict_spec`: the training's hardening, network none, a read-only root, only the
-checkpoint, the prediction state and the input mounted read-only, one fresh output folder), or as a
-host process with `--backend local` (trusted code, as `infra run --backend local`). The core writes
+(`runner.run.jobs.predict_job` on the run's backend: for docker the training's hardening, network
+none, a read-only root, only the checkpoint, the prediction state and the input mounted read-only,
+one fresh output folder), or as a host process with `--backend local` (trusted code, as
+`infra run --backend local`). The core writes
 into a private folder beside `--out`; the host moves the result into place with one rename, so
 `--out` is either the complete new file or untouched.
 """
@@ -15,12 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import stat
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,12 +28,12 @@ from runner import safefs
 from runner.errors import (
     EXIT_USAGE,
     DataError,
-    EnvironmentProblem,
     ExperimentFailed,
     InfraError,
     Interrupted,
     UsageError,
 )
+from runner.run.jobs import core_error
 from runner.run.records import Experiment, find
 
 log = logging.getLogger(__name__)
@@ -45,8 +43,6 @@ CHECKPOINTS = ("best.ckpt", "last.ckpt")  # the best epoch's weights, else the l
 STATE_FILES = ("config/predict.json", "config/target_sorted.npy")  # the second only for data.transform rank
 SUMMARY = "summary.json"
 OUTPUT_TAIL_LINES = 40
-IMAGE_TAG = re.compile(r"infra-plugins:([0-9a-f]{12})")
-IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
 UNFINISHED = ("created", "building", "starting", "running")
 
 
@@ -61,7 +57,6 @@ class PredictRequest:
     fmt: str | None = None
     top: int | None = None
     source: str | None = None
-    backend: str = "docker"
 
 
 def output_format(out: Path | None, fmt: str | None) -> str:
@@ -80,8 +75,6 @@ def default_out(experiment_id: str, fmt: str, saturation: bool) -> Path:
 
 def check_request(req: PredictRequest) -> tuple[Path | None, Path, str]:
     """(input, out, format) once the flags, the input file and the output folder are usable; UsageError else."""
-    if req.backend not in ("docker", "local"):
-        raise UsageError(f"--backend {req.backend!r}: use 'docker' or 'local'")
     if (req.input is None) == (not req.saturation):
         raise UsageError("give an INPUT file of mutants or --saturation (not both)")
     if req.top is not None and req.top < 1:
@@ -160,43 +153,19 @@ def model_files(exp: Experiment) -> tuple[str, list[str]]:
     return ckpt, state
 
 
-def checked_image(client, record: dict) -> tuple[str, str]:
-    """(tag, image id) of the experiment's plugin image, after checking the untrusted record against the
-    engine: a well-formed tag and id, the id present, labelled an infra plugin image of that content hash."""
-    from runner import engine
-
-    tag, image_id, eid = record.get("image"), record.get("image_id"), record.get("experiment_id")
-    if record.get("backend") == "local" and not image_id:
-        raise UsageError(f"experiment {eid} was trained with --backend local (no image); predict with --backend local")
-    tag_match = IMAGE_TAG.fullmatch(tag) if isinstance(tag, str) else None
-    if tag_match is None or not isinstance(image_id, str) or not IMAGE_ID.fullmatch(image_id):
-        raise ExperimentFailed(
-            f"experiment {eid}: its record names no valid infra image ({str(tag)[:80]!r}, {str(image_id)[:80]!r}); "
-            "the record was altered or is damaged: run the plan again"
-        )
-    if not engine.image_exists(client, image_id):
-        raise EnvironmentProblem(
-            f"image {tag} ({image_id[:19]}) of experiment {eid} is no longer in the Docker engine: "
-            "rebuild it with 'infra build' (same plugins) or run the plan again with --rerun"
-        )
-    labels = engine.image_labels(client, image_id)
-    if labels.get("infra.kind") != "plugins" or not str(labels.get("infra.content_hash", "")).startswith(tag_match[1]):
-        raise ExperimentFailed(
-            f"image {image_id[:19]} named by experiment {eid}'s record is not infra's plugin image {tag} "
-            "(its infra.* labels do not match); refusing to run it"
-        )
-    return tag, image_id
-
-
-def predict(workdir: Path, req: PredictRequest, settings=None, client=None) -> dict:
-    """Run one prediction; the summary document (rows, predicted, errors, out, format, seconds, …)."""
-    from runner.settings import node_settings
+def predict(workdir: Path, req: PredictRequest, backend=None) -> dict:
+    """Run one prediction on `backend` (default: the one that trained the experiment); the summary
+    document (rows, predicted, errors, out, format, seconds, …)."""
+    from runner.run.backends import backend_of
+    from runner.run.jobs import predict_job
+    from runner.run.spec import LABEL_PURPOSE, workdir_identity
 
     started = time.perf_counter()
     source, out, fmt = check_request(req)
     exp, record = succeeded_experiment(workdir, req.experiment_id)
     ckpt, state = model_files(exp)
-    settings = settings or node_settings()
+    backend = backend or backend_of(record)
+    image, image_id = backend.experiment_image(record)
     scratch = Path(tempfile.mkdtemp(prefix=".infra-predict-", dir=out.parent))
     try:
         result_name = f"result.{fmt}"
@@ -204,20 +173,31 @@ def predict(workdir: Path, req: PredictRequest, settings=None, client=None) -> d
         core_args += ["--saturation"] if req.saturation else []
         core_args += ["--top", str(req.top)] if req.top else []
         core_args += ["--source", req.source] if req.source else []
-        if req.backend == "local":
-            core_args += ["--input", str(source)] if source else []
-            code, output = _run_local(exp, workdir, ckpt, scratch, result_name, core_args)
-        else:
-            code, output = _run_docker(
-                exp, record, workdir, ckpt, state, source, scratch, result_name, core_args, settings, client
-            )
-        summary = _collect(scratch, result_name, out, code, output, exp.id)
+        job = predict_job(
+            experiment_id=exp.id,
+            exp_root=exp.root,
+            checkpoint=ckpt,
+            state_files=tuple(state),
+            source=source,
+            out_dir=scratch,
+            result_name=result_name,
+            summary_name=SUMMARY,
+            core_args=tuple(core_args),
+            workdir=workdir,
+            labels={LABEL_PURPOSE: "predict"},
+            name=f"infra-predict-{exp.id}-{workdir_identity(workdir)[:8]}-{secrets.token_hex(3)}",
+        ).with_image(image, image_id)
+        try:
+            output = backend.run_once(job)
+        except KeyboardInterrupt:
+            raise Interrupted(f"prediction with {exp.id} interrupted; nothing was written") from None
+        summary = _collect(scratch, result_name, out, output.exit_code, output.stderr, exp.id)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     summary.update(
         experiment_id=exp.id,
         checkpoint=ckpt,
-        backend=req.backend,
+        backend=backend.name,
         out=str(out),
         seconds=round(time.perf_counter() - started, 3),
     )
@@ -230,93 +210,12 @@ def predict(workdir: Path, req: PredictRequest, settings=None, client=None) -> d
     return summary
 
 
-def _core_command(exp_dir: str, ckpt: str, out_dir: str, result_name: str, core_args: list[str]) -> list[str]:
-    return ["python", "-m", "runner.core.predict", "--exp-dir", exp_dir, "--checkpoint", ckpt,
-            "--out", f"{out_dir}/{result_name}", "--summary", f"{out_dir}/{SUMMARY}", *core_args]  # fmt: skip
-
-
-def _run_docker(exp, record, workdir, ckpt, state, source, scratch, result_name, core_args, settings, client):
-    from runner import engine
-    from runner.run.hardening import unprivileged_user
-    from runner.run.spec import (
-        CONTAINER_EXP,
-        CONTAINER_WORKDIR,
-        PREDICT_IN,
-        PREDICT_OUT,
-        predict_spec,
-        workdir_identity,
-    )
-
-    client = client or engine.get_client()
-    _, image_id = checked_image(client, record)
-    user = unprivileged_user(settings=settings)
-    if os.geteuid() == 0:  # the container's user writes the output folder
-        os.chown(scratch, *user)
-    os.chmod(scratch, 0o700)
-    files = [(exp.root / rel, f"{CONTAINER_EXP}/{rel}") for rel in (ckpt, *state)]
-    args = list(core_args)
-    if source is not None:
-        in_name = "input" + "".join(source.suffixes[-2:])  # keeps .tsv / .csv.gz for the reader
-        files.append((source, f"{PREDICT_IN}/{in_name}"))
-        args += ["--input", f"{PREDICT_IN}/{in_name}"]
-    command = _core_command(CONTAINER_EXP, f"{CONTAINER_EXP}/{ckpt}", PREDICT_OUT, result_name, args)
-    spec = predict_spec(
-        experiment_id=exp.id,
-        name=f"infra-predict-{exp.id}-{workdir_identity(workdir)[:8]}-{secrets.token_hex(3)}",
-        image=image_id,
-        image_id=image_id,
-        workdir=workdir,
-        settings=settings,
-        user=user,
-        read_only_files=tuple(files),
-        out_dir=scratch,
-        command=(*command, "--workdir", CONTAINER_WORKDIR),
-    )
-    container = engine.run_container(client, spec.image, **spec.engine_kwargs())
-    try:
-        try:
-            code = engine.wait(container)
-        except KeyboardInterrupt:
-            engine.stop(container, timeout=5)
-            raise Interrupted(f"prediction with {exp.id} interrupted; nothing was written") from None
-        output = engine.container_output(container, stdout=False, tail=OUTPUT_TAIL_LINES)
-    finally:
-        engine.remove_container(container)
-    return code, output
-
-
-def _run_local(exp, workdir, ckpt, scratch, result_name, core_args):
-    import importlib.util
-
-    missing = [m for m in ("torch", "lightning", "pyarrow") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise EnvironmentProblem(
-            f"--backend local runs the training core in this Python, which lacks {', '.join(missing)}: "
-            "install it with \"pip install 'infra[core]'\" (or use the docker backend)"
-        )
-    command = _core_command(str(exp.root), str(exp.root / ckpt), str(scratch), result_name, core_args)
-    command = [sys.executable, *command[1:], "--workdir", str(workdir)]
-    with tempfile.TemporaryFile() as err:  # a file, not a pipe: bounded however much the core prints
-        try:
-            proc = subprocess.run(
-                command, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, cwd=str(scratch)
-            )
-        except KeyboardInterrupt:
-            raise Interrupted(f"prediction with {exp.id} interrupted; nothing was written") from None
-        err.seek(max(0, os.fstat(err.fileno()).st_size - 16384))
-        output = err.read().decode("utf-8", "replace")
-    return proc.returncode, output
-
-
 def _collect(scratch: Path, result_name: str, out: Path, code: int, output: str, eid: str) -> dict:
     """Check what the core left in `scratch` (untrusted), move the result to `out`; the core's summary."""
     from runner.lines import terminal_safe
 
     tail = terminal_safe("\n".join(output.splitlines()[-OUTPUT_TAIL_LINES:]))
-    reason = next(
-        (line.split("error:", 1)[1].strip() for line in reversed(tail.splitlines()) if "infra-predict: error:" in line),
-        None,
-    )
+    reason = core_error("predict", tail)
     if code not in (0, EXIT_USAGE):
         raise ExperimentFailed(
             f"prediction with {eid} failed (exit {code}){': ' + reason if reason else ''}", code, tail, reason

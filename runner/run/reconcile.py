@@ -47,10 +47,9 @@ def reconcile(exp: Experiment, backend=None) -> dict:
     if record.get("state") not in ACTIVE:
         return record
     if backend is None or backend.name != record.get("backend"):
-        from runner.run.backends import backend_for
-        from runner.settings import node_settings
+        from runner.run.backends import backend_of
 
-        backend = backend_for(record.get("backend"), node_settings())
+        backend = backend_of(record)
     return backend.reconcile(exp, record)
 
 
@@ -112,24 +111,20 @@ def list_experiments(workdir: Path, states: list[str] | None = None, since: str 
     silently and never a reason for the whole listing to fail.
     """
     from runner.errors import UsageError
-    from runner.run.backends import backend_for
+    from runner.run.backends import backend_of
     from runner.run.records import STATES, RecordError, all_experiments
-    from runner.settings import node_settings
 
     for s in states or []:
         if s not in (*STATES, "unreadable"):
             raise UsageError(f"--state {s!r}: use one of {', '.join(STATES)}, unreadable")
     cutoff = parse_since(since) if since else None
-    settings = node_settings()
-    backends: dict[str, object] = {}
+    backends: dict = {}
     rows = []
     for exp in all_experiments(workdir):
         try:
             record = exp.read()
             if record.get("state") in ACTIVE:
-                name = record["backend"]
-                backend = backends.get(name) or backends.setdefault(name, backend_for(name, settings))
-                record = reconcile(exp, backend)
+                record = reconcile(exp, backend_of(record, backends))
         except RecordError as exc:
             record = {"experiment_id": exp.id, "state": "unreadable", "message": exc.message, "exp_dir": str(exp.root)}
         if states and record.get("state") not in states:

@@ -1,18 +1,20 @@
-"""The container a training runs in, as one pure value: everything `docker run` gets (docs/security.md).
+"""The container of a core job, as one pure value: everything `docker run` gets (docs/security.md).
 
-`container_spec` is the single place that decides the training's user, mounts, capabilities,
-security options, limits, labels, environment and command. The run path starts exactly this
-spec; `infra run --dry-run` prints it; the tests read it. No engine, no I/O beyond `stat`.
+`container_spec(job, …)` is the single place that decides a container's user, mounts, capabilities,
+security options, limits, labels, environment and command, for every job of the training core
+(`runner.run.jobs.CoreJob`: a training, a prediction, plugin discovery, a study slot). The docker
+backend starts exactly this spec; `infra run --dry-run` prints it; the tests read it. No engine,
+no I/O.
 
 The boundary it draws:
-- the training never runs as uid 0: the invoker's uid:gid, or (when infra runs as root, not via
+- the core never runs as uid 0: the invoker's uid:gid, or (when infra runs as root, not via
   sudo) the node's unprivileged `train_uid:train_gid`;
 - all capabilities dropped, `no-new-privileges`, not privileged, a pids limit, the plan's memory
   and CPU limits, network `none` unless the plan asks;
-- mounted: the database file read-only (plus its `-wal`/`-shm` when a WAL database has them) and
-  the experiment's output folders read-write, each at `/exp/<name>`. The experiment's top folder
-  (status.json, events.jsonl, container.log: the host's records) and everything else on the host
-  stay invisible;
+- mounted: exactly the job's places — for a training the database file read-only (plus its
+  `-wal`/`-shm` when a WAL database has them) and the experiment's output folders read-write, each
+  at `/exp/<name>`. The experiment's top folder (status.json, events.jsonl, container.log: the
+  host's records) and everything else on the host stay invisible;
 - labels name the experiment, its attempt, plan hash, infra version and the workdir's identity, so
   each workdir only ever touches its own containers.
 """
@@ -26,20 +28,21 @@ from typing import Any
 
 from runner import __version__
 from runner.run.hardening import CAP_DROP, PIDS_LIMIT, SECURITY_OPT, security_args
+from runner.run.jobs import CONTAINER_DATA, CoreJob, core_environment
 from runner.run.logs import docker_log_config
 from runner.settings import NodeSettings
 
-CONTAINER_EXP = "/exp"
-CONTAINER_DATA = "/data"
-CONTAINER_WORKDIR = "/workdir"
 CONTAINER_HOME = "/tmp/home"
-PLAN_IN_CONTAINER = f"{CONTAINER_EXP}/config/plan.json"
 
 LABEL_EXPERIMENT = "infra.experiment_id"
 LABEL_ATTEMPT = "infra.attempt"
 LABEL_PLAN = "infra.plan_sha256"
 LABEL_VERSION = "infra.version"
 LABEL_WORKDIR = "infra.workdir"
+LABEL_PURPOSE = "infra.purpose"  # what a short-lived container is for: predict, plugin-discovery
+LABEL_STUDY = "infra.study"
+LABEL_SLOT = "infra.slot"
+READ_ONLY_TMP = "1g"  # the private /tmp of a read-only container
 
 
 @dataclass(frozen=True)
@@ -124,121 +127,44 @@ def workdir_identity(workdir: Path) -> str:
     return hashlib.sha256(str(Path(workdir).resolve()).encode()).hexdigest()[:16]
 
 
-def database_mounts(db: Path) -> tuple[Mount, ...]:
-    """The database file read-only, plus `-wal` and `-shm` when a WAL database has both (SQLite
-    needs them to read its newest pages read-only); never the folder the database sits in."""
-    target = f"{CONTAINER_DATA}/{db.name}"
-    mounts = [Mount(str(db), target, True)]
-    side = [Path(f"{db}-wal"), Path(f"{db}-shm")]
-    if all(p.is_file() and not p.is_symlink() for p in side):
-        mounts += [Mount(str(p), f"{target}{p.name[len(db.name) :]}", True) for p in side]
-    return tuple(mounts)
-
-
 def container_db_path(db: Path) -> str:
     return f"{CONTAINER_DATA}/{Path(db).name}"
 
 
-def container_spec(
-    *,
-    experiment_id: str,
-    exp_root: Path,
-    attempt: int,
-    plan_sha: str,
-    db: Path,
-    resources: dict[str, Any],
-    gpus: str | int | None,
-    image: str,
-    image_id: str,
-    workdir: Path,
-    settings: NodeSettings,
-    mounted_dirs: tuple[str, ...],
-    user: tuple[int, int],
-) -> ContainerSpec:
-    """The training container of one attempt (pure: the same inputs give the same spec)."""
+def container_spec(job: CoreJob, *, user: tuple[int, int], settings: NodeSettings) -> ContainerSpec:
+    """The container of one core job (pure: the same job gives the same spec).
+
+    Mounted: exactly the job's `places`, each read-only unless the job writes it. Labels: the
+    job's own, plus the infra version, the workdir's identity and the experiment id (when the job
+    belongs to one). A job with `read_only_root` (prediction, discovery) gets a read-only image
+    filesystem with a private /tmp.
+    """
     security = security_args(*user, pids_limit=settings.pids_limit)  # refuses uid 0
-    exp_mounts = tuple(Mount(str(exp_root / d), f"{CONTAINER_EXP}/{d}", False) for d in mounted_dirs)
-    cpus = resources.get("cpus")
+    labels = {**job.labels, LABEL_VERSION: __version__, LABEL_WORKDIR: workdir_identity(job.workdir)}
+    if job.experiment_id:
+        labels[LABEL_EXPERIMENT] = job.experiment_id
+    environment = {"HOME": CONTAINER_HOME, **core_environment(job)}
+    if job.image_id:
+        environment["INFRA_IMAGE_ID"] = job.image_id
+    log_limit = job.log_limit or settings.log_limit_bytes
+    limits = job.limits
     return ContainerSpec(
-        image=image,
-        command=("infra-train", PLAN_IN_CONTAINER, "--exp-dir", CONTAINER_EXP, "--workdir", CONTAINER_WORKDIR),
-        name=f"infra-{experiment_id}-{workdir_identity(workdir)[:8]}",
+        image=job.image_id or job.image or "<the plugin image>",
+        command=tuple(job.argv(inside=True)),
+        name=job.name,
         user=security["user"],
-        labels={
-            LABEL_EXPERIMENT: experiment_id,
-            LABEL_ATTEMPT: str(attempt),
-            LABEL_PLAN: plan_sha,
-            LABEL_VERSION: __version__,
-            LABEL_WORKDIR: workdir_identity(workdir),
-        },
-        mounts=(*database_mounts(db), *exp_mounts),
-        environment={
-            "HOME": CONTAINER_HOME,
-            "INFRA_IMAGE_ID": image_id,
-            "INFRA_EXPERIMENT_ID": experiment_id,
-            "PYTHONUNBUFFERED": "1",
-            "MPLBACKEND": "Agg",
-        },
+        labels=labels,
+        mounts=tuple(Mount(str(p.host), p.inside, p.read_only) for p in job.places),
+        environment=environment,
         cap_drop=tuple(security["cap_drop"]),
         security_opt=tuple(security["security_opt"]),
         pids_limit=security["pids_limit"],
-        mem_limit=resources.get("memory"),
-        nano_cpus=int(cpus * 1e9) if cpus else None,
-        shm_size=resources.get("shm_size"),
-        network_mode=resources.get("network") or "none",
-        gpus=gpus if gpus not in (None, 0, "none", "0") else None,
-        log_config=docker_log_config(settings.log_limit_bytes),
-    )
-
-
-PREDICT_IN = "/in"
-PREDICT_OUT = "/out"
-LABEL_PURPOSE = "infra.purpose"
-
-
-def predict_spec(
-    *,
-    experiment_id: str,
-    name: str,
-    image: str,
-    image_id: str,
-    workdir: Path,
-    settings: NodeSettings,
-    user: tuple[int, int],
-    read_only_files: tuple[tuple[Path, str], ...],
-    out_dir: Path,
-    command: tuple[str, ...],
-) -> ContainerSpec:
-    """The container of `infra predict` (pure): the training's hardening and labels, network none, a
-    read-only root with a private /tmp, and only what prediction reads — the checkpoint and config
-    files, the input — read-only (host path, container path), plus one fresh output folder at /out."""
-    security = security_args(*user, pids_limit=settings.pids_limit)  # refuses uid 0
-    files = tuple(Mount(str(host), target, True) for host, target in read_only_files)
-    return ContainerSpec(
-        image=image,
-        command=command,
-        name=name,
-        user=security["user"],
-        labels={
-            LABEL_EXPERIMENT: experiment_id,
-            LABEL_PURPOSE: "predict",
-            LABEL_VERSION: __version__,
-            LABEL_WORKDIR: workdir_identity(workdir),
-        },
-        mounts=(*files, Mount(str(out_dir), PREDICT_OUT, False)),
-        environment={
-            "HOME": CONTAINER_HOME,
-            "INFRA_IMAGE_ID": image_id,
-            "INFRA_EXPERIMENT_ID": experiment_id,
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "MPLBACKEND": "Agg",
-        },
-        cap_drop=tuple(security["cap_drop"]),
-        security_opt=tuple(security["security_opt"]),
-        pids_limit=security["pids_limit"],
-        network_mode="none",
-        log_config=docker_log_config(settings.log_limit_bytes),
-        read_only_root=True,
-        tmpfs=(("/tmp", "rw,nosuid,nodev,size=1g,mode=1777"),),
+        mem_limit=limits.memory,
+        nano_cpus=int(limits.cpus * 1e9) if limits.cpus else None,
+        shm_size=limits.shm_size,
+        network_mode=limits.network or "none",
+        gpus=job.gpus.engine_value(),
+        log_config=docker_log_config(log_limit),
+        read_only_root=job.read_only_root,
+        tmpfs=(("/tmp", f"rw,nosuid,nodev,size={READ_ONLY_TMP},mode=1777"),) if job.read_only_root else (),
     )

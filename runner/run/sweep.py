@@ -103,11 +103,13 @@ class PointResult:
     state: str = "not run"
     exit_code: int | None = None  # infra's exit code for this point (0, 1, 3, 130 …)
     reused: bool = False
+    attached: bool = False  # another runner was running it; this one waited for its end
     exp_dir: str | None = None
     message: str | None = None
     test: dict = field(default_factory=dict)
     val: dict = field(default_factory=dict)
     n: dict = field(default_factory=dict)
+    training_seconds: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,25 +24,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
-import tempfile
+import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from runner import __version__
-from runner.errors import EXIT_EXPERIMENT_FAILED, EnvironmentProblem, InfraError, UsageError
+from runner.errors import EXIT_EXPERIMENT_FAILED, EnvironmentProblem, InfraError
 from runner.images.context import shown
+from runner.plan.models import GpuRequest
+from runner.run.jobs import core_error
 
 log = logging.getLogger(__name__)
 
-CONTAINER_WORKDIR = "/workdir"  # where images/plugins/Dockerfile copies the plugin folders
-CORE_PREFIX = "infra plugins: "  # what runner.core.plugins.main puts before a PluginError
 DISCOVERY_TIMEOUT_S = 300
-LABEL_PURPOSE = "infra.purpose"
 MAX_DOCUMENT_BYTES = 8 << 20  # the template's document is about 3 KB
 MAX_COMPONENTS = 10_000
 STDERR_TAIL_BYTES = 64 << 10
@@ -172,9 +167,9 @@ def parse_output(code: int, stdout: bytes | str, stderr: str, workdir: Path, whe
         for row in rows:
             row["source_file"] = map_paths(row["source_file"], workdir)
         return rows
-    lines = [line for line in stderr.splitlines() if line.startswith(CORE_PREFIX)]
-    if lines:
-        raise PluginLoadError(map_paths(lines[-1][len(CORE_PREFIX) :].strip(), workdir))
+    reason = core_error("plugins", stderr)
+    if reason:
+        raise PluginLoadError(map_paths(reason, workdir))
     tail = "\n".join((stderr or stdout).strip().splitlines()[-15:])
     raise EnvironmentProblem(
         f"plugin discovery in {where} exited with code {code}; is the training core installed there?"
@@ -182,88 +177,31 @@ def parse_output(code: int, stdout: bytes | str, stderr: str, workdir: Path, whe
     )
 
 
-def discover(
-    workdir: Path,
-    backend: str = "docker",
-    client=None,
-    on_log: Callable[[str], None] | None = None,
-) -> Discovery:
-    """Load the workdir's plugins out of process and return what is registered (built-ins included)."""
+def discover(workdir: Path, backend, on_log: Callable[[str], None] | None = None) -> Discovery:
+    """Load the workdir's plugins out of process, on `backend`, and return what is registered (built-ins
+    included). The docker backend builds the plugin image first when it is missing (the image
+    `infra run` would use)."""
+    from runner.run.backends import CoreTimeout
+    from runner.run.jobs import discovery_job
+    from runner.run.spec import LABEL_PURPOSE
+
     workdir = Path(workdir).resolve()
-    if backend == "local":
-        return Discovery(_discover_local(workdir), "local")
-    if backend != "docker":
-        raise UsageError(f"--backend {backend!r}: use 'docker' or 'local'")
-    return _discover_docker(workdir, client, on_log or (lambda line: None))
-
-
-def _discover_local(workdir: Path) -> list[dict]:
-    cmd = [sys.executable, "-m", "runner.core.plugins", str(workdir)]
-    log.debug("discovery: %s", cmd)
-    # Files, not pipes: what is kept of either stream stays bounded however much plugins print.
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        try:
-            proc = subprocess.run(
-                cmd, stdout=out, stderr=err, timeout=DISCOVERY_TIMEOUT_S, stdin=subprocess.DEVNULL, cwd=str(workdir)
-            )
-        except subprocess.TimeoutExpired:
-            raise EnvironmentProblem(
-                f"plugin discovery for {shown(workdir)} took over {DISCOVERY_TIMEOUT_S} s; does a plugin block at import?"
-            ) from None
-        out.seek(0)
-        stdout = out.read(MAX_DOCUMENT_BYTES + 1)
-        err.seek(max(0, os.fstat(err.fileno()).st_size - STDERR_TAIL_BYTES))
-        stderr = err.read().decode("utf-8", "replace")
-    return parse_output(proc.returncode, stdout, stderr, workdir, "a local subprocess")
-
-
-def discovery_container_args(workdir: Path) -> dict:
-    """Keyword arguments of `engine.run_container` for a discovery container (pure): the training's
-    hardening, no network, a read-only root with a private /tmp, a capped log, infra labels."""
-    from runner.images import builds
-    from runner.run.hardening import security_args, unprivileged_user
-    from runner.run.spec import LABEL_WORKDIR, workdir_identity
-
-    return {
-        **security_args(*unprivileged_user()),
-        "labels": {
-            LABEL_PURPOSE: "plugin-discovery",
-            builds.LABEL_VERSION: __version__,
-            LABEL_WORKDIR: workdir_identity(workdir),
-        },
-        "environment": {"HOME": "/tmp", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"},
-        "network_mode": "none",
-        "read_only": True,
-        "tmpfs": {"/tmp": "rw,nosuid,nodev,size=256m,mode=1777"},
-        # The engine keeps at most this much of the output: the document comes last and is small.
-        "log_config": {"type": "json-file", "config": {"max-size": f"{MAX_DOCUMENT_BYTES >> 20}m", "max-file": "1"}},
-    }
-
-
-def _discover_docker(workdir: Path, client, on_log: Callable[[str], None]) -> Discovery:
-    from runner import engine
-    from runner.images import builds
-    from runner.images.decide import decide_image
-
-    client = client or engine.get_client()
-    decision = decide_image(client, workdir, on_log)
-    if decision.image_id is None:
-        builds.build(client, decision.spec, on_log)
-    tag = decision.spec.tag
-    container = engine.run_container(
-        client, tag, ["python", "-m", "runner.core.plugins", CONTAINER_WORKDIR], **discovery_container_args(workdir)
-    )
+    on_log = on_log or (lambda line: None)
+    prepared = backend.prepare(workdir, GpuRequest(), on_log)
+    image_id = backend.ensure_image(prepared, on_log)
+    job = discovery_job(
+        workdir, {LABEL_PURPOSE: "plugin-discovery"}, f"infra-plugins-{secrets.token_hex(4)}", DISCOVERY_TIMEOUT_S
+    ).with_image(prepared.image_tag, image_id)
+    job = replace(job, log_limit=2 * MAX_DOCUMENT_BYTES)  # the engine keeps little: the document comes last
+    where = f"image {prepared.image_tag}" if prepared.image_tag else "a local subprocess"
     try:
-        try:
-            code = engine.wait(container, timeout=DISCOVERY_TIMEOUT_S)
-        except Exception as exc:  # the SDK's read timeout (requests) or an engine error
-            raise EnvironmentProblem(f"plugin discovery in image {tag} did not finish: {exc}") from None
-        # stdout carries the document and stderr everything else: read them apart, not interleaved.
-        stdout = engine.container_output(container, stderr=False)
-        stderr = engine.container_output(container, stdout=False, tail=200)
-    finally:
-        engine.remove_container(container)
-    return Discovery(parse_output(code, stdout, stderr, workdir, f"image {tag}"), "docker", tag)
+        output = backend.run_once(job)
+    except CoreTimeout as exc:
+        raise EnvironmentProblem(
+            f"plugin discovery for {shown(workdir)} in {where} {exc}; does a plugin block at import?"
+        ) from None
+    components = parse_output(output.exit_code, output.stdout, output.stderr, workdir, where)
+    return Discovery(components, backend.name, prepared.image_tag)
 
 
 def params_text(params: list[dict]) -> str:

@@ -1,0 +1,309 @@
+"""What the training core is asked to do, as one typed value a backend runs: `CoreJob`.
+
+Every run of the core, whatever it does (train an experiment, predict, list plugins, serve a study
+slot), is a `CoreJob`: the core module to run, its arguments, every host path it reads or writes
+(`Place`: the host path and where a container sees it), its limits, its GPUs and its labels. The
+job builders here are pure; a backend turns a job into what it starts (the docker backend a
+`runner.run.spec.ContainerSpec`, the local backend an argv and an environment), and nothing else
+looks at which backend runs it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from runner.plan.models import GpuRequest
+
+CONTAINER_EXP = "/exp"
+CONTAINER_DATA = "/data"
+CONTAINER_WORKDIR = "/workdir"
+CONTAINER_SLOT = "/slot"
+PREDICT_IN = "/in"
+PREDICT_OUT = "/out"
+
+Verb = Literal["train", "predict", "plugins", "slot"]
+
+
+@dataclass(frozen=True)
+class Place:
+    """A host path the core reads (`read_only`) or writes, and where it is inside a container."""
+
+    host: Path
+    inside: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The core process's share of the node: container limits, and torch's thread count."""
+
+    memory: str | None = None
+    cpus: float | None = None
+    shm_size: str | None = None
+    network: str = "none"
+    threads: int | None = None  # torch intra-op threads (INFRA_THREADS); None: torch's default
+
+    @classmethod
+    def from_resources(cls, resources, threads: int | None = None) -> Limits:
+        """From a plan's typed `resources`; the threads follow `resources.cpus` unless given."""
+        cpus = resources.cpus
+        if threads is None and cpus:
+            threads = max(1, math.floor(cpus))
+        return cls(resources.memory, cpus, resources.shm_size, resources.network, threads)
+
+
+@dataclass(frozen=True)
+class CoreJob:
+    """One run of the training core (see the module docstring).
+
+    `args` mixes plain strings with `Place`s, which each backend renders as the path the core sees.
+    `places` are what a container mounts, exactly; a `Place` in `args` that is not among them is a
+    folder whose parts are (the experiment, whose output folders are mounted one by one) or one the
+    image has (the workdir's plugins, copied into the plugin image). `image`/`image_id` say which image a container runs (the docker backend
+    needs them; a host process ignores them).
+    """
+
+    verb: Verb
+    module: str
+    args: tuple[str | Place, ...]
+    places: tuple[Place, ...]
+    workdir: Path
+    name: str
+    experiment_id: str | None = None
+    gpus: GpuRequest = field(default_factory=GpuRequest)
+    limits: Limits = field(default_factory=Limits)
+    labels: dict[str, str] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
+    image: str | None = None
+    image_id: str | None = None
+    read_only_root: bool = False  # prediction and discovery: the image's filesystem read-only, /tmp private
+    timeout_s: float | None = None  # run_once: the most seconds the core may take
+    log_limit: int | None = None  # bytes of output kept (None: the node's log limit)
+
+    def argv(self, inside: bool) -> list[str]:
+        """`python -m MODULE ARGS` with each Place as the path the core sees (`inside` a container or not)."""
+        rendered = [(a.inside if inside else str(a.host)) if isinstance(a, Place) else a for a in self.args]
+        return ["python", "-m", self.module, *rendered]
+
+    def with_image(self, image: str | None, image_id: str | None) -> CoreJob:
+        from dataclasses import replace
+
+        return replace(self, image=image, image_id=image_id)
+
+
+def core_environment(job: CoreJob) -> dict[str, str]:
+    """The variables every core process gets, whatever runs it."""
+    env = {"PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", **job.environment}
+    if job.experiment_id:
+        env["INFRA_EXPERIMENT_ID"] = job.experiment_id
+    if job.limits.threads:
+        env["INFRA_THREADS"] = str(job.limits.threads)
+    return env
+
+
+def database_places(db: Path, folder: str = CONTAINER_DATA) -> tuple[Place, ...]:
+    """The database file read-only, plus `-wal` and `-shm` when a WAL database has both (SQLite
+    needs them to read its newest pages read-only); never the folder the database sits in."""
+    target = f"{folder}/{db.name}"
+    places = [Place(db, target)]
+    side = [Path(f"{db}-wal"), Path(f"{db}-shm")]
+    if all(p.is_file() and not p.is_symlink() for p in side):
+        places += [Place(p, f"{target}{p.name[len(db.name) :]}") for p in side]
+    return tuple(places)
+
+
+def train_job(
+    *,
+    experiment_id: str,
+    exp_root: Path,
+    db: Path,
+    workdir: Path,
+    output_dirs: tuple[str, ...],
+    gpus: GpuRequest,
+    limits: Limits,
+    labels: dict[str, str],
+    name: str,
+) -> CoreJob:
+    """`infra-train`: the experiment's canonical plan, its output folders read-write, the database read-only.
+
+    The plan keeps the host's database path (what the user reads in config/plan.json); `--db` says
+    where the core finds the file.
+    """
+    outputs = tuple(Place(exp_root / d, f"{CONTAINER_EXP}/{d}", read_only=False) for d in output_dirs)
+    dbs = database_places(db)
+    plan = Place(exp_root / "config" / "plan.json", f"{CONTAINER_EXP}/config/plan.json", read_only=False)
+    exp = Place(exp_root, CONTAINER_EXP, read_only=False)
+    wd = Place(workdir, CONTAINER_WORKDIR)
+    return CoreJob(
+        verb="train",
+        module="runner.core",
+        args=(plan, "--exp-dir", exp, "--workdir", wd, "--db", dbs[0]),
+        places=(*dbs, *outputs),
+        workdir=workdir,
+        name=name,
+        experiment_id=experiment_id,
+        gpus=gpus,
+        limits=limits,
+        labels=labels,
+    )
+
+
+def discovery_job(workdir: Path, labels: dict[str, str], name: str, timeout_s: float) -> CoreJob:
+    """`python -m runner.core.plugins WORKDIR`: what the workdir's plugins register (read-only everything).
+
+    Inside a container the plugins are the copies baked into the image, so nothing is mounted.
+    """
+    return CoreJob(
+        verb="plugins",
+        module="runner.core.plugins",
+        args=(Place(workdir, CONTAINER_WORKDIR),),
+        places=(),
+        workdir=workdir,
+        name=name,
+        labels=labels,
+        environment={"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"},
+        read_only_root=True,
+        timeout_s=timeout_s,
+    )
+
+
+# A study slot (runner.run.slots on the host, runner.core.slot in the core) talks through files in its
+# control folder, which the host writes and the core only reads, and marks each point's output.
+SLOT_MARK = "@@infra-slot"  # `@@infra-slot begin SEQ ID` / `@@infra-slot end SEQ EXIT_CODE` on its own line
+SLOT_ALIVE = "alive"  # touched by the host every few seconds; a slot whose host is gone stops
+SLOT_QUIT = "quit"  # the host is done with the slot: it exits when idle
+SLOT_ALIVE_INTERVAL_S = 5.0
+SLOT_ALIVE_TIMEOUT_S = 60.0  # the host has been gone this long: stop the point (checkpoint) and exit
+SLOT_IDLE_EXIT_S = 600.0  # no point for this long: the slot exits by itself
+
+
+def slot_point_file(seq: int) -> str:
+    return f"point-{seq:06d}.json"
+
+
+def slot_stop_file(seq: int) -> str:
+    return f"stop-{seq:06d}"
+
+
+def slot_job(
+    *,
+    slot_dir: Path,
+    dbs: tuple[Path, ...],
+    workdir: Path,
+    name: str,
+    gpus: GpuRequest,
+    limits: Limits,
+    labels: dict[str, str],
+    idle_exit_s: float = SLOT_IDLE_EXIT_S,
+) -> CoreJob:
+    """`python -m runner.core.slot`: one long-lived core process that runs a study's points one by one.
+
+    Mounted: every database of the study read-only (each in a folder of its own, so two databases
+    of one name do not collide), the slot's control folder read-only and its points folder
+    read-write (each point's output folders are moved in while it runs: `runner.run.slots`).
+    """
+    control = Place(slot_dir / "control", f"{CONTAINER_SLOT}/control")
+    points = Place(slot_dir / "points", f"{CONTAINER_SLOT}/points", read_only=False)
+    db_places = tuple(p for i, db in enumerate(dbs) for p in database_places(db, f"{CONTAINER_DATA}/{i}"))
+    return CoreJob(
+        verb="slot",
+        module="runner.core.slot",
+        args=(
+            "--control",
+            control,
+            "--workdir",
+            Place(workdir, CONTAINER_WORKDIR),
+            "--idle-exit",
+            f"{idle_exit_s:g}",
+            "--alive-timeout",
+            f"{SLOT_ALIVE_TIMEOUT_S:g}",
+        ),  # fmt: skip
+        places=(*db_places, control, points),
+        workdir=workdir,
+        name=name,
+        gpus=gpus,
+        limits=limits,
+        labels=labels,
+    )
+
+
+def default_threads(slots: int) -> int:
+    """torch threads per slot when the plan gives no `resources.cpus`: the node's CPUs shared out."""
+    return max(1, (os.cpu_count() or 1) // max(slots, 1))
+
+
+# How each core entry point prints its one-line error (the reason a failed job gives the user).
+CORE_ERROR_PREFIXES = {
+    "train": "infra-train: error: ",
+    "slot": "infra-train: error: ",
+    "predict": "infra-predict: error: ",
+    "plugins": "infra plugins: ",
+}
+
+
+def core_error(verb: Verb, output: str) -> str | None:
+    """The last one-line error the core printed for a job of `verb` in `output`, without its prefix."""
+    prefix = CORE_ERROR_PREFIXES[verb]
+    for line in reversed(output.splitlines()):
+        if prefix in line:
+            return line.split(prefix, 1)[1].strip() or None
+    return None
+
+
+def predict_job(
+    *,
+    experiment_id: str,
+    exp_root: Path,
+    checkpoint: str,
+    state_files: tuple[str, ...],
+    source: Path | None,
+    out_dir: Path,
+    result_name: str,
+    summary_name: str,
+    core_args: tuple[str, ...],
+    workdir: Path,
+    labels: dict[str, str],
+    name: str,
+) -> CoreJob:
+    """`python -m runner.core.predict`: the checkpoint, the prediction state and the input read-only,
+    one fresh output folder written; the image's filesystem read-only with a private /tmp."""
+    exp = Place(exp_root, CONTAINER_EXP)
+    ckpt = Place(exp_root / checkpoint, f"{CONTAINER_EXP}/{checkpoint}")
+    reads = [ckpt, *(Place(exp_root / rel, f"{CONTAINER_EXP}/{rel}") for rel in state_files)]
+    args: list[str | Place] = list(core_args)
+    if source is not None:
+        # the suffixes keep .tsv / .csv.gz for the reader
+        inside = Place(source, f"{PREDICT_IN}/input{''.join(source.suffixes[-2:])}")
+        reads.append(inside)
+        args += ["--input", inside]
+    out = Place(out_dir, PREDICT_OUT, read_only=False)
+    result = Place(out_dir / result_name, f"{PREDICT_OUT}/{result_name}", read_only=False)
+    summary = Place(out_dir / summary_name, f"{PREDICT_OUT}/{summary_name}", read_only=False)
+    return CoreJob(
+        verb="predict",
+        module="runner.core.predict",
+        args=(
+            "--exp-dir",
+            exp,
+            "--checkpoint",
+            ckpt,
+            "--out",
+            result,
+            "--summary",
+            summary,
+            *args,
+            "--workdir",
+            Place(workdir, CONTAINER_WORKDIR),
+        ),  # fmt: skip
+        places=(*reads, out),
+        workdir=workdir,
+        name=name,
+        experiment_id=experiment_id,
+        labels=labels,
+        environment={"PYTHONDONTWRITEBYTECODE": "1"},
+        read_only_root=True,
+    )
