@@ -31,7 +31,7 @@ from runner.images import builds, wheels
 from runner.images.context import ContextError
 from runner.run import hardening
 from runner.run.spec import workdir_identity
-from runner.workdir.plugins import DiscoveryOutputError, check_document, discovery_container_args
+from runner.workdir.plugins import DiscoveryOutputError, check_document
 from tests.conftest import make_db
 
 REPO = Path(__file__).resolve().parent.parent
@@ -408,13 +408,26 @@ def test_discovery_containers_get_the_training_hardening(wd, monkeypatch):
     monkeypatch.setenv("INFRA_TRAIN_UID", "4321")
     monkeypatch.setenv("INFRA_TRAIN_GID", "4321")
     monkeypatch.delenv("SUDO_UID", raising=False)
-    args = engine.container_args("img", ["x"], **discovery_container_args(wd))
+    from dataclasses import replace
+
+    from runner.run.backends import backend_for
+    from runner.run.jobs import discovery_job
+    from runner.workdir.plugins import MAX_DOCUMENT_BYTES
+
+    job = discovery_job(wd, {"infra.purpose": "plugin-discovery"}, "infra-plugins-x", 300).with_image("img", None)
+    spec = backend_for("docker").spec(replace(job, log_limit=2 * MAX_DOCUMENT_BYTES))
+    args = engine.container_args(
+        spec.image, list(spec.command), **{k: v for k, v in spec.engine_kwargs().items() if k != "command"}
+    )
     uid = "4321:4321" if os.geteuid() == 0 else f"{os.getuid()}:{os.getgid()}"
     assert args["user"] == uid
     assert (args["cap_drop"], args["security_opt"], args["pids_limit"]) == (["ALL"], ["no-new-privileges"], 4096)
     assert args["network_mode"] == "none" and args["read_only"] is True and args["privileged"] is False
-    assert args["tmpfs"] == {"/tmp": "rw,nosuid,nodev,size=256m,mode=1777"}
-    assert args["log_config"] == {"type": "json-file", "config": {"max-size": "8m", "max-file": "1"}}
+    assert args["tmpfs"] == {"/tmp": "rw,nosuid,nodev,size=1g,mode=1777"}
+    assert args["volumes"] == {}  # the plugins are the image's own copies: nothing of the host is mounted
+    assert args["command"] == ["python", "-m", "runner.core.plugins", "/workdir"]
+    # the engine keeps at most twice the document's limit: the document comes last and is small
+    assert args["log_config"] == {"type": "json-file", "config": {"max-size": "8192k", "max-file": "4"}}
     assert args["labels"]["infra.purpose"] == "plugin-discovery" and args["labels"][
         "infra.workdir"
     ] == workdir_identity(wd)

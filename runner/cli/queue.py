@@ -85,6 +85,13 @@ def worker(
         ),
     ] = None,
     burst: Annotated[bool, typer.Option("--burst", help="Exit once the queues are empty.")] = False,
+    isolated: Annotated[
+        bool,
+        typer.Option(
+            "--isolated",
+            help="A fresh training process per job, not a warm slot kept between jobs of the same image and database.",
+        ),
+    ] = False,
     backend: BACKEND_OPT = BackendName.docker,
     name: Annotated[str | None, typer.Option("--name", help="Worker name (default HOST.PID).")] = None,
     heartbeat_ttl: Annotated[
@@ -134,6 +141,8 @@ def worker(
         argv += ["--heartbeat-ttl", str(heartbeat_ttl), "--stop-timeout", str(stop_timeout)]
         if burst:
             argv.append("--burst")
+        if isolated:
+            argv.append("--isolated")
         say(f"starting {len(slots)} workers, one per GPU: {', '.join(slots)}")
         raise typer.Exit(run_pool(argv, slots, name or socket.gethostname()))
     from runner.plan.models import GpuRequest
@@ -149,6 +158,7 @@ def worker(
         name=name,
         heartbeat_ttl=heartbeat_ttl,
         stop_timeout=stop_timeout,
+        isolated=isolated,
     )
     run_worker(cfg)
 

@@ -130,7 +130,7 @@ class SlotLoop:
                 watcher.join()
                 self._set_stop(None)
                 gc.collect()  # a point's model and trainer go before the next one starts
-            sys.stderr.flush()
+            print(f"infra-slot: point {seq} ended ({code}); {memory_text()}", file=sys.stderr, flush=True)
             print(f"{SLOT_MARK} end {seq} {code}", flush=True)
             seq += 1
         return 0
@@ -139,6 +139,19 @@ class SlotLoop:
         self.stop = stop
         if stop is not None and self.ending:
             stop.requested = True  # asked to end while the point was starting: it stops at once
+
+
+def memory_text() -> str:
+    """The slot's resident memory now and at its peak (what must not grow with the points it ran)."""
+    import resource
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        with open("/proc/self/statm") as fh:
+            now_mb = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        now_mb = float("nan")
+    return f"rss {now_mb:.0f} MB, peak {peak_mb:.0f} MB"
 
 
 def main(argv: list[str] | None = None) -> int:

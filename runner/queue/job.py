@@ -191,7 +191,7 @@ def execute_plan(plan: dict) -> dict:
     )
     run_started = time.monotonic()
     try:
-        outcome = run(loaded, cfg.workdir, opts)
+        outcome = cfg.warm.run(loaded, cfg.workdir, opts) if cfg.warm is not None else run(loaded, cfg.workdir, opts)
     except KeyboardInterrupt:  # a second signal outside the follow loop (building, starting)
         raise Interrupted(f"job {exp_id} interrupted by the worker's shutdown") from None
     run_seconds = time.monotonic() - run_started

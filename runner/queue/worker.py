@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -42,6 +43,7 @@ DEFAULT_HEARTBEAT_TTL = 60
 
 if TYPE_CHECKING:
     from runner.run.backends import Backend
+    from runner.run.study import WarmLane
 
 
 @dataclass
@@ -57,6 +59,8 @@ class WorkerConfig:
     name: str | None = None
     heartbeat_ttl: int = DEFAULT_HEARTBEAT_TTL
     stop_timeout: int = 60
+    isolated: bool = False  # a fresh training process per job instead of a warm slot
+    warm: WarmLane | None = None  # set by run_worker: the slot kept between jobs
 
     @property
     def heartbeat_interval(self) -> float:
@@ -236,6 +240,10 @@ def run_worker(cfg: WorkerConfig) -> bool:
         exception_handlers=[retry_policy],
         worker_ttl=max(cfg.heartbeat_ttl, 20),
     )
+    if not cfg.isolated:
+        from runner.run.study import WarmLane
+
+        cfg.warm = WarmLane(f"worker-{re.sub(r'[^a-z0-9._-]', '-', cfg.name.lower())[:40]}")
     infra_job.bind(cfg)
     _current_worker = worker
     beat = Heartbeat(worker, cfg)
@@ -252,5 +260,7 @@ def run_worker(cfg: WorkerConfig) -> bool:
         return worker.work(burst=cfg.burst, logging_level=None, with_scheduler=False)
     finally:
         beat.stop()
+        if cfg.warm is not None:
+            cfg.warm.close()
         infra_job.bind(None)
         _current_worker = None

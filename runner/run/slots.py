@@ -175,6 +175,9 @@ class Slot:
         self.outside: deque[bytes] = deque(maxlen=OUTPUT_TAIL_LINES)  # output between points
         self._stop_beating = threading.Event()
         self.ended = False
+        self.started = False  # the current point's begin marker was seen
+        self.begin = b""
+        self.on_begin: Callable[[], None] = lambda: None
 
     @property
     def name(self) -> str:
@@ -228,25 +231,29 @@ class Slot:
         if self.ended:
             return PointEnd(None, "the slot had already ended", slot_died=True)
         self.seq += 1
-        seq = self.seq
-        doc = {**request, "seq": seq, "experiment_id": exp.id, "exp_dir": self.process.stage(exp)}
-        safefs.write_atomic(self.dir / "control", slot_point_file(seq), json.dumps(doc).encode(), mode=0o644)
-        begin = f"{SLOT_MARK} begin {seq} {exp.id}".encode()
-        end_prefix = f"{SLOT_MARK} end {seq} ".encode()
-        started = False
+        self.started = False
+        doc = {**request, "seq": self.seq, "experiment_id": exp.id, "exp_dir": self.process.stage(exp)}
+        safefs.write_atomic(self.dir / "control", slot_point_file(self.seq), json.dumps(doc).encode(), mode=0o644)
+        self.begin = f"{SLOT_MARK} begin {self.seq} {exp.id}".encode()
+        self.on_begin = on_begin
+        return self.run_rest(on_line)
+
+    def run_rest(self, on_line: Callable[[bytes], None]) -> PointEnd:
+        """Read the current point's output up to its end marker (again after an interruption)."""
+        end_prefix = f"{SLOT_MARK} end {self.seq} ".encode()
         while True:
             line = self.lines.get()
             if line is None:
                 self.ended = True
                 code = self.process.wait(timeout=30)
-                for kept in self.outside if not started else ():
+                for kept in self.outside if not self.started else ():
                     on_line(kept)
-                return PointEnd(None, f"the study slot's process ended: {self.process.ended_why(code)}", True)
-            if not started:
-                if line == begin:
-                    started = True
+                return PointEnd(code, f"the study slot's process ended: {self.process.ended_why(code)}", True)
+            if not self.started:
+                if line == self.begin:
+                    self.started = True
                     self.outside.clear()
-                    on_begin()
+                    self.on_begin()
                 else:
                     self.outside.append(line)
                     log.debug("slot %s: %s", self.name, line.decode("utf-8", "replace"))

@@ -98,208 +98,98 @@ def write_study(workdir: Path, sid: str, doc: dict) -> Path:
     return root / f"{sid}.json"
 
 
-class Study:
-    """One run of a study (see the module docstring)."""
+@dataclass(frozen=True)
+class LaneSpec:
+    """What a lane's slots are made of: one image, the databases they read, GPUs and CPU share, labels."""
 
-    def __init__(self, loaded_plans: list, points: list[dict], workdir: Path, opts: StudyOptions):
-        self.loaded = loaded_plans
-        self.points = points
-        self.workdir = workdir
-        self.opts = opts
-        self.backend = opts.backend
-        self.results = [PointResult(i, p) for i, p in enumerate(points, 1)]
-        self.pending: queue.Queue[int] = queue.Queue()
-        self.stopping = threading.Event()
-        self.slots: dict[int, Slot] = {}
+    backend: object
+    workdir: Path
+    image_tag: str | None
+    image_id: str | None
+    dbs: tuple[Path, ...]
+    gpus: GpuRequest
+    limits: Limits
+    group: str  # the study id (or a worker's key): slot names and the infra.study label
+
+    def key(self) -> tuple:
+        return (self.image_id, self.image_tag, self.dbs, self.gpus, self.limits, str(self.workdir))
+
+
+class Lane:
+    """Points one after another through one slot, opened on first use and again after a slot died.
+
+    A study runs one lane per slot; a queue worker keeps one lane warm between jobs of the same image
+    and databases (`runner.queue.job`).
+    """
+
+    def __init__(self, spec: LaneSpec, index: int = 0):
+        self.spec = spec
+        self.index = index
+        self.slot: Slot | None = None
         self.lock = threading.Lock()
-        self.error: InfraError | None = None
-        self.done = 0
+        self.stopped = False  # asked to stop: a point not yet handed to the slot is not started
 
-    # --- before any point runs ---------------------------------------------------------------------
-
-    def prepare(self) -> None:
-        settings = node_settings()
-        first = self.loaded[0]
-        self.gpus = plan_gpus(first, self.opts.gpus)
-        for db in sorted({Path(lp.plan.data.db) for lp in self.loaded}):
-            preflight_paths(db, self.workdir, settings)
-        if any(lp.plan.tracking is not None for lp in self.loaded):
-            from runner.run.tracking import require_client
-
-            require_client(first.source)
-        build_log = BuildLog(self.opts.on_build_log)
-        self.prepared = self.backend.prepare(self.workdir, self.gpus, build_log.add)
-        self.image_id = self.backend.ensure_image(self.prepared, build_log.add)
-        self.targets = [Target.of(lp, self.workdir, self.prepared.image_hash, self.gpus) for lp in self.loaded]
-        for result, target in zip(self.results, self.targets, strict=True):
-            result.experiment_id, result.exp_dir = target.exp.id, str(target.exp.root)
-        self.id = study_id(first.plan.name, [t.exp.id for t in self.targets])
-        self.n_slots = max(1, min(self.opts.parallel or default_parallel(self.gpus), len(self.targets)))
-        write_study(self.workdir, self.id, self.document())
-
-    def document(self) -> dict:
-        return {
-            "study_id": self.id,
-            "name": self.loaded[0].plan.name,
-            "source": self.loaded[0].source,
-            "keys": sorted({k for p in self.points for k in p}),
-            "created_at": now_iso(),
-            "backend": self.backend.name,
-            "slots": self.n_slots,
-            "points": [{"index": r.index, "values": r.values, "experiment_id": r.experiment_id} for r in self.results],
-        }
-
-    # --- running ----------------------------------------------------------------------------------------
-
-    def run(self) -> tuple[list[PointResult], int]:
-        self.prepare()
-        for i in range(len(self.targets)):
-            self.pending.put(i)
-        work = self._isolated_worker if self.opts.isolated else self._slot_worker
-        threads = [
-            threading.Thread(target=work, args=(k,), name=f"study-slot-{k}", daemon=True) for k in range(self.n_slots)
-        ]
-        for t in threads:
-            t.start()
-        try:
-            while any(t.is_alive() for t in threads):
-                for t in threads:
-                    t.join(0.2)
-        except KeyboardInterrupt:
-            self.interrupt()
-            from runner.run.backends.common import stop_with_second_interrupt
-
-            stop_with_second_interrupt(lambda: [t.join() for t in threads])
-        return self.results, self.exit_code()
-
-    def interrupt(self) -> None:
-        """Stop every running point gracefully; the points not started stay `not run`."""
-        self.stopping.set()
-        with self.lock:
-            for slot in self.slots.values():
-                try:
-                    slot.request_stop()
-                except OSError as exc:
-                    log.warning("slot %s: could not ask it to stop: %s", slot.name, exc)
-
-    def exit_code(self) -> int:
-        if self.stopping.is_set():
-            return EXIT_INTERRUPTED
-        if self.error is not None:
-            return self.error.exit_code
-        return EXIT_EXPERIMENT_FAILED if any(r.state not in ("succeeded",) for r in self.results) else EXIT_OK
-
-    def _next(self) -> int | None:
-        if self.stopping.is_set() or self.error is not None:
-            return None
-        try:
-            return self.pending.get_nowait()
-        except queue.Empty:
-            return None
-
-    def _slot_worker(self, k: int) -> None:
-        slot = None
-        try:
-            while (i := self._next()) is not None:
-                slot = self._run_in_slot(k, i, slot)
-        except InfraError as exc:  # the engine went away, a slot cannot start: the rest cannot run either
-            self.error = self.error or exc
-            log.warning("study %s: slot %d stopped: %s", self.id, k, exc.message)
-        finally:
-            if slot is not None:
-                with self.lock:
-                    self.slots.pop(k, None)
-                slot.close()
-
-    def _open_slot(self, k: int) -> Slot:
-        first = self.loaded[0].plan
-        gpus = slot_gpus(self.gpus, self.n_slots)[k]
-        threads = Limits.from_resources(first.resources).threads or default_threads(self.n_slots)
-        name = slot_name(self.id, k)
-        directory = slot_dir(self.workdir, name)
+    def _open(self) -> Slot:
+        name = slot_name(self.spec.group, self.index)
+        directory = slot_dir(self.spec.workdir, name)
         job = slot_job(
             slot_dir=directory,
-            dbs=self.dbs,
-            workdir=self.workdir,
+            dbs=self.spec.dbs,
+            workdir=self.spec.workdir,
             name=f"infra-slot-{name}",
-            gpus=gpus,
-            limits=Limits.from_resources(first.resources, threads),
-            labels={LABEL_PURPOSE: "study-slot", LABEL_STUDY: self.id, LABEL_SLOT: name},
-        ).with_image(self.prepared.image_tag, self.image_id)
-        slot = Slot.open(self.backend, job, directory)
+            gpus=self.spec.gpus,
+            limits=self.spec.limits,
+            labels={LABEL_PURPOSE: "study-slot", LABEL_STUDY: self.spec.group, LABEL_SLOT: name},
+        ).with_image(self.spec.image_tag, self.spec.image_id)
+        return Slot.open(self.spec.backend, job, directory)
+
+    def request_stop(self) -> None:
         with self.lock:
-            self.slots[k] = slot
-        return slot
+            self.stopped = True
+            if self.slot is not None and not self.slot.ended and self.slot.seq:
+                self.slot.request_stop()
 
-    @property
-    def dbs(self) -> tuple[Path, ...]:
-        return tuple(sorted({Path(lp.plan.data.db) for lp in self.loaded}))
+    def close(self) -> None:
+        with self.lock:
+            slot, self.slot = self.slot, None
+        if slot is not None:
+            slot.close()
 
-    def _run_in_slot(self, k: int, i: int, slot: Slot | None) -> Slot | None:
-        target, result = self.targets[i], self.results[i]
-        record = self._claim(target, result)
-        if record is None:
-            if result.state in ACTIVE:
-                self._await_elsewhere(target.exp, result)
-            self._finish_result(result)
-            return slot
-        if slot is None or slot.ended:
-            if slot is not None:
-                slot.close()
-            try:
-                slot = self._open_slot(k)
-            except BaseException as exc:
-                from runner.run.launch import fail_attempt
+    def run(self, target: Target, record: dict, view: dict) -> dict:
+        """Run one claimed point (its attempt opened: `claim`) to its end; its final record.
 
-                fail_attempt(target.exp, exc)
-                self._from_record(result, target.exp.read())
-                self._finish_result(result)
-                raise
-        view = self.opts.point_view(result)
-        on_event = view.get("on_event", lambda event: None)
-        on_log = view.get("on_log", lambda line: None)
-        end = self._run_point(slot, target, record, on_log, on_event)
-        record = self._final(target.exp, record, end)
-        on_event({"event": "state", "experiment_id": target.exp.id, "state": record["state"],
-                  "exit_code": record.get("exit_code"), "outputs": str(target.exp.root)})  # fmt: skip
-        self._from_record(result, record)
-        self._finish_result(result)
-        return None if end.slot_died else slot
-
-    def _claim(self, target: Target, result: PointResult) -> dict | None:
-        """Under the experiment's lock: report a point that succeeded (or runs elsewhere), else open an attempt."""
+        Ctrl-C (KeyboardInterrupt in this thread) stops the point gracefully and records it.
+        """
         exp = target.exp
-        exp.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(exp.lock_path), timeout=LOCK_TIMEOUT_S):
-            previous = decide(exp, self.backend)
-            if previous and previous["state"] == "succeeded" and not self.opts.rerun:
-                self._from_record(result, previous)
-                result.reused = True
-                return None
-            if previous and previous["state"] in ACTIVE:
-                self._from_record(result, previous)
-                result.attached = True
-                return None
-            open_attempt(target, self.backend.name, previous, self.opts.rerun)
-            return exp.update(state="starting", image=self.prepared.image_tag, image_id=self.image_id, study=self.id)
+        on_event = view.get("on_event", lambda event: None)
+        with self.lock:
+            if self.stopped:
+                return _final(exp, record, PointEnd(130, "interrupted before it started"))
+            if self.slot is not None and self.slot.ended:
+                self.slot.close()
+                self.slot = None
+            if self.slot is None:
+                try:
+                    self.slot = self._open()
+                except BaseException as exc:
+                    from runner.run.launch import fail_attempt
 
-    def _await_elsewhere(self, exp: Experiment, result: PointResult) -> None:
-        """A point another runner is running: wait for its end (as `infra run` attaches to it)."""
-        from runner.run.reconcile import reconcile
-
-        record = exp.read()
-        while record.get("state") in ACTIVE and not self.stopping.is_set():
-            time.sleep(1.0)
-            record = reconcile(exp, self.backend)
-        self._from_record(result, record)
+                    fail_attempt(exp, exc)
+                    raise
+            slot = self.slot
+        end = self._run_point(slot, target, record, view.get("on_log", lambda line: None), on_event)
+        record = _final(exp, record, end)
+        on_event({"event": "state", "experiment_id": exp.id, "state": record["state"],
+                  "exit_code": record.get("exit_code"), "outputs": str(exp.root)})  # fmt: skip
+        return record
 
     def _run_point(self, slot: Slot, target: Target, record: dict, on_log, on_event) -> PointEnd:
         from runner.lines import display_line
         from runner.run.logs import LogWriter
 
         exp = target.exp
-        exp.update(slot={"name": slot.name, "seq": slot.seq + 1, "process": slot.process.ident, "study": self.id},
-                   container_id=slot.process.container_id)  # fmt: skip
+        exp.update(slot={"name": slot.name, "seq": slot.seq + 1, "process": slot.process.ident,
+                         "study": self.spec.group}, container_id=slot.process.container_id)  # fmt: skip
         on_event({"event": "state", "experiment_id": exp.id, "state": "starting", "attempt": record["attempt"]})
         writer = LogWriter(exp.root)
         db_place = next(p for p in slot.job.places if p.host == target.db)
@@ -316,7 +206,11 @@ class Study:
             on_event({"event": "state", "experiment_id": exp.id, "state": "running", "outputs": outputs})
 
         try:
-            end = slot.run_point(exp, request, on_line, on_begin)
+            try:
+                end = slot.run_point(exp, request, on_line, on_begin)
+            except KeyboardInterrupt:  # Ctrl-C in the thread that runs the point (a worker's second signal)
+                slot.request_stop()
+                end = _finish_after_stop(slot, on_line)
         finally:
             writer.close()
             refused = slot.unstage(exp)
@@ -325,27 +219,187 @@ class Study:
             return PointEnd(1, f"the training left {names} as something other than a folder; refused (kept empty)")
         return end
 
-    def _final(self, exp: Experiment, record: dict, end: PointEnd) -> dict:
-        """Record how the point ended, once (an `infra status` reader may race for it), then harden and track."""
-        from runner.run.backends.common import after_final, final_lock, still_this_attempt
-        from runner.run.reconcile import finalize
 
-        with final_lock(exp):
-            current = exp.read()
-            if not still_this_attempt(current, record):
-                return current
-            current = exp.update(log_complete=True)
-            record = finalize(exp, current, end.exit_code, message=end.message)
-        return after_final(exp, record)
+def _finish_after_stop(slot: Slot, on_line) -> PointEnd:
+    """After Ctrl-C asked the point to stop: read the rest of its output until it ends (a second Ctrl-C
+    is swallowed: the stop and the record complete)."""
+    from runner.run.backends.common import stop_with_second_interrupt
 
-    def _isolated_worker(self, k: int) -> None:
+    ended: list[PointEnd] = []
+    stop_with_second_interrupt(lambda: ended.append(slot.run_rest(on_line)))
+    return ended[0] if ended else PointEnd(None, "interrupted (Ctrl-C)")
+
+
+def claim(target: Target, backend, rerun: bool, image_tag: str | None, image_id: str | None, group: str):
+    """Under the experiment's lock: (the existing record, None) for a point that succeeded (and no
+    --rerun) or that another runner is running; else (None, the record of a new attempt, `starting`)."""
+    exp = target.exp
+    exp.lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(exp.lock_path), timeout=LOCK_TIMEOUT_S):
+        previous = decide(exp, backend)
+        if previous and (previous["state"] in ACTIVE or (previous["state"] == "succeeded" and not rerun)):
+            return previous, None
+        open_attempt(target, backend.name, previous, rerun)
+        return None, exp.update(state="starting", image=image_tag, image_id=image_id, study=group)
+
+
+def _final(exp: Experiment, record: dict, end: PointEnd) -> dict:
+    """Record how the point ended, once (an `infra status` reader may race for it), then harden and track."""
+    from runner.run.backends.common import after_final, final_lock, still_this_attempt
+    from runner.run.reconcile import finalize
+
+    with final_lock(exp):
+        current = exp.read()
+        if not still_this_attempt(current, record):
+            return current
+        current = exp.update(log_complete=True)
+        record = finalize(exp, current, end.exit_code, message=end.message)
+    return after_final(exp, record)
+
+
+def await_elsewhere(exp: Experiment, backend, stopping: threading.Event | None = None) -> dict:
+    """A point another runner is running: wait for its end (as `infra run` attaches to it)."""
+    from runner.run.reconcile import reconcile
+
+    record = exp.read()
+    while record.get("state") in ACTIVE and not (stopping is not None and stopping.is_set()):
+        time.sleep(1.0)
+        record = reconcile(exp, backend)
+    return record
+
+
+class Study:
+    """One run of a study (see the module docstring)."""
+
+    def __init__(self, loaded_plans: list, points: list[dict], workdir: Path, opts: StudyOptions):
+        self.loaded = loaded_plans
+        self.points = points
+        self.workdir = workdir
+        self.opts = opts
+        self.backend = opts.backend
+        self.results = [PointResult(i, p) for i, p in enumerate(points, 1)]
+        self.pending: queue.Queue[int] = queue.Queue()
+        self.stopping = threading.Event()
+        self.lanes: list[Lane] = []
+        self.lock = threading.Lock()
+        self.error: InfraError | None = None
+
+    # --- before any point runs ---------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        settings = node_settings()
+        first = self.loaded[0]
+        self.gpus = plan_gpus(first, self.opts.gpus)
+        dbs = tuple(sorted({Path(lp.plan.data.db) for lp in self.loaded}))
+        for db in dbs:
+            preflight_paths(db, self.workdir, settings)
+        if any(lp.plan.tracking is not None for lp in self.loaded):
+            from runner.run.tracking import require_client
+
+            require_client(first.source)
+        build_log = BuildLog(self.opts.on_build_log)
+        self.prepared = self.backend.prepare(self.workdir, self.gpus, build_log.add)
+        self.image_id = self.backend.ensure_image(self.prepared, build_log.add)
+        self.targets = [Target.of(lp, self.workdir, self.prepared.image_hash, self.gpus) for lp in self.loaded]
+        for result, target in zip(self.results, self.targets, strict=True):
+            result.experiment_id, result.exp_dir = target.exp.id, str(target.exp.root)
+        self.id = study_id(first.plan.name, [t.exp.id for t in self.targets])
+        n_slots = max(1, min(self.opts.parallel or default_parallel(self.gpus), len(self.targets)))
+        threads = Limits.from_resources(first.plan.resources).threads or default_threads(n_slots)
+        for k, gpus in enumerate(slot_gpus(self.gpus, n_slots)):
+            spec = LaneSpec(self.backend, self.workdir, self.prepared.image_tag, self.image_id, dbs, gpus,
+                            Limits.from_resources(first.plan.resources, threads), self.id)  # fmt: skip
+            self.lanes.append(Lane(spec, k))
+        write_study(self.workdir, self.id, self.document())
+
+    def document(self) -> dict:
+        return {
+            "study_id": self.id,
+            "name": self.loaded[0].plan.name,
+            "source": self.loaded[0].source,
+            "keys": sorted({k for p in self.points for k in p}),
+            "created_at": now_iso(),
+            "backend": self.backend.name,
+            "slots": len(self.lanes),
+            "points": [{"index": r.index, "values": r.values, "experiment_id": r.experiment_id} for r in self.results],
+        }
+
+    # --- running ----------------------------------------------------------------------------------------
+
+    def run(self) -> tuple[list[PointResult], int]:
+        self.prepare()
+        for i in range(len(self.targets)):
+            self.pending.put(i)
+        work = self._isolated_worker if self.opts.isolated else self._lane_worker
+        threads = [threading.Thread(target=work, args=(lane,), daemon=True) for lane in self.lanes]
+        for t in threads:
+            t.start()
+        try:
+            while any(t.is_alive() for t in threads):
+                for t in threads:
+                    t.join(0.2)
+        except KeyboardInterrupt:
+            self.interrupt()
+            from runner.run.backends.common import stop_with_second_interrupt
+
+            stop_with_second_interrupt(lambda: [t.join() for t in threads])
+        return self.results, self.exit_code()
+
+    def interrupt(self) -> None:
+        """Stop every running point gracefully; the points not started stay `not run`."""
+        self.stopping.set()
+        for lane in self.lanes:
+            try:
+                lane.request_stop()
+            except OSError as exc:
+                log.warning("study %s: could not ask a slot to stop: %s", self.id, exc)
+
+    def exit_code(self) -> int:
+        if self.stopping.is_set():
+            return EXIT_INTERRUPTED
+        if self.error is not None:
+            return self.error.exit_code
+        return EXIT_EXPERIMENT_FAILED if any(r.state != "succeeded" for r in self.results) else EXIT_OK
+
+    def _next(self) -> int | None:
+        if self.stopping.is_set() or self.error is not None:
+            return None
+        try:
+            return self.pending.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _lane_worker(self, lane: Lane) -> None:
+        try:
+            while (i := self._next()) is not None:
+                target, result = self.targets[i], self.results[i]
+                try:
+                    previous, record = claim(target, self.backend, self.opts.rerun, self.prepared.image_tag,
+                                             self.image_id, self.id)  # fmt: skip
+                    if record is None:
+                        result.reused = previous["state"] == "succeeded"
+                        result.attached = not result.reused
+                        record = await_elsewhere(target.exp, self.backend, self.stopping)
+                    else:
+                        record = lane.run(target, record, self.opts.point_view(result))
+                    self._from_record(result, record)
+                except InfraError as exc:  # the engine went away, a slot cannot start: the rest cannot run either
+                    result.state, result.exit_code, result.message = "error", exc.exit_code, exc.message
+                    self.error = self.error or exc
+                    log.warning("study %s: %s", self.id, exc.message)
+                finally:
+                    self._finish_result(result)
+        finally:
+            lane.close()
+
+    def _isolated_worker(self, lane: Lane) -> None:
         """The old way: each point through `launch.run` (a fresh core process per point)."""
         from runner.errors import ExperimentFailed, Interrupted
         from runner.run.launch import RunOptions, run
 
         while (i := self._next()) is not None:
             result = self.results[i]
-            opts = RunOptions(backend=self.backend, gpus=self.gpus, rerun=self.opts.rerun,
+            opts = RunOptions(backend=self.backend, gpus=lane.spec.gpus, rerun=self.opts.rerun,
                               stop_timeout=self.opts.stop_timeout, **self.opts.point_view(result))  # fmt: skip
             try:
                 outcome = run(self.loaded[i], self.workdir, opts)
@@ -365,24 +419,29 @@ class Study:
     # --- results ----------------------------------------------------------------------------------------
 
     def _from_record(self, result: PointResult, record: dict | None) -> None:
-        from runner.run.records import metrics_summary
-
-        if not record:
-            return
-        result.state = record.get("state") or result.state
-        code = record.get("exit_code")
-        result.exit_code = 0 if result.state == "succeeded" else code
-        if result.state != "succeeded" and record.get("message"):
-            result.message = record.get("message")
-        metrics = metrics_summary(Path(result.exp_dir))
-        result.test, result.val, result.n = metrics.get("test") or {}, metrics.get("val") or {}, metrics.get("n") or {}
-        training = Experiment(Path(result.exp_dir)).read_json("metrics/metrics.json").get("training_seconds")
-        result.training_seconds = training if isinstance(training, int | float) else None
+        point_result_from(result, record)
 
     def _finish_result(self, result: PointResult) -> None:
         with self.lock:
-            self.done += 1
             self.opts.on_done(result, len(self.results))
+
+
+def point_result_from(result: PointResult, record: dict | None) -> None:
+    """A point's result from its record and its metrics (read as untrusted files)."""
+    from runner.run.records import metrics_summary
+
+    if not record:
+        return
+    result.state = record.get("state") or result.state
+    result.exit_code = 0 if result.state == "succeeded" else record.get("exit_code")
+    if result.state != "succeeded" and record.get("message"):
+        result.message = record.get("message")
+    if not result.exp_dir:
+        return
+    metrics = metrics_summary(Path(result.exp_dir))
+    result.test, result.val, result.n = metrics.get("test") or {}, metrics.get("val") or {}, metrics.get("n") or {}
+    training = Experiment(Path(result.exp_dir)).read_json("metrics/metrics.json").get("training_seconds")
+    result.training_seconds = training if isinstance(training, int | float) else None
 
 
 def run_study(
@@ -390,10 +449,46 @@ def run_study(
 ) -> tuple[list[PointResult], int, str | None]:
     """Run a study's points; (results in grid order, the exit code, the study id)."""
     study = Study(loaded_plans, points, workdir, opts)
-    try:
-        results, code = study.run()
-    except InfraError as exc:  # before any point ran: no engine, a failed image build …
-        for result in study.results:
-            result.state, result.exit_code, result.message = "not run", exc.exit_code, None
-        raise
-    return results, code, getattr(study, "id", None)
+    return (*study.run(), study.id)
+
+
+class WarmLane:
+    """The lane a queue worker keeps between jobs (`infra worker`): a job of the same image and database
+    as the last one runs in the same slot, without a new start-up; another makes a new slot."""
+
+    def __init__(self, group: str):
+        self.group = group
+        self.lane: Lane | None = None
+
+    def run(self, loaded, workdir: Path, opts):
+        """`launch.run` for one queued plan, through the warm slot; the same outcome and errors."""
+        from runner.run.launch import RunOutcome, outcome_of
+
+        backend = opts.backend
+        gpus = plan_gpus(loaded, opts.gpus)
+        preflight_paths(Path(loaded.plan.data.db), workdir, node_settings())
+        if loaded.plan.tracking is not None:
+            from runner.run.tracking import require_client
+
+            require_client(loaded.source)
+        build_log = BuildLog(opts.on_log)
+        prepared = backend.prepare(workdir, gpus, build_log.add)
+        image_id = backend.ensure_image(prepared, build_log.add)
+        target = Target.of(loaded, workdir, prepared.image_hash, gpus)
+        spec = LaneSpec(backend, workdir, prepared.image_tag, image_id, (target.db,), gpus,
+                        Limits.from_resources(loaded.plan.resources), self.group)  # fmt: skip
+        if self.lane is not None and self.lane.spec.key() != spec.key():
+            self.close()
+        self.lane = self.lane or Lane(spec)
+        previous, record = claim(target, backend, opts.rerun, prepared.image_tag, image_id, self.group)
+        if record is None:
+            if previous["state"] == "succeeded":
+                return RunOutcome(target.exp.id, target.exp.root, previous, EXIT_OK, reused=True)
+            return outcome_of(target.exp, await_elsewhere(target.exp, backend), attached=True)
+        record = self.lane.run(target, record, {"on_log": opts.on_log, "on_event": opts.on_event})
+        return outcome_of(target.exp, record)
+
+    def close(self) -> None:
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
