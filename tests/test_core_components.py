@@ -348,3 +348,73 @@ def test_transforms_invert(name):
 def test_unknown_transform_is_a_plan_error():
     with pytest.raises(PlanError, match="data.transform"):
         TargetTransform("sqrt")
+
+
+def _lightning_private_uses(sources: dict[str, str] | None = None) -> list[str]:
+    """`trainer._x`, Lightning's loop internals, and private Lightning names a class overrides or sets,
+    in `sources` ({file name: text}; default: every module of runner/core)."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import lightning.pytorch as lp
+
+    if sources is None:
+        core = Path(__file__).resolve().parents[1] / "runner" / "core"
+        sources = {path.name: path.read_text(encoding="utf-8") for path in sorted(core.glob("*.py"))}
+    lightning_names = {n for n in dir(lp) if not n.startswith("_")} | {
+        n for n in dir(lp.callbacks) if not n.startswith("_")
+    }
+    found = []
+    for name_of_file, text in sources.items():
+        for node in ast.walk(ast.parse(text)):
+            where = f"{name_of_file}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Attribute):
+                owner = ast.unparse(node.value)
+                private = node.attr.startswith("_") and not node.attr.startswith("__")
+                if private and owner.split(".")[-1] in ("trainer", "pl_module", "checkpoint_callback"):
+                    found.append(f"{where}: {owner}.{node.attr}")
+                if node.attr in ("fit_loop", "epoch_loop", "val_loop", "predict_loop", "test_loop"):
+                    found.append(f"{where}: loop internals {owner}.{node.attr}")
+            if isinstance(node, ast.ClassDef):
+                bases = [ast.unparse(b).split(".")[-1] for b in node.bases]
+                lightning_bases = [getattr(lp.callbacks, b, None) or getattr(lp, b, None) for b in bases]
+                lightning_bases = [b for b, name in zip(lightning_bases, bases, strict=True) if name in lightning_names]
+                if not lightning_bases:
+                    continue
+                base_source = "\n".join(inspect.getsource(c) for b in lightning_bases for c in b.__mro__[:-1])
+                for inner in ast.walk(node):
+                    name = None
+                    if isinstance(inner, ast.FunctionDef):
+                        name = inner.name
+                    elif isinstance(inner, ast.Attribute) and ast.unparse(inner.value) == "self":
+                        name = inner.attr
+                    if name and name.startswith("_") and not name.startswith("__") and f".{name}" in base_source:
+                        found.append(f"{name_of_file}:{inner.lineno}: {node.name} touches Lightning's private {name}")
+    return found
+
+
+def test_the_core_uses_only_public_lightning_api():
+    # private Lightning internals change between releases without notice (StartValidation once drove
+    # trainer._logger_connector and the fit loop's validation loop; BestCheckpoint overrode
+    # ModelCheckpoint's _monitor_candidates and _update_best_and_save)
+    assert _lightning_private_uses() == []
+
+
+def test_the_private_api_check_finds_what_it_looks_for():
+    planted = (
+        "from lightning.pytorch.callbacks import ModelCheckpoint\n"
+        "class Bad(ModelCheckpoint):\n"
+        "    def __init__(self):\n"
+        "        self._last_global_step_saved = -1\n"
+        "    def _monitor_candidates(self, trainer):\n"
+        "        trainer.fit_loop.epoch_loop.val_loop.run()\n"
+        "        return trainer._logger_connector\n"
+    )
+    found = {f.split(": ", 1)[1] for f in _lightning_private_uses({"bad.py": planted})}
+    assert {
+        "Bad touches Lightning's private _last_global_step_saved",
+        "Bad touches Lightning's private _monitor_candidates",
+        "trainer._logger_connector",
+        "loop internals trainer.fit_loop",
+    } <= found

@@ -176,7 +176,6 @@ def _run(typed, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     from runner.core.training import (
         Cancelled,
         EpochReporter,
-        StartValidation,
         VariantDataModule,
         VariantModule,
         build_trainer,
@@ -292,8 +291,9 @@ def _run(typed, layout: Layout, db_path, workdir, stop, limit_batches) -> dict:
     samples = sum(int(r.get("samples", 0)) for r in epochs)
 
     best = layout.path("ckpts/best.ckpt")
-    start = next((c for c in trainer.callbacks if isinstance(c, StartValidation)), None)
-    start_record = start.record if start is not None else None
+    from runner.core.selection import SelectionRule
+
+    start_record = SelectionRule.of(trainer).start
     selected = "epoch"
     kept_epoch: int | None = None
     if best.exists():
