@@ -61,6 +61,12 @@ LEAVE_START_GAIN = 0.001
 INELIGIBLE = -3.0  # below any Spearman: an epoch with this selection score never becomes best.ckpt
 START_Z_BOUND = 99.0  # start_z is clipped to ±this, so records stay finite
 
+# what early stopping watches, by kind of run ("none": no validation rows)
+STOP_MONITORS = {
+    "regression": {"val_spearman": "max", "val_loss": "min"},
+    "classification": {"val_loss": "min"},
+    "none": {"train_loss": "min"},
+}
 # the state keys of the callbacks this rule replaced, read from an older last.ckpt
 LEGACY_START_KEY = "StartValidation"
 LEGACY_MONITORS = {"regression": "val_select", "classification": "val_loss", "none": "train_loss"}
@@ -137,15 +143,9 @@ class SelectionRule(Callback):
         self.best_path = Path(best_path)
         self.has_val = bool(has_val)
         self.patience = int(patience)
-        self.kind = ("regression" if task != "classification" else "classification") if has_val else "none"
-        self.plateau = Plateau(
-            {"val_spearman": "max", "val_loss": "min"}
-            if self.kind == "regression"
-            else {"val_loss": "min"}
-            if self.kind == "classification"
-            else {"train_loss": "min"}
-        )
-        self.start_done = False  # the start was considered (scored, or found no candidate) once
+        self.kind = ("classification" if task == "classification" else "regression") if has_val else "none"
+        self.plateau = Plateau(dict(STOP_MONITORS[self.kind]))
+        self.start_done = False  # the fitted start had its one chance to be scored
         self.start: dict[str, Any] | None = None  # its record: val_loss, val_spearman, val
         self.start_scores: torch.Tensor | None = None  # its validation scores, which epochs must beat
         self.best_score: float | None = None  # of what best.ckpt holds, higher is better
@@ -185,7 +185,7 @@ class SelectionRule(Callback):
     # --- trained epochs ----------------------------------------------------------------------------
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        result = getattr(pl_module, "last_validation", None)
+        result = pl_module.last_validation  # VariantModule's pass that just ended
         if trainer.sanity_checking or result is None:
             return
         record = pl_module.epoch_record
