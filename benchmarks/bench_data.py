@@ -35,6 +35,7 @@ from runner.core.data import build_query, load_variants, read_parts  # noqa: E40
 from runner.core.variants import apply_mutants  # noqa: E402
 from runner.core.vocab import IUPAC_AMINO_ACIDS, get_vocab_processor  # noqa: E402
 from runner.data.db import SCHEMA_SQL, connect_readonly, read_layout  # noqa: E402
+from runner.plan.models import DataSpec  # noqa: E402
 
 SOURCE = "SYNTH"
 
@@ -143,19 +144,19 @@ def naive_load(db: Path, limit: int) -> dict:
 
 
 # -- stages, each run in its own process -------------------------------------------------------------
-def _plan(db: Path, limit: int | None = None) -> dict:
-    return {"data": {"db": str(db), "limit": limit}, "vocab": {"name": "IUPAC"}}
+def _data(db: Path, limit: int | None = None) -> DataSpec:
+    return DataSpec(db=str(db), limit=limit)
 
 
 def stage(name: str, db: Path, naive_n: int) -> dict:
-    plan = _plan(db)
+    data = _data(db)
     if name == "sql":
         conn = connect_readonly(db)
         layout = read_layout(conn)
-        sql, params, _ = build_query(plan["data"], layout)
+        sql, params, _ = build_query(data, layout)
         t = time.perf_counter()
         # the read load_variants does: ADBC (parallel id ranges when it pays), else sqlite3's aggregate
-        columns = read_columns_arrow(db, sql, params, [], read_parts(conn, plan["data"], layout))
+        columns = read_columns_arrow(db, sql, params, [], read_parts(conn, data, layout))
         if columns is None:
             columns = read_columns(conn, sql, params, [])
         elapsed = time.perf_counter() - t
@@ -180,14 +181,14 @@ def stage(name: str, db: Path, naive_n: int) -> dict:
         elapsed = time.perf_counter() - t
     elif name == "e2e":
         t = time.perf_counter()
-        n = len(load_variants(plan))
+        n = len(load_variants(data))
         elapsed = time.perf_counter() - t
     elif name == "e2e_naive":
         t = time.perf_counter()
         naive = naive_load(db, naive_n)
         elapsed = time.perf_counter() - t
         n = naive["tokens"].shape[0]
-        fast = load_variants(_plan(db, limit=naive_n))  # same rows: the two must agree exactly
+        fast = load_variants(_data(db, limit=naive_n))  # same rows: the two must agree exactly
         assert np.array_equal(fast.tokens, naive["tokens"]) and np.array_equal(fast.target, naive["target"])
         assert np.array_equal(fast.first_pos, naive["first_pos"])
         assert fast.frame["sequence"].tolist() == naive["frame"]["sequence"].tolist()

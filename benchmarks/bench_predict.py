@@ -64,6 +64,7 @@ def train_experiment(root: Path, template: str, mutants: pa.Array, model: str) -
 
     from runner.core.experiment import run_experiment
     from runner.data.db import SCHEMA_SQL
+    from runner.plan.models import Plan
 
     db = root / "bench.db"
     conn = sqlite3.connect(db)
@@ -82,7 +83,7 @@ def train_experiment(root: Path, template: str, mutants: pa.Array, model: str) -
     conn.close()
     exp = root / "exp"
     plan = {"name": "bench", "data": {"db": str(db)}, "model": {"name": model}, "train": {"max_epochs": 1}}
-    run_experiment(plan, exp)
+    run_experiment(Plan.model_validate(plan), exp)
     return exp
 
 

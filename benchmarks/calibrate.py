@@ -55,10 +55,9 @@ def run_one(plan: dict, exp: Path) -> dict:
     from runner.core.experiment import run_experiment
     from runner.plan.models import Plan
 
-    resolved = Plan.model_validate(plan).model_dump(mode="json")
     shutil.rmtree(exp, ignore_errors=True)  # a fresh run each time, never a resume of an older one
     t0 = time.perf_counter()
-    metrics = run_experiment(resolved, exp)
+    metrics = run_experiment(Plan.model_validate(plan), exp)
     metrics["wall_seconds"] = time.perf_counter() - t0
     return metrics
 

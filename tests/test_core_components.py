@@ -18,6 +18,7 @@ from runner.core.splits import SPLITS, make_split
 from runner.core.transforms import TargetTransform
 from runner.core.vocab import get_vocab_processor
 from runner.errors import DataError, PlanError
+from runner.plan.models import SplitSpec
 
 
 @pytest.fixture(scope="module")
@@ -285,24 +286,24 @@ def _check_partition(split, n):
 
 def test_random_and_kfold_splits():
     v = _variants(100)
-    s = make_split(v, {"strategy": "random", "test_fraction": 0.2, "val_fraction": 0.1, "seed": 3})
+    s = make_split(v, SplitSpec(strategy="random", test_fraction=0.2, val_fraction=0.1, seed=3))
     _check_partition(s, 100)
     assert (len(s["train"]), len(s["val"]), len(s["test"])) == (70, 10, 20)
     assert all(
-        np.array_equal(s[k], make_split(v, {"strategy": "random", "seed": 3, "test_fraction": 0.2})[k]) for k in s
+        np.array_equal(s[k], make_split(v, SplitSpec(strategy="random", seed=3, test_fraction=0.2))[k]) for k in s
     )  # seeded
-    tests = [make_split(v, {"strategy": "random", "n_folds": 5, "fold": f})["test"] for f in range(5)]
+    tests = [make_split(v, SplitSpec(strategy="random", n_folds=5, fold=f))["test"] for f in range(5)]
     assert sorted(np.concatenate(tests).tolist()) == list(range(100))  # folds partition the data
 
 
 def test_mut_num_modulo_contiguous_splits():
     v = _variants(200)
-    s = make_split(v, {"strategy": "mut_num", "max_train_mut_num": 1})
+    s = make_split(v, SplitSpec(strategy="mut_num", max_train_mut_num=1))
     assert (v.mut_num[s["test"]] > 1).all() and (v.mut_num[np.concatenate([s["train"], s["val"]])] <= 1).all()
-    s = make_split(v, {"strategy": "modulo", "n_folds": 4, "fold": 2})
+    s = make_split(v, SplitSpec(strategy="modulo", n_folds=4, fold=2))
     assert ((v.first_pos[s["test"]] - 1) % 4 == 2).all()
     assert not ((v.first_pos[s["train"]] - 1) % 4 == 2).any()
-    s = make_split(v, {"strategy": "contiguous", "n_folds": 5, "fold": 0})
+    s = make_split(v, SplitSpec(strategy="contiguous", n_folds=5, fold=0))
     test_pos = v.first_pos[s["test"]]
     assert test_pos.max() < v.first_pos[s["train"]].max() and test_pos.min() == v.first_pos.min()
     _check_partition(s, 200)
@@ -311,21 +312,44 @@ def test_mut_num_modulo_contiguous_splits():
 def test_column_split():
     names = np.array(["train"] * 6 + ["valid"] * 2 + ["test"] * 2 + [None] * 2, dtype=object)
     v = _variants(12, frame=pd.DataFrame({"sampled": names}))
-    s = make_split(v, {"strategy": "column", "column": "sampled"})
+    s = make_split(v, SplitSpec(strategy="column", column="sampled"))
     assert (len(s["train"]), len(s["val"]), len(s["test"])) == (6, 2, 2)  # unlabelled rows left out
     folds = _variants(10, frame=pd.DataFrame({"fold": np.arange(10) % 5}))
-    s = make_split(folds, {"strategy": "column", "column": "fold", "fold": 3, "val_fraction": 0.1})
+    s = make_split(folds, SplitSpec(strategy="column", column="fold", fold=3, val_fraction=0.1))
     assert s["test"].tolist() == [3, 8]
     with pytest.raises(DataError, match="'nope' is not in the selected data"):
-        make_split(v, {"strategy": "column", "column": "nope"})
+        make_split(v, SplitSpec(strategy="column", column="nope"))
 
 
 def test_split_errors():
     with pytest.raises(DataError, match="test set empty"):
-        make_split(_variants(20, mut_num=np.ones(20)), {"strategy": "mut_num", "max_train_mut_num": 1})
+        make_split(_variants(20, mut_num=np.ones(20)), SplitSpec(strategy="mut_num", max_train_mut_num=1))
     with pytest.raises(PlanError, match="split.fold"):
-        make_split(_variants(20), {"strategy": "random", "n_folds": 3, "fold": 3})
+        make_split(_variants(20), SplitSpec(strategy="random", n_folds=3, fold=3))
     assert {"random", "mut_num", "modulo", "contiguous", "column"} <= set(SPLITS.names())
+
+
+def test_a_registered_split_gets_the_split_section_as_a_dict():
+    # the plugin contract (docs/plugins.md): fn(variants, spec) with the plan's split.* keys in a dict;
+    # the built-ins take the typed SplitSpec
+    from runner.core.splits import register_split
+
+    seen = []
+
+    def every_other(variants, spec):
+        seen.append(spec)
+        n = len(variants.ids)
+        return {"train": np.arange(0, n, 2), "val": np.array([], dtype=int), "test": np.arange(1, n, 2)}
+
+    register_split("every_other_test", every_other)
+    try:
+        # a plan names only the built-in strategies today (SplitSpec.strategy), so construct one directly
+        spec = SplitSpec.model_construct(**{**SplitSpec(seed=7).model_dump(), "strategy": "every_other_test"})
+        s = make_split(_variants(10), spec)
+    finally:
+        SPLITS.unregister("every_other_test")
+    assert s["test"].tolist() == [1, 3, 5, 7, 9]
+    assert seen == [spec.model_dump()] and isinstance(seen[0], dict) and seen[0]["seed"] == 7
 
 
 @pytest.mark.parametrize("name", ["none", "log", "standardize", "rank"])
@@ -348,3 +372,73 @@ def test_transforms_invert(name):
 def test_unknown_transform_is_a_plan_error():
     with pytest.raises(PlanError, match="data.transform"):
         TargetTransform("sqrt")
+
+
+def _lightning_private_uses(sources: dict[str, str] | None = None) -> list[str]:
+    """`trainer._x`, Lightning's loop internals, and private Lightning names a class overrides or sets,
+    in `sources` ({file name: text}; default: every module of runner/core)."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import lightning.pytorch as lp
+
+    if sources is None:
+        core = Path(__file__).resolve().parents[1] / "runner" / "core"
+        sources = {path.name: path.read_text(encoding="utf-8") for path in sorted(core.glob("*.py"))}
+    lightning_names = {n for n in dir(lp) if not n.startswith("_")} | {
+        n for n in dir(lp.callbacks) if not n.startswith("_")
+    }
+    found = []
+    for name_of_file, text in sources.items():
+        for node in ast.walk(ast.parse(text)):
+            where = f"{name_of_file}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Attribute):
+                owner = ast.unparse(node.value)
+                private = node.attr.startswith("_") and not node.attr.startswith("__")
+                if private and owner.split(".")[-1] in ("trainer", "pl_module", "checkpoint_callback"):
+                    found.append(f"{where}: {owner}.{node.attr}")
+                if node.attr in ("fit_loop", "epoch_loop", "val_loop", "predict_loop", "test_loop"):
+                    found.append(f"{where}: loop internals {owner}.{node.attr}")
+            if isinstance(node, ast.ClassDef):
+                bases = [ast.unparse(b).split(".")[-1] for b in node.bases]
+                lightning_bases = [getattr(lp.callbacks, b, None) or getattr(lp, b, None) for b in bases]
+                lightning_bases = [b for b, name in zip(lightning_bases, bases, strict=True) if name in lightning_names]
+                if not lightning_bases:
+                    continue
+                base_source = "\n".join(inspect.getsource(c) for b in lightning_bases for c in b.__mro__[:-1])
+                for inner in ast.walk(node):
+                    name = None
+                    if isinstance(inner, ast.FunctionDef):
+                        name = inner.name
+                    elif isinstance(inner, ast.Attribute) and ast.unparse(inner.value) == "self":
+                        name = inner.attr
+                    if name and name.startswith("_") and not name.startswith("__") and f".{name}" in base_source:
+                        found.append(f"{name_of_file}:{inner.lineno}: {node.name} touches Lightning's private {name}")
+    return found
+
+
+def test_the_core_uses_only_public_lightning_api():
+    # private Lightning internals change between releases without notice (StartValidation once drove
+    # trainer._logger_connector and the fit loop's validation loop; BestCheckpoint overrode
+    # ModelCheckpoint's _monitor_candidates and _update_best_and_save)
+    assert _lightning_private_uses() == []
+
+
+def test_the_private_api_check_finds_what_it_looks_for():
+    planted = (
+        "from lightning.pytorch.callbacks import ModelCheckpoint\n"
+        "class Bad(ModelCheckpoint):\n"
+        "    def __init__(self):\n"
+        "        self._last_global_step_saved = -1\n"
+        "    def _monitor_candidates(self, trainer):\n"
+        "        trainer.fit_loop.epoch_loop.val_loop.run()\n"
+        "        return trainer._logger_connector\n"
+    )
+    found = {f.split(": ", 1)[1] for f in _lightning_private_uses({"bad.py": planted})}
+    assert {
+        "Bad touches Lightning's private _last_global_step_saved",
+        "Bad touches Lightning's private _monitor_candidates",
+        "trainer._logger_connector",
+        "loop internals trainer.fit_loop",
+    } <= found

@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner.core.data import build_query, load_variants, sequences_from_tokens
+from runner.core.data import VariantSet, build_query, load_variants, sequences_from_tokens
 from runner.core.vocab import get_vocab_processor
 from runner.data.db import SCHEMA_SQL, DbLayout, read_layout
-from runner.errors import DataError
+from runner.errors import DataError, PlanError
+from runner.plan.issues import plan_from_document
+from runner.plan.models import DataSpec, Plan
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "MSIQHFRVALIPFFAAFCLPVFAHPETLVKVKDAEDQLGARVGYIELDLNSGKILESFRP"  # BLAT_ECOLX 1-60
@@ -60,8 +62,15 @@ def layout_of(db: Path) -> DbLayout:
         return read_layout(conn)
 
 
-def plan(db: Path, **data) -> dict:
-    return {"name": "t", "data": {"db": str(db), **data}, "model": {"name": "linear"}, "vocab": {"name": "IUPAC"}}
+def plan(db: Path, **data) -> Plan:
+    doc = {"name": "t", "data": {"db": str(db), **data}, "model": {"name": "linear"}, "vocab": {"name": "IUPAC"}}
+    return plan_from_document(doc, "plan")  # as the core reads config/plan.json
+
+
+def load(db: Path, aggregate_read: bool = True, **data) -> VariantSet:
+    """load_variants of the plan with these `data.*` keys, as the training core calls it."""
+    typed = plan(db, **data)
+    return load_variants(typed.data, typed.vocab, aggregate_read=aggregate_read)
 
 
 def sha256(path: Path) -> str:
@@ -74,7 +83,7 @@ def db(tmp_path) -> Path:
 
 
 def test_loads_tokens_targets_and_frame(db):
-    vs = load_variants(plan(db))
+    vs = load(db)
     assert len(vs) == 7 and vs.dropped == {"nan_target": 1}
     assert vs.ids.tolist() == [1, 2, 3, 4, 5, 6, 8]
     assert vs.tokens.dtype == np.uint8 and vs.tokens.shape == (7, len(TEMPLATE))
@@ -107,14 +116,14 @@ def test_arrow_aggregate_and_row_reads_agree(db, monkeypatch):
 
     arrow = data_module._read_columns_arrow(
         db,
-        *data_module.build_query(plan(db)["data"], layout_of(db))[:2],
+        *data_module.build_query(plan(db).data, layout_of(db))[:2],
         ["split"],
     )
     assert arrow is not None, "the ADBC reader (adbc-driver-sqlite, a core dependency) should handle this selection"
-    fast = load_variants(plan(db))
-    slow = load_variants(plan(db), aggregate_read=False)
+    fast = load(db)
+    slow = load(db, aggregate_read=False)
     monkeypatch.setattr(data_module, "_read_columns_arrow", lambda *a: None)
-    aggregate = load_variants(plan(db))
+    aggregate = load(db)
     for other in (slow, aggregate):
         assert np.array_equal(fast.tokens, other.tokens) and np.array_equal(fast.target, other.target, equal_nan=True)
         assert fast.frame.astype(str).equals(other.frame.astype(str))
@@ -141,14 +150,14 @@ def test_parallel_id_range_read_matches_one_reader(tmp_path, monkeypatch, int_sc
     monkeypatch.setattr(data_module, "PARALLEL_READ_MIN_IDS", 1)
     monkeypatch.setattr(data_module.os, "sched_getaffinity", lambda pid: {0, 1})
     with sqlite3.connect(db) as conn:
-        parts = data_module.read_parts(conn, plan(db)["data"], read_layout(conn))
-        assert data_module.read_parts(conn, plan(db, limit=10)["data"]) is None  # LIMIT: one ordered read
+        parts = data_module.read_parts(conn, plan(db).data, read_layout(conn))
+        assert data_module.read_parts(conn, plan(db, limit=10).data) is None  # LIMIT: one ordered read
     assert parts == [(1, 1501), (1501, 3001)]
-    sql, params, extras = build_query(plan(db)["data"], layout_of(db))
+    sql, params, extras = build_query(plan(db).data, layout_of(db))
     assert data_module._read_columns_arrow(db, sql, params, extras, parts) is not None
-    parallel = load_variants(plan(db))
+    parallel = load(db)
     monkeypatch.setattr(data_module, "_read_columns_arrow", lambda *a: None)
-    single = load_variants(plan(db))
+    single = load(db)
     assert len(parallel) == 3000 and np.array_equal(parallel.ids, single.ids)
     assert np.array_equal(parallel.tokens, single.tokens) and np.array_equal(parallel.target, single.target)
     assert parallel.frame.astype(str).equals(single.frame.astype(str))
@@ -161,23 +170,23 @@ def test_parallel_read_with_empty_parts_and_a_changing_file(tmp_path, monkeypatc
     monkeypatch.setattr(data_module, "PARALLEL_READ_MIN_IDS", 1)
     monkeypatch.setattr(data_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     # only the first ids match: the later parts come back empty and are left out of the join
-    vs = load_variants(plan(db, where=[{"column": "id", "op": "<=", "value": 100}]))
+    vs = load(db, where=[{"column": "id", "op": "<=", "value": 100}])
     assert vs.ids.tolist() == list(range(1, 101))
     # a write between the parts' reads: the parallel result is discarded for one consistent read
     signatures = iter([("before",), ("after",)])
     monkeypatch.setattr(data_module, "_db_signature", lambda path: next(signatures))
-    sql, params, extras = build_query(plan(db)["data"], layout_of(db))
+    sql, params, extras = build_query(plan(db).data, layout_of(db))
     assert data_module._read_columns_arrow(db, sql, params, extras, [(1, 1500), (1500, 3001)]) is None
 
 
 def test_stop_codon_row_and_keep_nan(db):
-    vs = load_variants(plan(db, drop_nan=False))
+    vs = load(db, drop_nan=False)
     assert len(vs) == 8 and vs.dropped == {} and np.isnan(vs.target[6])
     assert vs.frame["sequence"].iloc[6] == TEMPLATE[:5] + "*" + TEMPLATE[6:]
 
 
 def test_classification_target(db):
-    vs = load_variants(plan(db, target="DMS_score_bin"))
+    vs = load(db, target="DMS_score_bin")
     assert vs.target.tolist() == [1, 1, 0, 1, 0, 1, 1] and vs.target_name == "DMS_score_bin"
 
 
@@ -200,13 +209,13 @@ def test_classification_target(db):
     ],
 )
 def test_where_ops(db, clause, ids):
-    vs = load_variants(plan(db, where=[clause]))
+    vs = load(db, where=[clause])
     assert vs.ids.tolist() == ids
     assert "?" in vs.query["sql"] or clause["op"] in ("is_null", "not_null")
 
 
 def test_limit_and_combined_filters(db):
-    vs = load_variants(plan(db, where=[{"column": "split", "op": "=", "value": "train"}], limit=3))
+    vs = load(db, where=[{"column": "split", "op": "=", "value": "train"}], limit=3)
     assert vs.ids.tolist() == [1, 2, 4]
     assert vs.query["params"] == ["train", 3]
 
@@ -219,32 +228,51 @@ def test_limit_and_combined_filters(db):
             r"data\.where\[0\]\.column: unknown column 'nope'; the database has: id, ",
         ),
         (
-            {"column": 'mutant" = mutant; DROP TABLE sources; --', "op": "=", "value": 1},
-            r"data\.where\[0\]\.column: unknown column",
+            {"column": "mutant_", "op": "=", "value": 1},
+            r"data\.where\[0\]\.column: unknown column 'mutant_'",
         ),
-        ({"column": "mutant", "op": "in", "value": "H24A"}, r"data\.where\[0\]: op 'in' needs a non-empty list"),
-        ({"column": "mutant", "op": "in", "value": []}, r"data\.where\[0\]: op 'in' needs a non-empty list"),
-        ({"column": "DMS_score", "op": "between", "value": [1]}, r"data\.where\[0\]: op 'between' needs \[low, high\]"),
-        ({"column": "DMS_score", "op": "<", "value": [1, 2]}, r"data\.where\[0\]: op '<' needs one number or string"),
-        ({"column": "DMS_score", "op": "=", "value": None}, r"data\.where\[0\]: op '=' needs one number or string"),
-        ({"column": "split", "op": "is_null", "value": 1}, r"data\.where\[0\]: op 'is_null' takes no value"),
-        ({"column": "mutant", "op": "like", "value": 3}, r"data\.where\[0\]: op 'like' needs a string pattern"),
-        ({"column": "mutant", "op": "glob", "value": "x"}, r"data\.where\[0\]\.op: unknown op 'glob'"),
     ],
 )
-def test_bad_where_clauses(db, clause, message):
+def test_unknown_where_columns(db, clause, message):
+    # what needs the database is checked where the database is read
     before = sha256(db)
     with pytest.raises(DataError, match=message):
-        load_variants(plan(db, where=[{"column": "mut_num", "op": ">=", "value": 0}, clause][1:]))
+        load(db, where=[clause])
     assert sha256(db) == before
+
+
+@pytest.mark.parametrize(
+    ("clause", "message"),
+    [
+        ({"column": "mutant", "op": "in", "value": "H24A"}, "must be a non-empty list of scalars for op 'in'"),
+        ({"column": "mutant", "op": "in", "value": []}, "must be a non-empty list of scalars for op 'in'"),
+        ({"column": "DMS_score", "op": "between", "value": [1]}, "must be [low, high] for op 'between'"),
+        ({"column": "DMS_score", "op": "<", "value": [1, 2]}, "must be a string, number or boolean for op '<'"),
+        ({"column": "DMS_score", "op": "="}, "must be a string, number or boolean for op '='"),
+        ({"column": "split", "op": "is_null", "value": 1}, "must be absent for op 'is_null'"),
+        ({"column": "mutant", "op": "like", "value": 3}, "must be a string pattern for op 'like'"),
+        ({"column": "DMS_score", "op": ">", "value": float("nan")}, "numbers must be finite"),
+        ({"column": "id", "op": ">", "value": 2**63}, "integers must lie within ±9223372036854775807 (SQLite's range)"),
+    ],
+)
+def test_where_values_of_the_wrong_shape_never_reach_the_core(db, clause, message):
+    # the plan model refuses them (the one rule of runner.plan.models.WhereClause), before any query
+    with pytest.raises(PlanError) as info:
+        plan(db, where=[{"column": "mut_num", "op": ">=", "value": 0}, clause])
+    assert [str(i) for i in info.value.issues] == [f"data.where[1].value: {message}"]
+
+
+def test_sql_injection_in_a_column_name_is_refused_by_the_plan(db):
+    with pytest.raises(PlanError, match=r"data\.where\[0\]\.column: .* is not allowed: must be a column name"):
+        plan(db, where=[{"column": 'mutant" = mutant; DROP TABLE sources; --', "op": "=", "value": 1}])
 
 
 def test_injection_in_values_is_bound_not_executed(db):
     before = sha256(db)
     for value in ["x' OR '1'='1", "H24A'; DROP TABLE mutations; --", "%' OR 1=1 --"]:
         with pytest.raises(DataError, match="the selection is empty"):
-            load_variants(plan(db, where=[{"column": "mutant", "op": "=", "value": value}]))
-    vs = load_variants(plan(db, where=[{"column": "mutant", "op": "in", "value": ["H24A", "x') OR ('1'='1"]}]))
+            load(db, where=[{"column": "mutant", "op": "=", "value": value}])
+    vs = load(db, where=[{"column": "mutant", "op": "in", "value": ["H24A", "x') OR ('1'='1"]}])
     assert vs.ids.tolist() == [1]
     assert "x') OR ('1'='1" in vs.query["params"] and "OR ('1'" not in vs.query["sql"]
     assert sha256(db) == before
@@ -260,9 +288,8 @@ def test_build_query_quotes_only_known_columns():
         "source",
         True,
     )
-    sql, params, extras = build_query(
-        {"where": [{"column": "split", "op": "=", "value": "a"}], "dataset": ["A", "B"], "limit": 5}, layout
-    )
+    data = DataSpec(db="x.sqlite", where=[{"column": "split", "op": "=", "value": "a"}], dataset=["A", "B"], limit=5)
+    sql, params, extras = build_query(data, layout)
     assert (
         'm."source" IN (SELECT id FROM sources WHERE source_text IN (?, ?))' in sql
         and 'm."split" = ?' in sql
@@ -276,9 +303,9 @@ def test_empty_selection_message(db):
         DataError,
         match=r"data: the selection is empty: where\[0\]=DMS_score > 100 matched no rows in .*check data.dataset / data.where",
     ):
-        load_variants(plan(db, where=[{"column": "DMS_score", "op": ">", "value": 100}]))
+        load(db, where=[{"column": "DMS_score", "op": ">", "value": 100}])
     with pytest.raises(DataError, match="has a NULL/NaN or infinite DMS_score"):
-        load_variants(plan(db, where=[{"column": "mutant", "op": "=", "value": "F6*"}]))
+        load(db, where=[{"column": "mutant", "op": "=", "value": "F6*"}])
 
 
 def test_datasets_of_different_lengths_pad(tmp_path):
@@ -287,28 +314,28 @@ def test_datasets_of_different_lengths_pad(tmp_path):
         sources=(("BLAT", TEMPLATE), ("GB1", SHORT)),
         other_rows=[("V39A", 0.5), ("D40C:V54G", 0.7)],
     )
-    vs = load_variants(plan(db))
+    vs = load(db)
     assert vs.source_names == ["BLAT", "GB1"] and vs.tokens.shape == (9, 60)
     assert vs.lengths.tolist()[-2:] == [56, 56] and vs.tokens[-1, 56:].tolist() == [0, 0, 0, 0]
     assert vs.frame["sequence"].iloc[-1] == SHORT[:39] + "C" + SHORT[40:53] + "G" + SHORT[54:]
     assert vs.frame["source_text"].tolist()[-2:] == ["GB1", "GB1"]
-    only = load_variants(plan(db, dataset="GB1"))
+    only = load(db, dataset="GB1")
     assert only.tokens.shape == (2, 56) and only.query["params"] == ["GB1"]
     assert only.source.tolist() == [0, 0] and only.source_names == ["GB1"]
     with pytest.raises(DataError, match=r"data.dataset: 'nope' not in .*sources there: BLAT, GB1"):
-        load_variants(plan(db, dataset=["GB1", "nope"]))
+        load(db, dataset=["GB1", "nope"])
 
 
 def test_mismatch_error_and_drop(tmp_path):
     rows = [*ROWS, ("Q2A", 1.0, 1, "train"), ("S99A", 1.0, 1, "train"), ("S2", 1.0, 1, "train")]
     db = make_db(tmp_path / "bad.sqlite", rows=rows)
     with pytest.raises(DataError, match=r"row id 9 \(mutant 'Q2A', source 'BLAT'\): wild type 'Q' at position 2"):
-        load_variants(plan(db))
+        load(db)
     with pytest.raises(DataError, match=r"row id 10 \(mutant 'S99A'.*position 99 is outside the template"):
-        load_variants(plan(db, where=[{"column": "id", "op": ">", "value": 9}]))
+        load(db, where=[{"column": "id", "op": ">", "value": 9}])
     with pytest.raises(DataError, match=r"row id 11 \(mutant 'S2'.*not of the form"):
-        load_variants(plan(db, where=[{"column": "id", "op": ">", "value": 10}]))
-    vs = load_variants(plan(db, on_mismatch="drop"))
+        load(db, where=[{"column": "id", "op": ">", "value": 10}])
+    vs = load(db, on_mismatch="drop")
     assert len(vs) == 7
     assert vs.dropped == {"nan_target": 1, "malformed": 1, "out_of_range": 1, "mismatch": 1}
 
@@ -316,33 +343,33 @@ def test_mismatch_error_and_drop(tmp_path):
 def test_orphan_rows_are_an_error(tmp_path):
     db = make_db(tmp_path / "orphan.sqlite", other_rows=[("V39A", 0.5)])  # source 2 does not exist
     with pytest.raises(DataError, match="row id 9 .* refers to source 2, which is not in sources"):
-        load_variants(plan(db))
+        load(db)
 
 
 def test_sources_column_filter(tmp_path):
     db = make_db(tmp_path / "two.sqlite", sources=(("BLAT", TEMPLATE), ("GB1", SHORT)), other_rows=[("V39A", 0.5)])
-    vs = load_variants(plan(db, where=[{"column": "template", "op": "like", "value": "MQY%"}]))
+    vs = load(db, where=[{"column": "template", "op": "like", "value": "MQY%"}])
     assert vs.ids.tolist() == [9] and 'SELECT id FROM sources WHERE "template" LIKE ?' in vs.query["sql"]
 
 
 def test_bad_database_paths(tmp_path):
     with pytest.raises(DataError, match="data.db: .*does not exist"):
-        load_variants(plan(tmp_path / "missing.sqlite"))
+        load(tmp_path / "missing.sqlite")
     (tmp_path / "x.sqlite").write_text("not a db")
     with pytest.raises(DataError, match="not a SQLite database"):
-        load_variants(plan(tmp_path / "x.sqlite"))
+        load(tmp_path / "x.sqlite")
     conn = sqlite3.connect(tmp_path / "empty.sqlite")
     conn.execute("CREATE TABLE other (x)")
     conn.close()
     with pytest.raises(DataError, match="has no 'sources' and no 'mutations' table"):
-        load_variants(plan(tmp_path / "empty.sqlite"))
+        load(tmp_path / "empty.sqlite")
 
 
 def test_wal_database_bytes_unchanged(tmp_path):
     db = make_db(tmp_path / "wal.sqlite", wal=True)
     assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     before = sha256(db)
-    vs = load_variants(plan(db))
+    vs = load(db)
     assert len(vs) == 7
     assert sha256(db) == before
 
@@ -371,8 +398,8 @@ def test_wal_database_in_read_only_folder(tmp_path):
     before = sha256(db)
     code = (
         "from runner.core.data import load_variants\n"
-        f"p = {{'data': {{'db': {str(db)!r}}}}}\n"
-        "vs = load_variants(p)\n"
+        "from runner.plan.models import DataSpec\n"
+        f"vs = load_variants(DataSpec(db={str(db)!r}))\n"
         "print(len(vs), vs.tokens.shape[1])\n"
         "try:\n"
         f"    open({str(folder / 'probe')!r}, 'w')\n"
@@ -399,7 +426,7 @@ def test_demo_database_loads(tmp_path):
 
     db = tmp_path / "demo.sqlite"
     build_demo_db(db)
-    vs = load_variants(plan(db, dataset="BLAT_ECOLX_Stiffler_2015"))
+    vs = load(db, dataset="BLAT_ECOLX_Stiffler_2015")
     assert vs.tokens.shape == (4997, 286) and vs.dropped == {}
     assert np.isfinite(vs.target).all() and set(vs.frame["DMS_score_bin"].unique()) == {0, 1}
 
@@ -408,4 +435,4 @@ def test_demo_database_loads(tmp_path):
 def test_text_in_a_score_column_is_an_error(tmp_path, aggregate):
     db = make_db(tmp_path / "text.sqlite", rows=[("H24A", "high", 1, "train")])
     with pytest.raises(DataError, match="not a number"):
-        load_variants(plan(db), aggregate_read=aggregate)
+        load(db, aggregate_read=aggregate)

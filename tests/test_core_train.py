@@ -209,3 +209,58 @@ def test_sigterm_stops_gracefully(tmp_path, blat_db):
     assert (exp / "ckpts/last.ckpt").is_file()
     assert "cancelled" in err
     assert not (exp / "metrics/metrics.json").exists()
+
+
+def test_experiments_one_after_another_in_one_process(tmp_path, blat_db):
+    # what a study slot does: typed plans, one DataSource handing the same variants to every point,
+    # the experiment id from the caller; a point matches the same plan run alone, and nothing of a run
+    # stays behind in the process
+    import logging
+
+    import matplotlib.pyplot as plt
+    import torch
+
+    from runner.core.experiment import run_experiment
+    from runner.core.sources import DataSource
+    from runner.plan.issues import plan_from_document
+
+    class Shared(DataSource):
+        def __init__(self):
+            super().__init__()
+            self.reads, self.cached = 0, None
+
+        def variants(self, plan):
+            if self.cached is None:
+                self.reads += 1
+                self.cached = super().variants(plan)
+            return self.cached
+
+    doc = json.loads(write_plan(tmp_path / "plan.json", blat_db).read_text())
+    plan = plan_from_document(doc, "plan")
+    strict = plan_from_document({**doc, "train": {**doc["train"], "deterministic": True}}, "plan")
+
+    def process_state():
+        loggers = [logging.getLogger(n) for n in ("runner", "lightning", "lightning.pytorch", "infra_ext")]
+        return (
+            [(list(lg.handlers), lg.level) for lg in loggers],
+            torch.are_deterministic_algorithms_enabled(),
+            os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            plt.get_fignums(),
+        )
+
+    before = process_state()
+    shared = Shared()
+    first = run_experiment(strict, tmp_path / "a", data=shared, experiment_id="study-0")
+    second = run_experiment(plan, tmp_path / "b", data=shared, experiment_id="study-1")
+    assert process_state() == before
+    assert shared.reads == 1 and first["n"] == second["n"]
+    alone = run_experiment(plan, tmp_path / "alone")
+    assert second["test"] == alone["test"] and second["val"] == alone["val"]
+    for name, experiment_id in (("a", "study-0"), ("b", "study-1"), ("alone", "alone")):
+        events = [json.loads(line) for line in (tmp_path / name / "logs/events.jsonl").read_text().splitlines()]
+        assert {e["experiment_id"] for e in events} == {experiment_id}
+    assert (tmp_path / "a/data/selected.parquet").read_bytes() == (
+        tmp_path / "alone/data/selected.parquet"
+    ).read_bytes()
+    with pytest.raises(TypeError, match="takes a runner.plan.models.Plan"):
+        run_experiment(doc, tmp_path / "dict")

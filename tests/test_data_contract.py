@@ -13,6 +13,7 @@ import pytest
 
 from runner.errors import DataError, PlanError
 from runner.plan.load import load_plan
+from runner.plan.models import Plan
 from tests.conftest import BLAT_HEAD, LAB_DDL, make_db
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,8 +72,8 @@ def test_lab_database_validates_and_loads(tmp_path):
     from runner.core.data import load_variants
 
     db = lab_db(tmp_path / "lab.sqlite")
-    plan = load_plan("plan.json", text=json.dumps(plan_doc(db))).resolved
-    vs = load_variants(plan)
+    plan = load_plan("plan.json", text=json.dumps(plan_doc(db))).plan
+    vs = load_variants(plan.data, plan.vocab)
     assert vs.ids.tolist() == [10, 11, 12, 13, 14, 15, 20, 21]
     assert vs.mut_num.tolist() == [1, 1, 1, 1, 2, 0, 1, 2]  # derived from the mutant, NULL or not
     assert vs.source_names == ["BLAT_mini", "tiny"]
@@ -92,8 +93,8 @@ def test_lab_database_where_on_null_mut_num_and_extra_columns(tmp_path):
         {"column": "condition", "op": "=", "value": "amp"},
         {"column": "source_text", "op": "=", "value": "BLAT_mini"},
     ]
-    plan = load_plan("plan.json", text=json.dumps(plan_doc(db, data={"where": where}))).resolved
-    vs = load_variants(plan)
+    plan = load_plan("plan.json", text=json.dumps(plan_doc(db, data={"where": where}))).plan
+    vs = load_variants(plan.data, plan.vocab)
     assert vs.ids.tolist() == [10, 11, 13]
 
 
@@ -107,8 +108,8 @@ def test_lab_database_column_split_and_classification(tmp_path):
         text=json.dumps(
             plan_doc(db, data={"target": "DMS_score_bin"}, split={"strategy": "column", "column": "condition"})
         ),
-    ).resolved
-    vs = load_variants(plan)
+    ).plan
+    vs = load_variants(plan.data, plan.vocab)
     assert vs.ids.tolist() == [10, 12, 13, 14, 15, 21]  # NULL bins are unknown: left out, counted
     assert vs.dropped == {"nan_target": 2}
 
@@ -119,8 +120,8 @@ def test_infra_01_database_keeps_working(tmp_path):
 
     db = make_db(tmp_path / "old.sqlite", layout="infra-0.1")
     where = [{"column": "description", "op": "=", "value": ""}, {"column": "mut_num", "op": "<=", "value": 1}]
-    plan = load_plan("plan.json", text=json.dumps(plan_doc(db, data={"where": where}))).resolved
-    vs = load_variants(plan)
+    plan = load_plan("plan.json", text=json.dumps(plan_doc(db, data={"where": where}))).plan
+    vs = load_variants(plan.data, plan.vocab)
     assert vs.ids.tolist() == [1, 2, 3, 4, 6] and 'm."source_id" AS source_ref' in vs.query["sql"]
 
 
@@ -153,7 +154,7 @@ def test_a_database_the_core_cannot_use_fails_validation_naming_the_piece(tmp_pa
     found = issues(plan_doc(db))
     assert len(found) == 1 and found[0].startswith(f"data.db: {db} ") and message in found[0], found
     with pytest.raises(DataError) as info:  # and the core says the same
-        load_variants(plan_doc(db))
+        load_variants(Plan.model_validate(plan_doc(db)).data)
     assert message in str(info.value)
 
 
@@ -185,7 +186,7 @@ def test_validation_checks_what_the_core_reads(tmp_path):
     assert issues(plan_doc(no_bin, data={"target": "DMS_score_bin"})) == [
         "data.target: nobin.sqlite has no DMS_score_bin column; use DMS_score"
     ]
-    assert len(load_variants(load_plan("p", text=json.dumps(plan_doc(no_bin))).resolved)) == 1
+    assert len(load_variants(load_plan("p", text=json.dumps(plan_doc(no_bin))).plan.data)) == 1
 
 
 def test_validation_scans_an_untyped_database_for_what_would_fail_at_start(tmp_path):
@@ -252,10 +253,10 @@ def test_infinite_scores_in_the_database_are_dropped_and_counted(tmp_path):
     rows[1] = (11, "H24C", 1e999, 1, None, 1, "amp")  # SQLite stores 1e999 as +Inf
     rows[2] = (12, "P25A", float("-inf"), 0, 1, 1, "cef")
     db = lab_db(tmp_path / "lab.sqlite", rows=rows)
-    vs = load_variants(plan_doc(db))
+    vs = load_variants(Plan.model_validate(plan_doc(db)).data)
     assert vs.ids.tolist() == [10, 13, 14, 15] and vs.dropped == {"non_finite_target": 2}
     assert np.isfinite(vs.target).all()
-    vs = load_variants(plan_doc(db, data={"drop_nan": False}))
+    vs = load_variants(Plan.model_validate(plan_doc(db, data={"drop_nan": False})).data)
     assert vs.dropped == {"non_finite_target": 2}  # infinite scores go even when NaN targets are kept
 
 

@@ -218,9 +218,10 @@ def test_gb1_database_from_the_raw_data(tmp_path):
     result = module.build(tmp_path / "gb1.sqlite")
     assert (result.rows, result.wild_type_rows, result.max_mut_num) == (149_361, 1, 4)
     from runner.core.data import load_variants
+    from runner.plan.models import DataSpec
 
     vs = load_variants(
-        {"data": {"db": str(tmp_path / "gb1.sqlite"), "where": [{"column": "keep", "op": "=", "value": "True"}]}}
+        DataSpec(db=str(tmp_path / "gb1.sqlite"), where=[{"column": "keep", "op": "=", "value": "True"}])
     )
     assert vs.tokens.shape[1] == 56 and "one_vs_rest" in vs.extra_columns
     assert set(vs.frame["sampled"].dropna().unique()) <= {"train", "test"}

@@ -21,6 +21,7 @@ import pytest
 from runner.core.experiment import run_experiment
 from runner.core.metrics import spearman
 from runner.data.importer import import_csv
+from runner.plan.models import Plan
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 # every built-in with its defaults, `linear` from zero, and the networks of mlp and cnn without their ridge part
@@ -101,8 +102,8 @@ def stress_db(tmp_path_factory) -> Path:
     return folder / "stress.sqlite"
 
 
-def _plan(db: Path, model: str, params: dict) -> dict:
-    return {
+def _plan(db: Path, model: str, params: dict) -> Plan:
+    doc = {
         "name": f"stress-{model}",
         "data": {"db": str(db)},
         "model": {"name": model, "params": params},
@@ -110,6 +111,7 @@ def _plan(db: Path, model: str, params: dict) -> dict:
         "metrics": ["spearman", "pearson"],
         "train": {"max_epochs": 6, "batch_size": 16, "seed": 0, "early_stopping_patience": 0},
     }
+    return Plan.model_validate(doc)
 
 
 @pytest.mark.slow

@@ -310,6 +310,29 @@ BAD_PLANS = [
         ["data.where[0].value: integers must lie within ±9223372036854775807 (SQLite's range)"],
     ),
     (
+        "where-shapes-with-other-errors",
+        lambda db: good(
+            db,
+            data={
+                "db": db,
+                "where": [
+                    {"column": "mut_num", "op": "is_null", "value": 1},
+                    {"column": "mutant", "op": "like", "value": 3},
+                    {"column": "mut_num", "op": "<"},
+                    {"column": "mut_num", "op": "not_in", "value": [[1]]},
+                ],
+            },
+            train={"lr": -1},
+        ),
+        [
+            "data.where[0].value: must be absent for op 'is_null'",
+            "data.where[1].value: must be a string pattern for op 'like'",
+            "data.where[2].value: must be a string, number or boolean for op '<'",
+            "data.where[3].value: must be a non-empty list of scalars for op 'not_in'",
+            "train.lr: must be > 0",
+        ],
+    ),
+    (
         "repeated-keys",
         lambda db: (
             '{"name": "a", "name": "b", "data": {"db": ' + json.dumps(db) + ', "limit": 1, "limit": 2}, '
@@ -398,6 +421,19 @@ def test_schema_agrees_with_models_on_cases(mini_db):
         good(str(mini_db), resources={"gpus": 10**6}),
         good(str(mini_db), train={"devices": 10**6}),
         good(str(mini_db), split={"n_folds": 5, "fold": 100}),
+        # where-clause values that do not fit their op (WhereClause states the shapes in the schema)
+        *(
+            good(str(mini_db), data={"db": str(mini_db), "where": [clause]})
+            for clause in (
+                {"column": "mut_num", "op": "between", "value": [1]},
+                {"column": "mut_num", "op": "in", "value": []},
+                {"column": "mut_num", "op": "in", "value": 3},
+                {"column": "mut_num", "op": "is_null", "value": 3},
+                {"column": "mutant", "op": "like", "value": 3},
+                {"column": "mut_num", "op": "="},
+                {"column": "mut_num", "op": "=", "value": [1]},
+            )
+        ),
     ):
         assert list(validator.iter_errors(doc)), doc
         with pytest.raises(PlanError):
@@ -407,6 +443,20 @@ def test_schema_agrees_with_models_on_cases(mini_db):
         good(str(mini_db), train={"batch_size": 256.0, "seed": 4294967295, "devices": 1.0}),
         good(str(mini_db), resources={"gpus": 2.0, "cpus": 2}),
         good(str(mini_db), data={"db": str(mini_db), "limit": 1e3}),
+        good(
+            str(mini_db),
+            data={
+                "db": str(mini_db),
+                "where": [
+                    {"column": "mut_num", "op": "between", "value": [1, 2.5]},
+                    {"column": "mutant", "op": "not_in", "value": ["A1C", 3, True]},
+                    {"column": "mut_num", "op": "is_null"},
+                    {"column": "mut_num", "op": "not_null", "value": None},
+                    {"column": "mutant", "op": "like", "value": "A%"},
+                    {"column": "mut_num", "op": ">=", "value": 1},
+                ],
+            },
+        ),
     ):
         assert not list(validator.iter_errors(doc)), doc
         load_plan("p", text=json.dumps(doc), check_db=False)

@@ -24,6 +24,7 @@ def trained(tmp_path_factory) -> dict:
     """Real experiments from the demo data (800 rows, 2 epochs): transform none, rank, and a classifier."""
     from runner.core.experiment import run_experiment
     from runner.data.importer import build_demo_db
+    from runner.plan.models import Plan
 
     root = tmp_path_factory.mktemp("predict-core")
     db = root / "blat.db"
@@ -38,7 +39,7 @@ def trained(tmp_path_factory) -> dict:
             "train": {"max_epochs": 2, "batch_size": 128},
             **({"metrics": ["auc", "spearman"]} if kind == "classification" else {}),
         }
-        run_experiment(plan, root / kind)
+        run_experiment(Plan.model_validate(plan), root / kind)
         out[kind] = root / kind
     return out
 

@@ -19,7 +19,7 @@ import torch
 
 from runner.core.cli import main
 from runner.core.metrics import spearman, spearman_gain_z
-from runner.core.training import INELIGIBLE, LEAVE_START_GAIN, LEAVE_START_Z, VariantModule
+from runner.core.selection import INELIGIBLE, LEAVE_START_GAIN, LEAVE_START_Z, selection_score
 from runner.data.importer import build_demo_db, import_csv
 
 
@@ -89,17 +89,14 @@ def test_an_epoch_only_marginally_above_the_start_is_not_kept(tmp_path, blat_db)
 
 
 def test_selection_needs_both_the_standard_error_and_the_minimum_gain():
-    module = VariantModule("mlp", {}, "onehot", {}, "IUPAC", {}, seq_len=4)
     rng = np.random.default_rng(0)
     y = rng.normal(size=500)
     start = y + rng.normal(scale=1.2, size=500)
-    module.scoring_start = True
-    assert module._selection_score(spearman(y, start), y, start) == spearman(y, start)
-    module.scoring_start = False
-    assert module.start_val_scores is not None
+    # the start itself (nothing to compete with yet) scores its validation Spearman
+    assert selection_score(y, start, None) == (spearman(y, start), None)
 
     def score(p):
-        return module._selection_score(spearman(y, p), y, p)
+        return selection_score(y, p, start)[0]
 
     # a consistent but negligible change: many standard errors, a gain under the floor
     nudged = start + 0.001 * (y - start)
@@ -114,7 +111,7 @@ def test_selection_needs_both_the_standard_error_and_the_minimum_gain():
     # a clear gain passes both and competes on its validation Spearman
     better = start + 0.3 * (y - start)
     assert score(better) == spearman(y, better)
-    assert module.epoch_record["start_z"] > LEAVE_START_Z
+    assert selection_score(y, better, start)[1] > LEAVE_START_Z
 
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
@@ -201,13 +198,65 @@ def test_resume_keeps_the_start_and_scores_it_once(tmp_path, blat_db):
     # the epoch trained after the resume was still measured against the start's validation scores,
     # which last.ckpt carries as a tensor (it stays loadable with weights_only=True)
     assert all("start_z" in e for e in epochs(again)), epochs(again)
-    state = torch.load(again / "ckpts/last.ckpt", weights_only=True)["callbacks"]["StartValidation"]
-    assert isinstance(state["scores"], torch.Tensor) and len(state["scores"]) == after["n"]["val"]
+    state = torch.load(again / "ckpts/last.ckpt", weights_only=True)["callbacks"]["SelectionRule"]
+    assert isinstance(state["start_scores"], torch.Tensor) and len(state["start_scores"]) == after["n"]["val"]
     assert after["start"] == before["start"]
     assert after["selected"] == "start"
     assert after["test"] == before["test"]
     events = [json.loads(line) for line in (again / "logs/events.jsonl").read_text().splitlines()]
     assert any(e.get("phase") == "resume" for e in events)
+
+
+LEGACY_BEST_KEY = (
+    "ModelCheckpoint{'monitor': 'val_select', 'mode': 'max', 'every_n_train_steps': 0, 'every_n_epochs': 1, "
+    "'train_time_interval': None}"
+)
+
+
+def as_legacy(last: Path) -> None:
+    """Rewrite last.ckpt's callback state the way the core wrote it before SelectionRule: StartValidation,
+    a ModelCheckpoint keyed by its monitor (val_select) and PlateauStop."""
+    ckpt = torch.load(last, weights_only=True)
+    state = ckpt["callbacks"].pop("SelectionRule")
+    ckpt["callbacks"]["StartValidation"] = {
+        "done": state["start_done"],
+        "record": state["start"],
+        "scores": state["start_scores"],
+    }
+    ckpt["callbacks"][LEGACY_BEST_KEY] = {
+        "monitor": "val_select",
+        "best_model_score": torch.tensor(state["best_score"]),
+        "best_model_path": str(last.parent / "best.ckpt"),
+        "current_score": torch.tensor(state["best_score"]),
+        "dirpath": str(last.parent),
+        "best_k_models": {str(last.parent / "best.ckpt"): torch.tensor(state["best_score"])},
+        "kth_best_model_path": str(last.parent / "best.ckpt"),
+        "kth_value": torch.tensor(state["best_score"]),
+        "last_model_path": "",
+    }
+    ckpt["callbacks"]["PlateauStop"] = {"best": state["plateau_best"], "stale": state["plateau_stale"]}
+    torch.save(ckpt, last)
+
+
+def test_a_last_ckpt_of_the_former_callbacks_still_resumes(tmp_path, blat_db):
+    # the same first attempt, resumed from the current state and from the state as the former
+    # StartValidation / BestCheckpoint / PlateauStop kept it: the same run either way
+    (tmp_path / "current").mkdir()
+    (tmp_path / "legacy").mkdir()
+    current = run(tmp_path / "current", blat_db, "mlp", "mlp", max_epochs=1)
+    legacy = run(tmp_path / "legacy", blat_db, "mlp", "mlp", max_epochs=1)
+    as_legacy(legacy / "ckpts/last.ckpt")
+    assert "SelectionRule" not in torch.load(legacy / "ckpts/last.ckpt", weights_only=True)["callbacks"]
+    current, legacy = (run(e.parent, blat_db, "mlp", "mlp", max_epochs=2) for e in (current, legacy))
+    assert metrics(legacy)["selected"] == "start" and metrics(legacy)["start"] == metrics(current)["start"]
+    for key in ("val", "test", "best_epoch", "epochs"):
+        assert metrics(legacy)[key] == metrics(current)[key], key
+    assert [{k: v for k, v in e.items() if k != "seconds"} for e in epochs(legacy)] == [
+        {k: v for k, v in e.items() if k != "seconds"} for e in epochs(current)
+    ]
+    assert "start_z" in epochs(legacy)[-1] and epochs(legacy)[-1]["best"] is False
+    # the start was scored by the first attempt only
+    assert (legacy / "logs/train.log").read_text().count("start (before the first step)") == 1
 
 
 def test_early_stopping_counts_the_start(tmp_path, blat_db):

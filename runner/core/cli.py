@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -83,15 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from runner.core.experiment import run_experiment
         from runner.core.plugins import resolve_workdir
+        from runner.core.sources import DataSource
 
-        plan = read_plan(args.plan).model_dump(mode="json")
         result = run_experiment(
-            plan,
+            read_plan(args.plan),
             args.exp_dir,
-            db_path=args.db,
             workdir=resolve_workdir(args.workdir),
             stop=stop,
             limit_batches=args.limit_batches,
+            data=DataSource(db_path=args.db),
+            # the host names the run (events carry it); this process runs one experiment
+            experiment_id=os.environ.get("INFRA_EXPERIMENT_ID"),
         )
         test = ", ".join(f"{k}={v:.4f}" for k, v in result["test"].items() if isinstance(v, float))
         print(f"infra-train: done; test {test}", file=sys.stderr)

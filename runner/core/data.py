@@ -1,14 +1,15 @@
 """The selected variants of a plan, read from the mutation database and encoded as uint8 tokens.
 
-`load_variants(plan, db_path)` turns `data.*` of a resolved plan into one SQL query (columns
-checked against the real tables, values always bound as parameters), reads the rows from a
-read-only connection, builds the mutated sequences as a token matrix (runner.core.variants) and
-returns a `VariantSet`. The database's bytes are never changed, also in WAL mode and when its
-folder is read-only.
+`load_variants(plan.data, plan.vocab)` turns the typed `data` section of a plan
+(`runner.plan.models.DataSpec`, whose where-clause shapes the model has already checked) into one
+SQL query (columns checked against the real tables, values always bound as parameters), reads the
+rows from a read-only connection, builds the mutated sequences as a token matrix
+(runner.core.variants) and returns a `VariantSet`. The database's bytes are never changed, also in
+WAL mode and when its folder is read-only.
 
 Example::
 
-    vs = load_variants(plan.model_dump(mode="json"), "dms.sqlite")
+    vs = load_variants(plan.data, plan.vocab, db_path="dms.sqlite")
     vs.tokens.shape, vs.target.dtype        # (N, L), float32
     vs.query                                # {"sql": "...", "params": [...]} -> config/query.json
 """
@@ -16,14 +17,12 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sqlite3
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -34,15 +33,15 @@ from runner.core.variants import ROW_SEP, MutantText, apply_mutants
 from runner.core.vocab import BaseVocabProcessor, get_vocab_processor
 from runner.data.db import DbLayout, check_database, connect_readonly, read_layout, readonly_uri
 from runner.errors import DataError
+from runner.plan.models import DataSpec, VocabSpec
 
 log = logging.getLogger(__name__)
 ROW_SEP_BYTE = ROW_SEP[0]
 
-TARGETS = ("DMS_score", "DMS_score_bin")
+# where-op → SQL; which value each op takes is WhereClause's rule (runner.plan.models)
 SCALAR_OPS = {"=": "=", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">=", "like": "LIKE"}
 LIST_OPS = {"in": "IN", "not_in": "NOT IN"}
 NULL_OPS = {"is_null": "IS NULL", "not_null": "IS NOT NULL"}
-WHERE_OPS = (*SCALAR_OPS, *LIST_OPS, "between", *NULL_OPS)
 SQLITE_MAX_PARAMS = 32766  # SQLITE_MAX_VARIABLE_NUMBER since 3.32
 
 
@@ -112,24 +111,13 @@ def open_database(path: Path) -> sqlite3.Connection:
     return connect_readonly(path)
 
 
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
+def _datasets(data: DataSpec) -> list[str]:
+    return [data.dataset] if isinstance(data.dataset, str) else list(data.dataset or [])
 
 
-def _check_scalar(value: Any, key: str, op: str) -> Any:
-    if isinstance(value, bool):
-        return int(value)
-    if value is None or isinstance(value, (list, tuple, dict)):
-        raise DataError(f"{key}: op {op!r} needs one number or string as value, got {value!r}")
-    if not isinstance(value, (int, float, str)):
-        raise DataError(f"{key}: value {value!r} must be a number or a string")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise DataError(f"{key}: value {value!r} must be a finite number")
-    if isinstance(value, int) and not -(2**63) <= value < 2**63:
-        raise DataError(f"{key}: value {value} is outside SQLite's integer range (±9.2e18)")
-    return value
+def _bound(value: Any) -> Any:
+    # a boolean binds as SQLite's integer; query.json shows what was bound
+    return int(value) if isinstance(value, bool) else value
 
 
 # Frame columns an extra mutations column must not overwrite (it stays usable in data.where).
@@ -141,17 +129,17 @@ DERIVED_MUT_NUM = (
 )
 
 
-def build_query(data: Mapping[str, Any], layout: DbLayout) -> tuple[str, list[Any], list[str]]:
+def build_query(data: DataSpec, layout: DbLayout) -> tuple[str, list[Any], list[str]]:
     """The SELECT for `data.*` and its parameters, plus the extra mutations columns it returns.
 
     Pure: takes the database's layout (`runner.data.db.read_layout`) so it can be tested without a
-    database. Identifiers only ever come from the layout; every value is a bound parameter. The
-    reference to `sources` comes back as `source_ref` whatever the database calls it (`source`, or
-    `source_id` in databases of infra 0.1); a missing `DMS_score_bin` column reads as NULL.
+    database. Identifiers only ever come from the layout; every value is a bound parameter. What is
+    checked here is what needs the database: the target and where columns, and SQLite's parameter
+    limit. The reference to `sources` comes back as `source_ref` whatever the database calls it
+    (`source`, or `source_id` in databases of infra 0.1); a missing `DMS_score_bin` column reads as NULL.
     """
-    mutation_columns, source_columns = list(layout.mutation_columns), list(layout.source_columns)
     key = f'm."{layout.source_key}"'
-    if data.get("target", "DMS_score") == "DMS_score_bin" and not layout.has_bin:
+    if data.target == "DMS_score_bin" and not layout.has_bin:
         raise DataError("data.target: the mutations table has no DMS_score_bin column; use target DMS_score")
     extras = [c for c in layout.extras if c not in FRAME_NAMES]
     select = ["m.id", f"{key} AS source_ref", "m.mutant", "m.DMS_score"]
@@ -162,50 +150,15 @@ def build_query(data: Mapping[str, Any], layout: DbLayout) -> tuple[str, list[An
 
     # Filters on `sources` become `m.source IN (SELECT id FROM sources WHERE ...)`: evaluated
     # once, where a JOIN would cost a B-tree seek per row (a third of the read time on 1M rows).
-    datasets = _as_list(data.get("dataset"))
+    datasets = _datasets(data)
     if datasets:
-        if not all(isinstance(d, str) and d for d in datasets):
-            raise DataError(f"data.dataset: expected a source name or a list of them, got {data.get('dataset')!r}")
         clauses.append(f"{key} IN (SELECT id FROM sources WHERE source_text IN ({', '.join('?' * len(datasets))}))")
         params += datasets
-
-    for i, clause in enumerate(data.get("where") or []):
-        where_key = f"data.where[{i}]"
-        if not isinstance(clause, Mapping):
-            raise DataError(f"{where_key}: expected an object with column, op and value, got {clause!r}")
-        column, op, value = clause.get("column"), clause.get("op"), clause.get("value")
-        on_sources = False
-        if column == "mut_num":  # stored counts may be NULL (or the column absent): derive those
-            ref = f'coalesce(m."mut_num", {DERIVED_MUT_NUM})' if layout.has_mut_num else DERIVED_MUT_NUM
-        elif isinstance(column, str) and column in mutation_columns:
-            ref = f'm."{column}"'
-        elif isinstance(column, str) and column in source_columns:
-            ref, on_sources = f'"{column}"', True
-        else:
-            known = ", ".join(layout.filter_columns)
-            raise DataError(f"{where_key}.column: unknown column {column!r}; the database has: {known}")
-        if op in SCALAR_OPS:
-            if op == "like" and not isinstance(value, str):
-                raise DataError(f"{where_key}: op 'like' needs a string pattern, got {value!r}")
-            cond = f"{ref} {SCALAR_OPS[op]} ?"
-            params.append(_check_scalar(value, where_key, op))
-        elif op in LIST_OPS:
-            if not isinstance(value, (list, tuple)) or not value:
-                raise DataError(f"{where_key}: op {op!r} needs a non-empty list as value, got {value!r}")
-            cond = f"{ref} {LIST_OPS[op]} ({', '.join('?' * len(value))})"
-            params += [_check_scalar(v, where_key, op) for v in value]
-        elif op == "between":
-            if not isinstance(value, (list, tuple)) or len(value) != 2:
-                raise DataError(f"{where_key}: op 'between' needs [low, high] as value, got {value!r}")
-            cond = f"{ref} BETWEEN ? AND ?"
-            params += [_check_scalar(v, where_key, op) for v in value]
-        elif op in NULL_OPS:
-            if value is not None:
-                raise DataError(f"{where_key}: op {op!r} takes no value, got {value!r}; remove 'value'")
-            cond = f"{ref} {NULL_OPS[op]}"
-        else:
-            raise DataError(f"{where_key}.op: unknown op {op!r}; use one of {', '.join(WHERE_OPS)}")
+    for i, clause in enumerate(data.where):
+        ref, on_sources = _column_ref(clause.column, layout, f"data.where[{i}].column")
+        cond, values = _condition(ref, clause.op, clause.value)
         clauses.append(f"{key} IN (SELECT id FROM sources WHERE {cond})" if on_sources else cond)
+        params += values
     if len(params) > SQLITE_MAX_PARAMS:
         raise DataError(f"data.where: {len(params)} values exceed SQLite's limit of {SQLITE_MAX_PARAMS}; use fewer")
 
@@ -213,21 +166,37 @@ def build_query(data: Mapping[str, Any], layout: DbLayout) -> tuple[str, list[An
     if clauses:
         sql += " WHERE " + " AND ".join(clauses)
     sql += " ORDER BY m.id"
-    limit = data.get("limit")
-    if limit is not None:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-            raise DataError(f"data.limit: must be a positive integer, got {limit!r}")
+    if data.limit is not None:
         sql += " LIMIT ?"
-        params.append(limit)
+        params.append(data.limit)
     return sql, params, extras
 
 
-def _describe_selection(data: Mapping[str, Any]) -> str:
-    parts = []
-    if data.get("dataset"):
-        parts.append(f"dataset={data['dataset']!r}")
-    for i, clause in enumerate(data.get("where") or []):
-        parts.append(f"where[{i}]={clause.get('column')} {clause.get('op')} {clause.get('value')!r}")
+def _column_ref(column: str, layout: DbLayout, key: str) -> tuple[str, bool]:
+    """The SQL reference of a where column, and whether it is a `sources` column; DataError when unknown."""
+    if column == "mut_num":  # stored counts may be NULL (or the column absent): derive those
+        return (f'coalesce(m."mut_num", {DERIVED_MUT_NUM})' if layout.has_mut_num else DERIVED_MUT_NUM), False
+    if column in layout.mutation_columns:
+        return f'm."{column}"', False
+    if column in layout.source_columns:
+        return f'"{column}"', True
+    raise DataError(f"{key}: unknown column {column!r}; the database has: {', '.join(layout.filter_columns)}")
+
+
+def _condition(ref: str, op: str, value: Any) -> tuple[str, list[Any]]:
+    """SQL for one where clause whose value already fits its op (WhereClause), and its parameters."""
+    if op in NULL_OPS:
+        return f"{ref} {NULL_OPS[op]}", []
+    if op in LIST_OPS:
+        return f"{ref} {LIST_OPS[op]} ({', '.join('?' * len(value))})", [_bound(v) for v in value]
+    if op == "between":
+        return f"{ref} BETWEEN ? AND ?", [_bound(v) for v in value]
+    return f"{ref} {SCALAR_OPS[op]} ?", [_bound(value)]
+
+
+def _describe_selection(data: DataSpec) -> str:
+    parts = [f"dataset={data.dataset!r}"] if data.dataset else []
+    parts += [f"where[{i}]={c.column} {c.op} {c.value!r}" for i, c in enumerate(data.where)]
     return ", ".join(parts) or "no filters"
 
 
@@ -283,7 +252,7 @@ PARALLEL_READ_MAX_PARTS = 4  # measured: 2 readers halve a 1 M-row read on 2 cor
 
 
 def read_parts(
-    conn: sqlite3.Connection, data: Mapping[str, Any], layout: DbLayout | None = None
+    conn: sqlite3.Connection, data: DataSpec, layout: DbLayout | None = None
 ) -> list[tuple[int, int]] | None:
     """Half-open id ranges splitting `mutations` for parallel readers, or None for one reader.
 
@@ -292,7 +261,7 @@ def read_parts(
     row id (an untyped `id` as the lab's DDL makes it: each range would scan the whole table).
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if data.get("limit") is not None or cpus < 2 or (layout is not None and not layout.id_is_rowid):
+    if data.limit is not None or cpus < 2 or (layout is not None and not layout.id_is_rowid):
         return None
     # two subqueries: SQLite answers a lone min()/max() of the rowid from the B-tree's ends, but
     # scans the whole table for "SELECT min(id), max(id)"
@@ -435,106 +404,25 @@ def _extra_column(values: np.ndarray) -> Any:
 
 
 def load_variants(
-    plan: Mapping[str, Any], db_path: str | Path | None = None, *, aggregate_read: bool = True
+    data: DataSpec, vocab: VocabSpec | None = None, *, db_path: str | Path | None = None, aggregate_read: bool = True
 ) -> VariantSet:
-    """Read, check and encode the variants a resolved plan selects.
+    """Read, check and encode the variants a plan's `data` section selects, in vocabulary `vocab`.
 
-    `plan` is `Plan.model_dump(mode="json")`; `db_path` overrides `plan["data"]["db"]` (the
-    container sees the DB at its mount point). Raises DataError for an unusable database, an
-    unknown column or dataset, a malformed where clause, an empty selection, and (with
+    `db_path` overrides `data.db` (the container sees the DB at its mount point). Raises DataError
+    for an unusable database, an unknown column or dataset, an empty selection, and (with
     `data.on_mismatch="error"`) a mutant that does not fit its template. `aggregate_read=False`
     forces the plain row-by-row read (the fallback; tests compare both).
     """
-    data = dict(plan.get("data") or {})
-    path = Path(db_path if db_path is not None else data.get("db", ""))
-    target = data.get("target", "DMS_score")
-    if target not in TARGETS:
-        raise DataError(f"data.target: {target!r} is not one of {', '.join(TARGETS)}")
-    on_mismatch = data.get("on_mismatch", "error")
-    if on_mismatch not in ("error", "drop"):
-        raise DataError(f"data.on_mismatch: {on_mismatch!r} is not 'error' or 'drop'")
-    vocab_spec = plan.get("vocab") or {}
-    vocab = get_vocab_processor(vocab_spec.get("name", "IUPAC"), **(vocab_spec.get("params") or {}))
-
-    conn = open_database(path)
-    try:
-        layout = read_layout(conn, f"data.db: {path}")
-        sql, params, extras = build_query(data, layout)
-        sources = conn.execute("SELECT id, source_text, template FROM sources ORDER BY id").fetchall()
-        known = {name for _, name, _ in sources}
-        unknown = [d for d in _as_list(data.get("dataset")) if d not in known]
-        if unknown:
-            raise DataError(
-                f"data.dataset: {', '.join(map(repr, unknown))} not in {path}; sources there: {', '.join(sorted(known)) or 'none'}"
-            )
-        try:
-            columns = (
-                _read_columns_arrow(path, sql, params, extras, read_parts(conn, data, layout))
-                if aggregate_read
-                else None
-            )
-            if columns is None:
-                columns = _read_columns(conn, sql, params, extras, aggregate=aggregate_read)
-        except sqlite3.Error as exc:
-            raise DataError(f"data: reading {path} failed: {exc}") from None
-    finally:
-        conn.close()
-    query = {"sql": sql, "params": params}
-    if columns is None:
-        raise DataError(
-            f"data: the selection is empty: {_describe_selection(data)} matched no rows in {path}; "
-            "check data.dataset / data.where"
-        )
-    ids, source_ids, text, score, score_bin, extra_values = columns
-    if ids.size > 1 and np.any(ids[1:] <= ids[:-1]):
-        dup = ids[1:][ids[1:] <= ids[:-1]][0]
-        raise DataError(
-            f"data: mutations.id of {path} is not a unique row id (id {dup} repeats or is out of order); "
-            "every row needs its own integer id"
-        )
-
-    target_raw = score if target == "DMS_score" else score_bin
-    dropped: dict[str, int] = {}
-    # ±inf cannot be trained on (the loss becomes NaN): such rows are always left out and counted
-    infinite = np.isinf(target_raw)
-    if infinite.any():
-        dropped["non_finite_target"] = int(infinite.sum())
-        log.warning("dropped %d rows whose %s is infinite", dropped["non_finite_target"], target)
-    select = ~infinite
-    if data.get("drop_nan", True):
-        nan = np.isnan(target_raw)
-        if nan.any():
-            dropped["nan_target"] = int(nan.sum())
-            log.info("dropped %d rows whose %s is NULL/NaN", dropped["nan_target"], target)
-        select &= ~nan
-    if not select.any():
-        raise DataError(
-            f"data: the selection is empty: every one of the {ids.size} rows selected by "
-            f"{_describe_selection(data)} has a NULL/NaN or infinite {target}; check data.target / data.where"
-        )
-
-    # source codes 0..S-1 in order of sources.id, only for the sources the selection touches
-    by_id = {sid: (name, template) for sid, name, template in sources}
-    used, codes = np.unique(source_ids, return_inverse=True)
-    orphans = [int(s) for s in used if int(s) not in by_id]
-    if orphans:
-        first = int(ids[np.flatnonzero(source_ids == orphans[0])[0]])
-        raise DataError(
-            f"data: row id {first} of {path} refers to source {orphans[0]}, which is not in sources; re-import the data"
-        )
-    source_names = [by_id[int(s)][0] for s in used]
-    templates = [by_id[int(s)][1] for s in used]
-    result = apply_mutants(
-        templates,
-        codes,
-        text,
-        vocab,
-        row_ids=ids,
-        source_names=source_names,
-        on_mismatch=on_mismatch,
-        select=select,
-        want_ascii=True,
-    )
+    vocab = vocab or VocabSpec()
+    processor = get_vocab_processor(vocab.name, **dict(vocab.params))
+    path = Path(db_path if db_path is not None else data.db)
+    rows, query, sources = _read_selection(data, path, aggregate_read)
+    ids = rows.ids
+    _check_ids(ids, path)
+    target_raw = rows.score if data.target == "DMS_score" else rows.score_bin
+    select, dropped = _usable_targets(target_raw, data)
+    codes, source_names, templates = _source_codes(ids, rows.source_ids, sources, path)
+    result = _encode(rows, codes, source_names, templates, processor, select, data)
     dropped.update(result.dropped)
     sel = np.flatnonzero(result.keep)
     if sel.size == 0:
@@ -542,28 +430,10 @@ def load_variants(
             f"data: the selection is empty: every row of {_describe_selection(data)} was dropped "
             f"({dropped}); check the templates or data.on_mismatch"
         )
-
     template_lengths = np.array([len(t) for t in templates], dtype=np.int32)
     lengths = template_lengths[codes[sel]]
-    mutant_arr = pa.LargeStringArray.from_buffers(
-        len(text), pa.py_buffer(text.offsets()), pa.py_buffer(np.ascontiguousarray(text.letters()))
-    )
-    if sel.size != len(text):
-        mutant_arr = mutant_arr.take(pa.array(sel))
-    bins = score_bin[sel]
-    frame_cols: dict[str, Any] = {
-        "id": ids[sel],
-        "source_text": pd.Categorical.from_codes(codes[sel], categories=source_names),
-        "mutant": pd.arrays.ArrowExtensionArray(mutant_arr),
-        "mut_num": result.mut_num,
-        "DMS_score": score[sel],
-        "DMS_score_bin": pd.arrays.IntegerArray(np.nan_to_num(bins).astype(np.int64), np.isnan(bins)),
-    }
-    for name, values in zip(extras, extra_values, strict=True):
-        frame_cols[name] = _extra_column(values[sel])
-    frame = pd.DataFrame(frame_cols)
+    frame = _frame(rows, sel, codes, source_names, result.mut_num, query["extras"])
     frame["sequence"] = _ascii_to_strings(result.ascii, lengths)
-
     log.info(
         "selected %d variants from %s (%d sources, length %d); dropped %s",
         sel.size,
@@ -583,8 +453,136 @@ def load_variants(
         templates=templates,
         lengths=lengths,
         frame=frame,
-        query=query,
+        query={"sql": query["sql"], "params": query["params"]},
         dropped=dropped,
-        vocab=vocab,
-        target_name=target,
+        vocab=processor,
+        target_name=data.target,
     )
+
+
+class Rows(NamedTuple):
+    """The selected rows' columns as read, row-aligned (what `_read_columns` returns)."""
+
+    ids: np.ndarray
+    source_ids: np.ndarray
+    text: MutantText
+    score: np.ndarray
+    score_bin: np.ndarray
+    extra_values: list[np.ndarray]
+
+
+def _read_selection(data: DataSpec, path: Path, aggregate_read: bool) -> tuple[Rows, dict, list[tuple]]:
+    """The selected rows, the query as run (sql, params, extras) and the `sources` rows (id,
+    source_text, template), from one read-only connection."""
+    conn = open_database(path)
+    try:
+        layout = read_layout(conn, f"data.db: {path}")
+        sql, params, extras = build_query(data, layout)
+        sources = conn.execute("SELECT id, source_text, template FROM sources ORDER BY id").fetchall()
+        known = {name for _, name, _ in sources}
+        unknown = [d for d in _datasets(data) if d not in known]
+        if unknown:
+            raise DataError(
+                f"data.dataset: {', '.join(map(repr, unknown))} not in {path}; "
+                f"sources there: {', '.join(sorted(known)) or 'none'}"
+            )
+        try:
+            columns = None
+            if aggregate_read:
+                columns = _read_columns_arrow(path, sql, params, extras, read_parts(conn, data, layout))
+            if columns is None:
+                columns = _read_columns(conn, sql, params, extras, aggregate=aggregate_read)
+        except sqlite3.Error as exc:
+            raise DataError(f"data: reading {path} failed: {exc}") from None
+    finally:
+        conn.close()
+    if columns is None:
+        raise DataError(
+            f"data: the selection is empty: {_describe_selection(data)} matched no rows in {path}; "
+            "check data.dataset / data.where"
+        )
+    return Rows(*columns), {"sql": sql, "params": params, "extras": extras}, sources
+
+
+def _check_ids(ids: np.ndarray, path: Path) -> None:
+    # the read is ordered by id: a repeat or a step back means mutations.id is not a row id
+    if ids.size > 1 and np.any(ids[1:] <= ids[:-1]):
+        dup = ids[1:][ids[1:] <= ids[:-1]][0]
+        raise DataError(
+            f"data: mutations.id of {path} is not a unique row id (id {dup} repeats or is out of order); "
+            "every row needs its own integer id"
+        )
+
+
+def _usable_targets(target_raw: np.ndarray, data: DataSpec) -> tuple[np.ndarray, dict[str, int]]:
+    """Rows whose target can be trained on, and the count left out per reason."""
+    dropped: dict[str, int] = {}
+    # ±inf cannot be trained on (the loss becomes NaN): such rows are always left out and counted
+    infinite = np.isinf(target_raw)
+    if infinite.any():
+        dropped["non_finite_target"] = int(infinite.sum())
+        log.warning("dropped %d rows whose %s is infinite", dropped["non_finite_target"], data.target)
+    select = ~infinite
+    if data.drop_nan:
+        nan = np.isnan(target_raw)
+        if nan.any():
+            dropped["nan_target"] = int(nan.sum())
+            log.info("dropped %d rows whose %s is NULL/NaN", dropped["nan_target"], data.target)
+        select &= ~nan
+    if not select.any():
+        raise DataError(
+            f"data: the selection is empty: every one of the {target_raw.size} rows selected by "
+            f"{_describe_selection(data)} has a NULL/NaN or infinite {data.target}; check data.target / data.where"
+        )
+    return select, dropped
+
+
+def _encode(rows: Rows, codes, source_names, templates, processor, select: np.ndarray, data: DataSpec):
+    """The mutated sequences of the `select`ed rows as tokens (`runner.core.variants.apply_mutants`)."""
+    return apply_mutants(
+        templates,
+        codes,
+        rows.text,
+        processor,
+        row_ids=rows.ids,
+        source_names=source_names,
+        on_mismatch=data.on_mismatch,
+        select=select,
+        want_ascii=True,
+    )
+
+
+def _source_codes(ids: np.ndarray, source_ids: np.ndarray, sources: list[tuple], path: Path):
+    """Source codes 0..S-1 per row in order of sources.id (only the sources the selection touches),
+    with those sources' names and templates."""
+    by_id = {sid: (name, template) for sid, name, template in sources}
+    used, codes = np.unique(source_ids, return_inverse=True)
+    orphans = [int(s) for s in used if int(s) not in by_id]
+    if orphans:
+        first = int(ids[np.flatnonzero(source_ids == orphans[0])[0]])
+        raise DataError(
+            f"data: row id {first} of {path} refers to source {orphans[0]}, which is not in sources; re-import the data"
+        )
+    return codes, [by_id[int(s)][0] for s in used], [by_id[int(s)][1] for s in used]
+
+
+def _frame(rows: Rows, sel: np.ndarray, codes, source_names, mut_num, extras: list[str]) -> pd.DataFrame:
+    """The rows `sel` as data/selected.parquet holds them (the sequence column is added after)."""
+    text = rows.text
+    mutant_arr = pa.LargeStringArray.from_buffers(
+        len(text), pa.py_buffer(text.offsets()), pa.py_buffer(np.ascontiguousarray(text.letters()))
+    )
+    if sel.size != len(text):
+        mutant_arr = mutant_arr.take(pa.array(sel))
+    bins = rows.score_bin[sel]
+    frame_cols: dict[str, Any] = {
+        "id": rows.ids[sel],
+        "source_text": pd.Categorical.from_codes(codes[sel], categories=source_names),
+        "mutant": pd.arrays.ArrowExtensionArray(mutant_arr),
+        "mut_num": mut_num,
+        "DMS_score": rows.score[sel],
+        "DMS_score_bin": pd.arrays.IntegerArray(np.nan_to_num(bins).astype(np.int64), np.isnan(bins)),
+    }
+    for name, values in zip(extras, rows.extra_values, strict=True):
+        frame_cols[name] = _extra_column(values[sel])
+    return pd.DataFrame(frame_cols)

@@ -48,7 +48,7 @@ class ProteinModel(nn.Module):
 
     # True when the model before its first gradient step is already a fitted model (a closed-form
     # part, the learned part starting at zero): the validation pass before training then makes that
-    # start a checkpoint candidate like any epoch (training.StartValidation). A random start is not one.
+    # start a checkpoint candidate like any epoch (runner.core.selection). A random start is not one.
     fitted_start = False
 
     def penalty(self) -> torch.Tensor | None:

@@ -6,9 +6,10 @@ atomic writer), so a reader never sees a half-written picture.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,19 @@ def _figure():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+@contextlib.contextmanager
+def closing_figures() -> Iterator[None]:
+    """Close every figure opened inside the block, also those of a plot that failed half-way: a
+    process that runs many experiments would otherwise keep each one's figures."""
+    plt = _figure()
+    before = set(plt.get_fignums())
+    try:
+        yield
+    finally:
+        for number in set(plt.get_fignums()) - before:
+            plt.close(number)
 
 
 def _save(plt, fig, path: Path, write: Callable[[Path, bytes], None]) -> None:

@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 from runner.core.variants import REASONS, MutantText, apply_mutants
 from runner.core.vocab import IUPAC_AMINO_ACIDS, BaseVocabProcessor
 from runner.errors import DataError, InfraError
+from runner.plan.models import Plan
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,10 @@ OUTPUT_SCHEMA = pa.schema(
 # --- what the training leaves for prediction ------------------------------------------------------
 
 
-def save_predict_state(layout, typed, variants, transform, task: str) -> None:
+def save_predict_state(layout, plan: Plan, variants, transform, task: str) -> None:
     """Write `config/predict.json` (+ `config/target_sorted.npy` for the rank transform): everything
-    prediction needs besides the checkpoint and plugins: templates, vocab, length, task, transform."""
+    prediction needs besides the checkpoint and plugins: templates, vocab (`plan.vocab`), length,
+    task, target, transform."""
     state = transform.state()
     if transform.name == "rank":
         import io
@@ -70,8 +72,8 @@ def save_predict_state(layout, typed, variants, transform, task: str) -> None:
         {
             "format": STATE_FORMAT,
             "task": task,
-            "target": typed.data.target,
-            "vocab": {"name": typed.vocab.name, "params": dict(typed.vocab.params)},
+            "target": plan.data.target,
+            "vocab": {"name": plan.vocab.name, "params": dict(plan.vocab.params)},
             "seq_len": int(variants.tokens.shape[1]),
             "sources": [
                 {"name": n, "template": t} for n, t in zip(variants.source_names, variants.templates, strict=True)

@@ -1,9 +1,13 @@
 """Split registry: assign every selected variant to train / val / test.
 
 A split function is `fn(variants, spec) -> {"train": idx, "val": idx, "test": idx}` where `idx`
-are row positions into the VariantSet arrays and `spec` is the plan's `split` dict (`n_folds`,
-`fold`, `test_fraction`, `val_fraction`, `seed`, `column`, `max_train_mut_num`). The validation
-set is always a seeded random `val_fraction` of what is not test, unless the strategy defines it.
+are row positions into the VariantSet arrays. The validation set is always a seeded random
+`val_fraction` of what is not test, unless the strategy defines it.
+
+`spec` is the plan's `split` section. The built-ins below take it typed (`SplitSpec`); a function
+registered with `register_split` (a plugin) gets it as a dict (`SplitSpec.model_dump()`: `strategy`,
+`n_folds`, `fold`, `test_fraction`, `val_fraction`, `seed`, `column`, `max_train_mut_num`), the form
+docs/plugins.md documents, so plugins written against it keep working.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ SPLIT_NAMES = ("train", "val", "test")
 
 
 def register_split(name: str, fn: Callable[..., dict] | None = None):
-    """Register `fn(variants, spec) -> {"train", "val", "test"}` index arrays under `name`; also a decorator."""
+    """Register `fn(variants, spec) -> {"train", "val", "test"}` index arrays under `name`; also a decorator.
+
+    `spec` is the plan's split section as a dict (see the module docstring).
+    """
     return SPLITS.register(name, fn)
 
 
@@ -31,35 +38,37 @@ def _plan_error(key: str, message: str) -> PlanError:
     return PlanError("plan", [PlanIssue(f"split.{key}", message)])
 
 
-def _rng(spec: dict) -> np.random.Generator:
-    return np.random.default_rng(spec["seed"])
+def _rng(spec: SplitSpec) -> np.random.Generator:
+    return np.random.default_rng(spec.seed)
 
 
-def _carve_val(rest: np.ndarray, spec: dict, rng: np.random.Generator, n_total: int) -> tuple[np.ndarray, np.ndarray]:
+def _carve_val(
+    rest: np.ndarray, spec: SplitSpec, rng: np.random.Generator, n_total: int
+) -> tuple[np.ndarray, np.ndarray]:
     # val_fraction is a fraction of all selected variants (the plan checks val + test < 1)
     rest = rng.permutation(rest)
-    n_val = min(int(round(spec["val_fraction"] * n_total)), max(len(rest) - 1, 0))
+    n_val = min(int(round(spec.val_fraction * n_total)), max(len(rest) - 1, 0))
     return np.sort(rest[n_val:]), np.sort(rest[:n_val])
 
 
-def _by_test_mask(test_mask: np.ndarray, spec: dict) -> dict[str, np.ndarray]:
+def _by_test_mask(test_mask: np.ndarray, spec: SplitSpec) -> dict[str, np.ndarray]:
     rng = _rng(spec)
     train, val = _carve_val(np.flatnonzero(~test_mask), spec, rng, len(test_mask))
     return {"train": train, "val": val, "test": np.flatnonzero(test_mask)}
 
 
-def _fold(spec: dict, default_folds: int | None = None) -> tuple[int, int] | None:
-    n_folds = spec["n_folds"] or default_folds
+def _fold(spec: SplitSpec, default_folds: int | None = None) -> tuple[int, int] | None:
+    n_folds = spec.n_folds or default_folds
     if n_folds is None:
         return None
-    fold = spec["fold"]
+    fold = spec.fold
     if fold >= n_folds:
         raise _plan_error("fold", f"fold {fold} is out of range for n_folds={n_folds}; use 0..{n_folds - 1}")
     return int(n_folds), fold
 
 
 @register_split("random")
-def random_split(variants, spec: dict) -> dict[str, np.ndarray]:
+def random_split(variants, spec: SplitSpec) -> dict[str, np.ndarray]:
     """Seeded random split; with `n_folds`, the test set is fold `fold` of a seeded k-fold partition."""
     n = len(variants.ids)
     rng = _rng(spec)
@@ -69,21 +78,20 @@ def random_split(variants, spec: dict) -> dict[str, np.ndarray]:
         n_folds, fold = folds
         test = np.array_split(perm, n_folds)[fold]
     else:
-        test = perm[: int(round(spec["test_fraction"] * n))]
+        test = perm[: int(round(spec.test_fraction * n))]
     mask = np.zeros(n, dtype=bool)
     mask[test] = True
     return _by_test_mask(mask, spec)
 
 
 @register_split("mut_num")
-def mut_num_split(variants, spec: dict) -> dict[str, np.ndarray]:
+def mut_num_split(variants, spec: SplitSpec) -> dict[str, np.ndarray]:
     """Train/val on variants with at most `max_train_mut_num` mutations, test on those with more."""
-    limit = spec["max_train_mut_num"]
-    return _by_test_mask(np.asarray(variants.mut_num) > limit, spec)
+    return _by_test_mask(np.asarray(variants.mut_num) > spec.max_train_mut_num, spec)
 
 
 @register_split("modulo")
-def modulo_split(variants, spec: dict) -> dict[str, np.ndarray]:
+def modulo_split(variants, spec: SplitSpec) -> dict[str, np.ndarray]:
     """ProteinGym 'modulo' folds: test = variants whose first mutated position % n_folds == fold (default 5 folds).
 
     Wild-type rows (no position) always train.
@@ -94,7 +102,7 @@ def modulo_split(variants, spec: dict) -> dict[str, np.ndarray]:
 
 
 @register_split("contiguous")
-def contiguous_split(variants, spec: dict) -> dict[str, np.ndarray]:
+def contiguous_split(variants, spec: SplitSpec) -> dict[str, np.ndarray]:
     """ProteinGym 'contiguous' folds: the mutated span cut into n_folds equal position blocks (default 5)."""
     n_folds, fold = _fold(spec, default_folds=5)
     pos = np.asarray(variants.first_pos)
@@ -110,10 +118,10 @@ _NAMED = {"train": "train", "training": "train", "val": "val", "valid": "val", "
 
 
 @register_split("column")
-def column_split(variants, spec: dict) -> dict[str, np.ndarray]:
+def column_split(variants, spec: SplitSpec) -> dict[str, np.ndarray]:
     """A predefined split column: values train/val/test (rows with other values are left out), or fold integers
     (test = rows whose value equals `fold`, val a random `val_fraction` of the rest)."""
-    column = spec["column"]
+    column = spec.column
     if not column:
         raise _plan_error("column", "strategy 'column' needs split.column (a column of the mutations table)")
     frame = variants.frame
@@ -125,7 +133,7 @@ def column_split(variants, spec: dict) -> dict[str, np.ndarray]:
     if values.dtype.kind in "iuf":
         if values.isna().any():
             raise DataError(f"split column {column!r} has {int(values.isna().sum())} empty values; fill or filter them")
-        return _by_test_mask(values.to_numpy() == spec["fold"], spec)
+        return _by_test_mask(values.to_numpy() == spec.fold, spec)
     names = values.astype("string").str.strip().str.lower().map(_NAMED)
     out = {name: np.flatnonzero((names == name).fillna(False).to_numpy()) for name in SPLIT_NAMES}
     if not len(out["val"]):
@@ -133,11 +141,15 @@ def column_split(variants, spec: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def make_split(variants, spec: dict) -> dict[str, np.ndarray]:
+# the built-ins take the typed section; any other registered function its dict form (module docstring)
+TYPED_SPLITS = frozenset({random_split, mut_num_split, modulo_split, contiguous_split, column_split})
+
+
+def make_split(variants, spec: SplitSpec) -> dict[str, np.ndarray]:
     """Run the plan's split strategy and check the result (non-empty train and test, disjoint)."""
-    spec = SplitSpec.model_validate(dict(spec)).model_dump()  # every default from runner.plan.models
-    name = spec["strategy"]
-    result = SPLITS.get(name)(variants, spec)
+    name = spec.strategy
+    fn = SPLITS.get(name)
+    result = fn(variants, spec if fn in TYPED_SPLITS else spec.model_dump())
     out = {key: np.sort(np.asarray(result.get(key, []), dtype=np.int64)) for key in SPLIT_NAMES}
     for key in ("train", "test"):
         if len(out[key]) == 0:
@@ -151,7 +163,7 @@ def make_split(variants, spec: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def write_split(directory: Path, variants, split: dict[str, np.ndarray], spec: dict, atomic_write) -> None:
+def write_split(directory: Path, variants, split: dict[str, np.ndarray], spec: SplitSpec, atomic_write) -> None:
     """Write splits/<name>.npy (row ids) and splits/split.json (strategy, sizes) via `atomic_write(path, bytes)`."""
     import io
 
@@ -161,7 +173,7 @@ def write_split(directory: Path, variants, split: dict[str, np.ndarray], spec: d
         np.save(buf, np.asarray(variants.ids)[split[key]].astype(np.int64))
         atomic_write(directory / f"{key}.npy", buf.getvalue())
     info = {
-        "spec": spec,
+        "spec": spec.model_dump(mode="json"),
         "sizes": {key: int(len(split[key])) for key in SPLIT_NAMES},
         "ids": "splits/<name>.npy (mutations.id)",
     }

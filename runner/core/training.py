@@ -15,6 +15,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,27 +23,16 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from runner.core.embeddings import create_embedding
-from runner.core.metrics import spearman, spearman_gain_z
+from runner.core.metrics import spearman
 from runner.core.models import create_model
+from runner.core.selection import SelectionRule
 from runner.core.vocab import get_vocab_processor
 from runner.errors import InfraError
-
-# a trained epoch replaces a fitted start in ckpts/best.ckpt only when its validation Spearman is at
-# least this many standard errors above the start's (VariantModule._selection_score): the one-standard-
-# error rule of model selection, which prefers the simpler model (here: the closed-form fit) unless the
-# other is better by more than the noise (Hastie, Tibshirani & Friedman, Elements of Statistical
-# Learning, 2nd ed., section 7.10)
-LEAVE_START_Z = 1.0
-# ... and at least this much above it: nearly identical predictions make the paired standard error tiny,
-# so a consistent but negligible change passes the z alone (BLAT `cnn`, one fold: +0.0004 on 500
-# validation rows at z = 1.9, then -0.0001 on test). 0.001 is the resolution rankings are read at.
-LEAVE_START_GAIN = 0.001
-INELIGIBLE = -3.0  # below any Spearman: an epoch with this selection score never becomes best.ckpt
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +45,9 @@ warnings.filterwarnings("ignore", message=r".*configure_optimizers.*returned `No
 warnings.filterwarnings("ignore", message=r".*training_step.*returned `None`.*")
 # metrics are logged once per epoch, never per step: the step logging interval does not matter
 warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+# the core makes every callback itself: on resume from a last.ckpt of an older core, the state of the
+# callbacks SelectionRule replaced is read by SelectionRule.on_load_checkpoint, not lost
+warnings.filterwarnings("ignore", message=r".*callbacks used to create the checkpoint need to be provided.*")
 
 
 class TokenBatches(torch.utils.data.IterableDataset):
@@ -158,6 +151,26 @@ class VariantDataModule(L.LightningDataModule):
         return self._eval("all")
 
 
+@dataclass
+class Validation:
+    """One pass over the validation rows: targets and scores on the training scale, and their metrics."""
+
+    loss: float
+    y: np.ndarray
+    p: np.ndarray
+    spearman: float | None  # regression only; NaN counted as -1
+    metrics: dict | None  # the plan's metrics on the original scale (VariantModule.val_metrics_fn)
+
+    def record(self) -> dict[str, Any]:
+        """The pass as an epoch record's fields: val_loss, val_spearman, val."""
+        record: dict[str, Any] = {"val_loss": self.loss}
+        if self.spearman is not None:
+            record["val_spearman"] = self.spearman
+        if self.metrics is not None:
+            record["val"] = self.metrics
+        return record
+
+
 class VariantModule(L.LightningModule):
     """Embedding + `ProteinModel`; MSE (regression) or cross-entropy (classification) in one shared step."""
 
@@ -182,15 +195,13 @@ class VariantModule(L.LightningModule):
         self.embed = create_embedding(embedding_name, vocab, embedding_params)
         self.model = create_model(model_name, seq_len, self.embed.dim, n_outputs, model_params)
         self.val_metrics_fn: Callable[[np.ndarray, np.ndarray], dict] | None = None
+        # the epoch's record, shipped by EpochReporter at the epoch's end; SelectionRule adds `best`
+        # and `start_z` to it
         self.epoch_record: dict[str, Any] = {}
+        # the latest validation pass (SelectionRule reads it at on_validation_end)
+        self.last_validation: Validation | None = None
         self._sums: dict[str, list[torch.Tensor]] = {}
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        # checkpoint selection against a fitted start (StartValidation, BestCheckpoint): the start's
-        # validation scores, whether the current validation pass is the start's, and the last pass's
-        # selection score (its val_spearman, or INELIGIBLE for an epoch not clearly above the start)
-        self.start_val_scores: np.ndarray | None = None
-        self.scoring_start = False
-        self.select_score: float | None = None
 
     @property
     def closed_form_only(self) -> bool:
@@ -295,47 +306,45 @@ class VariantModule(L.LightningModule):
             self.trainer.should_stop = True  # solved exactly in on_train_start: one pass is all there is
 
     def on_validation_epoch_end(self) -> None:
-        loss = self._epoch_loss("val")
-        if loss is None:
+        self.last_validation = self._finish_validation("val")
+        if self.last_validation is None:
             return
-        self.epoch_record["val_loss"] = loss
-        if not self.scoring_start:
-            self.epoch_record["best"] = False  # BestCheckpoint sets it when this epoch becomes best.ckpt
-        if self._val_outputs:
-            y = torch.cat([a for a, _ in self._val_outputs]).float().cpu().numpy()
-            p = torch.cat([b for _, b in self._val_outputs]).float().cpu().numpy()
-            if self.hparams.task != "classification":
-                # the metric users rank by: checkpoints and early stopping follow it (NaN, e.g. constant
-                # predictions, counts as the worst value)
-                rho = spearman(y, p)
-                rho = -1.0 if not math.isfinite(rho) else rho
-                self.log("val_spearman", rho)
-                self.epoch_record["val_spearman"] = rho
-                self.select_score = self._selection_score(rho, y, p)
-            if self.val_metrics_fn is not None:
-                self.epoch_record["val"] = self.val_metrics_fn(y, p)
-        self._val_outputs = []
+        if self.last_validation.spearman is not None:
+            self.log("val_spearman", self.last_validation.spearman)
+        self.epoch_record.update(self.last_validation.record())
 
-    def _selection_score(self, rho: float, y: np.ndarray, p: np.ndarray) -> float:
-        """What ckpts/best.ckpt follows (`val_select`): the validation Spearman, except that a trained
-        epoch competing with a fitted start must beat it by LEAVE_START_Z standard errors of the
-        paired difference and by LEAVE_START_GAIN, or it is INELIGIBLE.
+    def validate(self, batches) -> Validation | None:
+        """One pass over validation `batches` outside Lightning's loop (the start, before the first
+        step): the loss, scores and metrics an epoch's validation gets, in eval mode, nothing logged."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                for tokens, y in batches:
+                    out = self(tokens)
+                    self._accumulate("start", self.loss(out, y), len(y))
+                    self._val_outputs.append((y, self.scores(out)))
+            return self._finish_validation("start")
+        finally:
+            self._val_outputs = []
+            self._sums.pop("start", None)
+            self.train(was_training)
 
-        Why: on 500 BLAT validation rows, epochs that beat the ridge start by 0.0001-0.0006 (noise)
-        were kept and did worse on test; a clear gain (GB1 `ge`, +0.03) is many standard errors.
-        The standard error is that of the difference on the same rows, so a small gain of a model
-        that ranks consistently better still counts. The z is in the epoch's record (`start_z`).
-        """
-        if self.scoring_start:
-            self.start_val_scores = p.copy()
-            return rho
-        if self.start_val_scores is None or len(self.start_val_scores) != len(p):
-            return rho
-        z = spearman_gain_z(y, p, self.start_val_scores)
-        self.epoch_record["start_z"] = round(min(max(z, -99.0), 99.0), 3)
-        start_rho = spearman(y, self.start_val_scores)
-        gain = rho - (start_rho if math.isfinite(start_rho) else -1.0)
-        return rho if z >= LEAVE_START_Z and gain >= LEAVE_START_GAIN else INELIGIBLE
+    def _finish_validation(self, stage: str) -> Validation | None:
+        loss = self._epoch_loss(stage)
+        outputs, self._val_outputs = self._val_outputs, []
+        if loss is None or not outputs:
+            return None
+        y = torch.cat([a for a, _ in outputs]).float().cpu().numpy()
+        p = torch.cat([b for _, b in outputs]).float().cpu().numpy()
+        rho = None
+        if self.hparams.task != "classification":
+            # the metric users rank by: checkpoints and early stopping follow it (NaN, e.g. constant
+            # predictions, counts as the worst value)
+            rho = spearman(y, p)
+            rho = -1.0 if not math.isfinite(rho) else rho
+        metrics = self.val_metrics_fn(y, p) if self.val_metrics_fn is not None else None
+        return Validation(loss, y, p, rho, metrics)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -387,168 +396,12 @@ class EpochReporter(Callback):
         self.sink(record)
 
 
-def start_is_candidate(module: L.LightningModule) -> bool:
-    """Whether the module's untrained start (after its closed-form part) competes with the epochs."""
-    model = getattr(module, "model", None)
-    return bool(getattr(model, "fitted_start", False)) and not getattr(module, "closed_form_only", False)
-
-
-class StartValidation(Callback):
-    """Scores the validation split once before the first optimiser step, as a candidate like any epoch.
-
-    The pass runs Lightning's own validation loop at the start of the first epoch (after
-    `on_train_start`, i.e. after a closed-form part such as `mlp`/`cnn`'s ridge base is solved), so
-    `ModelCheckpoint`, `EarlyStopping` and `PlateauStop` see its metrics exactly as they see an epoch's:
-    when no epoch is clearly above the start (see VariantModule._selection_score), ckpts/best.ckpt keeps the start's weights
-    (for `mlp`/`cnn` with their zero-initialised last layer: the ridge fit). Lightning's sanity check
-    cannot do this: its results are discarded by design. The start's record (`val_loss`,
-    `val_spearman`, `val`) is kept in `record` and in the checkpoints' callback state, so a resumed
-    run still knows it and never scores a second start. Closed-form-only models (`ridge`) skip the
-    pass: their single epoch is the same model. So do models whose start is not a fit
-    (`ProteinModel.fitted_start` False: `linear` with `init: "zero"`, `mlp`/`cnn` with `base: "none"`, plugins unless
-    they set it): a random or constant start is no candidate (a classifier's uniform start beat its
-    trained epochs on validation loss while ranking nothing).
-    """
-
-    def __init__(self):
-        self.done = False
-        self.record: dict[str, Any] | None = None
-        # the start's validation scores, which trained epochs must beat clearly (VariantModule._selection_score);
-        # a tensor, not an array, so checkpoints stay loadable with torch.load(weights_only=True)
-        self.scores: torch.Tensor | None = None
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        # a resumed run: the trained epochs still compete with the start's validation scores
-        if self.scores is not None and getattr(pl_module, "start_val_scores", None) is None:
-            pl_module.start_val_scores = self.scores.numpy().copy()
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if self.done or trainer.global_step > 0 or not start_is_candidate(pl_module):
-            return
-        self.done = True
-        loop = trainer.fit_loop.epoch_loop.val_loop
-        if not trainer.enable_validation:
-            return
-        pl_module.epoch_record = {}
-        # what Lightning's training loop does around its own validation call
-        first_loop_iter = trainer._logger_connector._first_loop_iter
-        trainer.validating = True
-        pl_module.scoring_start = True
-        try:
-            loop.run()
-        finally:
-            pl_module.scoring_start = False
-        trainer.training = True
-        trainer._logger_connector._first_loop_iter = first_loop_iter
-        self.record = dict(pl_module.epoch_record) or None
-        if getattr(pl_module, "start_val_scores", None) is not None:
-            self.scores = torch.from_numpy(np.asarray(pl_module.start_val_scores, dtype=np.float32))
-        pl_module.epoch_record = {}
-        if self.record:
-            shown = {k: v for k, v in self.record.items() if k in ("val_loss", "val_spearman")}
-            log.info("start (before the first step): %s", "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
-
-    def state_dict(self) -> dict:
-        return {"done": self.done, "record": self.record, "scores": self.scores}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.done, self.record = bool(state.get("done", True)), state.get("record")
-        scores = state.get("scores")
-        self.scores = scores if isinstance(scores, torch.Tensor) else None
-
-
-class BestCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` that may also save at global step 0, i.e. the `StartValidation` pass.
-
-    Lightning's skips a save when nothing stepped since its last one, and it counts "no save yet" as
-    step 0, so the start could never become best.ckpt; -1 means "nothing saved yet" instead.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._last_global_step_saved = -1
-
-    def _monitor_candidates(self, trainer) -> dict[str, torch.Tensor]:
-        # `val_select` is the module's selection score (VariantModule._selection_score): not logged,
-        # so the CSV/TensorBoard logs hold no sentinel values
-        candidates = super()._monitor_candidates(trainer)
-        score = getattr(trainer.lightning_module, "select_score", None)
-        if score is not None:
-            candidates["val_select"] = torch.tensor(float(score))
-        return candidates
-
-    def _update_best_and_save(self, current, trainer, monitor_candidates) -> None:
-        super()._update_best_and_save(current, trainer, monitor_candidates)
-        module = trainer.lightning_module
-        if not getattr(module, "scoring_start", False):
-            # in the epoch's record (metrics.jsonl, the epoch event): what the progress view marks
-            # "best", without second-guessing the selection rule on the host
-            module.epoch_record["best"] = True
-
-    @property
-    def state_key(self) -> str:
-        # Lightning keys callback state by class name: keep ModelCheckpoint's, so a last.ckpt written
-        # before this subclass existed still restores the best score on resume
-        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
-
-
 def resolve_precision(precision: str, accelerator: str) -> str:
     """Plan precision → Lightning's: 'auto' is bf16-mixed on a CUDA device that supports it, else 32-true."""
     if precision == "auto":
         on_gpu = accelerator != "cpu" and torch.cuda.is_available()
         return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
     return {"32": "32-true", "64": "64-true"}.get(precision, precision)
-
-
-class PlateauStop(Callback):
-    """Early stopping once none of `monitors` (name → "min"/"max") has improved for `patience` epochs.
-
-    Regression watches the validation Spearman *and* loss: on GB1 the Spearman dropped from 0.55 to
-    0.26 for a few mid-training epochs while the loss kept falling, and stopping on the Spearman
-    alone ended runs there; the checkpoint still keeps the best-Spearman epoch.
-    """
-
-    def __init__(self, monitors: dict[str, str], patience: int):
-        self.monitors, self.patience = monitors, int(patience)
-        self.best: dict[str, float] = {}
-        self.stale = 0
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
-            return
-        improved = False
-        for name, mode in self.monitors.items():
-            value = trainer.callback_metrics.get(name)
-            if value is None:
-                continue
-            value = float(value)
-            best = self.best.get(name)
-            if best is None or (value > best if mode == "max" else value < best):
-                self.best[name] = value
-                improved = True
-        self.stale = 0 if improved else self.stale + 1
-        if self.stale >= self.patience:
-            trainer.should_stop = True
-
-    def state_dict(self) -> dict:
-        return {"best": dict(self.best), "stale": self.stale}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best, self.stale = dict(state.get("best", {})), int(state.get("stale", 0))
-
-
-def monitored(task: str, has_val: bool) -> tuple[str, str]:
-    """The metric checkpoints and early stopping follow, and its mode.
-
-    Regression: the validation Spearman (what users rank models by; the loss can keep falling while
-    the ranking gets worse, e.g. on GB1's mass of zero scores), as `val_select`: with a fitted start,
-    an epoch counts only when clearly above the start (VariantModule._selection_score).
-    Classification: the validation loss.
-    Without validation rows: the training loss.
-    """
-    if not has_val:
-        return "train_loss", "min"
-    return ("val_loss", "min") if task == "classification" else ("val_select", "max")
 
 
 def build_trainer(
@@ -561,7 +414,7 @@ def build_trainer(
     logs_dir: Path | None = None,
 ) -> L.Trainer:
     """A Trainer from the plan's typed `train` section (`runner.plan.models.TrainSpec`): checkpoints,
-    early stopping, precision, devices.
+    early stopping, precision, devices. `SelectionRule.of(trainer)` is its selection rule.
 
     With `logs_dir`, the epoch metrics Lightning sees (train_loss, val_loss, val_spearman) also go to
     a CSVLogger (`logs_dir/csv/version_N/metrics.csv`) and a TensorBoardLogger
@@ -574,37 +427,15 @@ def build_trainer(
     devices = train.devices
     # one device unless the plan asks for more: the data set is small enough to live on one GPU
     devices = 1 if devices == "auto" else int(devices)
-    monitor, mode = monitored(task, has_val)
-    # saved after each validation (Lightning's default with validation every epoch is the epoch's end,
-    # which never sees the StartValidation pass); without validation rows, at the epoch's end
-    checkpoint = BestCheckpoint(
-        dirpath=str(ckpt_dir),
-        filename="best",
-        monitor=monitor,
-        mode=mode,
-        save_top_k=1,
-        enable_version_counter=False,
-        save_on_train_epoch_end=not has_val,
-    )
+    # ckpts/best.ckpt and early stopping: one rule (runner.core.selection), first in the list so its
+    # start pass runs before the other callbacks' epoch-start hooks and is not timed as part of epoch 0
+    selection = SelectionRule(ckpt_dir / "best.ckpt", task, has_val, train.early_stopping_patience)
     # last.ckpt from its own callback, every epoch: ModelCheckpoint's save_last refreshed it only when
     # best.ckpt changed, so a run whose final epoch was not its best resumed one epoch back
     latest = ModelCheckpoint(
         dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1, enable_version_counter=False
     )
-    # first in the list (Lightning moves the checkpoint callbacks last): the start pass runs before the
-    # other callbacks' epoch-start hooks, so it is not timed as part of epoch 0
-    callbacks = [StartValidation(), checkpoint, latest, *callbacks]
-    patience = train.early_stopping_patience
-    if patience > 0:
-        if monitor == "val_select":
-            # training progress, not selection: an epoch not yet clearly above the start still counts
-            callbacks.append(PlateauStop({"val_spearman": "max", "val_loss": "min"}, patience))
-        else:
-            # checked after each validation (not at the epoch's end, Lightning's default here), so the
-            # StartValidation pass counts like an epoch
-            callbacks.append(
-                EarlyStopping(monitor=monitor, mode=mode, patience=patience, check_on_train_epoch_end=False)
-            )
+    callbacks = [selection, latest, *callbacks]
     kwargs: dict[str, Any] = {}
     if limit_batches:
         kwargs.update(limit_train_batches=limit_batches, limit_val_batches=limit_batches)

@@ -19,7 +19,6 @@ from runner.data.db import check_database, connect_readonly, read_layout
 from runner.errors import DataError, PlanError, PlanIssue
 from runner.plan.document import (
     STDIN,
-    _is_scalar,
     _json_type,
     apply_overrides,
     expand_dotted,
@@ -28,9 +27,7 @@ from runner.plan.document import (
     set_key,
 )
 from runner.plan.issues import _issues_from_pydantic
-from runner.plan.models import (
-    Plan,
-)
+from runner.plan.models import Plan
 
 
 @dataclass(frozen=True)
@@ -135,32 +132,9 @@ def semantic_issues(plan: Plan, check_db: bool = True) -> list[PlanIssue]:
         )
     if plan.data.target == "DMS_score_bin" and plan.data.transform != "none":
         issues.append(PlanIssue("data.transform", "applies to regression only; use 'none' with target DMS_score_bin"))
-    issues.extend(_where_shape_issues(plan))
     issues.extend(_size_issues(plan))
     if check_db:
         issues.extend(_database_issues(plan))
-    return issues
-
-
-def _where_shape_issues(plan: Plan) -> list[PlanIssue]:
-    issues = []
-    for i, clause in enumerate(plan.data.where):
-        path, op, value = f"data.where[{i}].value", clause.op, clause.value
-        if op in ("is_null", "not_null"):
-            if value is not None:
-                issues.append(PlanIssue(path, f"must be absent for op '{op}'"))
-        elif op in ("in", "not_in"):
-            if not isinstance(value, list) or not value or not all(_is_scalar(v) for v in value):
-                issues.append(PlanIssue(path, f"must be a non-empty list of scalars for op '{op}'"))
-        elif op == "between":
-            if not isinstance(value, list) or len(value) != 2 or not all(_is_scalar(v) for v in value):
-                issues.append(PlanIssue(path, "must be [low, high] for op 'between'"))
-        elif not _is_scalar(value):
-            issues.append(PlanIssue(path, f"must be a string, number or boolean for op '{op}'"))
-            continue
-        numbers = value if isinstance(value, list) else [value]
-        if any(isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**63 for v in numbers):
-            issues.append(PlanIssue(path, "integers must lie within ±9223372036854775807 (SQLite's range)"))
     return issues
 
 

@@ -6,9 +6,11 @@ expands dotted keys, applies overrides and runs the semantic checks a schema can
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
@@ -23,6 +25,7 @@ DEFAULT_METRICS = ["spearman", "pearson", "mse", "rmse", "mae", "ndcg"]
 
 SEED_MAX = 2**32 - 1  # numpy and Lightning's seed_everything take 0..2**32-1
 SQLITE_INT_MAX = 2**63 - 1  # a bound SQLite parameter is a signed 64-bit integer
+SQLITE_INT_MIN = -(2**63)
 MAX_DEVICES = 1024
 
 
@@ -49,11 +52,79 @@ class Strict(BaseModel):
 class WhereClause(Strict):
     """One filter on the `mutations` (or `sources`) columns; the value is always bound as a parameter."""
 
+    # The value's shape is checked here, once, for the host and the core alike (where_value_problem);
+    # what needs the database (does the column exist) is checked against it by runner.plan.load and
+    # runner.core.data.
+    model_config = ConfigDict(json_schema_extra=lambda schema: schema.update(allOf=_where_value_schemas()))
+
     column: Annotated[str, Field(pattern=IDENTIFIER_PATTERN, description="column of the mutations table")]
     op: Literal[WHERE_OPS] = Field(description="comparison operator")  # type: ignore[valid-type]
     value: Any = Field(
-        default=None, description="scalar; a list for in/not_in; [low, high] for between; absent for is_null/not_null"
+        default=None,
+        validate_default=True,  # a missing value is a wrong shape for most ops
+        description="scalar; a list for in/not_in; [low, high] for between; absent for is_null/not_null",
     )
+
+    @field_validator("value")
+    @classmethod
+    def _value_fits_op(cls, value: Any, info: ValidationInfo) -> Any:
+        op = info.data.get("op")
+        problem = where_value_problem(op, value) if op is not None else None  # a bad op is reported on .op
+        if problem:
+            # reported as data.where[i].value: <problem> (runner.plan.issues keeps the message as is)
+            raise PydanticCustomError("where_value", problem)
+        return value
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool)
+
+
+def _where_value_schemas() -> list[dict]:
+    """The value shapes of `where_value_problem` as JSON Schema, so the published schema states them too
+    (finiteness and SQLite's integer range stay with the models: JSON Schema cannot say them here)."""
+    scalar = {"type": ["string", "number", "boolean"]}
+
+    def when(ops: list[str], value: dict) -> dict:
+        rule = {"properties": {"value": value}}
+        if value != {"type": "null"}:
+            rule["required"] = ["value"]
+        return {"if": {"properties": {"op": {"enum": ops}}, "required": ["op"]}, "then": rule}
+
+    listed = ("in", "not_in", "between", "like", "is_null", "not_null")
+    return [
+        when(["is_null", "not_null"], {"type": "null"}),
+        when(["in", "not_in"], {"type": "array", "minItems": 1, "items": scalar}),
+        when(["between"], {"type": "array", "minItems": 2, "maxItems": 2, "items": scalar}),
+        when(["like"], {"type": "string"}),
+        when([op for op in WHERE_OPS if op not in listed], scalar),
+    ]
+
+
+def where_value_problem(op: str, value: Any) -> str | None:
+    """What is wrong with `value` for where-op `op` (a message for `data.where[i].value`), or None."""
+    if op in ("is_null", "not_null"):
+        return None if value is None else f"must be absent for op '{op}'"
+    if op in ("in", "not_in"):
+        fits = isinstance(value, list | tuple) and len(value) > 0 and all(map(_is_scalar, value))
+        shape = f"must be a non-empty list of scalars for op '{op}'"
+    elif op == "between":
+        fits = isinstance(value, list | tuple) and len(value) == 2 and all(map(_is_scalar, value))
+        shape = "must be [low, high] for op 'between'"
+    elif op == "like":
+        fits, shape = isinstance(value, str), "must be a string pattern for op 'like'"
+    else:
+        fits, shape = _is_scalar(value), f"must be a string, number or boolean for op '{op}'"
+    if not fits:
+        return shape
+    values = value if isinstance(value, list | tuple) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        return "numbers must be finite"
+    if any(
+        isinstance(v, int) and not isinstance(v, bool) and not SQLITE_INT_MIN <= v <= SQLITE_INT_MAX for v in values
+    ):
+        return "integers must lie within ±9223372036854775807 (SQLite's range)"
+    return None
 
 
 class DataSpec(Strict):
