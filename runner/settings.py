@@ -64,6 +64,8 @@ class NodeSettings:
     train_gid: int = 10001  # INFRA_TRAIN_GID
     pids_limit: int = 4096  # INFRA_PIDS_LIMIT: processes + threads of one training container
     log_limit_bytes: int = 100 << 20  # INFRA_LOG_LIMIT: captured output kept per experiment
+    slot_alive_timeout: int = 60  # INFRA_SLOT_ALIVE_TIMEOUT: a study slot whose host is silent this long stops
+    slot_idle_exit: int = 600  # INFRA_SLOT_IDLE_EXIT: a study slot with no point for this long exits
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,10 @@ KEYS = {
     "train_gid": Key("INFRA_TRAIN_GID", "int", "the training's gid when infra runs as root (never 0)"),
     "pids_limit": Key("INFRA_PIDS_LIMIT", "int", "processes + threads of one training container"),
     "log_limit_bytes": Key("INFRA_LOG_LIMIT", "size", "captured output kept per experiment (e.g. 100M, 2G)"),
+    "slot_alive_timeout": Key(
+        "INFRA_SLOT_ALIVE_TIMEOUT", "int", "seconds a study slot runs on after its host stopped (killed runner)"
+    ),
+    "slot_idle_exit": Key("INFRA_SLOT_IDLE_EXIT", "int", "seconds a study slot (a worker's warm one) waits idle"),
 }
 assert set(KEYS) == {f.name for f in fields(NodeSettings)}
 ENV = {name: key.env for name, key in KEYS.items()}
@@ -95,6 +101,8 @@ BOUNDS = {
     "pids_limit": (64, 1 << 22),
     "log_limit_bytes": (1 << 20, 1 << 40),
     "min_free_bytes": (0, 1 << 50),
+    "slot_alive_timeout": (2, 86400),
+    "slot_idle_exit": (1, 7 * 86400),
 }
 MAX_TEXT = 4096
 

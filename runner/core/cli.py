@@ -7,6 +7,7 @@ stderr), 143 stopped by SIGTERM (last.ckpt saved; the host marks the run cancell
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -64,11 +65,48 @@ def read_plan(source: str):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the core; return the exit code (the console script exits with it)."""
+    from runner.core.training import GracefulStop
+
     args = _parser().parse_args(argv)
+    stop = GracefulStop().install()
+    try:
+        return run_point(
+            args.plan,
+            args.exp_dir,
+            workdir=args.workdir,
+            db=args.db,
+            # the host names the run (events carry it); this process runs one experiment
+            experiment_id=os.environ.get("INFRA_EXPERIMENT_ID"),
+            stop=stop,
+            limit_batches=args.limit_batches,
+        )
+    finally:
+        stop.uninstall()
+
+
+def run_point(
+    plan_path: str | Path,
+    exp_dir: str | Path,
+    *,
+    workdir=None,
+    db: str | None = None,
+    experiment_id: str | None = None,
+    stop=None,
+    limit_batches: int | None = None,
+    shared=None,
+    on_stop=None,
+) -> int:
+    """One experiment from its plan file to its exit code, as `infra-train` runs it (and each point of a
+    study slot): 0 done, 2 bad plan or data (the `infra-train: error:` line), 1 any other failure
+    (a traceback), 143 stopped (last.ckpt saved).
+
+    `shared` (a `runner.core.shared.SharedData`) lends what earlier points of the same process
+    computed; `on_stop` receives the point's stop object (None when it ends), so a slot can stop it.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    # The handler is bound to this call's stderr; it is removed on return, so a caller running main()
-    # in-process (tests) is not left with a handler on a stream it has since closed.
+    # The handler is bound to this call's stderr; it is removed on return, so a caller running it
+    # in-process (tests, a slot) is not left with a handler on a stream it has since closed.
     loggers = [logging.getLogger(name) for name in ("runner", "infra_ext")]  # lightning logs on its own
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -80,22 +118,26 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).addFilter(advert_filter)
     from runner.core.training import EXIT_CANCELLED, Cancelled, GracefulStop
 
-    stop = GracefulStop().install()
+    stop = stop or GracefulStop()
+    if on_stop is not None:
+        on_stop(stop)
     try:
+        _set_threads()
         from runner.core.experiment import run_experiment
         from runner.core.plugins import resolve_workdir
-        from runner.core.sources import DataSource
 
-        result = run_experiment(
-            read_plan(args.plan),
-            args.exp_dir,
-            workdir=resolve_workdir(args.workdir),
-            stop=stop,
-            limit_batches=args.limit_batches,
-            data=DataSource(db_path=args.db),
-            # the host names the run (events carry it); this process runs one experiment
-            experiment_id=os.environ.get("INFRA_EXPERIMENT_ID"),
-        )
+        plan = read_plan(str(plan_path))
+        source = _source(db, shared)
+        with source.point(plan) if shared is not None else contextlib.nullcontext():
+            result = run_experiment(
+                plan,
+                exp_dir,
+                workdir=resolve_workdir(workdir),
+                stop=stop,
+                limit_batches=limit_batches,
+                data=source,
+                experiment_id=experiment_id,
+            )
         test = ", ".join(f"{k}={v:.4f}" for k, v in result["test"].items() if isinstance(v, float))
         print(f"infra-train: done; test {test}", file=sys.stderr)
         return 0
@@ -109,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return EXIT_EXPERIMENT_FAILED
     finally:
-        stop.uninstall()
-        for name in ("runner", "infra_ext"):  # a second main() in one process must not log twice
+        if on_stop is not None:
+            on_stop(None)
+        for name in ("runner", "infra_ext"):  # a second run in one process must not log twice
             logging.getLogger(name).removeHandler(handler)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -119,6 +162,27 @@ def main(argv: list[str] | None = None) -> int:
         for logger, level in zip(loggers, levels, strict=True):
             logger.removeHandler(handler)
             logger.setLevel(level)
+
+
+def _source(db: str | None, shared):
+    """Where the point's variants and split come from: fresh, or a slot's shared data."""
+    from runner.core.sources import DataSource
+
+    if shared is None:
+        return DataSource(db_path=db)
+    from runner.core.shared import SlotData
+
+    return SlotData(shared, db_path=db)
+
+
+def _set_threads() -> None:
+    """torch's intra-op threads from INFRA_THREADS (the host sets it from resources.cpus, or a study
+    slot's share of the node): a slot must not take every core while others run beside it."""
+    threads = os.environ.get("INFRA_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 def entry() -> None:

@@ -53,6 +53,30 @@ from runner.plan.models import Plan
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class RunContext:
+    """The experiment in progress, for plugin code that needs it (`current_run()`)."""
+
+    exp_dir: Path
+    experiment_id: str
+    stop: GracefulStop | None
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether the run was asked to stop (SIGTERM, `infra stop`): a plugin's own long loop should end."""
+        return self.stop is not None and self.stop.requested
+
+
+_current: RunContext | None = None
+
+
+def current_run() -> RunContext | None:
+    """The run this process is doing now (None outside one). One process may run many experiments one
+    after another (a study slot), so plugins ask here rather than reading `sys.argv` or the environment."""
+    return _current
+
+
 TRAIN_LOGGERS = ("runner", "lightning", "lightning.pytorch", "infra_ext")  # what logs/train.log receives
 # set by Lightning for a run (deterministic algorithms, seed_everything), restored after it
 RUN_ENVIRONMENT = ("CUBLAS_WORKSPACE_CONFIG", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
@@ -121,13 +145,17 @@ def run_experiment(
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"run_experiment takes a runner.plan.models.Plan, not {type(plan).__name__}")
+    global _current
     layout = Layout(exp_dir, experiment_id)
+    _current = RunContext(layout.root, layout.experiment_id, stop)
     with _train_log(layout.path("logs/train.log")), _process_state():
         try:
             return _run(plan, layout, workdir, stop, limit_batches, data or DataSource())
         except InfraError as exc:
             log.error("%s", exc.message)  # logs/train.log says why, beside the container log
             raise
+        finally:
+            _current = None
 
 
 def _run(plan: Plan, layout: Layout, workdir, stop, limit_batches, source: DataSource) -> dict:

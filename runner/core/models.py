@@ -114,7 +114,17 @@ class RidgeFit:
         return x.flatten(1).double().cpu()
 
     def fit(self, train: ChunkSource, val: ChunkSource | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return `(weight [d], bias [], column_mean [d])` for the flattened features (float64, CPU)."""
+        """Return `(weight [d], bias [], column_mean [d])` for the flattened features (float64, CPU).
+
+        In a study slot, points on the same data, split and embedding share one fit
+        (`runner.core.shared.cached_fit`: the same deterministic computation, done once)."""
+        from runner.core.shared import cached_fit
+
+        settings = {"ridge": self.grid, "val": val is not None}
+        weight, bias, mean, self.report = cached_fit(settings, lambda: (*self._fit(train, val), self.report))
+        return weight.clone(), bias.clone(), mean.clone()
+
+    def _fit(self, train: ChunkSource, val: ChunkSource | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, total, total_sq, y_sum = 0, None, None, 0.0
         for x, y in train():
             f = self._flat(x)

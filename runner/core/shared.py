@@ -122,13 +122,37 @@ class SharedData:
     @contextlib.contextmanager
     def point(self, plan, db_path: Path) -> Iterator[None]:
         """While a point runs: closed-form fits are shared with other points on the same data and split."""
-        key = (self.data_key(plan, db_path), _canonical(plan.split.model_dump(mode="json")),
-               _canonical(plan.data.transform), self)  # fmt: skip
+        key = (self.data_key(plan, db_path), _canonical(plan.split.model_dump(mode="json")), self)
         token = _fit_scope.set(key)
         try:
             yield
         finally:
             _fit_scope.reset(token)
+
+
+class SlotData:
+    """A `runner.core.sources.DataSource` that lends a slot's shared variants and splits (see above),
+    and shares closed-form fits while the point trains (`point`)."""
+
+    def __init__(self, shared: SharedData, db_path: str | Path | None = None):
+        from runner.core.sources import DataSource
+
+        self.shared = shared
+        self.fresh = DataSource(db_path=db_path)
+        self.db_path = db_path
+
+    def _db(self, plan) -> Path:
+        return Path(self.db_path if self.db_path is not None else plan.data.db)
+
+    def variants(self, plan):
+        return self.shared.variants(plan, self._db(plan), lambda: self.fresh.variants(plan))
+
+    def split(self, plan, variants):
+        return self.shared.split(plan, self._db(plan), lambda: self.fresh.split(plan, variants))
+
+    def point(self, plan):
+        """While the point runs, its closed-form fits are shared (`SharedData.point`)."""
+        return self.shared.point(plan, self._db(plan))
 
 
 @contextlib.contextmanager
@@ -151,8 +175,8 @@ def cached_fit(settings: Any, compute: Callable[[], Any]) -> Any:
     scope = _fit_scope.get()
     if scope is None:
         return compute()
-    shared: SharedData = scope[3]
-    key = (*scope[:3], *scope[4:], _canonical(settings))
+    shared: SharedData = scope[2]
+    key = (*scope[:2], *scope[3:], _canonical(settings))
     value, hit = shared.fits.get_or(key, compute)
     shared.hits["fit"] += hit
     if hit:

@@ -229,8 +229,13 @@ class VariantModule(L.LightningModule):
         # the closed-form part of the fit, before any gradient step (deterministic, so a resumed run
         # recomputes exactly what it had)
         if hasattr(self.model, "fit_closed_form"):
+            from runner.core.shared import fit_context
+
             t0 = time.perf_counter()
-            self.model.fit_closed_form(self._chunks("train"), self._chunks("val"))
+            hp = self.hparams
+            # what a fit depends on beyond the point's data and split (runner.core.shared)
+            with fit_context(hp.embedding_name, hp.embedding_params, hp.vocab_name, hp.vocab_params, hp.seq_len):
+                self.model.fit_closed_form(self._chunks("train"), self._chunks("val"))
             log.info("closed-form fit in %.2fs", time.perf_counter() - t0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -176,9 +176,7 @@ def discovery_job(workdir: Path, labels: dict[str, str], name: str, timeout_s: f
 SLOT_MARK = "@@infra-slot"  # `@@infra-slot begin SEQ ID` / `@@infra-slot end SEQ EXIT_CODE` on its own line
 SLOT_ALIVE = "alive"  # touched by the host every few seconds; a slot whose host is gone stops
 SLOT_QUIT = "quit"  # the host is done with the slot: it exits when idle
-SLOT_ALIVE_INTERVAL_S = 5.0
-SLOT_ALIVE_TIMEOUT_S = 60.0  # the host has been gone this long: stop the point (checkpoint) and exit
-SLOT_IDLE_EXIT_S = 600.0  # no point for this long: the slot exits by itself
+SLOT_ALIVE_INTERVAL_S = 1.0  # how often the host touches `alive` (node settings: how stale it may get)
 
 
 def slot_point_file(seq: int) -> str:
@@ -198,7 +196,8 @@ def slot_job(
     gpus: GpuRequest,
     limits: Limits,
     labels: dict[str, str],
-    idle_exit_s: float = SLOT_IDLE_EXIT_S,
+    idle_exit_s: float,
+    alive_timeout_s: float,
 ) -> CoreJob:
     """`python -m runner.core.slot`: one long-lived core process that runs a study's points one by one.
 
@@ -220,7 +219,7 @@ def slot_job(
             "--idle-exit",
             f"{idle_exit_s:g}",
             "--alive-timeout",
-            f"{SLOT_ALIVE_TIMEOUT_S:g}",
+            f"{alive_timeout_s:g}",
         ),  # fmt: skip
         places=(*db_places, control, points),
         workdir=workdir,

@@ -140,6 +140,8 @@ class Lane:
             gpus=self.spec.gpus,
             limits=self.spec.limits,
             labels={LABEL_PURPOSE: "study-slot", LABEL_STUDY: self.spec.group, LABEL_SLOT: name},
+            idle_exit_s=self.spec.backend.settings.slot_idle_exit,
+            alive_timeout_s=self.spec.backend.settings.slot_alive_timeout,
         ).with_image(self.spec.image_tag, self.spec.image_id)
         return Slot.open(self.spec.backend, job, directory)
 
