@@ -114,7 +114,9 @@ def main() -> int:
           " data.limit 1500, 2 epochs)")  # fmt: skip
     if args.backend == "docker":  # every variant starts with the image built
         warm, _ = make_workdir(top, "warm", db)
-        subprocess.run([sys.executable, "-m", "runner", "build", "--workdir", str(warm)], check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "runner", "build", "--workdir", str(warm)], check=True, capture_output=True
+        )
     rows = []
     variants = [] if args.skip_isolated else [("one process per point (--isolated)", ["--isolated"], 1)]
     variants += [(f"slots, --parallel {n}", ["--parallel", str(n)], n) for n in map(int, args.parallel.split(","))]
