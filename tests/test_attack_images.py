@@ -322,6 +322,7 @@ def test_plugin_printing_at_import_does_not_break_list(wd):
         "kind": "model",
         "name": "linear",
         "builtin": True,
+        "open_params": False,
         "params": [
             {"name": "l2", "type": "float", "default": 1.0, "required": False},
             {"name": "lr_scale", "type": "float", "default": 10.0, "required": False},
@@ -361,18 +362,18 @@ def test_plugin_ending_the_process_early_is_a_clear_exit_1(wd):
     [
         (b"", "empty"),
         (b'{"kind": "model"}', "a JSON dict, not a list"),
-        (b"[1]", "item 0 is not an object of kind, name, source_file, builtin, params"),
+        (b"[1]", "item 0 is not an object of kind, name, source_file, builtin, params, open_params"),
         (
-            b'[{"kind": "model", "name": "x", "source_file": "/w/a.py", "builtin": false, "params": [], "extra": 1}]',
+            b'[{"kind": "model", "name": "x", "source_file": "/w/a.py", "builtin": false, "params": [], "open_params": false, "extra": 1}]',
             "item 0 is not",
         ),
         (
-            b'[{"kind": "model", "name": "\\u001b[2J", "source_file": "", "builtin": false, "params": []}]',
+            b'[{"kind": "model", "name": "\\u001b[2J", "source_file": "", "builtin": false, "params": [], "open_params": false}]',
             "item 0: name is not a string",
         ),
         (
-            b'[{"kind": "model", "name": "x", "source_file": "", "builtin": "no", "params": []}]',
-            "item 0: builtin is not true or false",
+            b'[{"kind": "model", "name": "x", "source_file": "", "builtin": "no", "params": [], "open_params": false}]',
+            "item 0: builtin or open_params is not true or false",
         ),
         (b"\xff\xfe", "not JSON: not UTF-8"),
         (b"[1,", "not JSON: Expecting value at byte 3"),

@@ -109,28 +109,28 @@ BAD_PLANS = [
         "name-uppercase",
         lambda db: good(db, name="BLAT"),
         [
-            "name: 'BLAT' is not allowed: use 1-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+            "name: 'BLAT' is not allowed: use 1-64 lowercase letters, digits, '.', '_' or '-' (starting with a letter or digit), and {plan.key} placeholders such as {model.name}"
         ],
     ),
     (
         "name-traversal",
         lambda db: good(db, name="../etc"),
         [
-            "name: '../etc' is not allowed: use 1-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+            "name: '../etc' is not allowed: use 1-64 lowercase letters, digits, '.', '_' or '-' (starting with a letter or digit), and {plan.key} placeholders such as {model.name}"
         ],
     ),
     (
         "name-slash",
         lambda db: good(db, name="a/b"),
         [
-            "name: 'a/b' is not allowed: use 1-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+            "name: 'a/b' is not allowed: use 1-64 lowercase letters, digits, '.', '_' or '-' (starting with a letter or digit), and {plan.key} placeholders such as {model.name}"
         ],
     ),
     (
         "name-too-long",
         lambda db: good(db, name="a" * 65),
         [
-            f"name: '{'a' * 65}' is not allowed: use 1-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"name: '{'a' * 65}' is not allowed: use 1-64 lowercase letters, digits, '.', '_' or '-' (starting with a letter or digit), and {{plan.key}} placeholders such as {{model.name}}"
         ],
     ),
     (

@@ -53,7 +53,16 @@ def test_map_paths_rewrites_only_the_image_workdir():
 
 
 def test_parse_output_success_maps_plugin_files():
-    rows = [{"kind": "model", "name": "m", "source_file": "/workdir/model/m.py", "builtin": False, "params": []}]
+    rows = [
+        {
+            "kind": "model",
+            "name": "m",
+            "source_file": "/workdir/model/m.py",
+            "builtin": False,
+            "params": [],
+            "open_params": False,
+        }
+    ]
     assert parse_output(0, json.dumps(rows), "", Path("/w"), "image x")[0]["source_file"] == "/w/model/m.py"
 
 
@@ -85,7 +94,14 @@ def test_parse_output_without_core_is_an_environment_problem():
 def test_discovered_params_are_checked_as_untrusted(params, why):
     from runner.workdir.plugins import DiscoveryOutputError, check_document
 
-    row = {"kind": "model", "name": "m", "source_file": "/w/m.py", "builtin": False, "params": params}
+    row = {
+        "kind": "model",
+        "name": "m",
+        "source_file": "/w/m.py",
+        "builtin": False,
+        "params": params,
+        "open_params": False,
+    }
     with pytest.raises(DiscoveryOutputError, match=f"item 0: {why}".replace("[", "\\[")):
         check_document(json.dumps([row]), Path("/w"), "image x")
 
@@ -110,7 +126,7 @@ def test_list_json_has_every_template_plugin(template_copy):
     result = infra("plugins", "list", "--json", "--backend", "local", "--workdir", str(template_copy))
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
-    assert {tuple(sorted(r)) for r in rows} == {("builtin", "kind", "name", "params", "source_file")}
+    assert {tuple(sorted(r)) for r in rows} == {("builtin", "kind", "name", "open_params", "params", "source_file")}
     plugins = {(r["kind"], r["name"], r["source_file"]) for r in rows if not r["builtin"]}
     assert plugins == {(k, n, str(template_copy / f)) for k, n, f in TEMPLATE_PLUGINS}
     builtins = {(r["kind"], r["name"]) for r in rows if r["builtin"]}

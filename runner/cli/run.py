@@ -66,6 +66,13 @@ def run(
             "CPUs (default: one slot per GPU given by --gpus, else 1).",
         ),
     ] = None,
+    cv: Annotated[
+        bool,
+        typer.Option(
+            "--cv",
+            help='Run every fold of the plan\'s split (as split.fold "all"): a study of one experiment per fold.',
+        ),
+    ] = False,
     isolated: Annotated[
         bool,
         typer.Option(
@@ -105,15 +112,21 @@ def run(
 
     wd = options.resolve_workdir(workdir)
     view = view_mode(quiet=quiet, verbose=_verbose(verbose), machine=json_out or events)
+    if cv or _folds_all(plan, overrides, wd):
+        if plan == "-":
+            raise UsageError(
+                "--cv reads the plan's folds from a plan file: give a file, or --sweep split.fold=0,1,2,3,4"
+            )
+        if any(item.partition("=")[0].strip() == "split.fold" for item in sweeps or []):
+            raise UsageError("--cv and --sweep split.fold=… say the same thing twice; keep one")
+        sweeps = [*(sweeps or []), _fold_items(plan, overrides, wd)]
     if sweeps:
-        if dry_run:
-            raise UsageError("--dry-run does not go with --sweep; dry-run one point with --set")
         from runner.cli.sweep import run_sweep_command
 
         run_sweep_command(
             plan, sweeps, overrides or [], gpus=options.gpus(gpus), detach=detach, backend=options.backend(backend),
             rerun=rerun, stop_timeout=stop_timeout, events=events, json_out=json_out, view=view, workdir=wd,
-            submit=submit, redis_url=redis_url, queue=queue, parallel=parallel, isolated=isolated,
+            submit=submit, redis_url=redis_url, queue=queue, parallel=parallel, isolated=isolated, dry_run=dry_run,
         )  # fmt: skip
         return
     if submit:
@@ -175,6 +188,23 @@ def _run_one(loaded, wd: Path, opts, source: str, view: RunView, *, events: bool
         say(f"experiment {eid} succeeded{': test ' + shown if shown else ''} ({outcome.exp_dir})")
     if not (json_out or events) and opts.detach:
         typer.echo(eid)
+
+
+def _folds_all(plan: str, overrides: list[str] | None, wd: Path) -> bool:
+    """Whether the plan asks for every fold (`split.fold: "all"`): then the run is a study."""
+    if plan == "-":
+        return False  # stdin can be read once: `split.fold: "all"` from stdin needs --cv
+    from runner.plan.load import load_plan
+
+    return load_plan(plan, overrides or [], workdir=wd, check_db=False).plan.split.fold == "all"
+
+
+def _fold_items(plan: str, overrides: list[str] | None, wd: Path) -> str:
+    """The `--sweep split.fold=[0,…]` item of the plan's folds."""
+    from runner.plan.load import load_plan
+    from runner.run.sweep import fold_sweep
+
+    return fold_sweep(load_plan(plan, [*(overrides or []), "split.fold=0"], workdir=wd, check_db=False))
 
 
 def _verbose(flag: bool) -> bool:

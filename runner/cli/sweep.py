@@ -8,6 +8,19 @@ from runner.cli.output import emit_json, say
 from runner.cli.progress import RunView
 
 
+def dry_run_table(doc: dict, keys: list[str]) -> str:
+    """The grid a dry run found: one row per point (its values, label, id, what would happen)."""
+    from runner.run import sweep
+    from runner.run.compare import render_table
+
+    rows = [[p["index"], *[sweep.show(p["values"][k]) for k in keys], p["label"], p["experiment_id"] or "-",
+             p["action"]] for p in doc["points"]]  # fmt: skip
+    table = render_table(["#", *keys, "point", "experiment", "would"], rows)
+    note = "" if doc.get("components_checked") else "\n(components not checked: the image does not exist yet)"
+    head = f"study {doc['study_id']}: " if doc.get("study_id") else ""
+    return f"{head}{len(rows)} point(s), backend {doc['backend']}\n{table}{note}"
+
+
 def run_sweep_command(
     plan: str,
     sweeps: list[str],
@@ -27,6 +40,7 @@ def run_sweep_command(
     queue: str,
     parallel: int | None = None,
     isolated: bool = False,
+    dry_run: bool = False,
 ) -> None:
     """Expand the grid, then run it as a study (`runner.run.study`) or submit it; exit with the worst code.
 
@@ -52,6 +66,15 @@ def run_sweep_command(
     text = read_plan_text(plan)[0] if plan == STDIN else None
     loaded = sweep.load_points(plan, text, overrides, points, workdir)
 
+    if dry_run:
+        from runner.run.study import dry_run_study
+
+        doc = dry_run_study(loaded, points, workdir, StudyOptions(backend=backend, gpus=gpus, rerun=rerun))
+        if json_out:
+            emit_json(doc)
+        else:
+            typer.echo(dry_run_table(doc, keys))
+        return
     if submit:
         docs = sweep.submit_sweep(loaded, points, workdir, redis_url, queue)
         if json_out:

@@ -151,6 +151,14 @@ def describe_params(kind: str, factory) -> list[dict]:
     return out
 
 
+def _takes_any_keyword(factory) -> bool:
+    """Whether the factory takes **kwargs (any parameter name is accepted)."""
+    try:
+        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return True
+
+
 def _finite_float(value) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
@@ -171,6 +179,7 @@ def describe_registries() -> list[dict]:
                     "source_file": entry.source_file,
                     "builtin": not module.startswith(NAMESPACE),
                     "params": describe_params(kind, entry.factory),
+                    "open_params": _takes_any_keyword(entry.factory),
                 }
             )
     return rows

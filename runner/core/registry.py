@@ -70,8 +70,12 @@ class Registry(Generic[T]):
         try:
             return self._entries[name].factory
         except KeyError:
+            import difflib
+
             known = ", ".join(sorted(self._entries)) or "none"
-            raise RegistryError(f"unknown {self.kind} {name!r}; registered: {known}") from None
+            close = difflib.get_close_matches(name, list(self._entries), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise RegistryError(f"unknown {self.kind} {name!r}; {hint}registered: {known}") from None
 
     def check_params(self, name: str, params: dict[str, Any], key: str, fixed: tuple[str, ...] = ()) -> None:
         """Raise ParamError naming `key` when `params` has a name the factory does not take.

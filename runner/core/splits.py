@@ -58,6 +58,8 @@ def _by_test_mask(test_mask: np.ndarray, spec: SplitSpec) -> dict[str, np.ndarra
 
 
 def _fold(spec: SplitSpec, default_folds: int | None = None) -> tuple[int, int] | None:
+    if spec.fold == "all":
+        raise _plan_error("fold", "'all' runs one experiment per fold: 'infra run' expands it into a study")
     n_folds = spec.n_folds or default_folds
     if n_folds is None:
         return None
@@ -133,6 +135,8 @@ def column_split(variants, spec: SplitSpec) -> dict[str, np.ndarray]:
     if values.dtype.kind in "iuf":
         if values.isna().any():
             raise DataError(f"split column {column!r} has {int(values.isna().sum())} empty values; fill or filter them")
+        if spec.fold == "all":
+            raise _plan_error("fold", "'all' runs one experiment per fold: 'infra run' expands it into a study")
         return _by_test_mask(values.to_numpy() == spec.fold, spec)
     names = values.astype("string").str.strip().str.lower().map(_NAMED)
     out = {name: np.flatnonzero((names == name).fillna(False).to_numpy()) for name in SPLIT_NAMES}

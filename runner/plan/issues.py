@@ -18,6 +18,7 @@ from runner.plan.models import (
     IDENTIFIER_PATTERN,
     MLFLOW_URI_PATTERN,
     NAME_PATTERN,
+    NAME_TEMPLATE_PATTERN,
     REGISTRY_NAME_PATTERN,
     SIZE_PATTERN,
     Plan,
@@ -31,6 +32,8 @@ UNION_MESSAGES = {
 
 PATTERN_RULES = {
     NAME_PATTERN: "use 1-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit",
+    NAME_TEMPLATE_PATTERN: "use 1-64 lowercase letters, digits, '.', '_' or '-' (starting with a letter or digit), "
+    "and {plan.key} placeholders such as {model.name}",
     IDENTIFIER_PATTERN: "must be a column name (letters, digits, '_'; not starting with a digit)",
     REGISTRY_NAME_PATTERN: "must be a registered name (letters, digits, '.', '_', '-'; 1-64 characters)",
     GPU_LIST_PATTERN: 'must be "all", "none", a GPU count or a device list like "0,2"',

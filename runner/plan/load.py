@@ -99,10 +99,64 @@ def load_plan_document(
     except ValidationError as exc:
         raise PlanError(source, _issues_from_pydantic(exc)) from None
     plan = _resolve_db(plan, base_dir, workdir)
+    plan, issues = resolve_name(plan)
+    if issues:
+        raise PlanError(source, issues)
     issues = semantic_issues(plan, check_db=check_db)
     if issues:
         raise PlanError(source, issues)
     return LoadedPlan(plan=plan, source=source, base_dir=base_dir)
+
+
+def resolve_name(plan: Plan) -> tuple[Plan, list[PlanIssue]]:
+    """The plan with the {plan.key} placeholders of its `name` filled from its own (resolved) keys.
+
+    A value is lower-cased and every character outside [a-z0-9._-] becomes "-", so
+    "{model.name}" of "MyCNN" gives "mycnn". A placeholder must name a key with a scalar value
+    (string, number, boolean; null gives "none"). The filled name must be a valid experiment name.
+    Filled in every run, single or swept, so a sweep point has the id the same plan has alone.
+    """
+    import json
+    import re
+
+    from runner.plan.models import NAME_PATTERN, PLACEHOLDER
+
+    if "{" not in plan.name:  # still a valid experiment name? (the template pattern is looser)
+        if re.fullmatch(NAME_PATTERN, plan.name):
+            return plan, []
+        return plan, [PlanIssue("name", f"{plan.name!r}: a name is 1-64 of a-z 0-9 . _ - (starting a-z0-9)")]
+    flat = _flatten(plan.model_dump(mode="json"))
+    issues: list[PlanIssue] = []
+
+    def fill(match: re.Match) -> str:
+        key = match.group(0)[1:-1]
+        if key not in flat:
+            issues.append(PlanIssue("name", f"placeholder {{{key}}}: no such plan key with a single value"))
+            return "x"
+        value = flat[key]
+        text = value if isinstance(value, str) else json.dumps(value)
+        return re.sub(r"[^a-z0-9._-]", "-", text.lower())
+
+    name = re.sub(PLACEHOLDER, fill, plan.name)
+    if not issues and not re.fullmatch(NAME_PATTERN, name):
+        issues.append(
+            PlanIssue(
+                "name", f"{plan.name!r} fills to {name[:80]!r}: a name is 1-64 of a-z 0-9 . _ - (starting a-z0-9)"
+            )
+        )
+    return plan.model_copy(update={"name": name}), issues
+
+
+def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of the scalar values in a plan document (objects descended into, lists left out)."""
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{path}."))
+        elif not isinstance(value, list):
+            out[path] = value
+    return out
 
 
 def _resolve_db(plan: Plan, base_dir: Path, workdir: Path | None) -> Plan:
@@ -118,9 +172,14 @@ def semantic_issues(plan: Plan, check_db: bool = True) -> list[PlanIssue]:
     """Checks a schema cannot express: cross-field rules and the database's real contents."""
     issues: list[PlanIssue] = []
     split = plan.split
-    if split.n_folds is not None and split.fold >= split.n_folds:
+    if split.fold == "all":
+        if split.strategy == "mut_num":
+            issues.append(PlanIssue("split.fold", "'all' needs a k-fold strategy (random, modulo, contiguous, column)"))
+        elif split.n_folds is None and split.strategy in ("random", "column"):
+            issues.append(PlanIssue("split.fold", "'all' needs split.n_folds (how many folds to run)"))
+    elif split.n_folds is not None and split.fold >= split.n_folds:
         issues.append(PlanIssue("split.fold", f"must be < split.n_folds ({split.n_folds}); folds count from 0"))
-    if split.n_folds is None and split.fold != 0:
+    elif split.n_folds is None and split.fold != 0:
         issues.append(PlanIssue("split.fold", "needs split.n_folds (k-fold cross-validation)"))
     if split.n_folds is None and split.val_fraction + split.test_fraction >= 1:
         issues.append(PlanIssue("split.val_fraction", "split.val_fraction + split.test_fraction must be < 1"))

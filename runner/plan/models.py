@@ -13,6 +13,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 from pydantic_core import PydanticCustomError
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+# `name` may hold {plan.key} placeholders, filled from the plan itself when it is loaded
+# (runner.plan.load.resolve_name): "blat-{model.name}-s{train.seed}" → "blat-cnn-s1"
+PLACEHOLDER = r"\{[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*\}"
+NAME_TEMPLATE_PATTERN = rf"^(?:[a-z0-9._-]|{PLACEHOLDER}){{1,64}}$"
 IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 REGISTRY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 GPU_LIST_PATTERN = r"^(all|none|[0-9]+(,[0-9]+)*)$"
@@ -181,8 +185,9 @@ class SplitSpec(Strict):
     n_folds: Annotated[int, Field(ge=2, le=100), INTEGRAL] | None = Field(
         default=None, description="k-fold: the test set is fold `fold` of n_folds"
     )
-    fold: Annotated[int, Field(ge=0, le=99), INTEGRAL] = Field(
-        default=0, description="which fold is the test set (0-based); needs n_folds"
+    fold: Annotated[int, Field(ge=0, le=99), INTEGRAL] | Literal["all"] = Field(
+        default=0,
+        description='which fold is the test set (0-based; needs n_folds); "all": one experiment per fold (a study)',
     )
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
         default=0.2, description="share of rows in the test set (no n_folds)"
@@ -267,7 +272,14 @@ class TrackingSpec(Strict):
 class Plan(Strict):
     """One experiment: what data, which components, how to split and train, what to report."""
 
-    name: Annotated[str, Field(pattern=NAME_PATTERN, description="experiment name")]
+    name: Annotated[
+        str,
+        Field(
+            pattern=NAME_TEMPLATE_PATTERN,
+            description="experiment name; {plan.key} placeholders are filled from the plan, "
+            'e.g. "blat-{model.name}-s{train.seed}-f{split.fold}"',
+        ),
+    ]
     experiment_id: Annotated[str, Field(pattern=NAME_PATTERN)] | None = Field(
         default=None, description="explicit id; default <name>-<10 hex of sha256(plan + plugin image hash)>"
     )

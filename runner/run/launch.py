@@ -166,6 +166,8 @@ def run(loaded: LoadedPlan, workdir: Path, opts: RunOptions) -> RunOutcome:
     prepared = backend.prepare(workdir, gpus, build_log.add)
     if prepared.image_tag is not None:
         opts.on_phase({"phase": "image", "tag": prepared.image_tag, "reused": prepared.image_id is not None})
+    if prepared.image_id is not None or prepared.image_tag is None:  # an image to ask (or the host's core)
+        check_components([loaded], workdir, backend, prepared, build_log.add)
     target = Target.of(loaded, workdir, prepared.image_hash, gpus)
     exp = target.exp
     exp.lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,6 +197,17 @@ def run(loaded: LoadedPlan, workdir: Path, opts: RunOptions) -> RunOutcome:
     if opts.detach:
         return RunOutcome(exp.id, exp.root, record, EXIT_OK)
     return follow(exp, backend, opts)
+
+
+def check_components(plans: list[LoadedPlan], workdir: Path, backend, prepared, on_log, labels=None) -> None:
+    """PlanError (exit 2) naming every unknown component (with "did you mean") or parameter, before
+    anything is created: checked against what the image registers (runner.workdir.components)."""
+    from runner.errors import PlanError
+    from runner.workdir.components import check_plans, components
+
+    issues = check_plans([lp.plan for lp in plans], components(workdir, backend, prepared, on_log), labels)
+    if issues:
+        raise PlanError(plans[0].source, issues)
 
 
 def decide(exp: Experiment, backend: Backend) -> dict | None:

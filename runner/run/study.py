@@ -32,11 +32,20 @@ from runner import safefs
 from runner.errors import EXIT_EXPERIMENT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InfraError
 from runner.plan.models import GpuRequest
 from runner.run.jobs import Limits, default_threads, slot_job
-from runner.run.launch import LOCK_TIMEOUT_S, BuildLog, Target, decide, open_attempt, plan_gpus, preflight_paths
+from runner.run.launch import (
+    LOCK_TIMEOUT_S,
+    BuildLog,
+    Target,
+    check_components,
+    decide,
+    open_attempt,
+    plan_gpus,
+    preflight_paths,
+)
 from runner.run.records import ACTIVE, Experiment, now_iso
 from runner.run.slots import PointEnd, Slot, slot_dir, slot_name
 from runner.run.spec import LABEL_PURPOSE, LABEL_SLOT, LABEL_STUDY
-from runner.run.sweep import PointResult
+from runner.run.sweep import PointResult, point_label
 from runner.settings import node_settings
 
 log = logging.getLogger(__name__)
@@ -279,7 +288,7 @@ class Study:
         self.workdir = workdir
         self.opts = opts
         self.backend = opts.backend
-        self.results = [PointResult(i, p) for i, p in enumerate(points, 1)]
+        self.results = [PointResult(i, p, point_label(p)) for i, p in enumerate(points, 1)]
         self.pending: queue.Queue[int] = queue.Queue()
         self.stopping = threading.Event()
         self.lanes: list[Lane] = []
@@ -302,6 +311,8 @@ class Study:
         build_log = BuildLog(self.opts.on_build_log)
         self.prepared = self.backend.prepare(self.workdir, self.gpus, build_log.add)
         self.image_id = self.backend.ensure_image(self.prepared, build_log.add)
+        labels = [point_label(p) for p in self.points]
+        check_components(self.loaded, self.workdir, self.backend, self.prepared, build_log.add, labels)
         self.targets = [Target.of(lp, self.workdir, self.prepared.image_hash, self.gpus) for lp in self.loaded]
         for result, target in zip(self.results, self.targets, strict=True):
             result.experiment_id, result.exp_dir = target.exp.id, str(target.exp.root)
@@ -323,7 +334,10 @@ class Study:
             "created_at": now_iso(),
             "backend": self.backend.name,
             "slots": len(self.lanes),
-            "points": [{"index": r.index, "values": r.values, "experiment_id": r.experiment_id} for r in self.results],
+            "points": [
+                {"index": r.index, "values": r.values, "label": r.label, "experiment_id": r.experiment_id}
+                for r in self.results
+            ],
         }
 
     # --- running ----------------------------------------------------------------------------------------
@@ -494,3 +508,55 @@ class WarmLane:
         if self.lane is not None:
             self.lane.close()
             self.lane = None
+
+
+def dry_run_study(loaded_plans: list, points: list[dict], workdir: Path, opts: StudyOptions) -> dict:
+    """What running the study would do, building and starting nothing: each point's id and whether it
+    would run, resume (from its last checkpoint), or be reported (already succeeded).
+
+    The components of every point are checked as a run checks them when the image exists (or from
+    the node's cache); without an image (docker, before its first build) ids are not known yet."""
+    from runner.run.backends import backend_of
+    from runner.workdir.components import cached, check_plans
+
+    backend = opts.backend
+    gpus = plan_gpus(loaded_plans[0], opts.gpus)
+    images = backend.dry_prepare(workdir)
+    image_hash = images.pop("image_hash", None)
+    doc = {"backend": backend.name, "workdir": str(workdir), **images, "points": []}
+    comps = cached(image_hash) if image_hash else None
+    if comps is not None:
+        labels = [point_label(p) for p in points]
+        issues = check_plans([lp.plan for lp in loaded_plans], comps, labels)
+        if issues:
+            from runner.errors import PlanError
+
+            raise PlanError(loaded_plans[0].source, issues)
+    doc["components_checked"] = comps is not None
+    targets = [Target.of(lp, workdir, image_hash, gpus) for lp in loaded_plans]
+    ids = [t.exp.id for t in targets] if image_hash else []
+    doc["study_id"] = study_id(loaded_plans[0].plan.name, ids) if ids else None
+    for i, (point, target) in enumerate(zip(points, targets, strict=True), 1):
+        action = "run"
+        if image_hash and target.exp.exists():
+            record = target.exp.read()
+            state = record.get("state")
+            if state in ACTIVE:
+                from runner.run.reconcile import reconcile
+
+                state = reconcile(target.exp, backend_of(record)).get("state")
+            if state == "succeeded":
+                action = "report (already succeeded)" if not opts.rerun else "run again (--rerun)"
+            elif state in ACTIVE:
+                action = f"wait ({state} in another runner)"
+            else:
+                resumes = (target.exp.root / "ckpts" / "last.ckpt").is_file()
+                action = f"resume ({state}; from ckpts/last.ckpt)" if resumes else f"run again ({state})"
+        doc["points"].append({
+            "index": i,
+            "values": point,
+            "label": point_label(point),
+            "experiment_id": target.exp.id if image_hash else None,
+            "action": action,
+        })  # fmt: skip
+    return doc

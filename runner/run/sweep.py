@@ -1,4 +1,4 @@
-"""`infra run PLAN --sweep KEY=V1,V2 …`: a grid of experiments, run one after another or put on the queue.
+"""`infra run PLAN --sweep KEY=V1,V2 …`: a grid of experiments (a study: `runner.run.study`), or put on the queue.
 
 Decisions (see docs/plugins.md, "Sweeps"):
 
@@ -11,9 +11,11 @@ Decisions (see docs/plugins.md, "Sweeps"):
   plan with `--set` applied first and then the point's values (so a swept key wins over a `--set`).
 - Every point is validated before anything runs: a bad value fails the whole sweep with exit 2 and
   the offending point named.
-- Points run one after another through `runner.run.launch.run` (same idempotency: a point that already
-  succeeded is reported, not rerun). A failed point does not stop the sweep; an environment error
-  (no Docker, a failed image build) or Ctrl-C stops it, and the rest are reported `not run`.
+- The points run as a study (`runner.run.study`: long-lived slots, several at once with
+  `--parallel`), each the experiment it would be alone (same id, same idempotency: a point that
+  already succeeded is reported, not rerun). A failed point does not stop the study; an environment
+  error (no Docker, a failed image build) or Ctrl-C stops it, and the rest are reported `not run`.
+- `--cv`, or `split.fold: "all"` in the plan, adds `split.fold=[0,…,k-1]` (`fold_sweep`).
 - Exit code: 130 when interrupted, else the environment error's code, else 1 if any point failed,
   else 0.
 """
@@ -23,12 +25,11 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.errors import EXIT_EXPERIMENT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InfraError, PlanError, UsageError
+from runner.errors import PlanError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,34 @@ def grid(items: list[str]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in sweeps))]
 
 
+POSITION_FOLDS = 5  # the folds of `modulo` / `contiguous` without split.n_folds (runner.core.splits)
+
+
+def fold_sweep(loaded) -> str | None:
+    """`split.fold=[0,…,k-1]` for a plan whose `split.fold` is "all" (or with `--cv`): one point per fold."""
+    split = loaded.plan.split
+    n_folds = split.n_folds or (POSITION_FOLDS if split.strategy in ("modulo", "contiguous") else None)
+    if n_folds is None:
+        raise UsageError(
+            f"--cv / split.fold 'all': split strategy {split.strategy!r} has no folds without split.n_folds; "
+            "set split.n_folds"
+        )
+    return f"split.fold={json.dumps(list(range(n_folds)))}"
+
+
+def point_label(point: dict[str, Any]) -> str:
+    """A short, readable name for a point from its swept values: `mlp-seed1-fold0` (its experiment id
+    keeps the plan's name, so the point has the id it would have run alone)."""
+    parts = []
+    for key, value in point.items():
+        if isinstance(value, dict):
+            value = value.get("name", json.dumps(value, sort_keys=True)[:16])
+        text = show(value)
+        tail = key.rsplit(".", 1)[-1]
+        parts.append(text if isinstance(value, str) else f"{tail}{text}")
+    return "-".join(parts)
+
+
 def show(value: Any) -> str:
     """A swept value as text: strings bare, everything else as JSON."""
     return value if isinstance(value, str) else json.dumps(value)
@@ -99,6 +128,7 @@ class PointResult:
 
     index: int
     values: dict[str, Any]
+    label: str = ""  # a short name from the swept values (`point_label`)
     experiment_id: str | None = None
     state: str = "not run"
     exit_code: int | None = None  # infra's exit code for this point (0, 1, 3, 130 …)
@@ -133,64 +163,6 @@ def load_points(source: str, text: str | None, overrides: list[str], points: lis
         except PlanError as exc:
             raise PlanError(f"{exc.source} (sweep point {i}: {label(point)})", exc.issues) from None
     return loaded
-
-
-def run_sweep(
-    loaded_plans: list,
-    points: list[dict],
-    workdir: Path,
-    make_opts: Callable[[], Any],
-    on_done: Callable[[PointResult, int], None] = lambda result, total: None,
-) -> tuple[list[PointResult], int]:
-    """Run the points one after another; return their results and the sweep's exit code."""
-    from runner.errors import ExperimentFailed, Interrupted
-    from runner.run.launch import run
-
-    results = [PointResult(i, point) for i, point in enumerate(points, 1)]
-    code = EXIT_OK
-    for result, loaded in zip(results, loaded_plans, strict=True):
-        try:
-            outcome = run(loaded, workdir, make_opts())
-        except ExperimentFailed as exc:
-            _from_record(result, getattr(exc, "record", None), exc.exit_code, exc.message)
-            code = max(code, EXIT_EXPERIMENT_FAILED)
-            on_done(result, len(results))
-            continue
-        except Interrupted as exc:
-            _from_record(result, getattr(exc, "record", None), exc.exit_code, exc.message)
-            result.state = result.state if result.experiment_id else "cancelled"
-            on_done(result, len(results))
-            return results, EXIT_INTERRUPTED
-        except InfraError as exc:  # engine unreachable, image build failed …: the next point would fail too
-            result.state, result.exit_code, result.message = "error", exc.exit_code, exc.message
-            on_done(result, len(results))
-            return results, exc.exit_code
-        _from_record(result, outcome.record, EXIT_OK, None)
-        result.experiment_id, result.exp_dir, result.reused = (
-            outcome.experiment_id,
-            str(outcome.exp_dir),
-            outcome.reused,
-        )
-        _add_metrics(result)
-        on_done(result, len(results))
-    return results, code
-
-
-def _from_record(result: PointResult, record: dict | None, code: int, message: str | None) -> None:
-    result.exit_code, result.message = code, message
-    if record:
-        result.experiment_id = record.get("experiment_id")
-        result.state = record.get("state") or result.state
-        result.exp_dir = record.get("exp_dir")
-        if result.exp_dir:
-            _add_metrics(result)
-
-
-def _add_metrics(result: PointResult) -> None:
-    from runner.run.records import metrics_summary
-
-    metrics = metrics_summary(Path(result.exp_dir))
-    result.test, result.val, result.n = metrics.get("test") or {}, metrics.get("val") or {}, metrics.get("n") or {}
 
 
 def submit_sweep(loaded_plans: list, points: list[dict], workdir: Path, redis_url: str, queue: str) -> list[dict]:

@@ -98,9 +98,9 @@ def check_document(data: bytes | str, workdir: Path, where: str) -> list[dict]:
     if len(rows) > MAX_COMPONENTS:
         raise DiscoveryOutputError(workdir, where, f"{len(rows)} components, more than {MAX_COMPONENTS}")
     for i, row in enumerate(rows):
-        if not isinstance(row, dict) or set(row) != {*ROW_KEYS, "builtin", "params"}:
+        if not isinstance(row, dict) or set(row) != {*ROW_KEYS, "builtin", "params", "open_params"}:
             raise DiscoveryOutputError(
-                workdir, where, f"item {i} is not an object of kind, name, source_file, builtin, params"
+                workdir, where, f"item {i} is not an object of kind, name, source_file, builtin, params, open_params"
             )
         for key, longest in ROW_KEYS.items():
             value = row[key]
@@ -108,8 +108,8 @@ def check_document(data: bytes | str, workdir: Path, where: str) -> list[dict]:
                 raise DiscoveryOutputError(
                     workdir, where, f"item {i}: {key} is not a string of at most {longest} printable characters"
                 )
-        if not isinstance(row["builtin"], bool):
-            raise DiscoveryOutputError(workdir, where, f"item {i}: builtin is not true or false")
+        if not isinstance(row["builtin"], bool) or not isinstance(row["open_params"], bool):
+            raise DiscoveryOutputError(workdir, where, f"item {i}: builtin or open_params is not true or false")
         why = _params_problem(row["params"])
         if why:
             raise DiscoveryOutputError(workdir, where, f"item {i}: params {why}")

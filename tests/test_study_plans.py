@@ -1,0 +1,168 @@
+"""Studies checked before anything starts: named points, every fold, components with "did you mean", the dry run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from runner.errors import PlanError, UsageError
+from runner.plan.load import load_plan
+from runner.run import sweep
+from tests.e2e import REPO
+from tests.helpers import infra
+
+
+def plan_text(db: Path, **extra) -> str:
+    doc = {"name": "blat", "data": {"db": str(db)}, "model": {"name": "mlp"}}
+    for key, value in extra.items():
+        doc[key.replace("__", ".")] = value
+    return json.dumps(doc)
+
+
+def test_name_placeholders_are_filled_from_the_plan(mini_db):
+    text = plan_text(mini_db, name="blat-{model.name}-s{train.seed}-f{split.fold}", **{"split__n_folds": 5})
+    loaded = load_plan("p.json", ["train.seed=3", "split.fold=2"], text=text)
+    assert loaded.plan.name == "blat-mlp-s3-f2"
+    # the same placeholders in a sweep point and in a single run give the same name (and id)
+    point = sweep.load_points("p.json", text, [], [{"train.seed": 3, "split.fold": 2}], mini_db.parent)[0]
+    assert point.plan.name == loaded.plan.name
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("x-{model.nope}", "p.json: name: placeholder {model.nope}: no such plan key with a single value"),
+        ("x-{model.params}", "p.json: name: placeholder {model.params}: no such plan key with a single value"),
+        ("{data.db}", "p.json: name: '{data.db}' fills to"),
+        ("..", "p.json: name: '..': a name is 1-64 of a-z 0-9 . _ - (starting a-z0-9)"),
+    ],
+)
+def test_bad_placeholders_are_plan_errors(mini_db, name, message):
+    with pytest.raises(PlanError) as info:
+        load_plan("p.json", text=plan_text(mini_db, name=name))
+    assert str(info.value).startswith(message)
+    assert info.value.exit_code == 2
+
+
+def test_a_placeholder_value_is_lowercased_and_made_a_valid_name(mini_db):
+    text = plan_text(mini_db, name="run-{data.target}-{train.lr}")
+    assert load_plan("p.json", text=text).plan.name == "run-dms_score-0.001"
+
+
+def test_point_labels_name_the_swept_values():
+    assert sweep.point_label({"model": {"name": "mlp", "params": {}}, "train.seed": 1}) == "mlp-seed1"
+    assert sweep.point_label({"split.fold": 0, "train.lr": 0.001}) == "fold0-lr0.001"
+    assert sweep.point_label({"data.dataset": "BLAT_ECOLX"}) == "BLAT_ECOLX"
+
+
+def test_every_fold_of_a_plan(mini_db):
+    def folds(**split):
+        return sweep.fold_sweep(load_plan("p.json", text=plan_text(mini_db, split=split)))
+
+    assert folds(strategy="random", n_folds=3) == "split.fold=[0, 1, 2]"
+    assert folds(strategy="modulo") == "split.fold=[0, 1, 2, 3, 4]"  # the core's default of 5 position folds
+    with pytest.raises(PlanError, match="split.fold: 'all' needs split.n_folds"):
+        load_plan("p.json", text=plan_text(mini_db, split={"strategy": "random", "fold": "all"}))
+    with pytest.raises(PlanError, match="split.fold: 'all' needs a k-fold strategy"):
+        load_plan("p.json", text=plan_text(mini_db, split={"strategy": "mut_num", "fold": "all"}))
+    with pytest.raises(UsageError, match="has no folds without split.n_folds"):
+        folds(strategy="random")
+
+
+def test_components_are_checked_with_did_you_mean():
+    from runner.workdir.components import Components, check_plans
+
+    rows = [
+        {"kind": "model", "name": "cnn", "params": [{"name": "channels", "type": "int", "default": 32, "required": False}],
+         "open_params": False},
+        {"kind": "model", "name": "linear", "params": [{"name": "l2", "type": "float", "default": 1.0, "required": False}],
+         "open_params": False},
+        {"kind": "model", "name": "needs", "params": [{"name": "k", "type": None, "default": None, "required": True}],
+         "open_params": False},
+        {"kind": "model", "name": "anything", "params": [], "open_params": True},
+        {"kind": "embedding", "name": "onehot", "params": [], "open_params": False},
+        {"kind": "vocab", "name": "IUPAC", "params": [], "open_params": False},
+        {"kind": "metric", "name": "spearman", "params": [], "open_params": False},
+    ]  # fmt: skip
+    comps = Components.of(rows)
+
+    def plan(model, metrics=("spearman",)):
+        text = json.dumps({"name": "x", "data": {"db": "/nonexistent.db"}, "model": model, "metrics": list(metrics)})
+        return load_plan("p.json", text=text, check_db=False).plan
+
+    issues = check_plans(
+        [plan({"name": "cnnn"}), plan({"name": "linear", "params": {"channels": 8}}), plan({"name": "needs"}),
+         plan({"name": "anything", "params": {"z": 1}}), plan({"name": "cnn"}, metrics=["spearmen"])],
+        comps,
+        ["a", "b", "c", "d", "e"],
+    )  # fmt: skip
+    assert [f"{i.path}: {i.message}" for i in issues] == [
+        "[a] model.name: unknown model 'cnnn'; did you mean 'cnn'? registered: anything, cnn, linear, needs",
+        "[b] model.params: model 'linear' has no parameter 'channels'; it takes: l2",
+        "[c] model.params: model 'needs' needs 'k'",
+        "[e] metrics[0]: unknown metric 'spearmen'; did you mean 'spearman'? registered: spearman",
+    ]
+
+
+@pytest.fixture
+def local_work(tmp_path, monkeypatch) -> Path:
+    from runner.data.importer import build_demo_db
+
+    monkeypatch.setenv("INFRA_CACHE_DIR", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    shutil.copytree(REPO / "plugins_template", work)
+    build_demo_db(work / "data" / "blat.db")
+    (work / "plans" / "small.json").write_text(
+        json.dumps(
+            {
+                "name": "blat-{model.name}-f{split.fold}",
+                "data": {"db": "data/blat.db", "limit": 300},
+                "model": {"name": "ridge"},
+                "split": {"strategy": "random", "n_folds": 3},
+                "train": {"max_epochs": 1},
+            }
+        )
+    )
+    return work
+
+
+@pytest.mark.core
+def test_a_sweep_with_a_wrong_model_fails_before_anything_starts(local_work):
+    models = '[{"name":"ridge"},{"name":"cnn","params":{"channels":8}},{"name":"linear","params":{"channels":8}}]'
+    result = infra("run", "plans/small.json", "--backend", "local", "--sweep", f"model={models}", workdir=local_work)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "infra: error: plans/small.json: [linear] model.params: model 'linear' has no parameter 'channels'; "
+        "it takes: l2, lr_scale, init"
+    )
+    assert not (local_work / "experiments").exists() or not list((local_work / "experiments").glob("blat-*"))
+    single = infra("run", "plans/small.json", "--backend", "local", "--set", "model.name=cnnn", workdir=local_work)
+    assert single.returncode == 2
+    assert "model.name: unknown model 'cnnn'; did you mean 'cnn'?" in single.stderr
+    assert not list((local_work / "experiments").glob("blat-*"))
+
+
+@pytest.mark.core
+@pytest.mark.slow
+def test_cv_runs_every_fold_and_the_dry_run_says_what_would_happen(local_work):
+    dry = infra("run", "plans/small.json", "--backend", "local", "--cv", "--dry-run", workdir=local_work)
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.strip().splitlines()
+    assert lines[0].startswith("study blat-ridge-f0-study-") and lines[0].endswith(": 3 point(s), backend local")
+    assert lines[1].split() == ["#", "split.fold", "point", "experiment", "would"]
+    assert [line.split()[2] for line in lines[2:5]] == ["fold0", "fold1", "fold2"]
+    assert all(line.split()[3].startswith(f"blat-ridge-f{i}-") and line.endswith("run") for i, line in
+               enumerate(lines[2:5]))  # fmt: skip
+
+    run = infra("run", "plans/small.json", "--backend", "local", "--cv", "--json", workdir=local_work)
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert [p["values"] for p in doc["experiments"]] == [{"split.fold": 0}, {"split.fold": 1}, {"split.fold": 2}]
+    assert [p["experiment_id"].rsplit("-", 1)[0] for p in doc["experiments"]] == [f"blat-ridge-f{i}" for i in range(3)]
+    assert doc["study_id"] == lines[0].split()[1].rstrip(":")
+
+    again = infra("run", "plans/small.json", "--backend", "local", "--cv", "--dry-run", "--json", workdir=local_work)
+    assert [p["action"] for p in json.loads(again.stdout)["points"]] == ["report (already succeeded)"] * 3
