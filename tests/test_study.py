@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -58,9 +57,26 @@ def record(exp_dir: str | Path) -> dict:
     return json.loads((Path(exp_dir) / "status.json").read_text())
 
 
-def slot_processes() -> list[str]:
-    out = subprocess.run(["pgrep", "-f", "runner.core.slot"], capture_output=True, text=True).stdout
-    return out.split()
+def slot_pids(work: Path) -> set[int]:
+    """The slot processes (pids, from the points' records) of this workdir's studies."""
+    pids = set()
+    for status in (work / "experiments").glob("*/status.json"):
+        slot = json.loads(status.read_text()).get("slot") or {}
+        if str(slot.get("process", "")).isdigit():
+            pids.add(int(slot["process"]))
+    return pids
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those of `pids` still running as a study slot (a reused pid running something else does not count)."""
+    running = set()
+    for pid in pids:
+        try:
+            if b"runner.core.slot" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                running.add(pid)
+        except OSError:
+            continue
+    return running
 
 
 def test_points_fail_alone_and_a_killed_slot_takes_only_its_point(swork):
@@ -84,7 +100,7 @@ def test_points_fail_alone_and_a_killed_slot_takes_only_its_point(swork):
     study = json.loads((swork / "studies" / f"{doc['study_id']}.json").read_text())
     assert [p["experiment_id"] for p in study["points"]] == [p["experiment_id"] for p in points]
     assert list((swork / "experiments" / ".slots").iterdir()) == []
-    assert slot_processes() == []
+    assert len(slot_pids(swork)) == 2 and alive(slot_pids(swork)) == set()
 
 
 def test_a_point_in_a_study_equals_the_point_run_alone(swork, tmp_path):
@@ -142,7 +158,7 @@ def test_stop_one_point_then_resume_it(swork, tmp_path):
         # the study goes on with point 2 (in the same slot): let it finish
         (second,) = wait_for(lambda: [p for p in held_points(swork) if p != first], 300, "point 2 held at its gate")
         (second / "metrics" / ".gate-open").touch()
-        assert runner.wait(timeout=600) == 1  # one point was stopped: not every point succeeded
+        assert runner.wait(timeout=600) == 1, (tmp_path / "study.log").read_text()  # a point was stopped
     finally:
         if runner.poll() is None:
             runner.kill()
@@ -167,15 +183,17 @@ def test_interrupting_the_study_stops_every_point(swork, tmp_path):
     try:
         wait_for(lambda: len(held_points(swork)) == 2, 300, "two points held at their gates")
         os.kill(runner.pid, signal.SIGINT)  # Ctrl-C
-        assert runner.wait(timeout=300) == 130
+        code = runner.wait(timeout=300)
     finally:
         if runner.poll() is None:
             runner.kill()
+    output = (tmp_path / "study.log").read_text()
+    assert code == 130, output
     states = sorted(record(p)["state"] for p in (swork / "experiments").glob("gated-*"))
-    assert states == ["cancelled", "cancelled"]  # the third point never started
-    summary = json.loads((tmp_path / "study.log").read_text().strip().splitlines()[-1])
+    assert states == ["cancelled", "cancelled"], output  # the third point never started
+    summary = json.loads(next(line for line in reversed(output.splitlines()) if line.startswith("{")))
     assert [p["state"] for p in summary["experiments"]].count("not run") == 1
-    assert slot_processes() == []
+    assert alive(slot_pids(swork)) == set()
 
 
 def test_a_killed_runner_leaves_points_that_status_calls_lost(swork, tmp_path):
@@ -187,7 +205,9 @@ def test_a_killed_runner_leaves_points_that_status_calls_lost(swork, tmp_path):
     runner.kill()  # SIGKILL: nothing of the runner survives to tidy up
     runner.wait()
     # the slot sees its host's alive file go stale, stops the point (checkpoint) and exits
-    wait_for(lambda: slot_processes() == [], 120, "the orphaned slot to stop")
+    pids = slot_pids(swork)
+    assert len(pids) == 1
+    wait_for(lambda: alive(pids) == set(), 120, "the orphaned slot to stop")
     status = infra("status", point.name, "--json", workdir=swork)
     doc = json.loads(status.stdout)
     assert doc["state"] == "lost" and "run the study again" in doc["message"]

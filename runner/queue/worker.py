@@ -43,7 +43,7 @@ DEFAULT_HEARTBEAT_TTL = 60
 
 if TYPE_CHECKING:
     from runner.run.backends import Backend
-    from runner.run.study import WarmLane
+    from runner.run.lanes import WarmLane
 
 
 @dataclass
@@ -241,7 +241,7 @@ def run_worker(cfg: WorkerConfig) -> bool:
         worker_ttl=max(cfg.heartbeat_ttl, 20),
     )
     if not cfg.isolated:
-        from runner.run.study import WarmLane
+        from runner.run.lanes import WarmLane
 
         cfg.warm = WarmLane(f"worker-{re.sub(r'[^a-z0-9._-]', '-', cfg.name.lower())[:40]}")
     infra_job.bind(cfg)
