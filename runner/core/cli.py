@@ -103,24 +103,18 @@ def run_point(
     `shared` (a `runner.core.shared.SharedData`) lends what earlier points of the same process
     computed; `on_stop` receives the point's stop object (None when it ends), so a slot can stop it.
     """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    # The handler is bound to this call's stderr; it is removed on return, so a caller running it
-    # in-process (tests, a slot) is not left with a handler on a stream it has since closed.
-    loggers = [logging.getLogger(name) for name in ("runner", "infra_ext")]  # lightning logs on its own
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-    # Lightning's adverts ("💡 Tip: … litlogger / litmodels") go; its other notices stay in the log.
-    advert_filter = _NoAdverts()
-    for name in LIGHTNING_NOTICE_LOGGERS:
-        logging.getLogger(name).addFilter(advert_filter)
-    from runner.core.training import EXIT_CANCELLED, Cancelled, GracefulStop
+    from runner.core.training import GracefulStop
 
     stop = stop or GracefulStop()
     if on_stop is not None:
         on_stop(stop)
+    with _core_logging():
+        return _run_point(plan_path, exp_dir, workdir, db, experiment_id, stop, limit_batches, shared, on_stop)
+
+
+def _run_point(plan_path, exp_dir, workdir, db, experiment_id, stop, limit_batches, shared, on_stop) -> int:
+    from runner.core.training import EXIT_CANCELLED, Cancelled
+
     try:
         _set_threads()
         from runner.core.experiment import run_experiment
@@ -153,10 +147,28 @@ def run_point(
     finally:
         if on_stop is not None:
             on_stop(None)
-        for name in ("runner", "infra_ext"):  # a second run in one process must not log twice
-            logging.getLogger(name).removeHandler(handler)
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _core_logging():
+    """The core's log lines on stderr for one run. The handler is bound to this call's stderr and removed
+    after it, so a caller running many experiments in one process (a slot, tests) never logs twice or
+    to a stream it has since closed; Lightning's adverts are filtered, its other notices kept."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("runner", "infra_ext")]  # lightning logs on its own
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    advert_filter = _NoAdverts()
+    for name in LIGHTNING_NOTICE_LOGGERS:
+        logging.getLogger(name).addFilter(advert_filter)
+    try:
+        yield
+    finally:
         for name in LIGHTNING_NOTICE_LOGGERS:
             logging.getLogger(name).removeFilter(advert_filter)
         for logger, level in zip(loggers, levels, strict=True):

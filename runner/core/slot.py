@@ -155,8 +155,12 @@ def memory_text() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = _parser().parse_args(argv)
     os.dup2(2, 1)  # one stream: the markers and the points' output stay in order
+    # the shared arrays are read-only on purpose (runner.core.shared); torch only reads them
+    warnings.filterwarnings("ignore", message=r"The given NumPy array is not writable")
     from runner.core.plugins import resolve_workdir
 
     loop = SlotLoop(Path(args.control), resolve_workdir(args.workdir), args.idle_exit, args.alive_timeout)
