@@ -240,9 +240,10 @@ def test_exposure_warning_only_for_open_urls():
 
 
 def test_worker_warns_about_an_open_redis_url_first(qworkdir):
-    # --backend nope fails before any connection: nothing is sent to example.invalid, not even DNS.
-    error = "infra: error: --backend 'nope': use 'docker' or 'local'"
-    result = infra("worker", "--redis", "redis://example.invalid:6379/0", "--backend", "nope", workdir=qworkdir)
+    # a missing --workdir fails before any connection: nothing is sent to example.invalid, not even DNS.
+    missing = qworkdir / "missing"
+    error = f"infra: error: --workdir {missing} is not a directory; create it or use 'infra init {missing}'"
+    result = infra("worker", "--redis", "redis://example.invalid:6379/0", "--workdir", str(missing), workdir=qworkdir)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "infra: warning: Redis at redis://example.invalid:6379/0 has no credentials and is not on this machine: "
@@ -251,7 +252,9 @@ def test_worker_warns_about_an_open_redis_url_first(qworkdir):
         "(see docs/security.md)",
         error,
     ]
-    local = infra("worker", "--redis", f"redis://127.0.0.1:{_free_port()}/0", "--backend", "nope", workdir=qworkdir)
+    local = infra(
+        "worker", "--redis", f"redis://127.0.0.1:{_free_port()}/0", "--workdir", str(missing), workdir=qworkdir
+    )
     assert local.returncode == 2 and local.stderr.splitlines() == [error]
 
 

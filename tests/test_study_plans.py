@@ -166,3 +166,27 @@ def test_cv_runs_every_fold_and_the_dry_run_says_what_would_happen(local_work):
 
     again = infra("run", "plans/small.json", "--backend", "local", "--cv", "--dry-run", "--json", workdir=local_work)
     assert [p["action"] for p in json.loads(again.stdout)["points"]] == ["report (already succeeded)"] * 3
+
+
+def test_the_study_board_redraws_the_points_as_they_end():
+    import io
+
+    from rich.console import Console
+
+    from runner.cli.sweep import StudyBoard
+
+    out = io.StringIO()
+    board = StudyBoard(2, ["ridge-seed0", "mlp-seed0"], console=Console(file=out, width=80, force_terminal=False))
+    board.update(1, "running")
+    board.update(1, "succeeded", 0.68245, 2.04)
+    board.update(2, "failed")
+    text = board._table()
+    board.stop()
+    from rich.console import Console as Plain
+
+    rendered = io.StringIO()
+    Plain(file=rendered, width=80).print(text)
+    lines = [line.rstrip() for line in rendered.getvalue().splitlines()]
+    assert lines[0] == "study: 2/2 done"
+    assert any("ridge-seed0" in line and "succeeded" in line and "0.6825" in line and "2.0" in line for line in lines)
+    assert any("mlp-seed0" in line and "failed" in line for line in lines)

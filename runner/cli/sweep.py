@@ -1,11 +1,49 @@
 """The `--sweep` branch of `infra run`: parse, validate every point, run the study or submit it, render the summary."""
 
+import threading
 from pathlib import Path
 
 import typer
 
 from runner.cli.output import emit_json, say
 from runner.cli.progress import RunView
+from runner.lines import terminal_safe
+
+
+class StudyBoard:
+    """Several points at once on a terminal: one live table of the points (state, test Spearman,
+    training seconds) redrawn as they start and end; the summary table follows it."""
+
+    def __init__(self, total: int, labels: list[str], console=None):
+        from rich.console import Console
+        from rich.live import Live
+
+        self.rows = {i: [i, label, "pending", None, None] for i, label in enumerate(labels, 1)}
+        self.total = total
+        self.console = console or Console(stderr=True)
+        self.lock = threading.Lock()
+        self.live = Live(self._table(), console=self.console, transient=True, auto_refresh=False)
+        self.live.start()
+
+    def _table(self):
+        from rich.table import Table
+
+        done = sum(r[2] not in ("pending", "running") for r in self.rows.values())
+        table = Table(title=f"study: {done}/{self.total} done", title_justify="left")
+        for name in ("#", "point", "state", "test.spearman", "train s"):
+            table.add_column(name, justify="right" if name in ("#", "test.spearman", "train s") else "left")
+        for index, label, state, rho, seconds in self.rows.values():
+            table.add_row(str(index), label, state, "-" if rho is None else f"{rho:.4f}",
+                          "-" if seconds is None else f"{seconds:.1f}")  # fmt: skip
+        return table
+
+    def update(self, index: int, state: str, rho=None, seconds=None) -> None:
+        with self.lock:
+            self.rows[index][2:] = [state, rho, seconds]
+            self.live.update(self._table(), refresh=True)
+
+    def stop(self) -> None:
+        self.live.stop()
 
 
 def dry_run_table(doc: dict, keys: list[str]) -> str:
@@ -86,9 +124,13 @@ def run_sweep_command(
 
     slots = min(parallel or default_parallel(plan_gpus(loaded[0], gpus)), len(points))
     views: dict[int, RunView] = {}
+    board = StudyBoard(len(points), [sweep.point_label(p) for p in points]) if slots > 1 and view == "live" else None
 
     def point_view(result: sweep.PointResult) -> dict:
         title = f"[{result.index}/{len(points)}] {sweep.label(result.values)}"
+        if board is not None:
+            board.update(result.index, "running")
+            return {}
         if slots > 1:  # several points at once: a line as each starts, none of their epochs
             if view != "quiet":
                 say(f"{title}: {result.experiment_id} started")
@@ -99,6 +141,13 @@ def run_sweep_command(
     def on_done(result: sweep.PointResult, total: int) -> None:
         if result.index in views:
             views.pop(result.index).stop()
+        if board is not None:
+            state = result.state + (" (reused)" if result.reused else "")
+            board.update(result.index, state, result.test.get("spearman"), result.training_seconds)
+            if result.message and result.state != "succeeded":
+                board.console.print(f"[{result.index}/{total}] {result.experiment_id or '-'} {result.state}: "
+                                    f"{terminal_safe(result.message)}", markup=False, highlight=False)  # fmt: skip
+            return
         if json_out:
             return
         if view == "quiet":  # the table is the result; a point's error is still shown
@@ -127,6 +176,8 @@ def run_sweep_command(
     finally:
         for point_view_ in views.values():
             point_view_.stop()
+        if board is not None:
+            board.stop()
     if json_out:
         emit_json({"study_id": study, "experiments": [r.to_dict() for r in results], "exit_code": code})
     else:
