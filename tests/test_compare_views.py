@@ -646,3 +646,11 @@ def test_pure_shortening_rules():
         {"plan": {"name": "c", "train.seed": 1}},
     ]
     assert differing_keys(rows) == ["train.seed"]
+
+
+def test_nothing_to_compare_says_so_and_what_was_left_out(tmp_path):
+    work = tmp_path / "work"
+    make_experiment(work, "blat-f000000000", plan_of("blat-f000000000", "cnn", 0, tmp_path / "x.db"), None, "failed")
+    result = run(work, "compare", "--where", "model.name=cnn")
+    assert (result.returncode, result.stdout) == (0, "")
+    assert result.stderr == "no experiment to compare\nleft out: 1 failed (--all shows them)\n"

@@ -265,14 +265,13 @@ def compare(
                 not_run.append(eid or f"point {point['index']}")
     else:
         exps = all_experiments(workdir)
-    rows = [experiment_row(e) for e in exps]
+    rows = filter_rows([experiment_row(e) for e in exps], parse_where(where or []))
     left_out: dict[str, int] = {}
     if not ids and not include_all:
         for r in rows:
             if r["state"] != "succeeded":
                 left_out[str(r["state"])] = left_out.get(str(r["state"]), 0) + 1
         rows = [r for r in rows if r["state"] == "succeeded"]
-    rows = filter_rows(rows, parse_where(where or []))
     split, name = parse_metric(metric)
     have = sorted({m for r in rows for m in r[split]})
     if rows and have and name not in have:
@@ -383,11 +382,12 @@ def notes(result: Comparison, groups: list[dict] | None, metric: str, hidden: li
     """(lines before the table, lines after it) for stderr: what is compared and what is the same in
     all, what was left out and why, and why a cell says `undef` or is flagged `!`."""
     rows, before, after = result.rows, [], []
-    what = f"{len(rows)} experiment{'s' if len(rows) != 1 else ''}"
+    what = f"{len(rows)} experiment{'s' if len(rows) != 1 else ''}" if rows else "no experiment to compare"
     if result.study is not None:
         what += f" of study {result.study['study_id']} ({len(result.study['points'])} points)"
     same = ", ".join(f"{k}={clean_text(shown_value(v), 60)}" for k, v in same_in_all(rows).items())
     before.append(f"{what}" + (f"; same in all: {same}" if same and len(rows) > 1 else ""))
+    hidden = hidden if rows else []
     if result.left_out:
         counts = ", ".join(f"{n} {state}" for state, n in sorted(result.left_out.items()))
         before.append(f"left out: {counts} (--all shows them)")
