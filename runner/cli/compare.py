@@ -136,7 +136,7 @@ def compare(
         return
     if csv_out == "-":
         return
-    before, after = lib.notes(result, groups, metric, hidden if not chosen else [])
+    before, after = tables.notes(result, groups, metric, hidden if not chosen else [])
     for line in before:
         say(line)
     if rows:

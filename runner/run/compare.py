@@ -374,56 +374,6 @@ def render_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in text)
 
 
-def _label(config: dict) -> str:
-    return " ".join(f"{k}={clean_text(shown_value(v), 40)}" for k, v in config.items()) or "all"
-
-
-def notes(result: Comparison, groups: list[dict] | None, metric: str, hidden: list[str]) -> tuple[list[str], list[str]]:
-    """(lines before the table, lines after it) for stderr: what is compared and what is the same in
-    all, what was left out and why, and why a cell says `undef` or is flagged `!`."""
-    rows, before, after = result.rows, [], []
-    what = f"{len(rows)} experiment{'s' if len(rows) != 1 else ''}" if rows else "no experiment to compare"
-    if result.study is not None:
-        what += f" of study {result.study['study_id']} ({len(result.study['points'])} points)"
-    same = ", ".join(f"{k}={clean_text(shown_value(v), 60)}" for k, v in same_in_all(rows).items())
-    before.append(f"{what}" + (f"; same in all: {same}" if same and len(rows) > 1 else ""))
-    hidden = hidden if rows else []
-    if result.left_out:
-        counts = ", ".join(f"{n} {state}" for state, n in sorted(result.left_out.items()))
-        before.append(f"left out: {counts} (--all shows them)")
-    if result.not_run:
-        before.append(f"not run yet: {len(result.not_run)} point(s) of the study ({', '.join(result.not_run[:3])})")
-    if hidden:
-        more = f" and {len(hidden) - 4} more" if len(hidden) > 4 else ""
-        before.append(f"not shown: {', '.join(hidden[:4])}{more} (--wide shows every column, --columns NAME,… picks)")
-    split, name = parse_metric(metric)
-    key = f"{split}.{name}"
-    reasons = _reasons(rows, key)
-    if groups is None:
-        n = sum(key in r["undefined"] for r in rows)
-        if n:
-            after.append(f"undef: {key} has no value in {n} experiment{'s' if n > 1 else ''} ({reasons})")
-        return before, after
-    by_id = {r["experiment_id"]: r for r in rows}
-    for g in groups:
-        s = g[split].get(name) or {"n": 0, "of": g["n"], "undefined": 0}
-        if s["n"] < s["of"]:
-            members = [by_id[i] for i in g["experiments"]]
-            why = f"{s['undefined']} undefined: {_reasons(members, key)}" if s["undefined"] else "no result"
-            if s["undefined"] and s["of"] - s["n"] > s["undefined"]:
-                why += f"; {s['of'] - s['n'] - s['undefined']} without a result"
-            after.append(f"! {_label(g['config'])}: {key} has a value in {s['n']} of {s['of']} points ({why})")
-    return before, after
-
-
-def _reasons(rows: list[dict], key: str) -> str:
-    counts: dict[str, int] = {}
-    for r in rows:
-        if key in r["undefined"]:
-            counts[r["undefined"][key]] = counts.get(r["undefined"][key], 0) + 1
-    return ", ".join(f"{reason} ×{n}" if len(counts) > 1 else reason for reason, n in counts.items())
-
-
 def shown_value(value: Any) -> str:
     """A plan value as text: strings as they are, anything else as JSON (1e-05, true, null)."""
     return value if isinstance(value, str) else json.dumps(value)
