@@ -1,9 +1,9 @@
-"""`infra compare` (differing plan keys, --where, --group-by, --csv, --json, --plot), `infra ls` and
-`infra status` of a failed run, on experiment directories made by real runs.
+"""`infra compare`, `infra ls` and `infra status` on experiment directories made by a real study.
 
-One module-scoped sweep with the local backend (a real training process on the demo database, one
-epoch, 600 variants): model linear × seeds 0 and 1 succeed, the `boom` plugin model fails at its
-first step (seeds 0 and 1). Hand-made copies of those directories are tampered for the bad paths.
+One module-scoped study with the local backend (real training processes on the demo database, one
+epoch, 300 variants): model ridge, linear and the `boom` plugin model × train.seed 0 and 1; ridge and
+linear succeed, boom fails at its first step. Hand-made copies of those directories are tampered for
+the bad paths. tests/test_compare_views.py holds the exact outputs on hand-made experiments.
 """
 
 from __future__ import annotations
@@ -23,17 +23,21 @@ import jsonschema
 import pytest
 
 from runner.errors import UsageError
-from runner.run.compare import differing_keys, filter_rows, flatten, group_rows, parse_where, to_csv
+from runner.run.compare import differing_keys, filter_rows, flatten, group_rows, parse_where
+from runner.run.compare_table import to_csv
+from runner.run.records import kept_of, kept_text
 from tests.helpers import REPO, infra, infra_env
-from tests.test_sweep import BOOM, SMALL
+from tests.test_sweep import BOOM
 
 pytestmark = pytest.mark.core
 STATUS_SCHEMA = json.loads((REPO / "schemas" / "status.schema.json").read_text())
+SMALL = ["--set", "train.max_epochs=1", "--set", "data.limit=300"]
+MODELS = 'model=[{"name":"ridge"},{"name":"linear"},{"name":"boom"}]'
 
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    """(workdir, {(model, seed): experiment_id}) after a real 2 × 2 sweep."""
+    """(workdir, {(model, seed): experiment_id}, study id) after a real 3 × 2 study."""
     from runner.data.importer import build_demo_db
 
     work = tmp_path_factory.mktemp("compare") / "work"
@@ -41,20 +45,20 @@ def swept(tmp_path_factory):
     build_demo_db(work / "data" / "blat_ecolx.db")
     (work / "model" / "boom.py").write_text(BOOM)
     args = ["run", "plans/demo.json", "--backend", "local", *SMALL, "--json"]
-    result = infra(*args, "--sweep", "model.name=linear,boom", "--sweep", "train.seed=0,1", workdir=work)
+    result = infra(*args, "--sweep", MODELS, "--sweep", "train.seed=0,1", workdir=work)
     assert result.returncode == 1, result.stderr[-2000:]
-    ids = {
-        (e["values"]["model.name"], e["values"]["train.seed"]): e["experiment_id"]
-        for e in json.loads(result.stdout)["experiments"]
-    }
+    doc = json.loads(result.stdout)
+    ids = {(e["values"]["model"]["name"], e["values"]["train.seed"]): e["experiment_id"] for e in doc["experiments"]}
     states = {k: json.loads((work / "experiments" / i / "status.json").read_text())["state"] for k, i in ids.items()}
     assert states == {
+        ("ridge", 0): "succeeded",
+        ("ridge", 1): "succeeded",
         ("linear", 0): "succeeded",
         ("linear", 1): "succeeded",
         ("boom", 0): "failed",
         ("boom", 1): "failed",
     }
-    return work, ids
+    return work, ids, doc["study_id"]
 
 
 def compare_json(work: Path, *args: str) -> dict:
@@ -63,27 +67,87 @@ def compare_json(work: Path, *args: str) -> dict:
     return json.loads(result.stdout)
 
 
+def kept_of_dir(work: Path, eid: str) -> str:
+    return kept_text(kept_of(json.loads((work / "experiments" / eid / "metrics" / "metrics.json").read_text())))
+
+
+def test_a_real_study_compares_in_one_readable_table(swept):
+    work, ids, study = swept
+    result = infra("compare", "--study", study[:-4], workdir=work)  # a unique prefix of the study id
+    assert result.returncode == 0, result.stderr
+    header, *lines = result.stdout.splitlines()
+    assert header.split()[:3] == ["experiment", "test.spearman", "val.spearman"]
+    assert header.split()[-3:] == ["kept", "model.name", "train.seed"]  # the noise (name, metrics, …) is not
+    assert max(len(line) for line in result.stdout.splitlines()) <= 120
+    cells = {line.split()[0]: line.split() for line in lines}
+    assert set(cells) == {ids[m, s] for m in ("ridge", "linear") for s in (0, 1)}  # boom failed: left out
+    for (model, seed), eid in ids.items():
+        if model != "boom":
+            assert cells[eid][-2:] == [model, str(seed)]
+            assert " ".join(cells[eid][-4:-2]).endswith(kept_of_dir(work, eid))
+    assert "left out: 2 failed (--all shows them)" in result.stderr
+    assert f"4 experiments of study {study} (6 points); same in all: embeddings.name=onehot" in result.stderr
+    every = infra("compare", "--study", study, "--all", workdir=work)
+    assert every.stdout.splitlines()[0].split()[:3] == ["experiment", "state", "test.spearman"]
+    assert len(every.stdout.splitlines()) == 7
+    grouped = infra("compare", "--study", study, "--group-by", "train.seed", "--all", workdir=work)
+    rows = {line.split()[-1]: line for line in grouped.stdout.splitlines()[1:]}
+    assert set(rows) == {"ridge", "linear", "boom"}
+    assert rows["boom"].startswith("- (0/2) !") and "(2/2)" in rows["ridge"]
+
+
+def test_status_and_ls_of_a_real_study(swept):
+    work, ids, study = swept
+    status = infra("status", study, workdir=work)
+    assert status.returncode == 0, status.stderr
+    assert "points         6: 4 succeeded, 2 failed" in status.stdout
+    table = status.stdout.split("\n\n", 1)[1].splitlines()
+    assert table[0].split() == [
+        "#",
+        "experiment",
+        "state",
+        "test.spearman",
+        "kept",
+        "duration",
+        "model.name",
+        "train.seed",
+    ]
+    assert [line.split()[1] for line in table[1:]] == list(ids.values())
+    listed = infra("ls", "--study", study, workdir=work)
+    assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == list(ids.values())
+    assert [line.split()[2] for line in listed.stdout.splitlines()[1:]] == [
+        "ridge",
+        "ridge",
+        "linear",
+        "linear",
+        "boom",
+        "boom",
+    ]
+
+
 def test_columns_for_every_differing_plan_key(swept):
-    work, ids = swept
+    work, ids, _ = swept
     doc = compare_json(work)
     assert doc["differing"] == ["model.name", "train.seed"]
+    assert doc["left_out"] == {"failed": 2}
     rows = doc["experiments"]
-    # best test Spearman first; equal values (both seeds may keep linear's ridge start) by id
-    assert [r["experiment_id"] for r in rows[:2]] == sorted(
-        [ids["linear", 0], ids["linear", 1]],
+    # best test Spearman first; equal values (seeds may keep the same fit) by id
+    assert [r["experiment_id"] for r in rows] == sorted(
+        (r["experiment_id"] for r in rows),
         key=lambda i: (-next(r["test"]["spearman"] for r in rows if r["experiment_id"] == i), i),
     )
-    assert rows[0]["plan"]["data.limit"] == 600 and rows[0]["plan"]["train.max_epochs"] == 1
-    human = infra("compare", ids["linear", 0], ids["linear", 1], workdir=work)
+    assert rows[0]["plan"]["data.limit"] == 300 and rows[0]["plan"]["train.max_epochs"] == 1
+    assert rows[0]["plan"]["data.db"] == str(work / "data" / "blat_ecolx.db")  # the host's path
+    human = infra("compare", ids["linear", 0], ids["linear", 1][:12], workdir=work)
     assert human.returncode == 0, human.stderr
     header, *lines = human.stdout.splitlines()
-    assert header.split()[:6] == ["experiment", "state", "model", "embedding", "train.seed", "test.spearman"]
-    seeds = {line.split()[0]: line.split()[4] for line in lines}
+    assert header.split()[:2] == ["experiment", "test.spearman"] and header.split()[-2:] == ["kept", "train.seed"]
+    seeds = {line.split()[0]: line.split()[-1] for line in lines}
     assert seeds == {ids["linear", 0]: "0", ids["linear", 1]: "1"}  # the two sweep points are told apart
 
 
 def test_where_filters_with_json_typed_values(swept):
-    work, ids = swept
+    work, ids, _ = swept
     linear = compare_json(work, "--where", "model.name=linear")["experiments"]
     assert {r["experiment_id"] for r in linear} == {ids["linear", 0], ids["linear", 1]}
     both = compare_json(work, "--where", "model.name=linear", "--where", "train.seed=1")["experiments"]
@@ -96,31 +160,26 @@ def test_where_filters_with_json_typed_values(swept):
     assert malformed.returncode == 2 and "--where 'model.name': expected KEY=VALUE" in malformed.stderr
 
 
-def test_group_by_seed_gives_mean_and_sd(swept):
-    work, ids = swept
-    doc = compare_json(work, "--group-by", "train.seed")
+def test_group_by_seed_gives_mean_sd_and_k_of_n(swept):
+    work, ids, _ = swept
+    doc = compare_json(work, "--group-by", "train.seed", "--all")
     rows = {r["experiment_id"]: r for r in doc["experiments"]}
-    linear, boom = doc["groups"]
+    groups = {g["config"]["model.name"]: g for g in doc["groups"]}
+    linear = groups["linear"]
     values = [rows[ids["linear", s]]["test"]["spearman"] for s in (0, 1)]
-    assert linear["config"] == {"model.name": "linear"} and linear["n"] == 2
-    assert linear["test"]["spearman"] == {
+    assert linear["n"] == 2 and linear["test"]["spearman"] == {
         "mean": pytest.approx(statistics.fmean(values)),
         "sd": pytest.approx(statistics.stdev(values)),
         "n": 2,
+        "of": 2,
+        "undefined": 0,
     }
     assert sorted(linear["grouped_over"]["train.seed"]) == [0, 1]
-    assert boom["config"] == {"model.name": "boom"} and boom["n"] == 2 and boom["test"] == {}
-    human = infra("compare", "--group-by", "train.seed", workdir=work)
-    header, first, second = human.stdout.splitlines()
-    assert header.split()[:6] == ["model", "embedding", "n", "test.spearman", "sd", "test.mae"]
-    assert first.split()[:5] == [
-        "linear",
-        "onehot",
-        "2/2",
-        f"{statistics.fmean(values):.4f}",
-        f"{statistics.stdev(values):.4f}",
-    ]
-    assert second.split()[:3] == ["boom", "onehot", "0/2"]
+    assert groups["boom"]["n"] == 2 and groups["boom"]["test"] == {} and doc["groups"][-1] is groups["boom"]
+    human = infra("compare", "--group-by", "train.seed", "--where", "model.name=linear", workdir=work)
+    header, first = human.stdout.splitlines()
+    assert header.split()[:3] == ["test.spearman", "val.spearman", "test.pearson"] and header.split()[-1] == "kept"
+    assert first.startswith(f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} (2/2)  ")
     unknown = infra("compare", "--group-by", "train.seeds", workdir=work)
     assert (
         unknown.returncode == 2 and "--group-by train.seeds: no compared experiment has this plan key" in unknown.stderr
@@ -128,7 +187,7 @@ def test_group_by_seed_gives_mean_and_sd(swept):
 
 
 def test_csv_to_stdout_and_to_a_file(swept, tmp_path):
-    work, ids = swept
+    work, ids, _ = swept
     doc = compare_json(work, "--where", "model.name=linear")
     out = infra("compare", "--where", "model.name=linear", "--csv", "-", workdir=work)
     assert out.returncode == 0, out.stderr
@@ -137,11 +196,11 @@ def test_csv_to_stdout_and_to_a_file(swept, tmp_path):
     assert float(table[0]["test.spearman"]) == doc["experiments"][0]["test"]["spearman"]  # full precision
     assert {r["train.seed"] for r in table} == {"0", "1"} and "model.name" not in table[0]
     target = tmp_path / "grouped.csv"
-    grouped = infra("compare", "--group-by", "train.seed", "--csv", str(target), workdir=work)
+    grouped = infra("compare", "--group-by", "train.seed", "--all", "--csv", str(target), workdir=work)
     assert grouped.returncode == 0 and f"CSV written to {target}" in grouped.stderr
-    rows = list(csv.reader(target.open()))
-    assert rows[0][:4] == ["model", "embedding", "n", "test.spearman"] and rows[1][:3] == ["linear", "onehot", "2/2"]
-    assert rows[2][3] == ""  # boom: no mean
+    rows = list(csv.DictReader(target.open()))
+    assert [r["model.name"] for r in rows][-1] == "boom" and rows[-1]["test.spearman.mean"] == ""
+    assert rows[-1]["test.spearman.n"] == "0" and rows[-1]["points"] == "2"
     clash = infra("compare", "--json", "--csv", "-", workdir=work)
     assert clash.returncode == 2 and "give --csv a file name" in clash.stderr
     nowhere = infra("compare", "--csv", str(tmp_path / "no" / "x.csv"), workdir=work)
@@ -149,7 +208,7 @@ def test_csv_to_stdout_and_to_a_file(swept, tmp_path):
 
 
 def test_plot_draws_a_png_and_checks_its_path(swept, tmp_path):
-    work, _ = swept
+    work, _, _ = swept
     target = tmp_path / "side_by_side.png"
     result = infra("compare", "--group-by", "train.seed", "--plot", str(target), workdir=work)
     assert result.returncode == 0, result.stderr
@@ -162,7 +221,7 @@ def test_plot_draws_a_png_and_checks_its_path(swept, tmp_path):
 
 
 def test_plot_without_matplotlib_names_the_extra(swept, tmp_path):
-    work, _ = swept
+    work, _, _ = swept
     blocker = tmp_path / "blocker" / "matplotlib"  # a host-only install: importing matplotlib fails
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
@@ -177,7 +236,7 @@ def test_plot_without_matplotlib_names_the_extra(swept, tmp_path):
 
 
 def test_compare_with_plot_never_imports_torch(swept, tmp_path):
-    work, _ = swept
+    work, _, _ = swept
     code = (
         "import sys\nfrom runner.cli import main\n"
         f"try:\n    main(['compare', '--group-by', 'train.seed', '--plot', {str(tmp_path / 'p.png')!r}])\n"
@@ -191,7 +250,7 @@ def test_compare_with_plot_never_imports_torch(swept, tmp_path):
 
 
 def test_tampered_experiment_files_are_not_followed(swept, tmp_path):
-    work, ids = swept
+    work, ids, _ = swept
     source = work / "experiments" / ids["linear", 0]
     copy = tmp_path / "work" / "experiments" / "blat-demo-tampered00"
     shutil.copytree(source, copy, symlinks=True)
@@ -207,22 +266,24 @@ def test_tampered_experiment_files_are_not_followed(swept, tmp_path):
     (row,) = json.loads(result.stdout)["experiments"]
     assert row["plan"] == {} and row["test"] == {} and row["model"] is None
     (copy / "status.json").write_text("{not json")
-    damaged = json.loads(infra("compare", "--json", workdir=tmp_path / "work").stdout)["experiments"]
+    damaged = json.loads(infra("compare", "--all", "--json", workdir=tmp_path / "work").stdout)["experiments"]
     assert damaged[0]["state"] == "unreadable"
 
 
 def test_ls_has_a_header_and_the_main_metric(swept):
-    work, ids = swept
+    work, ids, _ = swept
     result = infra("ls", workdir=work)
     assert result.returncode == 0, result.stderr
     header, *lines = result.stdout.splitlines()
-    assert header.split() == ["EXPERIMENT", "STATE", "BACKEND", "CREATED", "TEST", "SPEARMAN"]
+    assert header.split() == ["EXPERIMENT", "STATE", "MODEL", "DATA", "KEPT", "TEST", "SPEARMAN", "DURATION", "CREATED"]
     cells = {line.split()[0]: line.split() for line in lines}
     doc = compare_json(work)
     spearman = {r["experiment_id"]: r["test"].get("spearman") for r in doc["experiments"]}
-    assert cells[ids["linear", 0]][1:3] == ["succeeded", "local"]
-    assert cells[ids["linear", 0]][4] == f"{spearman[ids['linear', 0]]:.4f}"
-    assert cells[ids["boom", 1]][1] == "failed" and cells[ids["boom", 1]][4] == "-"
+    linear = cells[ids["linear", 0]]
+    assert linear[1:4] == ["succeeded", "linear", "BLAT_ECOLX"]
+    assert " ".join(linear[4:-4]) == kept_of_dir(work, ids["linear", 0])
+    assert linear[-4] == f"{spearman[ids['linear', 0]]:.4f}" and re.fullmatch(r"[0-9]+s|[0-9]+m[0-9]{2}s", linear[-3])
+    assert cells[ids["boom", 1]][1:5] == ["failed", "boom", "BLAT_ECOLX", "-"] and cells[ids["boom", 1]][5] == "-"
     listed = json.loads(infra("ls", "--json", workdir=work).stdout)["experiments"]
     for doc in listed:
         jsonschema.validate(doc, STATUS_SCHEMA)
@@ -234,7 +295,7 @@ def test_ls_has_a_header_and_the_main_metric(swept):
 def test_ls_on_a_terminal_is_a_table(swept):
     import pty
 
-    work, ids = swept
+    work, ids, _ = swept
     leader, follower = pty.openpty()
     env = {k: v for k, v in infra_env(work).items() if k != "NO_COLOR"} | {"COLUMNS": "200", "TERM": "xterm"}
     proc = subprocess.Popen(
@@ -256,12 +317,12 @@ def test_ls_on_a_terminal_is_a_table(swept):
     assert "\x1b[1m" in raw  # rich's bold header: the terminal table, not the plain text
     text = re.sub(r"\x1b\[[0-9;]*m", "", raw)
     lines = [line.split() for line in text.splitlines() if line.strip()]
-    assert lines[0] == ["EXPERIMENT", "STATE", "BACKEND", "CREATED", "TEST", "SPEARMAN"]
+    assert lines[0] == ["EXPERIMENT", "STATE", "MODEL", "DATA", "KEPT", "TEST", "SPEARMAN", "DURATION", "CREATED"]
     assert {line[0] for line in lines[1:]} == set(ids.values())
 
 
 def test_status_of_a_failed_run_shows_the_error_line(swept):
-    work, ids = swept
+    work, ids, _ = swept
     exp_dir = work / "experiments" / ids["boom", 0]
     result = infra("status", ids["boom", 0], workdir=work)
     assert result.returncode == 0, result.stderr
@@ -301,6 +362,7 @@ def test_differing_filter_group_pure():
             "plan": {"m": m, "seed": s, "lr": 0.1},
             "test": {"spearman": v},
             "val": {},
+            "undefined": {},
             "model": None,
             "embedding": None,
         }
@@ -309,9 +371,9 @@ def test_differing_filter_group_pure():
     assert differing_keys(rows) == ["m", "seed"]
     assert [r["experiment_id"] for r in filter_rows(rows, parse_where(["m=b", "seed=0"]))] == ["e2"]
     groups = group_rows(rows, ["seed"], "spearman")
-    assert [g["config"] for g in groups] == [{"m": "b"}, {"m": "a"}]  # 0.9 (one value) beats 0.6
-    assert groups[0]["test"]["spearman"] == {"mean": 0.9, "sd": None, "n": 1}
-    assert groups[1]["test"]["spearman"]["sd"] == pytest.approx(statistics.stdev([0.5, 0.7]))
+    assert [g["config"] for g in groups] == [{"m": "a"}, {"m": "b"}]  # 0.6 of 2/2 before 0.9 of 1/2
+    assert groups[1]["test"]["spearman"] == {"mean": 0.9, "sd": None, "n": 1, "of": 2, "undefined": 0}
+    assert groups[0]["test"]["spearman"]["sd"] == pytest.approx(statistics.stdev([0.5, 0.7]))
     with pytest.raises(UsageError, match="expected KEY=VALUE"):
         parse_where(["=1"])
 

@@ -171,7 +171,7 @@ def test_sweep_runs_each_point_reports_worst_exit_and_compares(demo_workdir):
     assert rows[0]["test"] == ok["test"] and rows[0]["n"]["train"] > 0 and rows[0]["training_seconds"] > 0
     human = infra("compare", "--metric", "mse", workdir=demo_workdir)
     assert human.returncode == 0
-    assert human.stdout.splitlines()[0].split()[:5] == ["experiment", "state", "model", "embedding", "test.mse"]
+    assert human.stdout.splitlines()[0].split()[:2] == ["experiment", "test.mse"]  # metrics first (docs/cli.md)
     unknown = infra("compare", ok["experiment_id"], "nope-0000000000", workdir=demo_workdir)
     assert unknown.returncode == 4
     assert "no experiment 'nope-0000000000'" in unknown.stderr

@@ -4,6 +4,7 @@ from typing import Annotated
 
 import typer
 
+from runner.cli.experiments import complete_experiment_ids, resolve_experiment
 from runner.cli.options import JSON_OPT, WORKDIR_OPT, resolve_workdir
 from runner.cli.output import emit_json, say
 
@@ -19,7 +20,12 @@ def _size(n: int) -> str:
 
 
 def rm(
-    ids: Annotated[list[str], typer.Argument(help="Experiment ids (from 'infra ls').")],
+    ids: Annotated[
+        list[str],
+        typer.Argument(
+            help="Experiment ids (from 'infra ls'), or unique prefixes of them.", autocompletion=complete_experiment_ids
+        ),
+    ],
     force: Annotated[
         bool, typer.Option("--force", help="Stop a running experiment first (gracefully, as 'infra stop').")
     ] = False,
@@ -29,15 +35,16 @@ def rm(
 ) -> None:
     """Delete experiments of the workdir: their directories and lock files.
 
-    Every id is checked before anything is deleted: an unknown id exits 4, an active experiment
-    exits 2 unless --force. Links are never followed. With --json: {"dry_run": ..., "experiments":
+    Every id is checked before anything is deleted: an unknown id exits 4, an ambiguous prefix or an
+    active experiment exits 2 (unless --force). Links are never followed. With --json: {"dry_run": ..., "experiments":
     [{experiment_id, state, bytes, removed, stopped}]}.
 
     Example: infra rm blat-demo-3f2a9c01de blat-demo-9e1b0c44aa --dry-run
     """
     from runner.run.housekeeping import remove_experiments
 
-    removals = remove_experiments(resolve_workdir(workdir), list(ids), force=force, dry_run=dry_run)
+    wd = resolve_workdir(workdir)
+    removals = remove_experiments(wd, [resolve_experiment(wd, i) for i in ids], force=force, dry_run=dry_run)
     if json_out:
         emit_json({"dry_run": dry_run, "experiments": [r.to_dict() for r in removals]})
     verb = "would remove" if dry_run else "removed"

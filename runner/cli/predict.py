@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from runner.cli import options
+from runner.cli.experiments import complete_experiment_ids, resolve_experiment
 from runner.cli.options import WORKDIR_OPT, resolve_workdir
 from runner.cli.output import emit_json, say
 from runner.run.backends import BackendName
@@ -13,7 +14,11 @@ from runner.run.backends import BackendName
 
 def predict(
     experiment_id: Annotated[
-        str, typer.Argument(help="Experiment id (from 'infra run' or 'infra ls'); it must have succeeded.")
+        str,
+        typer.Argument(
+            help="Experiment id (from 'infra run' or 'infra ls') or a unique prefix; it must have succeeded.",
+            autocompletion=complete_experiment_ids,
+        ),
     ],
     input_file: Annotated[
         Path | None,
@@ -59,8 +64,9 @@ def predict(
     from runner.run.predict import PredictRequest
     from runner.run.predict import predict as run_predict
 
-    request = PredictRequest(experiment_id, input_file, saturation, out, fmt, top, source)
-    summary = run_predict(resolve_workdir(workdir), request, None if backend is None else options.backend(backend))
+    wd = resolve_workdir(workdir)
+    request = PredictRequest(resolve_experiment(wd, experiment_id), input_file, saturation, out, fmt, top, source)
+    summary = run_predict(wd, request, None if backend is None else options.backend(backend))
     if json_out:
         emit_json(summary)
         return

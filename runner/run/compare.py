@@ -1,37 +1,57 @@
-"""`infra compare`: one metrics table across experiments of a workdir, with the plan keys that differ.
+"""`infra compare`: experiments of a workdir (or of one study) as rows and groups of results.
 
 Reads what the experiments left on disk (status.json, config/plan.json, metrics/metrics.json) through
 `runner.safefs` (untrusted: no links, size caps, shapes checked); it never contacts the engine, so it
-works for finished experiments on any machine that sees the workdir. An experiment without metrics
-(failed, still running) is listed with empty metric cells.
+works for finished experiments on any machine that sees the workdir.
 
-The plan of each experiment is flattened to dotted keys (`train.lr`, `model.params.hidden`); the
-table gets a column for every key whose value is not the same in all compared experiments.
-`--where KEY=VALUE` keeps experiments whose plan has that value; `--group-by KEY` folds experiments
-that differ only in KEY (seeds, folds) into one row with the mean ± sd of each metric.
+Decisions (docs/cli.md, "Comparing experiments"):
+
+- Which experiments: the ids given (always shown, whatever their state), else a study's points
+  (`--study`), else every experiment of the workdir; of the last two only the succeeded ones unless
+  `--all`, and the caller says how many were left out.
+- The plan of each experiment is flattened to dotted keys (`train.lr`, `model.params.hidden`). A key
+  *differs* when its value is not the same in every compared experiment, with empty values (`{}`,
+  `[]`, null) and a missing key taken as one value. Never shown as differences (`NOISE_KEYS`): the
+  name and id (the id is a column), the `metrics` list (the metric columns say which exist), and
+  `tracking.*` and `resources.*` (where results are reported and what the run was given: neither
+  changes what it computes, which is why the experiment id leaves them out too).
+- `data.db` is the host's path of the database: the record's `db` when it has one (older plans hold
+  the container's `/data/…`).
+- A metric that the training could not compute (`undefined` in metrics.json, or a null value) is
+  undefined, not missing: it is counted, never averaged away. A group's cell says `mean ± sd (k/n)`:
+  k points with a value of the n in the group.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
+import math
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runner.errors import UsageError
-from runner.run.records import Experiment, RecordError, all_experiments, find, metrics_summary
+from runner.run.records import (
+    Experiment,
+    RecordError,
+    all_experiments,
+    clean_text,
+    find,
+    kept_kind,
+    kept_of,
+    metrics_summary,
+    read_study,
+    undefined_of,
+)
 
 log = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae"})  # every other built-in metric: higher is better
 SPLITS = ("test", "val")
-# Keys never shown as differences: the id is already a column, and the database path is where the
-# data lives on this machine (data.dataset says which data it is).
-IGNORED_KEYS = frozenset({"experiment_id"})
-SHOWN_APART = frozenset({"model.name", "embeddings.name"})  # own columns: model, embedding
+NOISE_KEYS = ("name", "experiment_id", "metrics", "tracking", "resources")
+IDENTITY_KEYS = ("model.name", "embeddings.name", "data.dataset", "split.strategy")  # "same in all" line
 MAX_DEPTH = 8
 MAX_KEYS = 1000
 MAX_TEXT = 200
@@ -60,41 +80,82 @@ def flatten(
     return out
 
 
+def is_noise(key: str) -> bool:
+    """Whether a plan key is never a difference worth a column (NOISE_KEYS and what lies under them)."""
+    return any(key == n or key.startswith(n + ".") for n in NOISE_KEYS)
+
+
+def normal(value: Any) -> Any:
+    """A flattened plan value as compared: an empty object or list (as flattened: "{}", "[]") is null."""
+    return None if value in ("{}", "[]") else value
+
+
+def _same(a: Any, b: Any) -> bool:
+    dump = lambda v: json.dumps(normal(v), sort_keys=True, default=str)  # noqa: E731
+    return dump(a) == dump(b)
+
+
+# --- rows ---------------------------------------------------------------------------------------------
+
+
 def experiment_row(exp: Experiment) -> dict[str, Any]:
-    """One experiment as a comparison row: id, name, state, model/embedding names, metrics, sizes,
-    seconds, and `plan`: its flattened plan."""
+    """One experiment as a comparison row: id, name, state, model, embedding, dataset, metrics (test,
+    val), `undefined` {metric: reason}, `kept`, sizes, seconds (those of a succeeded experiment only),
+    and `plan`: its flattened plan."""
     try:
         record = exp.read()
     except RecordError as exc:
         record = {"state": "unreadable", "message": exc.message}
     plan = exp.read_json("config/plan.json")
-    metrics = exp.read_json("metrics/metrics.json")
-    summary = metrics_summary(exp.root)
+    # a metrics.json beside a record that is not `succeeded` is an earlier attempt's: not this one's result
+    succeeded = record.get("state") == "succeeded"
+    metrics = exp.read_json("metrics/metrics.json") if succeeded else {}
+    summary = metrics_summary(exp.root) if succeeded else {}
     n = summary.get("n") or {}
+    flat = flatten(plan)
+    if isinstance(record.get("db"), str) and "data.db" in flat:
+        flat["data.db"] = record["db"][:MAX_TEXT]
     return {
         "experiment_id": exp.id,
         "name": record.get("name") or _component(plan, "name"),
         "state": record.get("state"),
         "model": _component(plan.get("model"), "name"),
         "embedding": _component(plan.get("embeddings"), "name"),
+        "dataset": dataset_of(plan),
         "test": summary.get("test") or {},
         "val": summary.get("val") or {},
+        "undefined": undefined_of(metrics),
+        "kept": kept_of(metrics),
         "n": {k: n[k] for k in ("train", "val", "test", "selected") if k in n},
         "training_seconds": _number(metrics.get("training_seconds")),
         "epochs": _number(metrics.get("epochs")),
         "exp_dir": str(exp.root),
-        "plan": {k: v for k, v in flatten(plan).items() if k not in IGNORED_KEYS},
+        "plan": flat,
     }
 
 
 def _component(doc, key: str) -> str | None:
-    """A short string from an untrusted JSON object, else None."""
-    value = doc.get(key) if isinstance(doc, dict) else None
-    return value[:64] if isinstance(value, str) else None
+    """A short printable string from an untrusted JSON object, else None."""
+    return clean_text(doc.get(key) if isinstance(doc, dict) else None, 64)
+
+
+def dataset_of(plan: dict) -> str | None:
+    """The plan's `data.dataset` as text (a list joined with '+'), else the database's file name."""
+    data = plan.get("data") if isinstance(plan.get("data"), dict) else {}
+    dataset = data.get("dataset")
+    if isinstance(dataset, list):
+        dataset = "+".join(d for d in dataset[:8] if isinstance(d, str))
+    if not dataset and isinstance(data.get("db"), str):
+        dataset = Path(data["db"]).name
+    return clean_text(dataset, 120) or None
 
 
 def _number(value):
     return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def parse_metric(metric: str) -> tuple[str, str]:
@@ -107,16 +168,12 @@ def parse_metric(metric: str) -> tuple[str, str]:
     return "test", metric
 
 
-def _finite(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
-
-
 def _sort_key(value, sign: float, tie: str):
-    return (1, 0.0, tie) if not _finite(value) else (0, sign * value, tie)
+    return (1, 0.0, tie) if not finite(value) else (0, sign * value, tie)
 
 
 def sort_rows(rows: list[dict], metric: str) -> list[dict]:
-    """Best first by `metric` (lower first for mse/rmse/mae); rows without the metric go last, by id."""
+    """Best first by `metric` (lower first for mse/rmse/mae); rows without a value go last, by id."""
     split, name = parse_metric(metric)
     sign = 1.0 if name in LOWER_IS_BETTER else -1.0
     return sorted(rows, key=lambda r: _sort_key(r[split].get(name), sign, r["experiment_id"]))
@@ -137,10 +194,6 @@ def parse_where(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def _same(a: Any, b: Any) -> bool:
-    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
-
-
 def filter_rows(rows: list[dict], where: list[tuple[str, Any]]) -> list[dict]:
     """Rows whose flattened plan has every (key, value); a key no experiment has is a UsageError."""
     for key, _ in where:
@@ -151,11 +204,32 @@ def filter_rows(rows: list[dict], where: list[tuple[str, Any]]) -> list[dict]:
 
 
 def differing_keys(rows: list[dict]) -> list[str]:
-    """Plan keys whose value is not the same in every row (a key some rows lack counts), in plan order."""
+    """Plan keys, noise left out, whose (normalised) value is not the same in every row; in plan order."""
     keys: dict[str, None] = {}
     for r in rows:
-        keys.update(dict.fromkeys(r["plan"]))
+        keys.update(dict.fromkeys(k for k in r["plan"] if not is_noise(k)))
     return [k for k in keys if any(not _same(r["plan"].get(k), rows[0]["plan"].get(k)) for r in rows[1:])]
+
+
+def same_in_all(rows: list[dict]) -> dict[str, Any]:
+    """The identifying keys (model, embedding, data set, split) that are the same in every row."""
+    differing = set(differing_keys(rows))
+    return {
+        k: rows[0]["plan"][k]
+        for k in IDENTITY_KEYS
+        if rows and k not in differing and normal(rows[0]["plan"].get(k)) is not None
+    }
+
+
+@dataclass
+class Comparison:
+    """The compared rows, best first, and what was left out of them (for the caller to say)."""
+
+    rows: list[dict]
+    metric: str
+    study: dict | None = None
+    left_out: dict[str, int] = field(default_factory=dict)  # state -> experiments not shown (no --all)
+    not_run: list[str] = field(default_factory=list)  # study points without an experiment directory
 
 
 def compare(
@@ -163,27 +237,73 @@ def compare(
     ids: list[str],
     metric: str = "spearman",
     where: list[str] | None = None,
-) -> list[dict]:
-    """Rows for `ids` (every experiment of the workdir when empty) that match `where`, best first.
+    study: str | None = None,
+    include_all: bool = False,
+) -> Comparison:
+    """The rows of `ids` (whole ids: resolve prefixes first), else of the study `study`, else of every
+    experiment of the workdir, that match `where`, best first.
 
+    Of a study's or the workdir's experiments only the succeeded ones are kept unless `include_all`.
     An unknown id raises UnknownExperiment (exit 4); a metric no experiment has raises UsageError
     listing the metrics that exist.
     """
-    exps = [find(workdir, i) for i in dict.fromkeys(ids)] if ids else all_experiments(workdir)
+    if ids and study:
+        raise UsageError("give experiment ids or --study, not both")
+    doc = None
+    not_run: list[str] = []
+    if ids:
+        exps = [find(workdir, i) for i in dict.fromkeys(ids)]
+    elif study:
+        doc = read_study(workdir, study)
+        exps = []
+        for point in doc["points"]:
+            eid = point["experiment_id"]
+            exp = Experiment(Path(workdir) / "experiments" / eid) if eid else None
+            if exp is not None and exp.exists():
+                exps.append(exp)
+            else:
+                not_run.append(eid or f"point {point['index']}")
+    else:
+        exps = all_experiments(workdir)
     rows = filter_rows([experiment_row(e) for e in exps], parse_where(where or []))
+    left_out: dict[str, int] = {}
+    if not ids and not include_all:
+        for r in rows:
+            if r["state"] != "succeeded":
+                left_out[str(r["state"])] = left_out.get(str(r["state"]), 0) + 1
+        rows = [r for r in rows if r["state"] == "succeeded"]
     split, name = parse_metric(metric)
     have = sorted({m for r in rows for m in r[split]})
     if rows and have and name not in have:
         raise UsageError(f"--metric {metric!r}: no experiment has {split} {name}; available: {', '.join(have)}")
-    return sort_rows(rows, metric)
+    return Comparison(sort_rows(rows, metric), metric, doc, left_out, not_run)
+
+
+# --- groups ---------------------------------------------------------------------------------------------
+
+
+def stat(rows: list[dict], split: str, name: str) -> dict:
+    """{mean, sd, n, of, undefined} of one metric over rows: n rows with a value of `of`; `undefined`
+    counts the rows whose training said the metric has no value. sd is the sample standard deviation
+    (None below two values)."""
+    values = [r[split][name] for r in rows if finite(r[split].get(name))]
+    undefined = sum(f"{split}.{name}" in r.get("undefined", {}) for r in rows)
+    return {
+        "mean": statistics.fmean(values) if values else None,
+        "sd": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+        "of": len(rows),
+        "undefined": undefined,
+    }
 
 
 def group_rows(rows: list[dict], by: list[str], metric: str) -> list[dict]:
     """Fold rows that differ only in the `by` keys into groups: {config: the other differing keys'
-    values, n, experiments: ids, test/val: {metric: {mean, sd, n}}}, best mean first (pure).
+    values, n, experiments: ids, grouped_over, model, embedding, kept: {text: count}, test/val:
+    {metric: stat()}} (pure).
 
-    sd is the sample standard deviation (None for fewer than two values); experiments without a
-    metric count in `n` but not in that metric's mean.
+    Best mean first among the groups where every point has the metric, then the incomplete ones (a
+    mean over some of the points is not comparable), by mean.
     """
     known = {k for r in rows for k in r["plan"]}
     for key in by:
@@ -195,15 +315,34 @@ def group_rows(rows: list[dict], by: list[str], metric: str) -> list[dict]:
     groups: dict[str, dict] = {}
     for r in rows:
         config = {k: r["plan"].get(k) for k in config_keys}
-        g = groups.setdefault(json.dumps(config, sort_keys=True, default=str), {"config": config, "rows": []})
-        g["rows"].append(r)
+        text = json.dumps({k: normal(v) for k, v in config.items()}, sort_keys=True, default=str)
+        groups.setdefault(text, {"config": config, "rows": []})["rows"].append(r)
     out = [_aggregate(g["config"], g["rows"], by) for g in groups.values()]
     split, name = parse_metric(metric)
     sign = 1.0 if name in LOWER_IS_BETTER else -1.0
-    return sorted(out, key=lambda g: _sort_key((g[split].get(name) or {}).get("mean"), sign, g["experiments"][0]))
+
+    def order(g: dict):
+        s = g[split].get(name) or {"n": 0, "of": g["n"], "mean": None}
+        return (s["n"] < s["of"], *_sort_key(s["mean"], sign, g["experiments"][0]))
+
+    return sorted(out, key=order)
+
+
+def metric_names(rows: list[dict], split: str, first: str | None = None) -> list[str]:
+    """The metrics of `split` the rows have, in the order the training wrote them, `first` first."""
+    names: dict[str, None] = {}
+    for r in rows:
+        names.update(dict.fromkeys(r[split]))
+        names.update(dict.fromkeys(k.partition(".")[2] for k in r.get("undefined", {}) if k.startswith(split + ".")))
+    ordered = list(names)
+    return ([first] if first in names else []) + [m for m in ordered if m != first]
 
 
 def _aggregate(config: dict, rows: list[dict], by: list[str]) -> dict:
+    kept: dict[str, int] = {}
+    for r in rows:
+        text = kept_kind(r.get("kept"))
+        kept[text] = kept.get(text, 0) + 1
     doc = {
         "config": config,
         "n": len(rows),
@@ -211,118 +350,30 @@ def _aggregate(config: dict, rows: list[dict], by: list[str]) -> dict:
         "grouped_over": {k: [r["plan"].get(k) for r in rows] for k in by},
         "model": rows[0]["model"],
         "embedding": rows[0]["embedding"],
+        "kept": kept,
     }
     for split in SPLITS:
-        names = sorted({m for r in rows for m in r[split]})
-        doc[split] = {}
-        for m in names:
-            values = [r[split][m] for r in rows if _finite(r[split].get(m))]
-            doc[split][m] = {
-                "mean": statistics.fmean(values) if values else None,
-                "sd": statistics.stdev(values) if len(values) > 1 else None,
-                "n": len(values),
-            }
+        doc[split] = {m: stat(rows, split, m) for m in metric_names(rows, split)}
     return doc
 
 
-def shown_value(value: Any) -> str:
-    """A plan value in a cell: strings as they are, anything else as JSON (1e-05, true, null)."""
-    return value if isinstance(value, str) else json.dumps(value)
-
-
 def render_table(headers: list[str], rows: list[list[Any]]) -> str:
-    """Left-aligned text columns; floats with 4 decimals, None as '-'."""
+    """Left-aligned text columns (the sweep's summary); floats with 4 decimals, None as '-', text
+    cleaned of escape sequences."""
+    from runner.lines import terminal_safe
 
     def cell(value: Any) -> str:
         if value is None:
             return "-"
         if isinstance(value, float):
             return f"{value:.4f}"
-        return str(value)
+        return terminal_safe(str(value))
 
     text = [headers, *[[cell(v) for v in row] for row in rows]]
     widths = [max(len(r[i]) for r in text) for i in range(len(headers))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in text)
 
 
-def metric_columns(rows: list[dict], metric: str, limit: int = 6) -> list[str]:
-    """Test metric names to show: the sort metric first, then the others in name order."""
-    _, name = parse_metric(metric)
-    names = sorted({m for r in rows for m in r["test"]})
-    ordered = ([name] if name in names else []) + [m for m in names if m != name]
-    return ordered[:limit]
-
-
-def table_cells(rows: list[dict], metric: str = "spearman") -> tuple[list[str], list[list[Any]]]:
-    """Headers and cells: id, state, model, embedding, the differing plan keys, test metrics, the val
-    sort metric, sizes, seconds (the human table and the CSV)."""
-    split, name = parse_metric(metric)
-    shown = metric_columns(rows, metric)
-    keys = [k for k in differing_keys(rows) if k not in SHOWN_APART]
-    val_split = "val" if split == "test" else split
-    headers = ["experiment", "state", "model", "embedding", *keys, *[f"test.{m}" for m in shown]]
-    headers += [f"{val_split}.{name}", "n_train", "n_test", "train_s"]
-    body = [
-        [
-            r["experiment_id"],
-            r["state"],
-            r["model"],
-            r["embedding"],
-            *[shown_value(r["plan"].get(k)) for k in keys],
-            *[r["test"].get(m) for m in shown],
-            r[val_split].get(name),
-            r["n"].get("train"),
-            r["n"].get("test"),
-            r["training_seconds"],
-        ]
-        for r in rows
-    ]
-    return headers, body
-
-
-def group_cells(groups: list[dict], metric: str = "spearman") -> tuple[list[str], list[list[Any]]]:
-    """Headers and cells of grouped rows: the configuration keys, n (runs with the sort metric / runs),
-    then mean and sd of each test metric."""
-    names = sorted({m for g in groups for m in g["test"]})
-    _, first = parse_metric(metric)
-    names = ([first] if first in names else []) + [m for m in names if m != first]
-    keys = [k for k in (groups[0]["config"] if groups else {}) if k not in SHOWN_APART]
-    headers = ["model", "embedding", *keys, "n"]
-    for m in names[:6]:
-        headers += [f"test.{m}", "sd"]
-    body = []
-    for g in groups:
-        counted = (g["test"].get(first) or {}).get("n", 0)
-        cells = [g["model"], g["embedding"], *[shown_value(g["config"][k]) for k in keys], f"{counted}/{g['n']}"]
-        for m in names[:6]:
-            stat = g["test"].get(m) or {}
-            cells += [stat.get("mean"), stat.get("sd")]
-        body.append(cells)
-    return headers, body
-
-
-def table(rows: list[dict], metric: str = "spearman") -> str:
-    """The human table of `table_cells`."""
-    return render_table(*table_cells(rows, metric))
-
-
-def group_table(groups: list[dict], metric: str = "spearman") -> str:
-    return render_table(*group_cells(groups, metric))
-
-
-def _csv_cell(value: Any) -> Any:
-    if value is None:
-        return ""
-    # Plan values come from experiment directories: text a spreadsheet would run as a formula is quoted.
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
-
-
-def to_csv(headers: list[str], body: list[list[Any]]) -> str:
-    """CSV text: full-precision numbers, empty cells for missing values, formula-like text quoted."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([_csv_cell(h) for h in headers])
-    writer.writerows([[_csv_cell(v) for v in row] for row in body])
-    return buf.getvalue()
+def shown_value(value: Any) -> str:
+    """A plan value as text: strings as they are, anything else as JSON (1e-05, true, null)."""
+    return value if isinstance(value, str) else json.dumps(value)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import __version__, safefs
-from runner.errors import InfraError, UnknownExperiment
+from runner.errors import InfraError, UnknownExperiment, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ STATUS_FILE = "status.json"
 EVENTS_FILE = "events.jsonl"
 CONTAINER_LOG = "container.log"
 RECORD_LIMIT = 1 << 20  # a status.json larger than this is not one infra wrote
+STUDIES_DIR = "studies"  # <workdir>/studies/<study id>.json, written by runner.run.study (same name there)
+AMBIGUOUS_SHOWN = 4  # ids named in the error for an ambiguous prefix
 # Keys that do not change what an experiment computes (where it runs, where results are reported);
 # excluded from the derived id.
 ID_EXCLUDED_KEYS = ("experiment_id", "resources", "tracking")
@@ -237,6 +240,67 @@ def new_record(exp: Experiment, *, name: str, backend: str, plan_sha: str, attem
     }
 
 
+def experiment_ids(workdir: Path) -> list[str]:
+    """The ids of the workdir's experiments, sorted (names only: no record is read)."""
+    root = experiments_root(workdir)
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    return sorted(
+        e.name for e in entries if e.is_dir(follow_symlinks=False) and os.path.lexists(Path(e.path) / STATUS_FILE)
+    )
+
+
+def study_ids(workdir: Path) -> list[str]:
+    """The ids of the workdir's studies (`studies/<id>.json`), sorted (names only)."""
+    try:
+        entries = list(os.scandir(Path(workdir) / STUDIES_DIR))
+    except OSError:
+        return []
+    return sorted(e.name[:-5] for e in entries if e.name.endswith(".json") and e.is_file(follow_symlinks=False))
+
+
+def resolve_id(workdir: Path, text: str, kinds: tuple[str, ...] = ("experiment",)) -> tuple[str, str]:
+    """(kind, the whole id) for an id or a unique prefix of one, git-style; `kinds`: which ids count,
+    "experiment" (`experiments/<id>/`) and/or "study" (`studies/<id>.json`).
+
+    A whole id wins over longer ids it is a prefix of. A prefix that fits several ids is a UsageError
+    (exit 2) naming the first few; one that fits none is UnknownExperiment (exit 4), like an unknown
+    whole id. Only names are listed (no record is read), so this stays fast in a large workdir.
+    """
+    what = " or ".join(kinds)
+    if "/" in text or text in ("", ".", "..") or "\x00" in text:
+        raise UnknownExperiment(f"no {what} {text[:80]!r}: not a valid {what} id")
+    # a whole id is taken as it is (what lies there is checked by whoever opens it: a link is refused)
+    if "experiment" in kinds and os.path.lexists(experiments_root(workdir) / text / STATUS_FILE):
+        return "experiment", text
+    if "study" in kinds and os.path.lexists(Path(workdir) / STUDIES_DIR / f"{text}.json"):
+        return "study", text
+    known = [("experiment", i) for i in experiment_ids(workdir)] if "experiment" in kinds else []
+    if "study" in kinds:
+        known += [("study", i) for i in study_ids(workdir)]
+    matches = [k for k in known if k[1].startswith(text)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        if kinds == ("study",):
+            raise UnknownExperiment(
+                f"no study {text[:80]!r} in {Path(workdir) / STUDIES_DIR}; list them with 'infra ls --studies'"
+            )
+        also = " (studies: 'infra ls --studies')" if "study" in kinds else ""
+        raise UnknownExperiment(
+            f"no experiment {text[:80]!r} in {experiments_root(workdir)}; list them with 'infra ls'{also}"
+        )
+    shown = ", ".join(i for _, i in matches[:AMBIGUOUS_SHOWN])
+    more = f" and {len(matches) - AMBIGUOUS_SHOWN} more" if len(matches) > AMBIGUOUS_SHOWN else ""
+    found = {k for k, _ in matches}
+    noun = "experiments" if found == {"experiment"} else "studies" if found == {"study"} else "experiments and studies"
+    raise UsageError(
+        f"id prefix {text[:80]!r} is ambiguous: {len(matches)} {noun} start with it: {shown}{more}; type more of the id"
+    )
+
+
 def find(workdir: Path, experiment_id: str) -> Experiment:
     """The experiment with this id; UnknownExperiment (exit 4) when there is none."""
     if "/" in experiment_id or experiment_id in ("", ".", ".."):
@@ -277,3 +341,153 @@ def metrics_summary(exp_dir: Path) -> dict:
                 if isinstance(v, int | float | None) and not isinstance(v, bool)
             }
     return out
+
+
+# --- what the training kept, and which metrics are undefined (metrics.json, untrusted) ----------------
+
+KEPT_MODELS = ("start", "epoch", "closed_form")
+TEXT_LIMIT = 300  # characters kept of a reason the training wrote
+MAX_UNDEFINED = 64
+
+
+def clean_text(value: Any, limit: int = TEXT_LIMIT) -> str | None:
+    """An untrusted string made printable on one line (escape sequences and control characters
+    removed, tabs and newlines as spaces) and cut to `limit` characters; None for anything else."""
+    from runner.lines import terminal_safe
+
+    if not isinstance(value, str):
+        return None
+    text = terminal_safe(value[: limit * 4].replace("\t", " ").replace("\n", " ").replace("\r", " "))
+    return text[: limit - 1] + "…" if len(text) > limit else text
+
+
+def _finite_number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    return None
+
+
+def _epoch(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**7 else None
+
+
+def kept_of(metrics: dict) -> dict | None:
+    """metrics.json's `kept` with its shape checked: {model, epoch, by, value, best_trained, why, warning}.
+
+    `epoch` counts from 0, as every epoch in the training's files. An experiment from before `kept`
+    existed gets one from its `selected` ("start" or "epoch") and `best_epoch`, the rest null; None
+    when neither says what was kept.
+    """
+    kept = metrics.get("kept")
+    if isinstance(kept, dict) and kept.get("model") in KEPT_MODELS:
+        best = kept.get("best_trained")
+        best_trained = None
+        if isinstance(best, dict):
+            best_trained = {
+                "epoch": _epoch(best.get("epoch")),
+                "value": _finite_number(best.get("value")),
+                "start_z": _finite_number(best.get("start_z")),
+            }
+        return {
+            "model": kept["model"],
+            "epoch": _epoch(kept.get("epoch")),
+            "by": clean_text(kept.get("by"), 40),
+            "value": _finite_number(kept.get("value")),
+            "best_trained": best_trained,
+            "why": clean_text(kept.get("why")),
+            "warning": clean_text(kept.get("warning")),
+        }
+    selected = metrics.get("selected")
+    if selected in ("start", "epoch"):
+        epoch = _epoch(metrics.get("best_epoch")) if selected == "epoch" else None
+        return {"model": selected, "epoch": epoch, "by": None, "value": None, "best_trained": None,
+                "why": None, "warning": None}  # fmt: skip
+    return None
+
+
+def kept_text(kept: dict | None) -> str:
+    """What the model is, in a table cell: `start`, `epoch 3` (counted from 1, as `infra run` shows
+    epochs), `closed form`; `-` when not known."""
+    if not kept:
+        return "-"
+    if kept["model"] == "epoch":
+        return "epoch" if kept.get("epoch") is None else f"epoch {kept['epoch'] + 1}"
+    return "closed form" if kept["model"] == "closed_form" else str(kept["model"])
+
+
+def kept_kind(kept: dict | None) -> str:
+    """`start`, `epoch`, `closed form` or `-`: what kind of model was kept, without the epoch."""
+    return "-" if not kept else "closed form" if kept["model"] == "closed_form" else str(kept["model"])
+
+
+def undefined_of(metrics: dict) -> dict[str, str]:
+    """{"test.spearman": reason, …}: the metrics the training could compute no value for.
+
+    From metrics.json's `undefined` (reasons cut and cleaned), and any val/test metric whose value is
+    null without a reason there (how experiments from before `undefined` existed recorded it).
+    """
+    out: dict[str, str] = {}
+    given = metrics.get("undefined")
+    if isinstance(given, dict):
+        for key, reason in list(given.items())[:MAX_UNDEFINED]:
+            if isinstance(key, str) and key.partition(".")[0] in ("val", "test", "train"):
+                out[clean_text(key, 64)] = clean_text(reason, 120) or "undefined"
+    for split in ("val", "test"):
+        values = metrics.get(split)
+        if isinstance(values, dict):
+            for name, value in list(values.items())[:MAX_UNDEFINED]:
+                if value is None and isinstance(name, str):
+                    out.setdefault(f"{split}.{clean_text(name, 60)}", "undefined")
+    return out
+
+
+def outcome_summary(exp_dir: Path) -> dict:
+    """{"kept": kept_of(…) or None, "undefined": undefined_of(…)} of an experiment's metrics.json."""
+    metrics = Experiment(Path(exp_dir)).read_json("metrics/metrics.json")
+    return {"kept": kept_of(metrics), "undefined": undefined_of(metrics)}
+
+
+# --- studies (`<workdir>/studies/<id>.json`, written by runner.run.study) ------------------------------
+
+STUDY_LIMIT = 8 << 20
+MAX_STUDY_POINTS = 100_000
+
+
+def read_study(workdir: Path, sid: str) -> dict:
+    """A study's record with its shape checked: {study_id, name, source, keys, created_at, backend,
+    points: [{index, values, experiment_id}]}; UnknownExperiment when there is none, RecordError
+    when it cannot be used."""
+    root = Path(workdir) / STUDIES_DIR
+    where = root / f"{sid}.json"
+    try:
+        doc = json.loads(safefs.read_bytes(root, f"{sid}.json", limit=STUDY_LIMIT).decode("utf-8"))
+    except FileNotFoundError:
+        raise UnknownExperiment(f"no study {sid!r} in {root}; list them with 'infra ls --studies'") from None
+    except (safefs.Tampered, safefs.TooLarge) as exc:
+        raise RecordError(exc.message) from None
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise RecordError(f"{where}: not a readable study record (JSON); remove it or run the study again") from None
+    points = doc.get("points") if isinstance(doc, dict) else None
+    if not isinstance(points, list):
+        raise RecordError(f"{where}: not a study record ('points' missing or not a list)")
+    out = []
+    for i, point in enumerate(points[:MAX_STUDY_POINTS], 1):
+        point = point if isinstance(point, dict) else {}
+        eid = point.get("experiment_id")
+        ok = isinstance(eid, str) and eid and "/" not in eid and eid not in (".", "..")
+        values = point.get("values")
+        out.append({
+            "index": point["index"] if isinstance(point.get("index"), int) else i,
+            "values": values if isinstance(values, dict) else {},
+            "experiment_id": eid if ok else None,
+        })  # fmt: skip
+    keys = doc.get("keys")
+    return {
+        "study_id": sid,
+        "name": clean_text(doc.get("name"), 64),
+        "source": clean_text(doc.get("source"), 200),
+        "keys": [clean_text(k, 64) for k in keys if isinstance(k, str)] if isinstance(keys, list) else [],
+        "created_at": clean_text(doc.get("created_at"), 40),
+        "backend": clean_text(doc.get("backend"), 16),
+        "points": out,
+    }
