@@ -212,3 +212,26 @@ def test_a_killed_runner_leaves_points_that_status_calls_lost(swork, tmp_path):
     doc = json.loads(status.stdout)
     assert doc["state"] == "lost" and "run the study again" in doc["message"]
     assert (point / "ckpts" / "last.ckpt").is_file()
+
+
+def test_stop_of_the_study_stops_it_as_a_whole(swork, tmp_path):
+    """`infra stop STUDY_ID` from another shell: the running point checkpoints and ends cancelled, the
+    runner starts no further point and ends (exit 130), the rest stay `not run`."""
+    plan = gated_plan(swork)
+    args = ("run", str(plan), "--backend", "local", "--json", "--sweep", "train.seed=0,1,2")
+    runner = infra_background(*args, workdir=swork, log=tmp_path / "study.log")
+    try:
+        (first,) = wait_for(lambda: held_points(swork), 300, "point 1 held at its gate")
+        (study_file,) = (swork / "studies").glob("*.json")
+        stopped = infra("stop", study_file.stem, workdir=swork, timeout=300)
+        assert stopped.returncode == 0, stopped.stderr
+        code = runner.wait(timeout=300)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    output = (tmp_path / "study.log").read_text()
+    assert code == 130, output
+    summary = json.loads(next(line for line in reversed(output.splitlines()) if line.startswith("{")))
+    assert [p["state"] for p in summary["experiments"]] == ["cancelled", "not run", "not run"]
+    assert record(first)["state"] == "cancelled" and (first / "ckpts" / "last.ckpt").is_file()
+    assert "2 point(s) not run yet stay so" in stopped.stderr

@@ -308,10 +308,10 @@ def stop(
     point of a study.
 
     Stopping an experiment that already ended only reports its state. For a study, each running
-    point is stopped (all at once) and the study's points are shown as 'infra status STUDY' does;
-    a study runner still going on this host would start the points not run yet, and is named (stop
-    it with Ctrl-C where it runs). With --json for a study: the status document plus "stopped":
-    [ids] and "runner": its pid or null.
+    point is stopped (all at once), the study's runner starts no further point (its points not run
+    yet stay 'not run'; running the study again runs them and resumes the stopped ones), and the
+    study's points are shown as 'infra status STUDY' does. With --json for a study: the status
+    document plus "stopped": [ids] and "runner": the pid of its runner when it is still ending, or null.
 
     Example: infra stop blat-linear-3f2a9c01de --timeout 30
     """
@@ -349,10 +349,11 @@ def study_stop_lines(doc: dict) -> list[str]:
         + f"; points: {states}"
     ]
     waiting = doc["states"].get("not run", 0)
-    if doc.get("runner") and waiting:
+    if waiting:
         lines.append(
-            f"the study's runner (pid {doc['runner']}) is still going and starts the {waiting} point(s) not run "
-            f"yet: press Ctrl-C where it runs, or kill -INT {doc['runner']}"
+            f"{waiting} point(s) not run yet stay so"
+            + (f" (the study's runner, pid {doc['runner']}, starts no further point)" if doc.get("runner") else "")
+            + "; 'infra run' of the study again runs them and resumes the stopped ones"
         )
     return lines
 

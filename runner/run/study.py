@@ -92,6 +92,17 @@ def study_id(name: str, experiment_ids: list[str]) -> str:
     return f"{name}-study-{digest[:10]}"
 
 
+def stop_marker(workdir: Path, sid: str) -> Path:
+    """`studies/<id>.stop`: `infra stop STUDY` asks the study's runner (wherever it runs on this
+    workdir) to start no further point and to stop the running ones."""
+    return Path(workdir) / STUDIES_DIR / f"{sid}.stop"
+
+
+def request_study_stop(workdir: Path, sid: str, reason: str) -> None:
+    root = Path(workdir) / STUDIES_DIR
+    safefs.write_atomic(root, f"{sid}.stop", (reason + "\n").encode())
+
+
 def write_study(workdir: Path, sid: str, doc: dict) -> Path:
     """The study's record `<workdir>/studies/<id>.json` (host-written, atomic)."""
     root = Path(workdir) / STUDIES_DIR
@@ -145,6 +156,7 @@ class Study:
                             Limits.from_resources(first.plan.resources, threads), self.id)  # fmt: skip
             self.lanes.append(Lane(spec, k))
         write_study(self.workdir, self.id, self.document())
+        stop_marker(self.workdir, self.id).unlink(missing_ok=True)  # a stop asked of an earlier run
 
     def document(self) -> dict:
         return {
@@ -171,10 +183,14 @@ class Study:
         threads = [threading.Thread(target=work, args=(lane,), daemon=True) for lane in self.lanes]
         for t in threads:
             t.start()
+        marker = stop_marker(self.workdir, self.id)
         try:
             while any(t.is_alive() for t in threads):
                 for t in threads:
                     t.join(0.2)
+                if not self.stopping.is_set() and marker.exists():  # infra stop STUDY
+                    log.warning("study %s: stopped with 'infra stop'; no further point starts", self.id)
+                    self.interrupt()
         except KeyboardInterrupt:
             self.interrupt()
             from runner.run.backends.common import stop_with_second_interrupt

@@ -195,12 +195,15 @@ def study_runner(records: list[dict | None]) -> int | None:
 def stop_study(workdir: Path, sid: str, timeout: int, reason: str) -> dict:
     """Stop every active point of a study (each as `infra stop`, all at once), then its status.
 
-    Adds `stopped`: the ids that were active, and `runner`: the pid of the study's runner when it
-    still runs on this host (it starts the points not run yet: only it can stop the study as a whole).
+    The study's runner is asked first (`runner.run.study.request_study_stop`) to start no further
+    point. Adds `stopped`: the ids that were active, and `runner`: the pid of the study's runner when
+    it still runs on this host (it ends once its points are stopped).
     """
     from runner.run.launch import stop_experiment
+    from runner.run.study import request_study_stop
 
     doc = read_study(workdir, sid)
+    request_study_stop(workdir, sid, reason)  # its runner starts no further point
     records = _point_records(workdir, doc["points"])
     active = [r["experiment_id"] for r in records if r and r.get("state") in ACTIVE]
 
