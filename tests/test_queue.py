@@ -543,8 +543,9 @@ def test_sigkilled_worker_job_resumes_from_checkpoint_on_another(redis_url, qwor
             redis_url, qworkdir, "rescuer", "--backend", "local", "--heartbeat-ttl", ttl, log=tmp_path / "b.log"
         )
         wait_for(lambda: len(status_doc(redis_url, qworkdir)["workers"]) == 2, 60, "the second worker")
-        # The node dies: the worker and the training it runs are SIGKILLed.
-        training_pid = json.loads((exp_dir / "status.json").read_text())["pid"]
+        # The node dies: the worker and the training it runs (its warm slot's process) are SIGKILLed.
+        record = json.loads((exp_dir / "status.json").read_text())
+        training_pid = int(record["slot"]["process"])
         os.killpg(first.pid, signal.SIGKILL)
         os.killpg(training_pid, signal.SIGKILL)
         first.wait(timeout=10)
@@ -636,3 +637,24 @@ def test_worker_with_docker_backend(redis_url, workdir, run_user, base_image, tm
     record = json.loads((workdir / "experiments" / exp_id / "status.json").read_text())
     assert record["state"] == "succeeded" and record["container_id"]
     assert os.stat(workdir / "experiments" / exp_id).st_uid == uid  # never owned by root
+
+
+@pytest.mark.slow
+def test_a_worker_keeps_a_warm_slot_between_jobs_of_one_image(redis_url, qworkdir, tmp_path):
+    """Two jobs of the same image and database run in one slot process (one start-up); with
+    --isolated each job has a process of its own."""
+    ids = [submit_plan(redis_url, qworkdir, plan_file(qworkdir, f"warm{seed}", seed=seed)) for seed in (0, 1)]
+    worker = start_worker(redis_url, qworkdir, "warm", "--backend", "local", "--burst", log=tmp_path / "w.log")
+    assert worker.wait(timeout=600) == 0, (tmp_path / "w.log").read_text()[-3000:]
+    records = [json.loads((qworkdir / "experiments" / i / "status.json").read_text()) for i in ids]
+    assert [r["state"] for r in records] == ["succeeded", "succeeded"]
+    assert records[0]["slot"]["process"] == records[1]["slot"]["process"]  # the same warm slot
+    assert [r["slot"]["seq"] for r in records] == [1, 2]
+
+    again = [submit_plan(redis_url, qworkdir, plan_file(qworkdir, f"cold{seed}", seed=seed)) for seed in (0, 1)]
+    cold = start_worker(redis_url, qworkdir, "cold", "--backend", "local", "--burst", "--isolated",
+                        log=tmp_path / "c.log")  # fmt: skip
+    assert cold.wait(timeout=600) == 0, (tmp_path / "c.log").read_text()[-3000:]
+    records = [json.loads((qworkdir / "experiments" / i / "status.json").read_text()) for i in again]
+    assert [r["state"] for r in records] == ["succeeded", "succeeded"]
+    assert all(r.get("slot") is None and r["pid"] for r in records) and records[0]["pid"] != records[1]["pid"]
