@@ -292,3 +292,18 @@ def test_a_kept_start_far_worse_on_the_loss_is_warned_about_and_select_by_val_lo
     assert by_loss["kept"]["warning"] is None
     assert by_loss["test"]["mse"] < by_rho["test"]["mse"] / 3
     assert abs(by_loss["test"]["spearman"] - by_rho["test"]["spearman"]) < 0.02
+
+
+def test_why_names_the_rule_that_held_the_start():
+    from types import SimpleNamespace
+
+    rule = SimpleNamespace(by="val_spearman", greater=True, by_spearman=True, start={"val_spearman": 0.4355})
+    history = [{"epoch": 0, "val_spearman": 0.4301, "start_z": -0.2}, {"epoch": 2, "val_spearman": 0.4359,
+                                                                       "start_z": 1.25}]  # fmt: skip
+    doc = kept.describe(rule, history, "start", None, closed_form=False, model_name="mlp", start_name="ridge fit")
+    # one standard error above the start, but under the 0.001 floor (Bgl3 mlp, 8,000 variants, 4 epochs)
+    assert doc["why"] == (
+        "no trained epoch clearly above the fitted start (ridge fit): best epoch 3 val_spearman 0.4359, "
+        "z 1.25 but +0.0004 (needs +0.001)"
+    )
+    assert kept.summary(doc) == f"kept: start (val_spearman 0.4355): {doc['why']}"

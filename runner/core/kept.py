@@ -23,7 +23,7 @@ import math
 from typing import Any
 
 from runner.core.metrics import greater_is_better, record_value
-from runner.core.selection import LEAVE_START_REL_GAIN
+from runner.core.selection import LEAVE_START_GAIN, LEAVE_START_REL_GAIN, LEAVE_START_Z
 
 # An error metric (val_loss, mse; lower is better) is far worse at twice a trained epoch's value: the
 # sampling error of a mean squared error over n validation rows is about sqrt(2/n) of it (Gaussian
@@ -95,10 +95,13 @@ def _why_start(rule, best: dict | None, start_name: str) -> str:
     if best is None:
         return f"no trained epoch has a defined {rule.by}: {start} was the only candidate"
     told = f"best epoch {best['epoch'] + 1} {rule.by} {best['value']:.4f}"
+    start_value = record_value(rule.start, rule.by)
     if rule.by_spearman:
         z = "" if best["start_z"] is None else f", z {best['start_z']:.2f}"
+        if best["start_z"] is not None and best["start_z"] >= LEAVE_START_Z and start_value is not None:
+            # above the noise, under the floor: say which rule held it back
+            z += f" but {best['value'] - start_value:+.4f} (needs {LEAVE_START_GAIN:+})"
         return f"no trained epoch clearly above {start}: {told}{z}"
-    start_value = record_value(rule.start, rule.by)
     against = "" if start_value is None else f" against {start_value:.4f}"
     return (
         f"no trained epoch clearly better than {start}: {told}{against} "
