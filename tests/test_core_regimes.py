@@ -108,6 +108,13 @@ def test_a_position_wise_fold_column_validates_on_held_out_positions(tmp_path, p
         "test.spearman (constant predictions), test.pearson (constant predictions)" in log
     )
     assert "variants at positions no training variant mutates: val 100%, test 100%" in log
+    # the epoch's record and log line say undefined, never a number standing in for it
+    (record,) = [json.loads(line) for line in (exp / "metrics/metrics.jsonl").read_text().splitlines()]
+    assert record["val_spearman"] is None and record["val"]["spearman"] is None
+    assert (
+        f"epoch 1/1  train_loss {record['train_loss']:.4f}  val_loss {record['val_loss']:.4f}  val_spearman undefined"
+        in log
+    )
     assert events(exp, "warning") == []  # validation and test are the same problem
     assert events(exp, "done")[0]["undefined"] == got["undefined"]
 

@@ -442,6 +442,8 @@ def epoch_text(record: dict, max_epochs: int) -> str:
         value = record.get(key)
         if isinstance(value, int | float):
             parts.append(f"{key} {value:.4f}")
+        elif key in record:  # measured and undefined (a Spearman of constant predictions): said, not hidden
+            parts.append(f"{key} undefined")
     return "  ".join(parts)
 
 
