@@ -106,3 +106,29 @@ def test_learning_curves_without_validation_spearman(blat):
     written = Written()
     plots.learning_curves([{"epoch": 0, "train_loss": 1.0}, {"epoch": 1, "train_loss": 0.5}], Path("lc.png"), written)
     assert written["lc.png"].startswith(PNG)
+
+
+def test_learning_curves_draw_the_start_at_zero_and_star_the_kept_model():
+    # the reported run: the kept start (ridge fit, 0.7697) is above every trained epoch, none of which
+    # is the model; epochs count from 1 as in the logs, the start sits at 0
+    start = {"val_loss": 0.52, "val_spearman": 0.7697, "val": {"spearman": 0.7697}}
+    epochs = [
+        {"epoch": 0, "train_loss": 0.4, "val_loss": 0.53, "val_spearman": 0.7607, "val": {"spearman": 0.7607}},
+        {"epoch": 1, "train_loss": 0.3, "val_loss": 0.55, "val_spearman": 0.7176, "val": {"spearman": 0.7176}},
+        {"epoch": 2, "train_loss": 0.2, "val_loss": 0.56, "val_spearman": None, "val": {"spearman": None}},
+    ]
+    assert plots.curve(epochs, "val_spearman", start) == ([0, 1, 2], [0.7697, 0.7607, 0.7176])  # undefined: left out
+    assert plots.curve(epochs, "train_loss") == ([1, 2, 3], [0.4, 0.3, 0.2])
+    kept = {"model": "start", "epoch": None, "by": "val_spearman", "value": 0.7697}
+    assert plots.kept_point(kept, "ridge fit") == ("val_spearman", 0, 0.7697, "kept: start (ridge fit) 0.770")
+    assert plots.kept_point({**kept, "model": "epoch", "epoch": 1, "value": 0.7176}) == (
+        "val_spearman", 2, 0.7176, "kept: epoch 2 0.718",
+    )  # fmt: skip
+    assert plots.kept_point({**kept, "model": "closed_form", "by": "val_loss", "value": 0.52}) == (
+        "val_loss", 1, 0.52, "kept: closed-form fit 0.520",
+    )  # fmt: skip
+    written = Written()
+    plots.learning_curves(epochs, Path("lc.png"), written, start=start, kept=kept, start_name="ridge fit")
+    plots.learning_curves(epochs, Path("lc_loss.png"), written, start=start,
+                          kept={**kept, "by": "val_loss", "value": 0.52})  # fmt: skip
+    assert all(written[name].startswith(PNG) for name in ("lc.png", "lc_loss.png"))

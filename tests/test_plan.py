@@ -145,7 +145,7 @@ BAD_PLANS = [
         "unknown-nested-key",
         lambda db: good(db, train={"lrate": 0.1}),
         [
-            "train.lrate: unknown key; allowed: accelerator, batch_size, deterministic, devices, early_stopping_patience, gradient_clip_val, lr, max_epochs, optimizer, precision, seed, weight_decay"
+            "train.lrate: unknown key; allowed: accelerator, batch_size, deterministic, devices, early_stopping_patience, gradient_clip_val, lr, max_epochs, optimizer, precision, seed, select_by, weight_decay"
         ],
     ),
     (

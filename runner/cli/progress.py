@@ -112,6 +112,78 @@ class CoreEvents:
         return docs
 
 
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,72}$")
+
+
+def _index(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**7 else None
+
+
+@dataclass
+class Kept:
+    """The core's `kept` record (its `{"phase": "kept"}` event, metrics.json), checked field by field."""
+
+    model: str  # start, epoch or closed_form
+    by: str
+    epoch: int | None = None
+    value: float | None = None
+    best_epoch: int | None = None
+    best_value: float | None = None
+    best_z: float | None = None
+
+    @classmethod
+    def from_doc(cls, doc) -> Kept | None:
+        if not isinstance(doc, dict) or doc.get("model") not in ("start", "epoch", "closed_form"):
+            return None
+        by = doc.get("by")
+        if not isinstance(by, str) or not _NAME.match(by):
+            return None
+        best = doc.get("best_trained") if isinstance(doc.get("best_trained"), dict) else {}
+        return cls(
+            doc["model"],
+            by,
+            _index(doc.get("epoch")),
+            _number(doc.get("value")),
+            _index(best.get("epoch")),
+            _number(best.get("value")),
+            _number(best.get("start_z")),
+        )
+
+
+def kept_text(kept: Kept) -> str:
+    """`kept: start (val_spearman 0.7697); best trained epoch 3, val_spearman 0.7607, not clearly above it
+    (z 0.41)`: what the run delivers, epochs counted from 1 as in the epoch lines."""
+
+    def shown(value: float | None) -> str:
+        return "undefined" if value is None else f"{value:.4f}"
+
+    if kept.model == "closed_form":
+        return f"kept: the closed-form fit ({kept.by} {shown(kept.value)})"
+    if kept.model == "epoch":
+        head = f"kept: epoch {(kept.epoch or 0) + 1} ({kept.by} {shown(kept.value)})"
+        return head + (f", {kept.best_z:.2f} standard errors above the start" if kept.best_z is not None else "")
+    head = f"kept: start ({kept.by} {shown(kept.value)})"
+    if kept.best_epoch is None:
+        return f"{head}; no trained epoch has a {kept.by}"
+    z = f" (z {kept.best_z:.2f})" if kept.best_z is not None else ""
+    return (
+        f"{head}; best trained epoch {kept.best_epoch + 1}, {kept.by} {shown(kept.best_value)}, "
+        f"not clearly {'above' if kept.best_z is not None else 'better than'} it{z}"
+    )
+
+
+def undefined_text(undefined) -> str | None:
+    """`undefined: test spearman (constant predictions), …` for the val and test metrics reported as null."""
+    if not isinstance(undefined, dict):
+        return None
+    shown = []
+    for key, why in list(undefined.items())[:32]:
+        if isinstance(key, str) and _NAME.match(key) and key.startswith(("val.", "test.")) and isinstance(why, str):
+            split, _, metric = key.partition(".")
+            shown.append(f"{split} {metric} ({_short(terminal_safe(why), 60)})")
+    return f"undefined: {', '.join(shown)}" if shown else None
+
+
 # --- text ---------------------------------------------------------------------------------------
 
 
@@ -160,6 +232,8 @@ class _Progress:
     epochs: dict[int, Epoch] = field(default_factory=dict)
     best: tuple[int, float] | None = None
     build_tag: str | None = None
+    kept: Kept | None = None  # the core's account of the delivered model
+    undefined: dict | None = None  # metrics reported as null, with the reason (the `done` event)
 
 
 class RunView:
@@ -310,7 +384,11 @@ class RunView:
                 self.state.max_epochs = max_epochs
             self._line(f"train: up to {self.state.max_epochs or '?'} epochs")
             self._status("training", 0, self.state.max_epochs)
+        elif phase == "kept":
+            self.state.kept = Kept.from_doc(doc)
         elif phase == "done":
+            if isinstance(doc.get("undefined"), dict):
+                self.state.undefined = doc["undefined"]
             self._status("evaluated; writing the summary")
 
     def _epoch(self, epoch: Epoch) -> None:
@@ -344,11 +422,17 @@ class RunView:
         if self.mode == "live" and table and (test or val):
             self.console.print(summary_table(doc))
             self._line(summary_footer(doc, self.state), style="dim")
-            return
-        if val:
-            self._line(f"val: {metrics_text(val)}")
-        if test:
-            self._line(f"test: {metrics_text(test)}")
+        else:
+            if val:
+                self._line(f"val: {metrics_text(val)}")
+            if test:
+                self._line(f"test: {metrics_text(test)}")
+        # what the numbers above belong to, and which of them are missing and why
+        kept = self.state.kept or Kept.from_doc(doc.get("kept"))
+        if kept is not None:
+            self._line(kept_text(kept))
+        if gaps := undefined_text(self.state.undefined or doc.get("undefined")):
+            self._line(gaps, style="yellow")
 
 
 def summary_table(doc: dict):

@@ -133,7 +133,10 @@ def _run_point(plan_path, exp_dir, workdir, db, experiment_id, stop, limit_batch
                 experiment_id=experiment_id,
             )
         test = ", ".join(f"{k}={v:.4f}" for k, v in result["test"].items() if isinstance(v, float))
-        print(f"infra-train: done; test {test}", file=sys.stderr)
+        # a null test metric is said with its reason, never left out silently
+        undefined = [f"{k[5:]} ({why})" for k, why in result.get("undefined", {}).items() if k.startswith("test.")]
+        gaps = f"; undefined: {', '.join(undefined)}" if undefined else ""
+        print(f"infra-train: done; test {test}{gaps}", file=sys.stderr)
         return 0
     except Cancelled as exc:
         print(f"infra-train: cancelled: {exc}", file=sys.stderr)

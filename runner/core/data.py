@@ -421,6 +421,8 @@ def load_variants(
     _check_ids(ids, path)
     target_raw = rows.score if data.target == "DMS_score" else rows.score_bin
     select, dropped = _usable_targets(target_raw, data)
+    if data.sample is not None:
+        select, query["sample"] = sample_rows(ids, select, data.sample, data.sample_seed)
     codes, source_names, templates = _source_codes(ids, rows.source_ids, sources, path)
     result = _encode(rows, codes, source_names, templates, processor, select, data)
     dropped.update(result.dropped)
@@ -453,11 +455,48 @@ def load_variants(
         templates=templates,
         lengths=lengths,
         frame=frame,
-        query={"sql": query["sql"], "params": query["params"]},
+        query={k: query[k] for k in ("sql", "params", "sample") if k in query},
         dropped=dropped,
         vocab=processor,
         target_name=data.target,
     )
+
+
+# splitmix64 (Steele, Lea & Flood 2014; the seeding generator of Java's SplittableRandom): a bijection
+# of 64-bit integers whose outputs look independent for consecutive inputs. Unsigned 64-bit arithmetic
+# wraps the same way on every platform, so a sample is the same everywhere.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def sample_keys(ids: np.ndarray, seed: int) -> np.ndarray:
+    """One pseudo-random uint64 per id, a function of the id and `seed` only (splitmix64)."""
+    with np.errstate(over="ignore"):  # wrapping is the point
+        z = np.asarray(ids).astype(np.uint64) + _GOLDEN * np.uint64(seed + 1)
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        return z ^ (z >> np.uint64(31))
+
+
+def sample_rows(ids: np.ndarray, select: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, dict[str, int]]:
+    """`data.sample`: of the `select`ed rows, the `n` whose ids have the smallest `sample_keys` (all of
+    them when there are no more than `n`); the new mask and what config/query.json records.
+
+    A row's place depends on its id and the seed alone, not on the rows around it: the same ids give
+    the same sample on every platform, and a sample of n rows holds the sample of fewer rows.
+    """
+    candidates = np.flatnonzero(select)
+    record = {"n": int(n), "seed": int(seed), "from": int(candidates.size)}
+    if n >= candidates.size:
+        log.info("data.sample %d: the selection has %d usable rows; all are kept", n, candidates.size)
+        return select, record
+    keys = sample_keys(ids[candidates], seed)
+    chosen = candidates[np.argpartition(keys, n - 1)[:n]]
+    out = np.zeros_like(select)
+    out[chosen] = True
+    log.info("data.sample: %d of %d usable rows (seed %d)", n, candidates.size, seed)
+    return out, record
 
 
 class Rows(NamedTuple):

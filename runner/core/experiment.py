@@ -24,14 +24,14 @@ import lightning as L
 import numpy as np
 import torch
 
-from runner.core import plots
+from runner.core import kept, plots, regimes
 from runner.core.data import VariantSet
 from runner.core.embeddings import EMBEDDINGS
 from runner.core.guards import NonFiniteGuard, check_predictions, non_finite
 from runner.core.layout import Layout, environment_info
-from runner.core.metrics import METRICS, compute_metrics
+from runner.core.metrics import METRICS, compute_metrics, greater_is_better, undefined_metrics
 from runner.core.models import MODELS
-from runner.core.outputs import write_artifacts, write_plots
+from runner.core.outputs import epoch_history, write_artifacts, write_plots
 from runner.core.plugins import load_plugins
 from runner.core.predict import save_predict_state
 from runner.core.selection import SelectionRule
@@ -48,7 +48,7 @@ from runner.core.training import (
     predict,
 )
 from runner.core.transforms import TargetTransform
-from runner.errors import DataError, InfraError
+from runner.errors import DataError, InfraError, PlanError, PlanIssue
 from runner.plan.models import Plan
 
 log = logging.getLogger(__name__)
@@ -173,17 +173,61 @@ def _run(plan: Plan, layout: Layout, workdir, stop, limit_batches, source: DataS
     check_predictions(pred_all)
     result = _result(plan, variants, split, targets, pred_all)
     result.update(_selection(epochs, selected, kept_epoch, selection.start))
+    history = epoch_history(layout, epochs)
+    start_name = getattr(module.model, "start_name", "fitted start")
+    result["kept"] = kept.describe(
+        selection,
+        history,
+        selected,
+        result["best_epoch"],
+        closed_form=module.closed_form_only,
+        model_name=plan.model.name,
+        start_name=start_name,
+    )
     result.update(_speed(epochs, seconds), transform=targets.transform.state(), task=targets.task)
     layout.write_json("metrics/metrics.json", result)
+    _report_kept(layout, trainer, result["kept"], selection.start, history)
     write_artifacts(layout, module, variants, split, targets.raw, pred_all, targets.transform)
     save_predict_state(layout, plan, variants, targets.transform, targets.task)  # what `infra predict` needs
     try:
         with plots.closing_figures():
-            write_plots(layout, epochs, variants, split, targets.raw, pred_all, result, plan.data.target)
+            write_plots(layout, history, variants, split, targets.raw, pred_all, result, plan.data.target, start_name)
     except Exception:  # a plot must never fail a finished training run
         log.exception("writing plots failed")
-    layout.event("progress", phase="done", test=result["test"], training_seconds=result["training_seconds"])
+    if result["undefined"]:
+        log.info("undefined: %s", ", ".join(f"{k} ({why})" for k, why in result["undefined"].items()))
+    layout.event(
+        "progress",
+        phase="done",
+        test=result["test"],
+        undefined=result["undefined"],
+        training_seconds=result["training_seconds"],
+    )
     return result
+
+
+def _report_kept(layout: Layout, trainer: L.Trainer, doc: dict, start: dict | None, history: list[dict]) -> None:
+    """Say what was kept wherever the run is read: train.log and stderr (one line, and the warning),
+    a `{"phase": "kept"}` progress event, TensorBoard (the kept model's validation metrics at the last
+    step, under `kept/`, and a text tag)."""
+    line = kept.summary(doc)
+    log.info("%s", line)
+    if doc["warning"]:
+        log.warning("kept model: %s", doc["warning"])
+    layout.event("progress", phase="kept", **doc)
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    record = start if doc["model"] == "start" else next((r for r in history if r["epoch"] == doc["epoch"]), None)
+    if doc["model"] == "closed_form" and history:
+        record = history[-1]
+    values = {"val_loss": (record or {}).get("val_loss"), "val_spearman": (record or {}).get("val_spearman")}
+    values.update({f"val_{k}": v for k, v in ((record or {}).get("val") or {}).items()})
+    logged = {f"kept/{k}": float(v) for k, v in values.items() if isinstance(v, int | float) and np.isfinite(v)}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):  # the CSV logger's columns stay the epochs' own
+            logger.log_metrics(logged, step=trainer.global_step)
+            logger.experiment.add_text("kept", line, global_step=trainer.global_step)
+            logger.save()
 
 
 def _prepare(plan: Plan, layout: Layout, workdir) -> None:
@@ -196,6 +240,18 @@ def _prepare(plan: Plan, layout: Layout, workdir) -> None:
         load_plugins(workdir)
     for name in plan.metrics:
         METRICS.get(name)
+    by = plan.train.select_by
+    if by not in ("val_loss", "val_spearman") and greater_is_better(by[len("val_") :]) is None:
+        raise PlanError(
+            "plan",
+            [
+                PlanIssue(
+                    "train.select_by",
+                    f"metric {by[len('val_') :]!r} does not say whether higher or lower is better: set "
+                    "greater_is_better = True or False on its function (docs/plugins.md), or select by another",
+                )
+            ],
+        )
     MODELS.check_params(
         plan.model.name, dict(plan.model.params), "model.params", fixed=("seq_len", "in_dim", "n_outputs")
     )
@@ -217,7 +273,20 @@ def _load_data(plan: Plan, layout: Layout, source: DataSource) -> tuple[VariantS
     write_split(layout.path("splits"), variants, split, plan.split, layout.write_bytes)
     sizes = {k: int(len(v)) for k, v in split.items()}
     layout.event("progress", phase="data", n_selected=len(variants), split=sizes, dropped=variants.dropped)
+    _check_regimes(layout, variants, split)
     return variants, split
+
+
+def _check_regimes(layout: Layout, variants: VariantSet, split: dict[str, np.ndarray]) -> None:
+    """Log how many val/test variants sit at positions training never mutates; warn once when the two
+    differ so much that validation selects for another problem (runner.core.regimes)."""
+    shares = regimes.unseen_shares(variants, split)
+    shown = {k: "none" if v is None else f"{v:.0%}" for k, v in shares.items()}
+    log.info("variants at positions no training variant mutates: val %s, test %s", shown["val"], shown["test"])
+    warning = regimes.regime_warning(shares)
+    if warning:
+        log.warning("%s", warning)
+        layout.event("progress", phase="warning", warning="split_regime", message=warning, unseen_positions=shares)
 
 
 @dataclass(frozen=True)
@@ -322,8 +391,8 @@ def _load_best(layout: Layout, module: VariantModule, selection: SelectionRule) 
     checkpoint = torch.load(str(best), map_location=module.device, weights_only=False)
     module.load_state_dict(checkpoint["state_dict"])
     # saved at global step 0 after a start pass: no epoch was clearly above the untrained start
+    # (the run's `kept:` line says so, runner.core.kept)
     if selection.start is not None and int(checkpoint.get("global_step", -1)) == 0:
-        log.info("no epoch was clearly above the start (before any optimiser step) on validation; kept it")
         return "start", None
     return "epoch", checkpoint["epoch"] if isinstance(checkpoint.get("epoch"), int) else None
 
@@ -332,12 +401,18 @@ def _result(plan: Plan, variants: VariantSet, split, targets: Targets, pred_all)
     """metrics.json's metrics (on the original scale) and counts."""
     names, y = list(plan.metrics), targets.raw
     result: dict[str, Any] = {}
-    for name in ("val", "test"):
+    undefined: dict[str, str] = {}  # "test.spearman" -> why it is null (metrics.json `undefined`)
+    for name in ("val", "test", "train"):
         idx = split[name]
-        result[name] = compute_metrics(names, y[idx], pred_all[idx]) if len(idx) else {}
-    result["train"] = compute_metrics(names, y[split["train"]], pred_all[split["train"]])
+        if not len(idx) and name != "train":
+            result[name] = {}
+            continue
+        result[name] = compute_metrics(names, y[idx], pred_all[idx])
+        reasons = undefined_metrics(names, y[idx], pred_all[idx], result[name])
+        undefined.update({f"{name}.{metric}": why for metric, why in reasons.items()})
     sizes = {k: int(len(v)) for k, v in split.items()}
     result["n"] = {**sizes, "selected": len(variants), "dropped": dict(variants.dropped)}
+    result["undefined"] = undefined
     return result
 
 
@@ -367,6 +442,8 @@ def epoch_text(record: dict, max_epochs: int) -> str:
         value = record.get(key)
         if isinstance(value, int | float):
             parts.append(f"{key} {value:.4f}")
+        elif key in record:  # measured and undefined (a Spearman of constant predictions): said, not hidden
+            parts.append(f"{key} undefined")
     return "  ".join(parts)
 
 
@@ -380,7 +457,7 @@ def _nulls(record: dict) -> dict:
 
 def _best_epoch(epochs: list[dict]) -> int | None:
     # the best epoch by the metric the selection rule follows (runner.core.selection), from the records
-    if any(r.get("val_spearman") is not None for r in epochs):
+    if any(r.get("val_spearman") is not None for r in epochs):  # an undefined one is null
         scored = [(-r["val_spearman"], r["epoch"]) for r in epochs if r.get("val_spearman") is not None]
     else:
         key = "val_loss" if any(r.get("val_loss") is not None for r in epochs) else "train_loss"

@@ -153,6 +153,59 @@ def mcc(y_true, y_pred, threshold: float | None = None, pred_threshold: float | 
     return (tp * tn - fp * fn) / denom if denom > 0 else 0.0
 
 
+# Which way is better, for `train.select_by` (runner.core.selection). A plugin metric states it with
+# an attribute of its function, `fn.greater_is_better = True` (or False); without one it cannot select.
+GREATER_IS_BETTER = {
+    "spearman": True,
+    "pearson": True,
+    "ndcg": True,
+    "auc": True,
+    "mcc": True,
+    "mse": False,
+    "rmse": False,
+    "mae": False,
+}
+
+
+def greater_is_better(name: str) -> bool | None:
+    """True when a higher value of metric `name` is better, False when lower is, None when it does not say."""
+    flag = getattr(METRICS.get(name), "greater_is_better", None)
+    return flag if isinstance(flag, bool) else GREATER_IS_BETTER.get(name)
+
+
+def record_value(record: dict | None, name: str) -> float | None:
+    """The value of `name` (val_loss, val_spearman, train_loss, or val_<metric>) in an epoch record or
+    the start's record (metrics.jsonl's shape); None when it was not measured or is undefined."""
+    if not record:
+        return None
+    if name in ("val_loss", "val_spearman", "train_loss"):
+        value = record.get(name)
+    else:
+        value = (record.get("val") or {}).get(name[len("val_") :])
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def undefined_reason(y_true, y_pred) -> str:
+    """Why a metric came out NaN on these rows, in a few words (metrics.json `undefined`).
+
+    Every built-in metric is undefined only for one of these: too few rows, a constant measured value
+    (a correlation, and NDCG, need spread; AUC needs both classes), or a constant prediction (a
+    correlation with nothing ranked: a one-hot model at positions its training never saw).
+    """
+    t, p = _arrays(y_true, y_pred)
+    if t.size == 0:
+        return "no rows"
+    if t.size < 2:
+        return "a single row"
+    if _constant(t):
+        return "constant measured values"
+    if _constant(p):
+        return "constant predictions"
+    return "the metric is undefined (NaN) on these rows"
+
+
 def compute_metrics(names: list[str], y_true, y_pred) -> dict[str, float | None]:
     """Every named metric on one split; NaN (undefined, e.g. a constant prediction) becomes None for JSON."""
     out: dict[str, float | None] = {}
@@ -160,3 +213,12 @@ def compute_metrics(names: list[str], y_true, y_pred) -> dict[str, float | None]
         value = float(METRICS.get(name)(y_true, y_pred))
         out[name] = None if math.isnan(value) else value
     return out
+
+
+def undefined_metrics(names: list[str], y_true, y_pred, values: dict[str, float | None]) -> dict[str, str]:
+    """The reason (`undefined_reason`) for each metric of `values` that is None, by name."""
+    missing = [name for name in names if values.get(name) is None]
+    if not missing:
+        return {}
+    reason = undefined_reason(y_true, y_pred)
+    return dict.fromkeys(missing, reason)

@@ -50,6 +50,8 @@ class ProteinModel(nn.Module):
     # part, the learned part starting at zero): the validation pass before training then makes that
     # start a checkpoint candidate like any epoch (runner.core.selection). A random start is not one.
     fitted_start = False
+    # what that start is, in the run's account of the kept model (metrics.json `kept.why`, the plot)
+    start_name = "fitted start"
 
     def penalty(self) -> torch.Tensor | None:
         """Extra loss term added in training (None: nothing)."""
@@ -309,6 +311,8 @@ class LinearModel(ProteinModel):
     feature sets past that limit, and refining the fit by gradient descent.
     """
 
+    start_name = "ridge fit"
+
     def __init__(
         self,
         seq_len: int,
@@ -444,6 +448,8 @@ class _RidgeBase(ProteinModel):
     against the non-linear one and end training early, and a substitution rare in training moves the
     prediction no more than it moves ridge. Classification (n_outputs > 1) never has the ridge part.
     """
+
+    start_name = "ridge fit"
 
     def __init__(self, seq_len: int, in_dim: int, n_outputs: int, base: str):
         super().__init__(seq_len, in_dim, n_outputs)
@@ -608,6 +614,7 @@ class GlobalEpistasisModel(ProteinModel):
     """
 
     fitted_start = True
+    start_name = "ridge fit"  # the latent at the ridge fit, g near the identity
 
     def __init__(self, seq_len: int, in_dim: int, n_outputs: int = 1, units: int = 8, l2: float = 1.0):
         super().__init__(seq_len, in_dim, n_outputs)

@@ -62,14 +62,23 @@ def write_artifacts(layout: Layout, module, variants, split, y_all, pred_all, tr
     write_predictions_csv(layout, frame, variants.frame["sequence"].array[in_split])
 
 
-def write_plots(layout: Layout, epochs, variants, split, y_all, pred_all, result, target) -> None:
-    """The PNGs of artifacts/visualization/ (which ones: docs/experiments.md)."""
+def epoch_history(layout: Layout, epochs: list[dict]) -> list[dict]:
+    """Every trained epoch on record, in order, including those of an earlier attempt this run resumed
+    from (metrics/metrics.jsonl; a repeated epoch's last record holds); `epochs` when there is none."""
+    path = layout.path("metrics/metrics.jsonl")
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    history = {r["epoch"]: r for r in map(json.loads, filter(None, lines))}
+    return [history[k] for k in sorted(history)] or list(epochs)
+
+
+def write_plots(layout: Layout, history, variants, split, y_all, pred_all, result, target, start_name) -> None:
+    """The PNGs of artifacts/visualization/ (which ones: docs/experiments.md); `history` as `epoch_history`."""
     write = layout.write_bytes
     vis = Path("artifacts/visualization")
-    # every epoch on record, including those of an earlier attempt this run resumed from
-    lines = layout.path("metrics/metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    history = {r["epoch"]: r for r in map(json.loads, filter(None, lines))}
-    plots.learning_curves([history[k] for k in sorted(history)] or epochs, vis / "learning_curves.png", write)
+    plots.learning_curves(
+        history, vis / "learning_curves.png", write, start=result.get("start"), kept=result.get("kept"),
+        start_name=start_name,
+    )  # fmt: skip
     test = split["test"]
     plots.predicted_vs_measured(
         y_all[test],

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runner.core.metrics import record_value
+
 log = logging.getLogger(__name__)
 
 # Above this many test variants the predicted-vs-measured plot shows density (hexagonal bins, counts
@@ -55,33 +57,80 @@ def _save(plt, fig, path: Path, write: Callable[[Path, bytes], None]) -> None:
     write(path, buf.getvalue())
 
 
-def learning_curves(epochs: list[dict], path: Path, write) -> None:
-    """Train and validation loss per epoch; the validation Spearman beside them when it was recorded."""
+def curve(epochs: list[dict], key: str, start: dict | None = None) -> tuple[list[int], list[float]]:
+    """The points of `key` (val_loss, train_loss, val_spearman, val_<metric>) over a run: the start, when
+    it was scored, at 0 (before the first epoch), trained epoch e (0-based in the records) at e + 1, as
+    the logs count epochs. Undefined values are left out."""
+    points = [] if start is None or record_value(start, key) is None else [(0, record_value(start, key))]
+    points += [(r["epoch"] + 1, v) for r in epochs if (v := record_value(r, key)) is not None]
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def kept_point(kept: dict | None, start_name: str = "fitted start") -> tuple[str, int, float | None, str] | None:
+    """Where the kept model sits on its curve: (metric, x, value, label), e.g. ("val_spearman", 0, 0.7697,
+    "kept: start (ridge fit) 0.770"); value None when it is undefined. None without a `kept` record."""
+    if not kept or kept.get("model") not in ("start", "epoch", "closed_form"):
+        return None
+    value = kept.get("value")
+    shown = "undefined" if value is None else f"{value:.3f}"
+    if kept["model"] == "start":
+        return kept["by"], 0, value, f"kept: start ({start_name}) {shown}"
+    if kept["model"] == "closed_form":  # its one pass is epoch 1
+        return kept["by"], 1, value, f"kept: closed-form fit {shown}"
+    epoch = int(kept.get("epoch") or 0) + 1
+    return kept["by"], epoch, value, f"kept: epoch {epoch} {shown}"
+
+
+def learning_curves(
+    epochs: list[dict],
+    path: Path,
+    write,
+    start: dict | None = None,
+    kept: dict | None = None,
+    start_name: str = "fitted start",
+) -> None:
+    """Train and validation loss per epoch, and beside them the validation metric the kept model was
+    selected by (the validation Spearman when it was a loss). Epochs count from 1 as in the logs; a
+    scored start is drawn at 0; the kept model is starred with its value (`kept_point`)."""
     plt = _figure()
-    spearman = [(r["epoch"], r["val_spearman"]) for r in epochs if r.get("val_spearman") is not None]
-    if spearman:
-        fig, (ax, ax_rho) = plt.subplots(1, 2, figsize=(11, 4))
+    from matplotlib.ticker import MaxNLocator
+
+    marker = kept_point(kept, start_name)
+    by = marker[0] if marker else "val_spearman"
+    metric = by if by not in ("val_loss", "train_loss") else "val_spearman"
+    metric_curve = curve(epochs, metric, start)
+    if metric_curve[0]:
+        fig, (ax, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
+        axes = {"loss": ax, metric: ax_metric}
     else:
         fig, ax = plt.subplots(figsize=(6, 4))
+        axes = {"loss": ax}
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        pts = [(r["epoch"], r[key]) for r in epochs if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts, strict=False), marker="o", ms=3, label=label)
-    ax.set_xlabel("epoch")
+        x, y = curve(epochs, key, start if key == "val_loss" else None)
+        if x:
+            ax.plot(x, y, marker="o", ms=3, label=label)
     ax.set_ylabel("loss (training scale)")
     ax.set_title("Losses")
-    ax.legend()
-    if spearman:
-        x, y = zip(*spearman, strict=False)
-        ax_rho.plot(x, y, marker="o", ms=3, color="tab:green")
-        best = int(np.argmax(y))
-        ax_rho.plot([x[best]], [y[best]], marker="*", ms=14, color="tab:red", linestyle="none",
-                    label=f"best: {y[best]:.3f} (epoch {x[best]})")  # fmt: skip
-        ax_rho.set_xlabel("epoch")
-        ax_rho.set_ylabel("validation Spearman")
-        ax_rho.set_title("Validation Spearman (the checkpoint keeps the best)")
-        ax_rho.legend(loc="lower right")
-    fig.suptitle("Learning curves")
+    if metric_curve[0]:
+        ax_metric.plot(*metric_curve, marker="o", ms=3, color="tab:green", label=metric)
+        ax_metric.set_ylabel(metric.replace("_", " ", 1).replace("val ", "validation "))
+        ax_metric.set_title(f"{metric} (kept model starred)" if metric == by else metric)
+    if start is not None:
+        for key, where in (("val_loss", ax), (metric, axes.get(metric))):
+            value = record_value(start, key)
+            if where is not None and value is not None:
+                where.plot([0], [value], marker="s", ms=7, mfc="none", color="0.3", linestyle="none",
+                           label=f"start ({start_name})")  # fmt: skip
+    if marker is not None and marker[2] is not None:
+        target = ax if by in ("val_loss", "train_loss") else axes.get(by)
+        if target is not None:
+            target.plot([marker[1]], [marker[2]], marker="*", ms=14, color="tab:red", linestyle="none",
+                        label=marker[3])  # fmt: skip
+    for where in axes.values():
+        where.xaxis.set_major_locator(MaxNLocator(integer=True))
+        where.set_xlabel("epoch (0: the start, before training)" if start is not None else "epoch")
+        where.legend(loc="best", fontsize=8)
+    fig.suptitle("Learning curves" + (f"; {marker[3]}" if marker else ""))
     _save(plt, fig, path, write)
 
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from runner.core.metrics import spearman, spearman_gain_z
+from runner.core.metrics import greater_is_better, record_value, spearman, spearman_gain_z
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,11 @@ LEAVE_START_Z = 1.0
 # validation rows at z = 1.9, then -0.0001 on test). 0.001 is the resolution rankings are read at.
 LEAVE_START_GAIN = 0.001
 INELIGIBLE = -3.0  # below any Spearman: an epoch with this selection score never becomes best.ckpt
+# Selecting by another metric (`train.select_by`) there is no standard error to test against (the paired
+# z is Spearman's): a trained epoch replaces a fitted start only when it is better by at least this share
+# of the start's value (and LEAVE_START_GAIN). On BLAT the validation loss of mlp's last epochs moved by
+# 0.1% from one epoch to the next; a real gain is far larger (an avGFP-like set: 0.344 -> 0.087, -75%).
+LEAVE_START_REL_GAIN = 0.01
 START_Z_BOUND = 99.0  # start_z is clipped to ±this, so records stay finite
 
 # what early stopping watches, by kind of run ("none": no validation rows)
@@ -91,6 +96,39 @@ def selection_score(y: np.ndarray, p: np.ndarray, start: np.ndarray | None) -> t
     z = min(max(spearman_gain_z(y, p, start), -START_Z_BOUND), START_Z_BOUND)
     gain = rho - _rank_score(y, start)
     return (rho if z >= LEAVE_START_Z and gain >= LEAVE_START_GAIN else INELIGIBLE), z
+
+
+def clearly_better(value: float | None, start: float | None, greater: bool) -> bool:
+    """Whether `value` of a metric other than Spearman clearly beats the fitted start's `start`
+    (LEAVE_START_REL_GAIN of its size, at least LEAVE_START_GAIN); an undefined value never does, and
+    any defined value beats an undefined start."""
+    if value is None or not math.isfinite(value):
+        return False
+    if start is None or not math.isfinite(start):
+        return True
+    gain = value - start if greater else start - value
+    return gain >= max(LEAVE_START_REL_GAIN * abs(start), LEAVE_START_GAIN)
+
+
+def selection_metric(kind: str, select_by: str) -> str:
+    """What a run of this kind is selected by: `train.select_by`, except that a run without validation
+    rows follows its training loss, and a classification run keeps the validation loss for the default
+    (a class probability against 0/1 labels ties most rows: its Spearman says little)."""
+    if kind == "none":
+        return "train_loss"
+    if kind == "classification" and select_by == "val_spearman":
+        return "val_loss"
+    return select_by
+
+
+def metric_greater(by: str) -> bool:
+    """Whether a higher value of selection metric `by` is better (losses: lower)."""
+    if by in ("val_loss", "train_loss"):
+        return False
+    greater = greater_is_better(by[len("val_") :])
+    if greater is None:  # the core checks the plan before training (experiment._prepare)
+        raise ValueError(f"metric {by[len('val_') :]!r} does not say whether higher or lower is better")
+    return greater
 
 
 def _rank_score(y: np.ndarray, p: np.ndarray) -> float:
@@ -139,12 +177,18 @@ class SelectionRule(Callback):
     """Keeps `best_path` at the best candidate (the fitted start or a trained epoch) and stops training
     on a plateau; see the module docstring for the rule. `patience` 0 disables early stopping."""
 
-    def __init__(self, best_path: str | Path, task: str, has_val: bool, patience: int):
+    def __init__(self, best_path: str | Path, task: str, has_val: bool, patience: int, select_by: str = "val_spearman"):
         self.best_path = Path(best_path)
         self.has_val = bool(has_val)
         self.patience = int(patience)
         self.kind = ("classification" if task == "classification" else "regression") if has_val else "none"
-        self.plateau = Plateau(dict(STOP_MONITORS[self.kind]))
+        self.by = selection_metric(self.kind, select_by)  # what best.ckpt follows (metrics.json `kept.by`)
+        self.greater = metric_greater(self.by)
+        # the paired-z rule against a fitted start exists for the validation Spearman only
+        self.by_spearman = self.by == "val_spearman"
+        monitors = dict(STOP_MONITORS[self.kind])
+        monitors.setdefault(self.by, "max" if self.greater else "min")  # stopping never ignores the selection
+        self.plateau = Plateau(monitors)
         self.start_done = False  # the fitted start had its one chance to be scored
         self.start: dict[str, Any] | None = None  # its record: val_loss, val_spearman, val
         self.start_scores: torch.Tensor | None = None  # its validation scores, which epochs must beat
@@ -171,16 +215,19 @@ class SelectionRule(Callback):
             return
         self.start = result.record()
         self.start_scores = torch.from_numpy(np.asarray(result.p, dtype=np.float32))
-        shown = {k: v for k, v in self.start.items() if k in ("val_loss", "val_spearman")}
-        log.info("start (before the first step): %s", "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        shown = {k: self.start.get(k) for k in ("val_loss", "val_spearman")}
+        shown[self.by] = record_value(self.start, self.by)
+        log.info(
+            "start (before the first step): %s",
+            "  ".join(f"{k} {'undefined' if v is None else format(v, '.4f')}" for k, v in shown.items()),
+        )
         # in the CSV/TensorBoard logs at step 0, before the epochs' values
-        logged = {k: as_logged(v) for k, v in shown.items()}
+        logged = {k: as_logged(v) for k, v in shown.items() if k in ("val_loss", "val_spearman") and v is not None}
         for logger in trainer.loggers:
             logger.log_metrics({**logged, "epoch": trainer.current_epoch}, step=trainer.global_step)
             logger.save()
-        score = result.spearman if self.kind == "regression" else -result.loss
-        self._consider(trainer, score)
-        self._count(trainer, {"val_loss": result.loss, "val_spearman": result.spearman})
+        self._consider(trainer, self._score(self.start))
+        self._count(trainer, self.start)
 
     # --- trained epochs ----------------------------------------------------------------------------
 
@@ -189,17 +236,21 @@ class SelectionRule(Callback):
         if trainer.sanity_checking or result is None:
             return
         record = pl_module.epoch_record
-        if self.kind == "regression":
+        if self.by_spearman:
             start = self.start_scores.numpy() if self.start_scores is not None else None
             score, z = selection_score(result.y, result.p, start)
             if z is not None:
                 record["start_z"] = round(z, 3)
         else:
-            score = -result.loss
+            score = self._score(record)
+            if self.start is not None and not clearly_better(
+                record_value(record, self.by), record_value(self.start, self.by), self.greater
+            ):
+                score = -math.inf
         # in the epoch's record (metrics.jsonl, the epoch event): what the progress view marks "best",
         # without second-guessing the rule on the host
         record["best"] = self._consider(trainer, score)
-        self._count(trainer, {"val_loss": result.loss, "val_spearman": result.spearman})
+        self._count(trainer, record)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.has_val or trainer.sanity_checking:
@@ -209,6 +260,13 @@ class SelectionRule(Callback):
         if loss is not None:
             self._consider(trainer, -loss)
             self._count(trainer, {"train_loss": loss})
+
+    def _score(self, record: dict) -> float:
+        """A record's value of the selection metric as a score, higher is better (undefined: the worst)."""
+        value = record_value(record, self.by)
+        if value is None:
+            return -1.0 if self.by_spearman else -math.inf
+        return value if self.greater else -value
 
     def _consider(self, trainer: L.Trainer, score: float) -> bool:
         """Save best.ckpt when `score` beats what it holds (the first candidate always does)."""
@@ -221,7 +279,8 @@ class SelectionRule(Callback):
         )  # atomic (AtomicCheckpointIO); all ranks call it
         return True
 
-    def _count(self, trainer: L.Trainer, values: dict[str, float | None]) -> None:
+    def _count(self, trainer: L.Trainer, record: dict) -> None:
+        values = {name: record_value(record, name) for name in self.plateau.monitors}
         if self.patience > 0 and self.plateau.update(values) >= self.patience:
             trainer.should_stop = True
 

@@ -1,8 +1,11 @@
 """Split registry: assign every selected variant to train / val / test.
 
 A split function is `fn(variants, spec) -> {"train": idx, "val": idx, "test": idx}` where `idx`
-are row positions into the VariantSet arrays. The validation set is always a seeded random
-`val_fraction` of what is not test, unless the strategy defines it.
+are row positions into the VariantSet arrays. The validation set is a seeded `val_fraction` of what is
+not test, drawn in the test's regime: random rows next to a random test, whole held-out positions next
+to a position-held-out test (`modulo`, `contiguous`, a position-wise fold column; `_by_test_positions`),
+so that what validation selects (the kept model, ridge's alpha, the end of training) is what the test
+measures (runner.core.regimes).
 
 `spec` is the plan's `split` section. The built-ins below take it typed (`SplitSpec`); a function
 registered with `register_split` (a plugin) gets it as a dict (`SplitSpec.model_dump()`: `strategy`,
@@ -13,6 +16,7 @@ docs/plugins.md documents, so plugins written against it keep working.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from runner.core.registry import Registry
 from runner.errors import DataError, PlanError, PlanIssue
 from runner.plan.models import SplitSpec
 
+log = logging.getLogger(__name__)
 SPLITS: Registry[dict] = Registry("split")
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -55,6 +60,76 @@ def _by_test_mask(test_mask: np.ndarray, spec: SplitSpec) -> dict[str, np.ndarra
     rng = _rng(spec)
     train, val = _carve_val(np.flatnonzero(~test_mask), spec, rng, len(test_mask))
     return {"train": train, "val": val, "test": np.flatnonzero(test_mask)}
+
+
+# A fold column is position-wise when every position's variants share one fold, and at least this many
+# positions hold more than one variant: with k random folds all of them agree by chance with probability
+# at most k**-10 (1e-7 for 5 folds), so the column's name is never what decides.
+POSITIONWISE_MIN_SHARED = 10
+
+
+def _position_keys(variants) -> np.ndarray:
+    """Each row's first mutated position as one integer per (template, position); 0 for the wild type."""
+    pos = np.asarray(variants.first_pos).astype(np.int64)
+    source = getattr(variants, "source", None)
+    if source is None:
+        return pos
+    return np.where(pos > 0, np.asarray(source, dtype=np.int64) * (int(pos.max()) + 1) + pos, 0)
+
+
+def positionwise(variants, folds: np.ndarray) -> bool:
+    """Whether fold numbers `folds` (one per row) split by position (see POSITIONWISE_MIN_SHARED)."""
+    keys = _position_keys(variants)
+    mutated = keys > 0
+    if not mutated.any():
+        return False
+    positions, inverse, counts = np.unique(keys[mutated], return_inverse=True, return_counts=True)
+    if int((counts > 1).sum()) < POSITIONWISE_MIN_SHARED:
+        return False
+    fold = np.asarray(folds)[mutated].astype(np.float64)
+    low = np.full(len(positions), np.inf)
+    high = np.full(len(positions), -np.inf)
+    np.minimum.at(low, inverse, fold)
+    np.maximum.at(high, inverse, fold)
+    return bool((low == high).all())
+
+
+def contiguous_folds(variants, folds: np.ndarray) -> bool:
+    """Whether each fold of a position-wise column is one block of consecutive positions (per template)."""
+    keys = _position_keys(variants)
+    mutated = keys > 0
+    positions, first = np.unique(keys[mutated], return_index=True)
+    fold = np.asarray(folds)[mutated][first]  # positions in order, with their fold
+    return int((fold[1:] != fold[:-1]).sum()) == len(np.unique(fold)) - 1
+
+
+def _by_test_positions(test_mask: np.ndarray, spec: SplitSpec, variants, contiguous: bool) -> dict[str, np.ndarray]:
+    """Test = `test_mask`; validation = whole positions of the training rows, about `val_fraction` of all
+    rows: one run of consecutive positions when `contiguous` (the test is a block), else positions drawn
+    at random. Wild-type rows always train."""
+    rng = _rng(spec)
+    keys = _position_keys(variants)
+    rest = np.flatnonzero(~test_mask)
+    n_val = min(int(round(spec.val_fraction * len(test_mask))), max(len(rest) - 1, 0))
+    candidates = rest[keys[rest] > 0]
+    if n_val == 0 or not len(candidates):
+        return {"train": rest, "val": np.zeros(0, dtype=np.int64), "test": np.flatnonzero(test_mask)}
+    positions, counts = np.unique(keys[candidates], return_counts=True)
+    if contiguous:
+        ends = np.concatenate([[0], np.cumsum(counts)])
+        # for each first position, the end of the shortest run reaching n_val rows; start where one fits
+        stop = np.searchsorted(ends, ends[:-1] + n_val)
+        fits = np.flatnonzero(stop < len(ends))
+        first = int(rng.choice(fits)) if len(fits) else 0
+        chosen = positions[first : min(int(stop[first]), len(positions))]
+    else:
+        order = rng.permutation(len(positions))
+        reach = int(np.searchsorted(np.cumsum(counts[order]), n_val)) + 1
+        chosen = positions[order[:reach]]
+    if len(chosen) == len(positions):  # at least one training position stays
+        chosen = chosen[:-1]
+    val_mask = np.isin(keys[rest], chosen) & (keys[rest] > 0)
+    return {"train": rest[~val_mask], "val": rest[val_mask], "test": np.flatnonzero(test_mask)}
 
 
 def _fold(spec: SplitSpec, default_folds: int | None = None) -> tuple[int, int] | None:
@@ -100,7 +175,7 @@ def modulo_split(variants, spec: SplitSpec) -> dict[str, np.ndarray]:
     """
     n_folds, fold = _fold(spec, default_folds=5)
     pos = np.asarray(variants.first_pos)
-    return _by_test_mask((pos > 0) & ((pos - 1) % n_folds == fold), spec)
+    return _by_test_positions((pos > 0) & ((pos - 1) % n_folds == fold), spec, variants, contiguous=False)
 
 
 @register_split("contiguous")
@@ -113,7 +188,7 @@ def contiguous_split(variants, spec: SplitSpec) -> dict[str, np.ndarray]:
         return _by_test_mask(np.zeros(len(pos), dtype=bool), spec)
     lo, hi = int(pos[mutated].min()), int(pos[mutated].max())
     block = np.minimum(((pos - lo) * n_folds) // max(hi - lo + 1, 1), n_folds - 1)
-    return _by_test_mask(mutated & (block == fold), spec)
+    return _by_test_positions(mutated & (block == fold), spec, variants, contiguous=True)
 
 
 _NAMED = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -122,7 +197,8 @@ _NAMED = {"train": "train", "training": "train", "val": "val", "valid": "val", "
 @register_split("column")
 def column_split(variants, spec: SplitSpec) -> dict[str, np.ndarray]:
     """A predefined split column: values train/val/test (rows with other values are left out), or fold integers
-    (test = rows whose value equals `fold`, val a random `val_fraction` of the rest)."""
+    (test = rows whose value equals `fold`; val a `val_fraction` of the rest: whole held-out positions when
+    the folds are position-wise (`positionwise`, measured on the rows), else random rows)."""
     column = spec.column
     if not column:
         raise _plan_error("column", "strategy 'column' needs split.column (a column of the mutations table)")
@@ -137,7 +213,16 @@ def column_split(variants, spec: SplitSpec) -> dict[str, np.ndarray]:
             raise DataError(f"split column {column!r} has {int(values.isna().sum())} empty values; fill or filter them")
         if spec.fold == "all":
             raise _plan_error("fold", "'all' runs one experiment per fold: 'infra run' expands it into a study")
-        return _by_test_mask(values.to_numpy() == spec.fold, spec)
+        folds = values.to_numpy()
+        if positionwise(variants, folds):
+            contiguous = contiguous_folds(variants, folds)
+            log.info(
+                "split column %r holds position-wise folds (%s): validation is held-out training positions",
+                column,
+                "blocks of consecutive positions" if contiguous else "scattered positions",
+            )
+            return _by_test_positions(folds == spec.fold, spec, variants, contiguous)
+        return _by_test_mask(folds == spec.fold, spec)
     names = values.astype("string").str.strip().str.lower().map(_NAMED)
     out = {name: np.flatnonzero((names == name).fillna(False).to_numpy()) for name in SPLIT_NAMES}
     if not len(out["val"]):

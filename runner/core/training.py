@@ -158,14 +158,16 @@ class Validation:
     loss: float
     y: np.ndarray
     p: np.ndarray
-    spearman: float | None  # regression only; NaN counted as -1
+    spearman: float | None  # regression only; NaN when undefined (constant predictions)
     metrics: dict | None  # the plan's metrics on the original scale (VariantModule.val_metrics_fn)
 
     def record(self) -> dict[str, Any]:
-        """The pass as an epoch record's fields: val_loss, val_spearman, val."""
+        """The pass as an epoch record's fields: val_loss, val_spearman (null when undefined), val."""
         record: dict[str, Any] = {"val_loss": self.loss}
         if self.spearman is not None:
-            record["val_spearman"] = self.spearman
+            # an undefined Spearman is null, never a number standing in for it: the records, the
+            # progress view and the plots show what was measured
+            record["val_spearman"] = self.spearman if math.isfinite(self.spearman) else None
         if self.metrics is not None:
             record["val"] = self.metrics
         return record
@@ -314,8 +316,9 @@ class VariantModule(L.LightningModule):
         self.last_validation = self._finish_validation("val")
         if self.last_validation is None:
             return
-        if self.last_validation.spearman is not None:
-            self.log("val_spearman", self.last_validation.spearman)
+        rho = self.last_validation.spearman
+        if rho is not None and math.isfinite(rho):
+            self.log("val_spearman", rho)
         self.epoch_record.update(self.last_validation.record())
 
     def validate(self, batches) -> Validation | None:
@@ -342,12 +345,9 @@ class VariantModule(L.LightningModule):
             return None
         y = torch.cat([a for a, _ in outputs]).float().cpu().numpy()
         p = torch.cat([b for _, b in outputs]).float().cpu().numpy()
-        rho = None
-        if self.hparams.task != "classification":
-            # the metric users rank by: checkpoints and early stopping follow it (NaN, e.g. constant
-            # predictions, counts as the worst value)
-            rho = spearman(y, p)
-            rho = -1.0 if not math.isfinite(rho) else rho
+        # the metric users rank by (regression): selection counts an undefined one (NaN, e.g.
+        # constant predictions) as the worst value (runner.core.selection)
+        rho = spearman(y, p) if self.hparams.task != "classification" else None
         metrics = self.val_metrics_fn(y, p) if self.val_metrics_fn is not None else None
         return Validation(loss, y, p, rho, metrics)
 
@@ -434,7 +434,9 @@ def build_trainer(
     devices = 1 if devices == "auto" else int(devices)
     # ckpts/best.ckpt and early stopping: one rule (runner.core.selection), first in the list so its
     # start pass runs before the other callbacks' epoch-start hooks and is not timed as part of epoch 0
-    selection = SelectionRule(ckpt_dir / "best.ckpt", task, has_val, train.early_stopping_patience)
+    selection = SelectionRule(
+        ckpt_dir / "best.ckpt", task, has_val, train.early_stopping_patience, select_by=train.select_by
+    )
     # last.ckpt from its own callback, every epoch: ModelCheckpoint's save_last refreshed it only when
     # best.ckpt changed, so a run whose final epoch was not its best resumed one epoch back
     latest = ModelCheckpoint(

@@ -31,6 +31,7 @@ SEED_MAX = 2**32 - 1  # numpy and Lightning's seed_everything take 0..2**32-1
 SQLITE_INT_MAX = 2**63 - 1  # a bound SQLite parameter is a signed 64-bit integer
 SQLITE_INT_MIN = -(2**63)
 MAX_DEVICES = 1024
+SELECT_BY_PATTERN = r"^val_[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # val_ + a registered metric name, or val_loss
 
 
 def _integral_float(value: Any) -> Any:
@@ -132,6 +133,16 @@ def where_value_problem(op: str, value: Any) -> str | None:
 
 
 class DataSpec(Strict):
+    # data.limit and data.sample exclude each other (_sample_or_limit); the schema says so too
+    model_config = ConfigDict(
+        json_schema_extra={
+            "not": {
+                "required": ["limit", "sample"],
+                "properties": {"limit": {"type": "integer"}, "sample": {"type": "integer"}},
+            }
+        }
+    )
+
     db: Annotated[
         str,
         Field(min_length=1, description="SQLite database on the host; relative to the plan's folder, then the workdir"),
@@ -152,8 +163,28 @@ class DataSpec(Strict):
     )
     drop_nan: bool = Field(default=True, description="drop rows whose target is NaN/NULL (their count is reported)")
     limit: Annotated[int, Field(gt=0, le=SQLITE_INT_MAX), INTEGRAL] | None = Field(
-        default=None, description="read at most this many rows (in id order)"
+        default=None, description="read at most this many rows (in id order: the first ids only; see data.sample)"
     )
+    sample: Annotated[int, Field(gt=0, le=SQLITE_INT_MAX), INTEGRAL] | None = Field(
+        default=None,
+        description="a seeded random subsample of this many rows of the selection, before the split "
+        "(the way to keep a run small); not with data.limit",
+    )
+    sample_seed: Annotated[int, Field(ge=0, le=SEED_MAX), INTEGRAL] = Field(
+        default=0, description="seed of data.sample (independent of split.seed and train.seed)"
+    )
+
+    @field_validator("sample")
+    @classmethod
+    def _sample_or_limit(cls, sample: int | None, info: ValidationInfo) -> int | None:
+        # two ways of cutting the selection down: which applies first would change what either means
+        if sample is not None and info.data.get("limit") is not None:
+            raise PydanticCustomError(
+                "sample_with_limit",
+                "give data.sample or data.limit, not both: sample draws rows at random from the whole "
+                "selection, limit takes the first ids",
+            )
+        return sample
 
 
 class NamedComponent(Strict):
@@ -234,6 +265,11 @@ class TrainSpec(Strict):
         default=None, description="clip gradients to this norm"
     )
     deterministic: bool = Field(default=False, description="torch deterministic algorithms (slower)")
+    select_by: Annotated[str, Field(pattern=SELECT_BY_PATTERN)] = Field(
+        default="val_spearman",
+        description="the validation metric that picks the kept model (ckpts/best.ckpt): val_spearman, val_loss "
+        "or val_<metric> of the plan's metrics",
+    )
 
 
 class ResourcesSpec(Strict):
@@ -290,12 +326,28 @@ class Plan(Strict):
     split: SplitSpec = Field(default_factory=SplitSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     metrics: Annotated[list[Annotated[str, Field(pattern=REGISTRY_NAME_PATTERN)]], Field(min_length=1)] = Field(
-        default_factory=lambda: list(DEFAULT_METRICS), description="registered metrics reported on val and test"
+        default_factory=lambda: list(DEFAULT_METRICS),
+        validate_default=True,  # train.select_by is checked against the default list too
+        description="registered metrics reported on val and test",
     )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec | None = Field(
         default=None, description="log finished attempts to MLflow from the host; not part of the experiment id"
     )
+
+    @field_validator("metrics")
+    @classmethod
+    def _select_by_is_measured(cls, metrics: list[str], info: ValidationInfo) -> list[str]:
+        # the kept model is picked by a metric the validation pass computes: the plan's metrics
+        train = info.data.get("train")
+        select_by = train.select_by if isinstance(train, TrainSpec) else None
+        if select_by and select_by not in ("val_loss", "val_spearman") and select_by[4:] not in metrics:
+            message = (
+                f"train.select_by is {select_by!r}: add {select_by[4:]!r} to metrics, "
+                "or select by val_spearman or val_loss"
+            )
+            raise PydanticCustomError("select_by_not_measured", message.replace("{", "{{").replace("}", "}}"))
+        return metrics
 
 
 class GpuRequest(BaseModel):

@@ -215,6 +215,8 @@ def _log_attempt(exp: Experiment, record: dict, plan: dict, uri: str, experiment
             "infra.backend": str(record.get("backend")),
             "infra.exit_code": str(record.get("exit_code")),
         }
+        if kept := kept_tag(exp):
+            tags["infra.kept"] = kept
         run = client.create_run(experiment_id, tags=tags)
         run_id = run.info.run_id
         params = run_params(plan, record)
@@ -322,6 +324,20 @@ def final_metrics(exp: Experiment) -> dict[str, float]:
         if number is not None:
             out[key] = number
     return out
+
+
+def kept_tag(exp: Experiment) -> str | None:
+    """`infra.kept`: which model the run delivers, from metrics.json's `kept` (untrusted: only its known
+    words and a plain epoch number pass): "start", "closed_form", or "epoch N" with N 0-based, the MLflow
+    step of that epoch's metrics. None when the core did not say."""
+    kept = exp.read_json("metrics/metrics.json").get("kept")
+    model = kept.get("model") if isinstance(kept, dict) else None
+    if model in ("start", "closed_form"):
+        return model
+    epoch = kept.get("epoch") if model == "epoch" else None
+    if isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch < MAX_EPOCHS_LOGGED:
+        return f"epoch {epoch}"
+    return None
 
 
 def plots(exp: Experiment) -> list[tuple[str, bytes]]:
