@@ -159,9 +159,9 @@ def test_sweep_runs_each_point_reports_worst_exit_and_compares(demo_workdir):
     assert again.returncode == 1
     assert f"[1/2] model.name=linear train.lr=0.001: {ok['experiment_id']} succeeded (already succeeded" in again.stderr
     table = again.stdout.splitlines()
-    assert table[0].split()[:5] == ["#", "model.name", "train.lr", "experiment", "state"]
-    assert table[1].split()[:6] == ["1", "linear", "0.001", ok["experiment_id"], "succeeded", "(reused)"]
-    assert table[2].split()[:5] == ["2", "boom", "0.001", bad["experiment_id"], "failed"]
+    assert table[0].split()[:6] == ["#", "point", "experiment", "state", "kept", "test.spearman"]
+    assert table[1].split()[:6] == ["1", "linear-lr0.001", ok["experiment_id"], "succeeded", "(reused)", "start"]
+    assert table[2].split()[:5] == ["2", "boom-lr0.001", bad["experiment_id"], "failed", "-"]
 
     compared = infra("compare", bad["experiment_id"], ok["experiment_id"], "--json", workdir=demo_workdir)
     assert compared.returncode == 0, compared.stderr

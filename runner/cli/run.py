@@ -12,7 +12,7 @@ from runner.cli.options import BACKEND_OPT, GPUS_OPT, JSON_OPT, WORKDIR_OPT
 from runner.cli.output import emit_event, emit_json, say
 from runner.cli.progress import RunView, view_mode
 from runner.run.backends import BackendName
-from runner.run.records import metrics_summary
+from runner.run.records import metrics_summary, outcome_summary
 
 
 def run(
@@ -170,7 +170,7 @@ def _run_one(loaded, wd: Path, opts, source: str, view: RunView, *, events: bool
         raise
     finally:
         view.stop()
-    doc = {**outcome.to_dict(), **metrics_summary(outcome.exp_dir)}
+    doc = {**outcome.to_dict(), **metrics_summary(outcome.exp_dir), **outcome_summary(outcome.exp_dir)}
     if events:
         emit_event({"event": "result", **doc})
     elif json_out:
@@ -214,7 +214,12 @@ def _verbose(flag: bool) -> bool:
 
 def _summary(record: dict, exp_dir: Path) -> dict:
     keys = ("experiment_id", "state", "attempt", "backend", "container_id", "image", "image_id", "exit_code", "message")
-    return {**{k: record.get(k) for k in keys}, "exp_dir": str(exp_dir), **metrics_summary(exp_dir)}
+    return {
+        **{k: record.get(k) for k in keys},
+        "exp_dir": str(exp_dir),
+        **metrics_summary(exp_dir),
+        **outcome_summary(exp_dir),
+    }
 
 
 def build(

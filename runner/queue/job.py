@@ -163,7 +163,7 @@ def execute_plan(plan: dict) -> dict:
 
     from runner.plan.load import load_plan_document
     from runner.run.launch import RunOptions, run
-    from runner.run.records import metrics_summary
+    from runner.run.records import metrics_summary, outcome_summary
 
     cfg = _context
     if cfg is None:
@@ -203,4 +203,5 @@ def execute_plan(plan: dict) -> dict:
         "seconds": round(time.monotonic() - started, 3),
         "run_seconds": round(run_seconds, 3),  # inside runner.run.launch.run: what `infra run` would spend
         **metrics_summary(outcome.exp_dir),
+        **outcome_summary(outcome.exp_dir),
     }

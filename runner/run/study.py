@@ -281,7 +281,7 @@ class Study:
 
 def point_result_from(result: PointResult, record: dict | None) -> None:
     """A point's result from its record and its metrics (read as untrusted files)."""
-    from runner.run.records import metrics_summary
+    from runner.run.records import metrics_summary, outcome_summary
 
     if not record:
         return
@@ -292,6 +292,8 @@ def point_result_from(result: PointResult, record: dict | None) -> None:
     if not result.exp_dir:
         return
     metrics = metrics_summary(Path(result.exp_dir))
+    outcome = outcome_summary(Path(result.exp_dir))
+    result.kept, result.undefined = outcome["kept"], outcome["undefined"]
     result.test, result.val, result.n = metrics.get("test") or {}, metrics.get("val") or {}, metrics.get("n") or {}
     training = Experiment(Path(result.exp_dir)).read_json("metrics/metrics.json").get("training_seconds")
     result.training_seconds = training if isinstance(training, int | float) else None

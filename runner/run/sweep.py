@@ -140,6 +140,8 @@ class PointResult:
     val: dict = field(default_factory=dict)
     n: dict = field(default_factory=dict)
     training_seconds: float | None = None
+    kept: dict | None = None  # what best.ckpt kept (runner.run.records.kept_of)
+    undefined: dict = field(default_factory=dict)  # metric → why it has no value
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -178,21 +180,23 @@ def submit_sweep(loaded_plans: list, points: list[dict], workdir: Path, redis_ur
 
 
 def summary_table(results: list[PointResult], keys: list[str]) -> str:
-    """The sweep's human summary: one row per point with its values, state and up to four test metrics."""
+    """The study's human summary: one row per point (its label, experiment, state, what was kept) and up
+    to four test metrics, `undef` where a metric has no value (the reason is in `infra status ID`)."""
     from runner.run.compare import render_table
+    from runner.run.records import kept_text
 
     names = sorted({m for r in results for m in r.test})
     names = (["spearman"] if "spearman" in names else []) + [m for m in names if m != "spearman"]
     names = names[:4]
-    headers = ["#", *keys, "experiment", "state", *[f"test.{m}" for m in names]]
+    headers = ["#", "point", "experiment", "state", "kept", *[f"test.{m}" for m in names]]
+
+    def metric(r: PointResult, name: str):
+        value = r.test.get(name)
+        return "undef" if value is None and f"test.{name}" in r.undefined else value
+
     rows = [
-        [
-            r.index,
-            *[show(r.values[k]) for k in keys],
-            r.experiment_id,
-            r.state + (" (reused)" if r.reused else ""),
-            *[r.test.get(m) for m in names],
-        ]
+        [r.index, r.label or label(r.values), r.experiment_id, r.state + (" (reused)" if r.reused else ""),
+         kept_text(r.kept) if r.kept else "-", *[metric(r, m) for m in names]]
         for r in results
-    ]
+    ]  # fmt: skip
     return render_table(headers, rows)
