@@ -17,9 +17,7 @@ from runner.run.backends import backend_for, local
 @pytest.mark.core
 def test_local_backend_without_core_is_environment_error(tmp_path, mini_db, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(
-        local.importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
-    )
+    monkeypatch.setattr(local.importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
     loaded = load_plan("p", text=json.dumps({"name": "x", "data": {"db": str(mini_db)}, "model": {"name": "linear"}}))
     with pytest.raises(EnvironmentProblem) as info:
         launch.run(loaded, tmp_path, launch.RunOptions(backend=backend_for("local")))
@@ -56,7 +54,9 @@ def test_gpu_request_is_parsed_once_into_its_kind():
     assert GpuRequest.parse("2") == GpuRequest(kind="count", count=2)
     assert GpuRequest.parse("0,2").devices == (0, 2) and GpuRequest.parse("0,2").engine_value() == "0,2"
     assert GpuRequest.parse("1", devices_only=True) == GpuRequest(kind="devices", devices=(1,))
-    assert GpuRequest.parse("all").cuda_visible_devices() is None and GpuRequest.parse(None).cuda_visible_devices() == ""
+    assert (
+        GpuRequest.parse("all").cuda_visible_devices() is None and GpuRequest.parse(None).cuda_visible_devices() == ""
+    )
     assert [g.text() for g in GpuRequest.parse("0,1").split(2)] == ["0", "1"]
     with pytest.raises(Exception, match="listed twice"):
         GpuRequest.parse("0,0")

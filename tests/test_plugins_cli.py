@@ -204,7 +204,9 @@ def test_discovery_never_imports_plugins_on_the_host(template_copy):
 def test_unknown_backend_is_usage_error(template_copy):
     result = infra("plugins", "list", "--backend", "podman", "--workdir", str(template_copy))
     assert result.returncode == 2
-    assert "Invalid value for '--backend'" in result.stderr and "'podman' is not one of 'docker', 'local'" in result.stderr
+    assert (
+        "Invalid value for '--backend'" in result.stderr and "'podman' is not one of 'docker', 'local'" in result.stderr
+    )
 
 
 def test_commands_have_help_and_examples():
