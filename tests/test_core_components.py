@@ -19,6 +19,8 @@ from runner.core.transforms import TargetTransform
 from runner.core.vocab import get_vocab_processor
 from runner.errors import DataError, PlanError
 
+pytestmark = pytest.mark.core
+
 
 @pytest.fixture(scope="module")
 def vocab():

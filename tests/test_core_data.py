@@ -19,6 +19,8 @@ from runner.core.vocab import get_vocab_processor
 from runner.data.db import SCHEMA_SQL, DbLayout, read_layout
 from runner.errors import DataError
 
+pytestmark = pytest.mark.core
+
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "MSIQHFRVALIPFFAAFCLPVFAHPETLVKVKDAEDQLGARVGYIELDLNSGKILESFRP"  # BLAT_ECOLX 1-60
 SHORT = "MQYKLILNGKTLKGETTTEAVDAATAEKVFKQYANDNGVDGEWTYDDATKTFTVTE"  # GB1, 56 aa

@@ -22,6 +22,8 @@ from runner.core.experiment import run_experiment
 from runner.core.metrics import spearman
 from runner.data.importer import import_csv
 
+pytestmark = pytest.mark.core
+
 AA = "ACDEFGHIKLMNPQRSTVWY"
 # every built-in with its defaults, `linear` from zero, and the networks of mlp and cnn without their ridge part
 CASES = [
