@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import tests.helpers  # noqa: F401  first: it sees what importing runner.cli sets (helpers.cli)
 from runner.data.db import SCHEMA_SQL
 from tests.tiers import CORE_PROBES, TIER_ENV, TIERS, in_ci, is_core_name, read_module
 
