@@ -97,6 +97,7 @@ def test_rm_never_follows_links(wd, tmp_path):
     assert (wd / "experiments" / "c-3").is_dir()  # checked before anything was deleted
 
 
+@pytest.mark.core  # trains with the local backend
 def test_rm_refuses_a_running_experiment_unless_forced(tmp_path):
     from runner.data.importer import build_demo_db
 

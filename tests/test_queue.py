@@ -459,6 +459,7 @@ def test_a_heartbeat_before_the_workers_birth_does_not_take_its_name(redis_url, 
     conn.delete(beat.key)
 
 
+@pytest.mark.core  # trains with the local backend
 @pytest.mark.slow
 def test_two_workers_ten_plans_each_experiment_runs_once(redis_url, qworkdir, tmp_path):
     gate = tmp_path / "gate-open"  # one gate for every job: each worker is held on its first job
@@ -523,6 +524,7 @@ def test_two_workers_ten_plans_each_experiment_runs_once(redis_url, qworkdir, tm
     assert ran_on == {"w0", "w1"}
 
 
+@pytest.mark.core  # trains with the local backend
 @pytest.mark.slow
 def test_sigkilled_worker_job_resumes_from_checkpoint_on_another(redis_url, qworkdir, tmp_path):
     exp_id = submit_plan(redis_url, qworkdir, gated_plan(qworkdir, "killed"))
@@ -566,6 +568,7 @@ def test_sigkilled_worker_job_resumes_from_checkpoint_on_another(redis_url, qwor
         kill_group(second)
 
 
+@pytest.mark.core  # trains with the local backend
 @pytest.mark.slow
 def test_second_sigterm_checkpoints_and_requeues(redis_url, qworkdir, tmp_path):
     exp_id = submit_plan(redis_url, qworkdir, gated_plan(qworkdir, "stopped"))

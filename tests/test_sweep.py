@@ -139,6 +139,7 @@ def test_submit_without_sweep_points_to_infra_submit(demo_workdir):
     assert result.returncode == 2 and "use 'infra submit PLAN --redis URL'" in result.stderr
 
 
+@pytest.mark.core  # trains with the local backend
 @pytest.mark.slow
 def test_sweep_runs_each_point_reports_worst_exit_and_compares(demo_workdir):
     (demo_workdir / "model" / "boom.py").write_text(BOOM)
