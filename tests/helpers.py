@@ -75,13 +75,14 @@ def cli(
     decoded the way `subprocess.run(text=True)` decodes them, the logging root has no handlers and the
     warning filters are Python's defaults (warnings print to stderr). The exit code is that of
     `runner.cli.main`'s SystemExit; an uncaught exception exits 1 with its traceback on stderr, as in
-    Python. Everything is restored afterwards. `timeout` is not enforced in-process.
+    Python. Everything is restored afterwards. `timeout` is not enforced in-process, and the call swaps
+    process-wide state: never from two threads at once.
 
     INFRA_TEST_CLI=subprocess makes every call run `infra` instead (to check that the two agree).
     """
     if os.environ.get("INFRA_TEST_CLI") == "subprocess":
         return infra(*args, workdir=workdir, cwd=cwd, env=env, input=input, timeout=timeout)
-    environ = {**_CLI_IMPORT_ENV, **infra_env(workdir, env)} if _CLI_IMPORT_ENV else infra_env(workdir, env)
+    environ = {**_CLI_IMPORT_ENV, **infra_env(workdir, env)}
     with _as_a_process(environ, cwd or workdir or REPO, input or "") as (out, err):
         from runner.cli import main
 

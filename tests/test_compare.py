@@ -24,7 +24,7 @@ import pytest
 
 from runner.errors import UsageError
 from runner.run.compare import differing_keys, filter_rows, flatten, group_rows, parse_where, to_csv
-from tests.helpers import REPO, infra, infra_env
+from tests.helpers import REPO, cli, infra, infra_env
 from tests.test_sweep import BOOM, SMALL
 
 pytestmark = pytest.mark.core
@@ -58,7 +58,7 @@ def swept(tmp_path_factory):
 
 
 def compare_json(work: Path, *args: str) -> dict:
-    result = infra("compare", *args, "--json", workdir=work)
+    result = cli("compare", *args, "--json", workdir=work)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -74,7 +74,7 @@ def test_columns_for_every_differing_plan_key(swept):
         key=lambda i: (-next(r["test"]["spearman"] for r in rows if r["experiment_id"] == i), i),
     )
     assert rows[0]["plan"]["data.limit"] == 600 and rows[0]["plan"]["train.max_epochs"] == 1
-    human = infra("compare", ids["linear", 0], ids["linear", 1], workdir=work)
+    human = cli("compare", ids["linear", 0], ids["linear", 1], workdir=work)
     assert human.returncode == 0, human.stderr
     header, *lines = human.stdout.splitlines()
     assert header.split()[:6] == ["experiment", "state", "model", "embedding", "train.seed", "test.spearman"]
@@ -89,10 +89,10 @@ def test_where_filters_with_json_typed_values(swept):
     both = compare_json(work, "--where", "model.name=linear", "--where", "train.seed=1")["experiments"]
     assert [r["experiment_id"] for r in both] == [ids["linear", 1]]
     assert compare_json(work, "--where", 'train.seed="1"')["experiments"] == []  # the text "1" is not the number 1
-    bad = infra("compare", "--where", "train.nope=1", workdir=work)
+    bad = cli("compare", "--where", "train.nope=1", workdir=work)
     assert bad.returncode == 2
     assert "--where train.nope: no compared experiment has this plan key; keys: data.dataset" in bad.stderr
-    malformed = infra("compare", "--where", "model.name", workdir=work)
+    malformed = cli("compare", "--where", "model.name", workdir=work)
     assert malformed.returncode == 2 and "--where 'model.name': expected KEY=VALUE" in malformed.stderr
 
 
@@ -110,7 +110,7 @@ def test_group_by_seed_gives_mean_and_sd(swept):
     }
     assert sorted(linear["grouped_over"]["train.seed"]) == [0, 1]
     assert boom["config"] == {"model.name": "boom"} and boom["n"] == 2 and boom["test"] == {}
-    human = infra("compare", "--group-by", "train.seed", workdir=work)
+    human = cli("compare", "--group-by", "train.seed", workdir=work)
     header, first, second = human.stdout.splitlines()
     assert header.split()[:6] == ["model", "embedding", "n", "test.spearman", "sd", "test.mae"]
     assert first.split()[:5] == [
@@ -121,7 +121,7 @@ def test_group_by_seed_gives_mean_and_sd(swept):
         f"{statistics.stdev(values):.4f}",
     ]
     assert second.split()[:3] == ["boom", "onehot", "0/2"]
-    unknown = infra("compare", "--group-by", "train.seeds", workdir=work)
+    unknown = cli("compare", "--group-by", "train.seeds", workdir=work)
     assert (
         unknown.returncode == 2 and "--group-by train.seeds: no compared experiment has this plan key" in unknown.stderr
     )
@@ -130,34 +130,34 @@ def test_group_by_seed_gives_mean_and_sd(swept):
 def test_csv_to_stdout_and_to_a_file(swept, tmp_path):
     work, ids = swept
     doc = compare_json(work, "--where", "model.name=linear")
-    out = infra("compare", "--where", "model.name=linear", "--csv", "-", workdir=work)
+    out = cli("compare", "--where", "model.name=linear", "--csv", "-", workdir=work)
     assert out.returncode == 0, out.stderr
     table = list(csv.DictReader(io.StringIO(out.stdout)))
     assert [r["experiment"] for r in table] == [r["experiment_id"] for r in doc["experiments"]]
     assert float(table[0]["test.spearman"]) == doc["experiments"][0]["test"]["spearman"]  # full precision
     assert {r["train.seed"] for r in table} == {"0", "1"} and "model.name" not in table[0]
     target = tmp_path / "grouped.csv"
-    grouped = infra("compare", "--group-by", "train.seed", "--csv", str(target), workdir=work)
+    grouped = cli("compare", "--group-by", "train.seed", "--csv", str(target), workdir=work)
     assert grouped.returncode == 0 and f"CSV written to {target}" in grouped.stderr
     rows = list(csv.reader(target.open()))
     assert rows[0][:4] == ["model", "embedding", "n", "test.spearman"] and rows[1][:3] == ["linear", "onehot", "2/2"]
     assert rows[2][3] == ""  # boom: no mean
-    clash = infra("compare", "--json", "--csv", "-", workdir=work)
+    clash = cli("compare", "--json", "--csv", "-", workdir=work)
     assert clash.returncode == 2 and "give --csv a file name" in clash.stderr
-    nowhere = infra("compare", "--csv", str(tmp_path / "no" / "x.csv"), workdir=work)
+    nowhere = cli("compare", "--csv", str(tmp_path / "no" / "x.csv"), workdir=work)
     assert nowhere.returncode == 2 and "does not exist; create it first" in nowhere.stderr
 
 
 def test_plot_draws_a_png_and_checks_its_path(swept, tmp_path):
     work, _ = swept
     target = tmp_path / "side_by_side.png"
-    result = infra("compare", "--group-by", "train.seed", "--plot", str(target), workdir=work)
+    result = cli("compare", "--group-by", "train.seed", "--plot", str(target), workdir=work)
     assert result.returncode == 0, result.stderr
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 10_000
-    ungrouped = infra("compare", "--plot", str(tmp_path / "rows.png"), workdir=work)
+    ungrouped = cli("compare", "--plot", str(tmp_path / "rows.png"), workdir=work)
     assert ungrouped.returncode == 0 and (tmp_path / "rows.png").exists()
-    assert infra("compare", "--plot", str(tmp_path / "x.jpg"), workdir=work).returncode == 2
-    missing = infra("compare", "--plot", str(tmp_path / "no" / "x.png"), workdir=work)
+    assert cli("compare", "--plot", str(tmp_path / "x.jpg"), workdir=work).returncode == 2
+    missing = cli("compare", "--plot", str(tmp_path / "no" / "x.png"), workdir=work)
     assert missing.returncode == 2 and f"folder {tmp_path / 'no'} does not exist" in missing.stderr
 
 
@@ -202,18 +202,18 @@ def test_tampered_experiment_files_are_not_followed(swept, tmp_path):
     (copy / "metrics" / "metrics.json").write_text("[1, 2, 3]")  # not an object
     status = json.loads((copy / "status.json").read_text())
     (copy / "status.json").write_text(json.dumps({**status, "experiment_id": copy.name}))
-    result = infra("compare", "--json", workdir=tmp_path / "work")
+    result = cli("compare", "--json", workdir=tmp_path / "work")
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(result.stdout)["experiments"]
     assert row["plan"] == {} and row["test"] == {} and row["model"] is None
     (copy / "status.json").write_text("{not json")
-    damaged = json.loads(infra("compare", "--json", workdir=tmp_path / "work").stdout)["experiments"]
+    damaged = json.loads(cli("compare", "--json", workdir=tmp_path / "work").stdout)["experiments"]
     assert damaged[0]["state"] == "unreadable"
 
 
 def test_ls_has_a_header_and_the_main_metric(swept):
     work, ids = swept
-    result = infra("ls", workdir=work)
+    result = cli("ls", workdir=work)
     assert result.returncode == 0, result.stderr
     header, *lines = result.stdout.splitlines()
     assert header.split() == ["EXPERIMENT", "STATE", "BACKEND", "CREATED", "TEST", "SPEARMAN"]
@@ -223,7 +223,7 @@ def test_ls_has_a_header_and_the_main_metric(swept):
     assert cells[ids["linear", 0]][1:3] == ["succeeded", "local"]
     assert cells[ids["linear", 0]][4] == f"{spearman[ids['linear', 0]]:.4f}"
     assert cells[ids["boom", 1]][1] == "failed" and cells[ids["boom", 1]][4] == "-"
-    listed = json.loads(infra("ls", "--json", workdir=work).stdout)["experiments"]
+    listed = json.loads(cli("ls", "--json", workdir=work).stdout)["experiments"]
     for doc in listed:
         jsonschema.validate(doc, STATUS_SCHEMA)
     by_id = {d["experiment_id"]: d for d in listed}
@@ -263,20 +263,20 @@ def test_ls_on_a_terminal_is_a_table(swept):
 def test_status_of_a_failed_run_shows_the_error_line(swept):
     work, ids = swept
     exp_dir = work / "experiments" / ids["boom", 0]
-    result = infra("status", ids["boom", 0], workdir=work)
+    result = cli("status", ids["boom", 0], workdir=work)
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(None, 1) for line in result.stdout.splitlines())
     assert lines["state"] == "failed"
     assert lines["error"] == "RuntimeError: boom on purpose"
     assert lines["log"] == f"{exp_dir / 'container.log'} (infra logs {ids['boom', 0]})"
-    doc = json.loads(infra("status", ids["boom", 0], "--json", workdir=work).stdout)
+    doc = json.loads(cli("status", ids["boom", 0], "--json", workdir=work).stdout)
     jsonschema.validate(doc, STATUS_SCHEMA)
     assert doc["failure"] == {
         "message": f"training exited with code 1; see {exp_dir / 'container.log'}",
         "reason": "RuntimeError: boom on purpose",
         "log": str(exp_dir / "container.log"),
     }
-    ok = json.loads(infra("status", ids["linear", 0], "--json", workdir=work).stdout)
+    ok = json.loads(cli("status", ids["linear", 0], "--json", workdir=work).stdout)
     assert "failure" not in ok and "error" not in ok
 
 
