@@ -119,13 +119,19 @@ def pytest_report_header(config):
     return f"test tier: {tier} ({TIER_ENV}={os.environ.get(TIER_ENV) or 'unset'})"
 
 
-def pytest_ignore_collect(collection_path, config):
-    """In the host tier a core module is not imported at all: read its declaration, do not run it."""
-    if config.stash[TIER] != "host" or collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
-        return None
-    if read_module(collection_path).core:
-        config.stash[LEFT_OUT].append(collection_path.name)
-        return True
+class _CoreModuleLeftOut(pytest.File):
+    """A core module in the host tier: not imported (it would need torch), so it holds no tests."""
+
+    def collect(self):
+        return []
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    """In the host tier a core module is never imported: its own declaration, read with ast, says so.
+    (This hook, unlike pytest_ignore_collect, also sees a module named on the command line.)"""
+    if parent.config.stash[TIER] == "host" and read_module(module_path).core:
+        parent.config.stash[LEFT_OUT].append(module_path)
+        return _CoreModuleLeftOut.from_parent(parent, path=module_path)
     return None
 
 
@@ -163,7 +169,9 @@ def _check_declarations(items) -> None:
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    left_out = config.stash.get(LEFT_OUT, [])
+    # pytest also makes the neighbours of a file named on the command line: report what was asked for
+    asked = [config.invocation_params.dir / arg.split("::")[0] for arg in config.args]
+    left_out = {p.name for p in config.stash.get(LEFT_OUT, []) if any(p == a or a in p.parents for a in asked)}
     if left_out:
         terminalreporter.write_line(
             f"host tier: {len(left_out)} core module(s) not collected, by design: {', '.join(sorted(left_out))}"
