@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
 
+import tests.helpers  # noqa: F401  first: it sees what importing runner.cli sets (helpers.cli)
 from runner.data.db import SCHEMA_SQL
+from tests.tiers import CORE_PROBES, TIER_ENV, TIERS, in_ci, is_core_name, read_module
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DMS = REPO.parent / "shared" / "data" / "dms"
@@ -71,48 +75,122 @@ def make_db(
     return path
 
 
-# Test modules that import the training core (torch, Lightning, numpy, pandas) at the top. On a
-# host-only install (`pip install -e '.[dev]'`) they are not collected and the run says so; in CI
-# (CI=true) a missing core is an error, never a silent skip.
-CORE_MODULES = {
-    "test_core_components.py",
-    "test_core_data.py",
-    "test_core_train.py",
-    "test_core_plots.py",
-    "test_registries.py",
-    "test_variants.py",
-    "test_vocab.py",
-    "test_model_robustness.py",
-}
+# --- test tiers (docs/testing.md) ----------------------------------------------------------------------
+# Each test module declares its own tier: `pytestmark = pytest.mark.core` at its top makes it core tier
+# (it needs torch/Lightning), anything else is host tier; single tests of a host module may carry
+# `@pytest.mark.core`. INFRA_TEST_TIER selects: `all` (default), `host` (core tests deselected and core
+# modules not even imported, by design) or `core`. In CI (CI=true) a missing training core is a failure
+# unless the host tier was chosen explicitly.
+TIER = pytest.StashKey[str]()
+LEFT_OUT = pytest.StashKey[list]()
 
 
 def _have_core() -> bool:
     import importlib.util
 
-    return all(importlib.util.find_spec(m) is not None for m in ("torch", "lightning", "numpy", "pandas"))
+    return all(importlib.util.find_spec(m) is not None for m in CORE_PROBES)
 
 
-def pytest_ignore_collect(collection_path, config):
-    if collection_path.name in CORE_MODULES and not _have_core():
-        if os.environ.get("CI"):
-            raise pytest.UsageError("the training core (torch, lightning) is not installed: pip install -e '.[core]'")
-        return True
-    return None
+def pytest_configure(config):
+    tier = os.environ.get(TIER_ENV, "").strip() or "all"
+    if tier not in TIERS:
+        raise pytest.UsageError(f"{TIER_ENV}={tier!r}: use one of {', '.join(TIERS)} (unset means all)")
+    have_core = _have_core()
+    if tier == "host" and have_core and in_ci():
+        raise pytest.UsageError(
+            f"{TIER_ENV}=host in CI must run on a Python without the training core (.ci/run's host venv), "
+            f"but {sys.executable} imports torch: the leg would not show that the host tier needs no torch"
+        )
+    if tier != "host" and not have_core:
+        if tier == "core" or in_ci():
+            raise pytest.UsageError(
+                f"the training core (torch, lightning) is not installed for {sys.executable}: "
+                f"pip install -e '.[core]' (or run only the host tier: {TIER_ENV}=host)"
+            )
+        tier = "host"  # a developer's host-only install: the header and the summary say what was left out
+    config.stash[TIER] = tier
+    config.stash[LEFT_OUT] = []
 
 
 def pytest_report_header(config):
-    if not _have_core():
-        return "core tier not collected: torch/lightning are not installed (pip install -e '.[core]')"
+    tier = config.stash[TIER]
+    if tier == "host" and os.environ.get(TIER_ENV, "").strip() != "host":
+        return "test tier: host only (torch/lightning are not installed: pip install -e '.[core]' for the core tier)"
+    return f"test tier: {tier} ({TIER_ENV}={os.environ.get(TIER_ENV) or 'unset'})"
+
+
+class _CoreModuleLeftOut(pytest.File):
+    """A core module in the host tier: not imported (it would need torch), so it holds no tests."""
+
+    def collect(self):
+        return []
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    """In the host tier a core module is never imported: its own declaration, read with ast, says so.
+    (This hook, unlike pytest_ignore_collect, also sees a module named on the command line.)"""
+    if parent.config.stash[TIER] == "host" and read_module(module_path).core:
+        parent.config.stash[LEFT_OUT].append(module_path)
+        return _CoreModuleLeftOut.from_parent(parent, path=module_path)
     return None
 
 
 def pytest_collection_modifyitems(config, items):
-    have_core = _have_core()
+    _check_declarations(items)
+    tier = config.stash[TIER]
+    if tier == "all":
+        return
+    keep, drop = [], []
     for item in items:
-        if item.path.name in CORE_MODULES:
-            item.add_marker(pytest.mark.core)
-        if not have_core and item.get_closest_marker("core"):
-            item.add_marker(pytest.mark.skip(reason="needs the training core: pip install -e '.[core]'"))
+        is_core = item.get_closest_marker("core") is not None
+        (keep if is_core == (tier == "core") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def _check_declarations(items) -> None:
+    """The module-level marks pytest applied agree with what the ast reader saw (which the host tier uses)."""
+    checked = set()
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is None or item.path in checked:
+            continue
+        checked.add(item.path)
+        marks = getattr(module, "pytestmark", [])
+        applied = any(
+            getattr(m, "name", None) == "core" for m in (marks if isinstance(marks, list | tuple) else [marks])
+        )
+        if applied != read_module(item.path).core:
+            raise pytest.UsageError(
+                f"{item.path.name}: write its tier as a literal top-level `pytestmark = pytest.mark.core` "
+                "(or a list of pytest.mark entries): the host tier reads it without importing the module"
+            )
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    # pytest also makes the neighbours of a file named on the command line: report what was asked for
+    asked = [config.invocation_params.dir / arg.split("::")[0] for arg in config.args]
+    left_out = {p.name for p in config.stash.get(LEFT_OUT, []) if any(p == a or a in p.parents for a in asked)}
+    if left_out:
+        terminalreporter.write_line(
+            f"host tier: {len(left_out)} core module(s) not collected, by design: {', '.join(sorted(left_out))}"
+        )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI a test that skips because the training core is missing fails: it must be marked core."""
+    report = yield
+    if report.skipped and in_ci() and call.excinfo is not None and call.excinfo.errisinstance(pytest.skip.Exception):
+        missing = re.search(r"could not import '([\w.]+)'", str(call.excinfo.value))
+        if missing and is_core_name(missing.group(1)):
+            report.outcome = "failed"
+            report.longrepr = (
+                f"{item.nodeid} skipped for want of {missing.group(1)} in CI: a test that needs the training "
+                "core is marked core (docs/testing.md), so the host tier deselects it instead"
+            )
+    return report
 
 
 PG_REFERENCE = SHARED_DMS / "raw" / "proteingym_reference" / "DMS_substitutions.csv"
@@ -196,7 +274,7 @@ def docker_client():
         client = docker.from_env()
         client.ping()
     except Exception as exc:  # any failure to reach the engine means the same thing here
-        if os.environ.get("CI"):
+        if in_ci():
             pytest.fail(f"Docker engine unreachable in CI: {exc}")
         pytest.skip(f"Docker engine unreachable: {exc}")
     return client

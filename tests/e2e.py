@@ -214,6 +214,10 @@ def _free_port() -> int:
 
 
 def remote_infra(workdir: Path, args: str) -> str:
-    """The command line the Master sends: node settings in the environment, infra via the interpreter."""
-    env = " ".join(f"{k}={v}" for k, v in {**BASE_ENV, "INFRA_WORKDIR": str(workdir)}.items())
+    """The command line the Master sends: node settings in the environment, infra via the interpreter.
+
+    PYTHONPATH names this checkout: sshd hands the login a fresh environment, and the interpreter's
+    own install of infra may be another checkout (an editable install elsewhere).
+    """
+    env = " ".join(f"{k}={v}" for k, v in {**BASE_ENV, "INFRA_WORKDIR": str(workdir), "PYTHONPATH": str(REPO)}.items())
     return f"env {env} {sys.executable} -m runner {args}"

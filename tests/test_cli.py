@@ -1,4 +1,8 @@
-"""The `infra` command line as a user runs it: real subprocesses, exit codes, stdout/stderr discipline."""
+"""The `infra` command line: exit codes, messages, stdout/stderr discipline.
+
+The command line's own behaviour runs in-process (`cli`); `test_in_process_equals_the_process` checks
+on a spread of commands that a real `infra` process gives the same exit code, stdout and stderr.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import infra
+from tests.helpers import cli, infra
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,18 +39,18 @@ def plan_file(tmp_path: Path, db: Path, **extra) -> Path:
 
 
 def test_validate_good_plan(tmp_path, mini_db):
-    result = infra("validate", str(plan_file(tmp_path, mini_db)))
+    result = cli("validate", str(plan_file(tmp_path, mini_db)))
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert "valid (name demo, model linear" in result.stderr
 
 
 def test_validate_json_good_and_bad(tmp_path, mini_db):
-    good = infra("validate", str(plan_file(tmp_path, mini_db)), "--json")
+    good = cli("validate", str(plan_file(tmp_path, mini_db)), "--json")
     doc = json.loads(good.stdout)
     assert good.returncode == 0 and doc["valid"] is True and doc["errors"] == []
     assert doc["plan"]["train"]["lr"] == 0.001
-    bad = infra("validate", str(plan_file(tmp_path, mini_db, train={"lr": 0})), "--json")
+    bad = cli("validate", str(plan_file(tmp_path, mini_db, train={"lr": 0})), "--json")
     assert bad.returncode == 2
     errors = [{"path": "train.lr", "message": "must be > 0"}]
     assert json.loads(bad.stdout) == {
@@ -65,13 +69,13 @@ def test_validate_json_good_and_bad(tmp_path, mini_db):
 
 def test_validate_stdin_and_set(tmp_path, mini_db):
     doc = {"name": "demo", "data": {"db": str(mini_db)}, "model": {"name": "linear"}}
-    result = infra("validate", "-", "--set", "train.lr=-1", "--set", "model.name=cnn", input=json.dumps(doc))
+    result = cli("validate", "-", "--set", "train.lr=-1", "--set", "model.name=cnn", input=json.dumps(doc))
     assert result.returncode == 2
     assert result.stderr.strip() == "infra: error: <stdin>: train.lr: must be > 0"
 
 
 def test_validate_missing_file_exit_2():
-    result = infra("validate", "no-such-plan.json")
+    result = cli("validate", "no-such-plan.json")
     assert result.returncode == 2
     assert (
         result.stderr.strip()
@@ -80,8 +84,8 @@ def test_validate_missing_file_exit_2():
 
 
 def test_unknown_command_and_option_exit_2():
-    assert infra("frobnicate").returncode == 2
-    assert infra("validate", "--nope").returncode == 2
+    assert cli("frobnicate").returncode == 2
+    assert cli("validate", "--nope").returncode == 2
 
 
 @pytest.mark.parametrize(
@@ -93,7 +97,7 @@ def test_unknown_command_and_option_exit_2():
     ],
 )
 def test_usage_errors_with_json_print_one_error_document(args, message):
-    result = infra(*args)
+    result = cli(*args)
     assert result.returncode == 2
     assert json.loads(result.stdout) == {"error": {"type": "UsageError", "message": message, "exit_code": 2}}
     assert result.stdout.count("\n") == 1
@@ -101,12 +105,12 @@ def test_usage_errors_with_json_print_one_error_document(args, message):
 
 
 def test_version():
-    result = infra("--version")
+    result = cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("infra ")
 
 
 def test_schema_command_prints_published_schema():
-    result = infra("schema")
+    result = cli("schema")
     assert result.returncode == 0
     assert result.stdout == (REPO / "schemas" / "plan.schema.json").read_text()
 
@@ -114,28 +118,28 @@ def test_schema_command_prints_published_schema():
 def test_workdir_roundtrip_and_alias(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
-    assert infra("workdir", "get").returncode == 2
+    assert cli("workdir", "get").returncode == 2
     unset = wkdir("--get")
     assert unset.returncode == 2
     assert "no workdir is set; set one with 'infra workdir set PATH'" in unset.stderr
-    assert infra("workdir", "set", str(work)).returncode == 0
-    assert infra("workdir", "get").stdout.strip() == str(work)
+    assert cli("workdir", "set", str(work)).returncode == 0
+    assert cli("workdir", "get").stdout.strip() == str(work)
     assert wkdir("--get").stdout.strip() == str(work)
-    assert json.loads(infra("workdir", "get", "--json").stdout) == {"workdir": str(work)}
+    assert json.loads(cli("workdir", "get", "--json").stdout) == {"workdir": str(work)}
     # INFRA_WORKDIR overrides the stored value
     other = tmp_path / "other"
     other.mkdir()
-    assert infra("workdir", "get", env={"INFRA_WORKDIR": str(other)}).stdout.strip() == str(other)
+    assert cli("workdir", "get", env={"INFRA_WORKDIR": str(other)}).stdout.strip() == str(other)
     assert wkdir("--clear").returncode == 0
-    assert infra("workdir", "get").returncode == 2
+    assert cli("workdir", "get").returncode == 2
     assert wkdir("--set", str(work)).returncode == 0
-    assert infra("workdir", "get").stdout.strip() == str(work)
-    assert infra("workdir", "clear").returncode == 0
+    assert cli("workdir", "get").stdout.strip() == str(work)
+    assert cli("workdir", "clear").returncode == 0
     assert wkdir("--get").returncode == 2
 
 
 def test_workdir_set_nonexistent_is_exit_2(tmp_path):
-    result = infra("workdir", "set", str(tmp_path / "missing"))
+    result = cli("workdir", "set", str(tmp_path / "missing"))
     assert result.returncode == 2
     assert f"workdir {tmp_path / 'missing'} is not an existing directory" in result.stderr
 
@@ -146,7 +150,7 @@ def test_wkdir_alias_flags_are_exclusive():
 
 
 def test_json_error_document_for_infra_errors():
-    result = infra("workdir", "get", "--json")
+    result = cli("workdir", "get", "--json")
     assert result.returncode == 2
     doc = json.loads(result.stdout)
     assert doc["error"]["type"] == "WorkdirError" and doc["error"]["exit_code"] == 2
@@ -204,7 +208,7 @@ def test_validate_does_not_import_heavy_modules(tmp_path, mini_db):
 
 @pytest.mark.parametrize("command", [["status"], ["logs"], ["stop"], ["track"], ["status", "--json"]])
 def test_unknown_experiment_exit_4(tmp_path, command):
-    result = infra(command[0], "blat-0000000000", *command[1:], env={"INFRA_WORKDIR": str(tmp_path)})
+    result = cli(command[0], "blat-0000000000", *command[1:], env={"INFRA_WORKDIR": str(tmp_path)})
     assert result.returncode == 4
     assert f"no experiment 'blat-0000000000' in {tmp_path / 'experiments'}; list them with 'infra ls'" in (
         result.stderr + result.stdout
@@ -212,6 +216,45 @@ def test_unknown_experiment_exit_4(tmp_path, command):
 
 
 def test_run_without_workdir_is_exit_2(tmp_path, mini_db):
-    result = infra("run", str(plan_file(tmp_path, mini_db)))
+    result = cli("run", str(plan_file(tmp_path, mini_db)))
     assert result.returncode == 2
     assert "no workdir is set; set one with 'infra workdir set PATH'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin"),
+    [
+        (["validate", "{plan}"], None),
+        (["validate", "-", "--json"], "{doc}"),
+        (["validate", "{bad}", "--json"], None),
+        (["validate", "--json", "--nope"], None),
+        (["frobnicate"], None),
+        (["--debug", "status", "blat-0000000000"], None),
+        (["workdir", "get", "--json"], None),
+        (["config", "--help"], None),
+        (["--version"], None),
+        (["-v", "data", "import", "{csv}", "--db", "new.db", "--source", "demo", "--template", "{template}"], None),
+    ],
+)
+def test_in_process_equals_the_process(tmp_path, mini_db, args, stdin):
+    """What the in-process runner gives is what a user's `infra` process gives, byte for byte
+    (including a --debug traceback and -v log lines)."""
+    from runner.data.importer import DEMO_CSV, DEMO_TEMPLATE
+
+    plan, bad = plan_file(tmp_path, mini_db), tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "demo", "data": {"db": str(mini_db)}, "model": {"name": "linear"}, "x": 1}))
+    names = {
+        "plan": str(plan),
+        "bad": str(bad),
+        "doc": plan.read_text(),
+        "csv": str(DEMO_CSV),
+        "template": DEMO_TEMPLATE,
+    }
+    args = [a.format(**names) for a in args]
+    stdin = stdin.format(**names) if stdin else None
+    before = set(tmp_path.iterdir())
+    inside = cli(*args, workdir=tmp_path, input=stdin)
+    for made in set(tmp_path.iterdir()) - before:  # the process starts from the same files
+        made.unlink()
+    outside = infra(*args, workdir=tmp_path, input=stdin)
+    assert (inside.returncode, inside.stdout, inside.stderr) == (outside.returncode, outside.stdout, outside.stderr)

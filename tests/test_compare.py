@@ -26,7 +26,7 @@ from runner.errors import UsageError
 from runner.run.compare import differing_keys, filter_rows, flatten, group_rows, parse_where
 from runner.run.compare_table import to_csv
 from runner.run.records import kept_of, kept_text
-from tests.helpers import REPO, infra, infra_env
+from tests.helpers import REPO, cli, infra, infra_env
 from tests.test_sweep import BOOM
 
 pytestmark = pytest.mark.core
@@ -62,7 +62,7 @@ def swept(tmp_path_factory):
 
 
 def compare_json(work: Path, *args: str) -> dict:
-    result = infra("compare", *args, "--json", workdir=work)
+    result = cli("compare", *args, "--json", workdir=work)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -73,7 +73,7 @@ def kept_of_dir(work: Path, eid: str) -> str:
 
 def test_a_real_study_compares_in_one_readable_table(swept):
     work, ids, study = swept
-    result = infra("compare", "--study", study[:-4], workdir=work)  # a unique prefix of the study id
+    result = cli("compare", "--study", study[:-4], workdir=work)  # a unique prefix of the study id
     assert result.returncode == 0, result.stderr
     header, *lines = result.stdout.splitlines()
     assert header.split()[:3] == ["experiment", "test.spearman", "val.spearman"]
@@ -87,10 +87,10 @@ def test_a_real_study_compares_in_one_readable_table(swept):
             assert " ".join(cells[eid][-4:-2]).endswith(kept_of_dir(work, eid))
     assert "left out: 2 failed (--all shows them)" in result.stderr
     assert f"4 experiments of study {study} (6 points); same in all: embeddings.name=onehot" in result.stderr
-    every = infra("compare", "--study", study, "--all", workdir=work)
+    every = cli("compare", "--study", study, "--all", workdir=work)
     assert every.stdout.splitlines()[0].split()[:3] == ["experiment", "state", "test.spearman"]
     assert len(every.stdout.splitlines()) == 7
-    grouped = infra("compare", "--study", study, "--group-by", "train.seed", "--all", workdir=work)
+    grouped = cli("compare", "--study", study, "--group-by", "train.seed", "--all", workdir=work)
     rows = {line.split()[-1]: line for line in grouped.stdout.splitlines()[1:]}
     assert set(rows) == {"ridge", "linear", "boom"}
     assert rows["boom"].startswith("- (0/2) !") and "(2/2)" in rows["ridge"]
@@ -138,7 +138,7 @@ def test_columns_for_every_differing_plan_key(swept):
     )
     assert rows[0]["plan"]["data.limit"] == 300 and rows[0]["plan"]["train.max_epochs"] == 1
     assert rows[0]["plan"]["data.db"] == str(work / "data" / "blat_ecolx.db")  # the host's path
-    human = infra("compare", ids["linear", 0], ids["linear", 1][:12], workdir=work)
+    human = cli("compare", ids["linear", 0], ids["linear", 1][:12], workdir=work)
     assert human.returncode == 0, human.stderr
     header, *lines = human.stdout.splitlines()
     assert header.split()[:2] == ["experiment", "test.spearman"] and header.split()[-2:] == ["kept", "train.seed"]
@@ -153,10 +153,10 @@ def test_where_filters_with_json_typed_values(swept):
     both = compare_json(work, "--where", "model.name=linear", "--where", "train.seed=1")["experiments"]
     assert [r["experiment_id"] for r in both] == [ids["linear", 1]]
     assert compare_json(work, "--where", 'train.seed="1"')["experiments"] == []  # the text "1" is not the number 1
-    bad = infra("compare", "--where", "train.nope=1", workdir=work)
+    bad = cli("compare", "--where", "train.nope=1", workdir=work)
     assert bad.returncode == 2
     assert "--where train.nope: no compared experiment has this plan key; keys: data.dataset" in bad.stderr
-    malformed = infra("compare", "--where", "model.name", workdir=work)
+    malformed = cli("compare", "--where", "model.name", workdir=work)
     assert malformed.returncode == 2 and "--where 'model.name': expected KEY=VALUE" in malformed.stderr
 
 
@@ -176,11 +176,11 @@ def test_group_by_seed_gives_mean_sd_and_k_of_n(swept):
     }
     assert sorted(linear["grouped_over"]["train.seed"]) == [0, 1]
     assert groups["boom"]["n"] == 2 and groups["boom"]["test"] == {} and doc["groups"][-1] is groups["boom"]
-    human = infra("compare", "--group-by", "train.seed", "--where", "model.name=linear", workdir=work)
+    human = cli("compare", "--group-by", "train.seed", "--where", "model.name=linear", workdir=work)
     header, first = human.stdout.splitlines()
     assert header.split()[:3] == ["test.spearman", "val.spearman", "test.pearson"] and header.split()[-1] == "kept"
     assert first.startswith(f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} (2/2)  ")
-    unknown = infra("compare", "--group-by", "train.seeds", workdir=work)
+    unknown = cli("compare", "--group-by", "train.seeds", workdir=work)
     assert (
         unknown.returncode == 2 and "--group-by train.seeds: no compared experiment has this plan key" in unknown.stderr
     )
@@ -189,34 +189,34 @@ def test_group_by_seed_gives_mean_sd_and_k_of_n(swept):
 def test_csv_to_stdout_and_to_a_file(swept, tmp_path):
     work, ids, _ = swept
     doc = compare_json(work, "--where", "model.name=linear")
-    out = infra("compare", "--where", "model.name=linear", "--csv", "-", workdir=work)
+    out = cli("compare", "--where", "model.name=linear", "--csv", "-", workdir=work)
     assert out.returncode == 0, out.stderr
     table = list(csv.DictReader(io.StringIO(out.stdout)))
     assert [r["experiment"] for r in table] == [r["experiment_id"] for r in doc["experiments"]]
     assert float(table[0]["test.spearman"]) == doc["experiments"][0]["test"]["spearman"]  # full precision
     assert {r["train.seed"] for r in table} == {"0", "1"} and "model.name" not in table[0]
     target = tmp_path / "grouped.csv"
-    grouped = infra("compare", "--group-by", "train.seed", "--all", "--csv", str(target), workdir=work)
+    grouped = cli("compare", "--group-by", "train.seed", "--all", "--csv", str(target), workdir=work)
     assert grouped.returncode == 0 and f"CSV written to {target}" in grouped.stderr
     rows = list(csv.DictReader(target.open()))
     assert [r["model.name"] for r in rows][-1] == "boom" and rows[-1]["test.spearman.mean"] == ""
     assert rows[-1]["test.spearman.n"] == "0" and rows[-1]["points"] == "2"
-    clash = infra("compare", "--json", "--csv", "-", workdir=work)
+    clash = cli("compare", "--json", "--csv", "-", workdir=work)
     assert clash.returncode == 2 and "give --csv a file name" in clash.stderr
-    nowhere = infra("compare", "--csv", str(tmp_path / "no" / "x.csv"), workdir=work)
+    nowhere = cli("compare", "--csv", str(tmp_path / "no" / "x.csv"), workdir=work)
     assert nowhere.returncode == 2 and "does not exist; create it first" in nowhere.stderr
 
 
 def test_plot_draws_a_png_and_checks_its_path(swept, tmp_path):
     work, _, _ = swept
     target = tmp_path / "side_by_side.png"
-    result = infra("compare", "--group-by", "train.seed", "--plot", str(target), workdir=work)
+    result = cli("compare", "--group-by", "train.seed", "--plot", str(target), workdir=work)
     assert result.returncode == 0, result.stderr
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 10_000
-    ungrouped = infra("compare", "--plot", str(tmp_path / "rows.png"), workdir=work)
+    ungrouped = cli("compare", "--plot", str(tmp_path / "rows.png"), workdir=work)
     assert ungrouped.returncode == 0 and (tmp_path / "rows.png").exists()
-    assert infra("compare", "--plot", str(tmp_path / "x.jpg"), workdir=work).returncode == 2
-    missing = infra("compare", "--plot", str(tmp_path / "no" / "x.png"), workdir=work)
+    assert cli("compare", "--plot", str(tmp_path / "x.jpg"), workdir=work).returncode == 2
+    missing = cli("compare", "--plot", str(tmp_path / "no" / "x.png"), workdir=work)
     assert missing.returncode == 2 and f"folder {tmp_path / 'no'} does not exist" in missing.stderr
 
 
@@ -226,7 +226,7 @@ def test_plot_without_matplotlib_names_the_extra(swept, tmp_path):
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
     env = {"PYTHONPATH": f"{tmp_path / 'blocker'}{os.pathsep}{REPO}"}
-    result = infra("compare", "--plot", str(tmp_path / "p.png"), workdir=work, env=env)
+    result = cli("compare", "--plot", str(tmp_path / "p.png"), workdir=work, env=env)
     assert result.returncode == 3
     assert result.stderr.strip() == (
         "infra: error: --plot needs matplotlib, which this Python lacks; install the plot extra: "
@@ -261,12 +261,12 @@ def test_tampered_experiment_files_are_not_followed(swept, tmp_path):
     (copy / "metrics" / "metrics.json").write_text("[1, 2, 3]")  # not an object
     status = json.loads((copy / "status.json").read_text())
     (copy / "status.json").write_text(json.dumps({**status, "experiment_id": copy.name}))
-    result = infra("compare", "--json", workdir=tmp_path / "work")
+    result = cli("compare", "--json", workdir=tmp_path / "work")
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(result.stdout)["experiments"]
     assert row["plan"] == {} and row["test"] == {} and row["model"] is None
     (copy / "status.json").write_text("{not json")
-    damaged = json.loads(infra("compare", "--all", "--json", workdir=tmp_path / "work").stdout)["experiments"]
+    damaged = json.loads(cli("compare", "--all", "--json", workdir=tmp_path / "work").stdout)["experiments"]
     assert damaged[0]["state"] == "unreadable"
 
 
@@ -324,20 +324,20 @@ def test_ls_on_a_terminal_is_a_table(swept):
 def test_status_of_a_failed_run_shows_the_error_line(swept):
     work, ids, _ = swept
     exp_dir = work / "experiments" / ids["boom", 0]
-    result = infra("status", ids["boom", 0], workdir=work)
+    result = cli("status", ids["boom", 0], workdir=work)
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(None, 1) for line in result.stdout.splitlines())
     assert lines["state"] == "failed"
     assert lines["error"] == "RuntimeError: boom on purpose"
     assert lines["log"] == f"{exp_dir / 'container.log'} (infra logs {ids['boom', 0]})"
-    doc = json.loads(infra("status", ids["boom", 0], "--json", workdir=work).stdout)
+    doc = json.loads(cli("status", ids["boom", 0], "--json", workdir=work).stdout)
     jsonschema.validate(doc, STATUS_SCHEMA)
     assert doc["failure"] == {
         "message": f"training exited with code 1; see {exp_dir / 'container.log'}",
         "reason": "RuntimeError: boom on purpose",
         "log": str(exp_dir / "container.log"),
     }
-    ok = json.loads(infra("status", ids["linear", 0], "--json", workdir=work).stdout)
+    ok = json.loads(cli("status", ids["linear", 0], "--json", workdir=work).stdout)
     assert "failure" not in ok and "error" not in ok
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from runner.errors import UsageError
 from runner.settings import KEYS, config_file, describe_settings, node_settings, set_setting, unset_setting
-from tests.helpers import REPO, infra
+from tests.helpers import REPO, cli
 
 NO_NODE_ENV = {key.env: "" for key in KEYS.values()}  # the test's own environment must not leak in
 
@@ -26,27 +26,27 @@ def config_env() -> dict:
 
 def test_set_get_list_unset_round_trip():
     env = config_env()
-    result = infra("config", "set", "torch_spec", "torch==2.13.0", env=env)
+    result = cli("config", "set", "torch_spec", "torch==2.13.0", env=env)
     assert result.returncode == 0, result.stderr
     assert f"torch_spec = torch==2.13.0 stored in {config_file()}" in result.stderr
     assert json.loads(config_file().read_text())["node"] == {"torch_spec": "torch==2.13.0"}
-    got = infra("config", "get", "torch_spec", env=env)
+    got = cli("config", "get", "torch_spec", env=env)
     assert (got.stdout, got.stderr) == ("torch==2.13.0\n", "torch_spec: from config\n")
-    assert infra("config", "set", "INFRA_LOG_LIMIT", "200M", env=env).returncode == 0  # the variable's name works too
-    listed = json.loads(infra("config", "list", "--json", env=env).stdout)
+    assert cli("config", "set", "INFRA_LOG_LIMIT", "200M", env=env).returncode == 0  # the variable's name works too
+    listed = json.loads(cli("config", "list", "--json", env=env).stdout)
     rows = {r["key"]: r for r in listed["settings"]}
     assert listed["config_file"] == str(config_file())
     assert rows["log_limit_bytes"] == {**rows["log_limit_bytes"], "value": 200 << 20, "source": "config"}
     assert rows["pids_limit"]["source"] == "default" and rows["pids_limit"]["value"] == 4096
     assert node_settings(env=NO_NODE_ENV).torch_spec == "torch==2.13.0"  # what builds and runs now read
-    human = infra("config", "list", env=env)
+    human = cli("config", "list", env=env)
     header, *lines = human.stdout.splitlines()
     assert header.split() == ["KEY", "VALUE", "SOURCE", "ENV"]
     assert ["torch_spec", "torch==2.13.0", "config", "INFRA_TORCH_SPEC"] in [line.split() for line in lines]
     assert "(INFRA_* environment variables override it)" in human.stderr
-    removed = infra("config", "unset", "torch_spec", "--json", env=env)
+    removed = cli("config", "unset", "torch_spec", "--json", env=env)
     assert json.loads(removed.stdout) == {"key": "torch_spec", "removed": True, "config_file": str(config_file())}
-    again = infra("config", "unset", "torch_spec", env=env)
+    again = cli("config", "unset", "torch_spec", env=env)
     assert again.returncode == 0 and "torch_spec was not stored" in again.stderr
     assert json.loads(config_file().read_text())["node"] == {"log_limit_bytes": 200 << 20}
 
@@ -54,10 +54,10 @@ def test_set_get_list_unset_round_trip():
 def test_environment_overrides_the_file_and_list_says_so():
     set_setting("base_os", "infra-os:bookworm")
     env = {**config_env(), "INFRA_BASE_OS": "debian:12"}
-    got = infra("config", "get", "base_os", "--json", env=env)
+    got = cli("config", "get", "base_os", "--json", env=env)
     doc = json.loads(got.stdout)
     assert (doc["value"], doc["source"], doc["stored"]) == ("debian:12", "env", "infra-os:bookworm")
-    human = infra("config", "list", env=env)
+    human = cli("config", "list", env=env)
     line = next(line for line in human.stdout.splitlines() if line.startswith("base_os"))
     assert line.split() == [
         "base_os",
@@ -68,7 +68,7 @@ def test_environment_overrides_the_file_and_list_says_so():
         "infra-os:bookworm)",
         "INFRA_BASE_OS",
     ]
-    setting = infra("config", "set", "base_os", "infra-os:trixie", env=env)
+    setting = cli("config", "set", "base_os", "infra-os:trixie", env=env)
     assert "note: INFRA_BASE_OS is set in this environment and takes precedence" in setting.stderr
     assert node_settings(env={"INFRA_BASE_OS": "debian:12"}).base_os == "debian:12"
     assert node_settings(env={}).base_os == "infra-os:trixie"
@@ -90,7 +90,7 @@ def test_environment_overrides_the_file_and_list_says_so():
     ],
 )
 def test_bad_key_or_value_is_exit_2_and_writes_nothing(args, message):
-    result = infra("config", *args, env=config_env())
+    result = cli("config", *args, env=config_env())
     assert result.returncode == 2
     assert message in result.stderr and result.stderr.startswith("infra: error: ")
     assert not config_file().exists()
@@ -99,10 +99,10 @@ def test_bad_key_or_value_is_exit_2_and_writes_nothing(args, message):
 def test_a_damaged_config_file_is_named():
     config_file().parent.mkdir(parents=True, exist_ok=True)
     config_file().write_text('{"node": [1]}')
-    result = infra("config", "list", env=config_env())
+    result = cli("config", "list", env=config_env())
     assert result.returncode == 2 and f"config file {config_file()}: 'node' must be an object" in result.stderr
     config_file().write_text("{")
-    result = infra("config", "set", "base_os", "x", env=config_env())
+    result = cli("config", "set", "base_os", "x", env=config_env())
     assert result.returncode == 2 and f"config file {config_file()} is unreadable" in result.stderr
     assert config_file().read_text() == "{"
 
@@ -120,7 +120,7 @@ def test_wheelhouse_is_stored_absolute(tmp_path, monkeypatch):
 def test_writes_are_locked_and_keep_the_workdir_setting(tmp_path):
     """Concurrent `set`s of different keys all land (read-modify-write under the lock), and the
     workdir stored by `infra workdir set` survives."""
-    assert infra("workdir", "set", str(tmp_path), env=config_env()).returncode == 0
+    assert cli("workdir", "set", str(tmp_path), env=config_env()).returncode == 0
     values = {"pids_limit": "100", "train_uid": "2000", "train_gid": "2001", "base_os": "os:1", "torch_spec": "t==1"}
     procs = [
         subprocess.Popen(
@@ -163,10 +163,10 @@ def test_the_lock_is_held_across_read_modify_write():
 
 
 def test_show_and_install_completion(tmp_path):
-    shown = infra("--show-completion", "bash")
+    shown = cli("--show-completion", "bash")
     assert shown.returncode == 0 and "_infra_completion()" in shown.stdout and "complete -o" in shown.stdout
     env = {"HOME": str(tmp_path), "SHELL": "/bin/bash"}
-    installed = infra("--install-completion", "bash", env=env)
+    installed = cli("--install-completion", "bash", env=env)
     assert installed.returncode == 0, installed.stderr
     assert "bash completion installed" in installed.stdout
     assert "infra" in (tmp_path / ".bashrc").read_text()
@@ -175,7 +175,7 @@ def test_show_and_install_completion(tmp_path):
 def test_completion_completes_commands_and_setting_keys():
     def complete(words: str, cword: int) -> list[str]:
         env = {"_INFRA_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
-        result = infra(env=env)
+        result = cli(env=env)
         assert result.returncode == 0, result.stderr
         return result.stdout.split()
 

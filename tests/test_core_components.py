@@ -20,6 +20,8 @@ from runner.core.vocab import get_vocab_processor
 from runner.errors import DataError, PlanError
 from runner.plan.models import SplitSpec
 
+pytestmark = pytest.mark.core
+
 
 @pytest.fixture(scope="module")
 def vocab():

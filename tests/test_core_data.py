@@ -21,6 +21,8 @@ from runner.errors import DataError, PlanError
 from runner.plan.issues import plan_from_document
 from runner.plan.models import DataSpec, Plan
 
+pytestmark = pytest.mark.core
+
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "MSIQHFRVALIPFFAAFCLPVFAHPETLVKVKDAEDQLGARVGYIELDLNSGKILESFRP"  # BLAT_ECOLX 1-60
 SHORT = "MQYKLILNGKTLKGETTTEAVDAATAEKVFKQYANDNGVDGEWTYDDATKTFTVTE"  # GB1, 56 aa

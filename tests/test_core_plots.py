@@ -15,6 +15,8 @@ from runner.core.metrics import spearman
 from runner.data.importer import DEMO_CSV
 from tests.conftest import SHARED_DMS
 
+pytestmark = pytest.mark.core
+
 GB1_RAW = SHARED_DMS / "raw" / "gb1_wu2016" / "four_mutations_full_data.csv.gz"
 PNG = b"\x89PNG\r\n\x1a\n"
 

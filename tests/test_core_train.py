@@ -18,6 +18,8 @@ import pytest
 from runner.core.cli import main
 from runner.data.importer import build_demo_db
 
+pytestmark = pytest.mark.core
+
 REPO = Path(__file__).resolve().parent.parent
 
 LAYOUT = [

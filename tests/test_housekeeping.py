@@ -15,7 +15,7 @@ import pytest
 
 from runner.run.housekeeping import plan_image_prune, prune_images
 from runner.run.records import Experiment, new_record
-from tests.helpers import REPO, infra
+from tests.helpers import REPO, cli, infra
 from tests.test_queue import gated_plan
 
 OLD = (datetime.now(UTC) - timedelta(days=40)).isoformat().replace("+00:00", "Z")
@@ -43,7 +43,7 @@ def wd(tmp_path) -> Path:
 
 def test_rm_removes_directories_and_locks(wd):
     a, b, keep = make_exp(wd, "a-1", "succeeded"), make_exp(wd, "b-2", "failed"), make_exp(wd, "c-3", "succeeded")
-    dry = infra("rm", "a-1", "b-2", "--dry-run", "--json", workdir=wd)
+    dry = cli("rm", "a-1", "b-2", "--dry-run", "--json", workdir=wd)
     assert dry.returncode == 0, dry.stderr
     doc = json.loads(dry.stdout)
     assert doc["dry_run"] is True
@@ -53,24 +53,24 @@ def test_rm_removes_directories_and_locks(wd):
     ]
     assert all(e["bytes"] >= 1000 for e in doc["experiments"])
     assert a.root.is_dir() and b.root.is_dir()
-    result = infra("rm", "a-1", "b-2", workdir=wd)
+    result = cli("rm", "a-1", "b-2", workdir=wd)
     assert result.returncode == 0, result.stderr
     assert "removed a-1 (succeeded, " in result.stderr
     assert not a.root.exists() and not b.root.exists() and not a.lock_path.exists()
     assert keep.root.is_dir() and keep.lock_path.exists()
     assert sorted(p.name for p in (wd / "experiments").iterdir()) == [".locks", "c-3"]
-    assert infra("ls", workdir=wd).stdout.splitlines()[1].split()[0] == "c-3"
+    assert cli("ls", workdir=wd).stdout.splitlines()[1].split()[0] == "c-3"
 
 
 def test_rm_unknown_id_exits_4_and_removes_nothing(wd):
     exp = make_exp(wd, "a-1", "succeeded")
-    result = infra("rm", "a-1", "nope-0000000000", workdir=wd)
+    result = cli("rm", "a-1", "nope-0000000000", workdir=wd)
     assert result.returncode == 4
     assert "no experiment 'nope-0000000000'" in result.stderr
     assert exp.root.is_dir()
-    assert infra("rm", "../work", workdir=wd).returncode == 4
+    assert cli("rm", "../work", workdir=wd).returncode == 4
     exp.status_path.write_text("{damaged")  # an unreadable record can still be removed
-    removed = infra("rm", "a-1", "--json", workdir=wd)
+    removed = cli("rm", "a-1", "--json", workdir=wd)
     assert removed.returncode == 0, removed.stderr
     assert json.loads(removed.stdout)["experiments"][0]["state"] == "unreadable" and not exp.root.exists()
 
@@ -82,7 +82,7 @@ def test_rm_never_follows_links(wd, tmp_path):
     exp = make_exp(wd, "a-1", "succeeded")
     os.symlink(outside, exp.root / "artifacts" / "escape")  # a link the training planted
     (exp.root / "metrics" / "precious").symlink_to(outside / "precious.txt")
-    assert infra("rm", "a-1", workdir=wd).returncode == 0
+    assert cli("rm", "a-1", workdir=wd).returncode == 0
     assert not exp.root.exists() and (outside / "precious.txt").read_text() == "keep me"
 
     # the experiment entry itself replaced by a link to a directory that looks like an experiment
@@ -90,13 +90,14 @@ def test_rm_never_follows_links(wd, tmp_path):
     shutil.copytree(make_exp(tmp_path / "other", "b-2", "succeeded").root, fake)
     (wd / "experiments" / "b-2").symlink_to(fake)
     make_exp(wd, "c-3", "succeeded")
-    result = infra("rm", "c-3", "b-2", workdir=wd)
+    result = cli("rm", "c-3", "b-2", workdir=wd)
     assert result.returncode == 2
     assert f"{wd / 'experiments' / 'b-2'} is not a directory (a link or a file)" in result.stderr
     assert (fake / "status.json").exists() and (wd / "experiments" / "b-2").is_symlink()
     assert (wd / "experiments" / "c-3").is_dir()  # checked before anything was deleted
 
 
+@pytest.mark.core  # trains with the local backend
 def test_rm_refuses_a_running_experiment_unless_forced(tmp_path):
     from runner.data.importer import build_demo_db
 
@@ -112,14 +113,14 @@ def test_rm_refuses_a_running_experiment_unless_forced(tmp_path):
     from tests.e2e import wait_for
 
     wait_for(lambda: (exp_dir / "metrics" / ".gate-waiting").exists(), 300, "the training to wait at its gate")
-    refused = infra("rm", exp_id, workdir=work)
+    refused = cli("rm", exp_id, workdir=work)
     assert refused.returncode == 2
     assert f"experiment {exp_id} is running; stop it with 'infra stop' first, or use 'infra rm --force'" in (
         refused.stderr
     )
     assert exp_dir.is_dir()
     pid = json.loads((exp_dir / "status.json").read_text())["pid"]
-    forced = infra("rm", exp_id, "--force", "--json", workdir=work)
+    forced = cli("rm", exp_id, "--force", "--json", workdir=work)
     assert forced.returncode == 0, forced.stderr
     (doc,) = json.loads(forced.stdout)["experiments"]
     assert (doc["stopped"], doc["removed"], doc["state"]) == (True, True, "cancelled")
@@ -137,22 +138,22 @@ def test_prune_finished_experiments_before_the_cutoff(wd):
     make_exp(wd, "old-running", "running", finished_at=None, pid=os.getpid(), started_at=OLD)
     broken = make_exp(wd, "old-broken", "failed")
     broken.status_path.write_text("{damaged")
-    dry = infra("prune", "--dry-run", "--json", workdir=wd)
+    dry = cli("prune", "--dry-run", "--json", workdir=wd)
     assert dry.returncode == 0, dry.stderr
     doc = json.loads(dry.stdout)
     assert sorted(e["experiment_id"] for e in doc["experiments"]) == ["old-failed", "old-lost", "old-ok"]
     assert doc["bytes"] >= 3000 and doc["images"] == [] and doc["dry_run"] is True
     assert "3 experiment(s) to free" in dry.stderr
     assert (wd / "experiments" / "old-ok").is_dir()
-    only_failed = json.loads(infra("prune", "--state", "failed", "--json", workdir=wd).stdout)
+    only_failed = json.loads(cli("prune", "--state", "failed", "--json", workdir=wd).stdout)
     assert [e["experiment_id"] for e in only_failed["experiments"]] == ["old-failed"]
     assert not (wd / "experiments" / "old-failed").exists()
-    kept_new = infra("prune", "--older-than", "7d", workdir=wd)
+    kept_new = cli("prune", "--older-than", "7d", workdir=wd)
     assert kept_new.returncode == 0
     left = sorted(p.name for p in (wd / "experiments").iterdir())
     assert left == [".locks", "new-ok", "old-broken", "old-running"]
     tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
-    assert infra("prune", "--before", tomorrow, workdir=wd).returncode == 0
+    assert cli("prune", "--before", tomorrow, workdir=wd).returncode == 0
     assert sorted(p.name for p in (wd / "experiments").iterdir()) == [".locks", "old-broken", "old-running"]
 
 
@@ -170,7 +171,7 @@ def test_prune_finished_experiments_before_the_cutoff(wd):
 )
 def test_prune_usage_errors(wd, args, message):
     make_exp(wd, "old-ok", "succeeded")
-    result = infra("prune", *args, workdir=wd)
+    result = cli("prune", *args, workdir=wd)
     assert result.returncode == 2 and message in result.stderr
     assert (wd / "experiments" / "old-ok").is_dir()
 
@@ -265,7 +266,7 @@ def test_prune_images_dry_run_through_the_cli(docker_client, wd):
             )
             if n == 1:
                 dangling = image.id
-        result = infra("prune", "--images", "--dry-run", "--json", workdir=wd)
+        result = cli("prune", "--images", "--dry-run", "--json", workdir=wd)
         assert result.returncode == 0, result.stderr
         doc = json.loads(result.stdout)
         listed = {i["id"]: i for i in doc["images"]}

@@ -15,7 +15,7 @@ from runner import safefs
 from runner.errors import UsageError
 from runner.lines import LINE_LIMIT, LineSplitter, display_line, terminal_safe
 from runner.run import logs
-from tests.test_cli import infra
+from tests.helpers import cli
 from tests.test_experiments import make_exp
 
 MIB = 1 << 20
@@ -262,7 +262,7 @@ def test_local_wrapper_captures_into_the_bounded_log(tmp_path):
 )
 def test_argument_holes_exit_2_with_one_line(tmp_path, args, message):
     make_exp(tmp_path, state="succeeded")
-    result = infra(*args, "--workdir", str(tmp_path))
+    result = cli(*args, "--workdir", str(tmp_path))
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
     assert result.stdout == ""
@@ -271,9 +271,9 @@ def test_argument_holes_exit_2_with_one_line(tmp_path, args, message):
 def test_logs_command_prints_kept_log_safely(tmp_path):
     exp = make_exp(tmp_path, state="succeeded")
     logs.capture(exp.root, [b"one\n\x1b]52;c;cm0gLXJmIH4=\x07two\x1b[31m\n"], limit=MIB)
-    result = infra("logs", exp.id, "--workdir", str(tmp_path))
+    result = cli("logs", exp.id, "--workdir", str(tmp_path))
     assert result.returncode == 0 and result.stdout == "one\ntwo\n"
-    result = infra("logs", exp.id, "--tail", "1", "--workdir", str(tmp_path))
+    result = cli("logs", exp.id, "--tail", "1", "--workdir", str(tmp_path))
     assert result.stdout == "two\n"
 
 

@@ -23,6 +23,8 @@ from runner.core.metrics import spearman
 from runner.data.importer import import_csv
 from runner.plan.models import Plan
 
+pytestmark = pytest.mark.core
+
 AA = "ACDEFGHIKLMNPQRSTVWY"
 # every built-in with its defaults, `linear` from zero, and the networks of mlp and cnn without their ridge part
 CASES = [

@@ -9,11 +9,11 @@ import types
 
 import pytest
 
-from tests.helpers import infra
+from tests.helpers import cli
 
 
 def test_node_json_reports_this_machine(tmp_path):
-    result = infra("node", "--json", workdir=tmp_path)
+    result = cli("node", "--json", workdir=tmp_path)
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["cpus"] == os.cpu_count()
@@ -31,7 +31,7 @@ def test_node_json_reports_this_machine(tmp_path):
 
 
 def test_node_human_output(tmp_path):
-    result = infra("node", workdir=tmp_path)
+    result = cli("node", workdir=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("host ") and "cpus" in result.stdout and "docker" in result.stdout
 

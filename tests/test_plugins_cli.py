@@ -17,7 +17,7 @@ import pytest
 
 from runner.errors import EnvironmentProblem
 from runner.workdir.plugins import PluginLoadError, map_paths, parse_output
-from tests.helpers import infra
+from tests.helpers import cli
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE_PLUGINS = {
@@ -123,7 +123,7 @@ def test_params_text():
 
 @pytest.mark.core
 def test_list_json_has_every_template_plugin(template_copy):
-    result = infra("plugins", "list", "--json", "--backend", "local", "--workdir", str(template_copy))
+    result = cli("plugins", "list", "--json", "--backend", "local", "--workdir", str(template_copy))
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert {tuple(sorted(r)) for r in rows} == {("builtin", "kind", "name", "open_params", "params", "source_file")}
@@ -146,7 +146,7 @@ def test_list_json_has_every_template_plugin(template_copy):
 
 @pytest.mark.core
 def test_list_table_marks_builtins(template_copy):
-    result = infra("plugins", "list", "--backend", "local", "--workdir", str(template_copy))
+    result = cli("plugins", "list", "--backend", "local", "--workdir", str(template_copy))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["KIND", "NAME", "SOURCE", "PARAMETERS"]
@@ -161,7 +161,7 @@ def test_list_table_marks_builtins(template_copy):
 
 @pytest.mark.core
 def test_check_ok(template_copy):
-    result = infra("plugins", "check", "--backend", "local", "--workdir", str(template_copy))
+    result = cli("plugins", "check", "--backend", "local", "--workdir", str(template_copy))
     assert result.returncode == 0, result.stderr
     assert result.stderr.startswith(f"ok: 4 plugin component(s) in {template_copy} load")
 
@@ -169,23 +169,23 @@ def test_check_ok(template_copy):
 @pytest.mark.core
 def test_check_syntax_error_message(template_copy):
     (template_copy / "model" / "broken.py").write_text(SYNTAX_ERROR)
-    result = infra("plugins", "check", "--backend", "local", "--workdir", str(template_copy))
+    result = cli("plugins", "check", "--backend", "local", "--workdir", str(template_copy))
     assert result.returncode == 1
     assert result.stderr.strip() == (
         f"infra: error: plugin {template_copy}/model/broken.py:2: SyntaxError: invalid syntax; "
         "fix the file and run again"
     )
-    listed = infra("plugins", "list", "--json", "--backend", "local", "--workdir", str(template_copy))
+    listed = cli("plugins", "list", "--json", "--backend", "local", "--workdir", str(template_copy))
     assert listed.returncode == 1
     assert json.loads(listed.stdout)["error"]["exit_code"] == 1
 
 
 @pytest.mark.core
 def test_check_duplicate_name_message(template_copy):
-    listed = infra("plugins", "list", "--json", "--backend", "local", "--workdir", str(template_copy))
+    listed = cli("plugins", "list", "--json", "--backend", "local", "--workdir", str(template_copy))
     linear = next(r for r in json.loads(listed.stdout) if (r["kind"], r["name"]) == ("model", "linear"))
     (template_copy / "model" / "second_linear.py").write_text(SECOND_LINEAR)
-    result = infra("plugins", "check", "--json", "--backend", "local", "--workdir", str(template_copy))
+    result = cli("plugins", "check", "--json", "--backend", "local", "--workdir", str(template_copy))
     assert result.returncode == 1
     plugin = template_copy / "model" / "second_linear.py"
     source_lines = Path(linear["source_file"]).read_text().splitlines()
@@ -218,7 +218,7 @@ def test_discovery_never_imports_plugins_on_the_host(template_copy):
 
 
 def test_unknown_backend_is_usage_error(template_copy):
-    result = infra("plugins", "list", "--backend", "podman", "--workdir", str(template_copy))
+    result = cli("plugins", "list", "--backend", "podman", "--workdir", str(template_copy))
     assert result.returncode == 2
     assert (
         "Invalid value for '--backend'" in result.stderr and "'podman' is not one of 'docker', 'local'" in result.stderr
@@ -227,7 +227,7 @@ def test_unknown_backend_is_usage_error(template_copy):
 
 def test_commands_have_help_and_examples():
     for args in (["plugins", "list"], ["plugins", "check"], ["compare"]):
-        result = infra(*args, "--help")
+        result = cli(*args, "--help")
         assert result.returncode == 0, result.stderr
         assert "Example: infra" in result.stdout
 

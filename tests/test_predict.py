@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, infra
+from tests.helpers import REPO, cli, infra
 
 core = pytest.mark.core
 
@@ -225,7 +225,7 @@ def test_local_backend_predicts_a_csv_and_saturation_top(local_run, tmp_path):
     ref = pd.read_parquet(work / "experiments" / eid / "artifacts" / "predictions.parquet").head(300)
     ref[["mutant"]].to_csv(tmp_path / "in.csv", index=False)
     out = tmp_path / "p.csv"
-    result = infra(
+    result = cli(
         "predict", eid, str(tmp_path / "in.csv"), "--out", str(out), "--backend", "local", "--json", workdir=work
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -236,7 +236,7 @@ def test_local_backend_predicts_a_csv_and_saturation_top(local_run, tmp_path):
     np.testing.assert_allclose(got["prediction"], ref["y_pred"], rtol=1e-6, atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "p.csv"]  # no scratch folder left
 
-    result = infra("predict", eid, "--saturation", "--top", "10", "--backend", "local", workdir=work, cwd=tmp_path)
+    result = cli("predict", eid, "--saturation", "--top", "10", "--backend", "local", workdir=work, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "wrote 10 rows" in result.stderr
     top = pd.read_csv(tmp_path / f"predictions-{eid}-saturation.csv")  # the default --out
@@ -251,7 +251,7 @@ def test_bad_paths_exit_codes_and_messages(local_run, tmp_path):
     inp = str(tmp_path / "in.csv")
 
     def run(*args):
-        return infra("predict", *args, "--backend", "local", workdir=work, cwd=tmp_path)
+        return cli("predict", *args, "--backend", "local", workdir=work, cwd=tmp_path)
 
     r = run("nope-0000000000", inp)
     assert r.returncode == 4 and "no experiment 'nope-0000000000'" in r.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import wait_for
-from tests.helpers import REPO, infra, infra_background
+from tests.helpers import REPO, cli, infra_background
 
 pytestmark = [pytest.mark.core, pytest.mark.slow]
 EPOCH = r"epoch {n}/2  train_loss \d+\.\d{{4}}  val_loss \d+\.\d{{4}}  val_spearman -?\d+\.\d{{4}}"
@@ -45,4 +45,4 @@ def test_attaching_shows_the_epochs_so_far_and_the_rest(tmp_path):
         assert len([line for line in lines if re.fullmatch(EPOCH.format(n=n) + "(  best)?", line)]) == 1, lines
     assert any(line.startswith("test: spearman ") for line in lines), lines
     assert re.fullmatch(r"experiment blat-demo-\w+ succeeded: test spearman .*", lines[-1]), lines
-    assert infra("status", exp_dir.name, workdir=work).returncode == 0
+    assert cli("status", exp_dir.name, workdir=work).returncode == 0

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import BASE_ENV, REPO, epoch_events, wait_for
-from tests.helpers import INFRA, infra, infra_background
+from tests.helpers import INFRA, cli, infra, infra_background
 
 pytestmark = pytest.mark.redis
 
@@ -104,7 +104,7 @@ def gated_plan(folder: Path, name: str, **gate) -> Path:
 
 
 def submit_plan(redis_url: str, workdir: Path, plan: Path) -> str:
-    result = infra("submit", str(plan), "--redis", redis_url, "--json", workdir=workdir)
+    result = cli("submit", str(plan), "--redis", redis_url, "--json", workdir=workdir)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)["job_id"]
 
@@ -114,7 +114,7 @@ def start_worker(redis_url: str, workdir: Path, name: str, *extra: str, log: Pat
 
 
 def status_doc(redis_url: str, workdir: Path) -> dict:
-    result = infra("queue", "status", "--redis", redis_url, "--json", workdir=workdir)
+    result = cli("queue", "status", "--redis", redis_url, "--json", workdir=workdir)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -148,22 +148,22 @@ def kill_group(proc) -> None:
 
 def test_submit_reports_duplicates_and_validates_locally(redis_url, qworkdir):
     plan = plan_file(qworkdir, "dup")
-    first = infra("submit", str(plan), "--redis", redis_url, "--json", workdir=qworkdir)
+    first = cli("submit", str(plan), "--redis", redis_url, "--json", workdir=qworkdir)
     assert first.returncode == 0, first.stderr
     doc = json.loads(first.stdout)
     assert doc["duplicate"] is False and doc["status"] == "queued" and doc["queue"] == "infra"
     assert doc["job_id"] == doc["experiment_id"] and doc["job_id"].startswith("dup-")
 
-    again = infra("submit", str(plan), "--redis", redis_url, "--json", workdir=qworkdir)
+    again = cli("submit", str(plan), "--redis", redis_url, "--json", workdir=qworkdir)
     assert again.returncode == 0
     assert json.loads(again.stdout) == {**doc, "duplicate": True}
     assert "not enqueued again" in again.stderr
 
-    other = infra("submit", str(plan), "--redis", redis_url, "--set", "train.seed=3", workdir=qworkdir)
+    other = cli("submit", str(plan), "--redis", redis_url, "--set", "train.seed=3", workdir=qworkdir)
     assert other.returncode == 0
     assert other.stdout.strip() != doc["job_id"] and other.stdout.strip().startswith("dup-")
 
-    bad = infra("submit", str(plan), "--redis", redis_url, "--set", "train.lr=-1", "--json", workdir=qworkdir)
+    bad = cli("submit", str(plan), "--redis", redis_url, "--set", "train.lr=-1", "--json", workdir=qworkdir)
     assert bad.returncode == 2
     assert json.loads(bad.stdout)["error"]["errors"][0]["path"] == "train.lr"
 
@@ -181,7 +181,7 @@ def test_submit_reports_duplicates_and_validates_locally(redis_url, qworkdir):
 
 def test_submit_id_is_the_experiment_id_for_an_explicit_one(redis_url, qworkdir):
     plan = plan_file(qworkdir, "named")
-    result = infra("submit", str(plan), "--redis", redis_url, "--set", "experiment_id=my-exp-1", workdir=qworkdir)
+    result = cli("submit", str(plan), "--redis", redis_url, "--set", "experiment_id=my-exp-1", workdir=qworkdir)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "my-exp-1"
 
@@ -411,7 +411,7 @@ def test_status_skips_what_infra_did_not_write(redis_url, qworkdir):
     conn.sadd("rq:workers", "rq:worker:broken")
     conn.hset("rq:worker:broken", mapping={"last_heartbeat": "yesterday", "queues": "infra"})
 
-    result = infra("queue", "status", "--redis", redis_url, "--json", workdir=qworkdir)
+    result = cli("queue", "status", "--redis", redis_url, "--json", workdir=qworkdir)
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert sorted(doc["notes"]) == [
@@ -427,7 +427,7 @@ def test_status_skips_what_infra_did_not_write(redis_url, qworkdir):
     assert doc["notes"][-1].startswith("worker record rq:worker:broken: unreadable (")
     assert [w["name"] for w in doc["workers"]] == ["w\x1b[31mred"] and doc["workers"][0]["alive"] is True
 
-    human = infra("queue", "status", "--redis", redis_url, workdir=qworkdir)
+    human = cli("queue", "status", "--redis", redis_url, workdir=qworkdir)
     assert human.returncode == 0, human.stderr
     assert "\x1b" not in human.stdout and "w?[31mred" in human.stdout  # no escape sequence reaches the terminal
     assert "infra: note: heartbeat infra:node:h:1: not JSON; skipped" in human.stderr.splitlines()
@@ -462,6 +462,7 @@ def test_a_heartbeat_before_the_workers_birth_does_not_take_its_name(redis_url, 
     conn.delete(beat.key)
 
 
+@pytest.mark.core  # trains with the local backend
 @pytest.mark.slow
 def test_two_workers_ten_plans_each_experiment_runs_once(redis_url, qworkdir, tmp_path):
     gate = tmp_path / "gate-open"  # one gate for every job: each worker is held on its first job
@@ -474,7 +475,7 @@ def test_two_workers_ten_plans_each_experiment_runs_once(redis_url, qworkdir, tm
             seed=seed,
         )
         ids.append(submit_plan(redis_url, qworkdir, plan))
-    dup = infra("submit", str(qworkdir / "ten-4.json"), "--redis", redis_url, "--json", workdir=qworkdir)
+    dup = cli("submit", str(qworkdir / "ten-4.json"), "--redis", redis_url, "--json", workdir=qworkdir)
     assert json.loads(dup.stdout)["duplicate"] is True
     assert len(set(ids)) == 9
 
@@ -526,6 +527,7 @@ def test_two_workers_ten_plans_each_experiment_runs_once(redis_url, qworkdir, tm
     assert ran_on == {"w0", "w1"}
 
 
+@pytest.mark.core  # trains with the local backend
 @pytest.mark.slow
 def test_sigkilled_worker_job_resumes_from_checkpoint_on_another(redis_url, qworkdir, tmp_path):
     exp_id = submit_plan(redis_url, qworkdir, gated_plan(qworkdir, "killed"))
@@ -570,6 +572,7 @@ def test_sigkilled_worker_job_resumes_from_checkpoint_on_another(redis_url, qwor
         kill_group(second)
 
 
+@pytest.mark.core  # trains with the local backend
 @pytest.mark.slow
 def test_second_sigterm_checkpoints_and_requeues(redis_url, qworkdir, tmp_path):
     exp_id = submit_plan(redis_url, qworkdir, gated_plan(qworkdir, "stopped"))

@@ -16,6 +16,8 @@ from runner.core.plugins import PluginError, describe_registries, load_plugins, 
 from runner.core.registry import RegistryError
 from runner.core.vocab import VOCABS
 
+pytestmark = pytest.mark.core
+
 
 @pytest.fixture
 def clean_plugins():

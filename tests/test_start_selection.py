@@ -22,6 +22,8 @@ from runner.core.metrics import spearman, spearman_gain_z
 from runner.core.selection import INELIGIBLE, LEAVE_START_GAIN, LEAVE_START_Z, selection_score
 from runner.data.importer import build_demo_db, import_csv
 
+pytestmark = pytest.mark.core
+
 
 @pytest.fixture(scope="module")
 def blat_db(tmp_path_factory) -> Path:

@@ -14,7 +14,7 @@ import pytest
 
 from runner.errors import UsageError
 from runner.run.sweep import grid, label, parse_sweep
-from tests.helpers import infra
+from tests.helpers import cli, infra
 from tests.test_queue import redis_server  # noqa: F401  a real redis-server for --submit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,7 +115,7 @@ def test_point_values_apply_like_set(mini_db, tmp_path):
 
 
 def test_every_point_is_validated_before_anything_runs(demo_workdir):
-    result = infra("run", "plans/demo.json", "--backend", "local", "--sweep", "train.lr=0.01,-1", workdir=demo_workdir)
+    result = cli("run", "plans/demo.json", "--backend", "local", "--sweep", "train.lr=0.01,-1", workdir=demo_workdir)
     assert result.returncode == 2
     assert "plans/demo.json (sweep point 2: train.lr=-1): train.lr:" in result.stderr
     assert not (demo_workdir / "experiments").exists()
@@ -130,15 +130,16 @@ def test_every_point_is_validated_before_anything_runs(demo_workdir):
     ],
 )
 def test_sweep_option_conflicts(demo_workdir, extra, message):
-    result = infra("run", "plans/demo.json", "--sweep", "train.lr=0.1,0.2", *extra, workdir=demo_workdir)
+    result = cli("run", "plans/demo.json", "--sweep", "train.lr=0.1,0.2", *extra, workdir=demo_workdir)
     assert result.returncode == 2 and message in result.stderr
 
 
 def test_submit_without_sweep_points_to_infra_submit(demo_workdir):
-    result = infra("run", "plans/demo.json", "--submit", workdir=demo_workdir)
+    result = cli("run", "plans/demo.json", "--submit", workdir=demo_workdir)
     assert result.returncode == 2 and "use 'infra submit PLAN --redis URL'" in result.stderr
 
 
+@pytest.mark.core  # trains with the local backend
 @pytest.mark.slow
 def test_sweep_runs_each_point_reports_worst_exit_and_compares(demo_workdir):
     (demo_workdir / "model" / "boom.py").write_text(BOOM)
@@ -163,13 +164,13 @@ def test_sweep_runs_each_point_reports_worst_exit_and_compares(demo_workdir):
     assert table[1].split()[:6] == ["1", "linear-lr0.001", ok["experiment_id"], "succeeded", "(reused)", "start"]
     assert table[2].split()[:5] == ["2", "boom-lr0.001", bad["experiment_id"], "failed", "-"]
 
-    compared = infra("compare", bad["experiment_id"], ok["experiment_id"], "--json", workdir=demo_workdir)
+    compared = cli("compare", bad["experiment_id"], ok["experiment_id"], "--json", workdir=demo_workdir)
     assert compared.returncode == 0, compared.stderr
     rows = json.loads(compared.stdout)["experiments"]
     assert [r["experiment_id"] for r in rows] == [ok["experiment_id"], bad["experiment_id"]]  # no metrics: last
     assert rows[0]["model"] == "linear" and rows[0]["embedding"] == "onehot"
     assert rows[0]["test"] == ok["test"] and rows[0]["n"]["train"] > 0 and rows[0]["training_seconds"] > 0
-    human = infra("compare", "--metric", "mse", workdir=demo_workdir)
+    human = cli("compare", "--metric", "mse", workdir=demo_workdir)
     assert human.returncode == 0
     assert human.stdout.splitlines()[0].split()[:2] == ["experiment", "test.mse"]  # metrics first (docs/cli.md)
     unknown = infra("compare", ok["experiment_id"], "nope-0000000000", workdir=demo_workdir)
@@ -195,10 +196,10 @@ def test_compare_sorts_best_first_with_lower_is_better_errors():
 @pytest.mark.redis
 def test_sweep_submit_puts_the_grid_on_the_queue(demo_workdir, redis_server):  # noqa: F811
     args = ["run", "plans/demo.json", "--sweep", "train.lr=0.01,0.001", "--submit", "--redis", redis_server, "--json"]
-    result = infra(*args, workdir=demo_workdir)
+    result = cli(*args, workdir=demo_workdir)
     assert result.returncode == 0, result.stderr
     docs = json.loads(result.stdout)["experiments"]
     assert [d["values"] for d in docs] == [{"train.lr": 0.01}, {"train.lr": 0.001}]
     assert len({d["job_id"] for d in docs}) == 2 and not any(d["duplicate"] for d in docs)
-    again = json.loads(infra(*args, workdir=demo_workdir).stdout)["experiments"]
+    again = json.loads(cli(*args, workdir=demo_workdir).stdout)["experiments"]
     assert [d["job_id"] for d in again] == [d["job_id"] for d in docs] and all(d["duplicate"] for d in again)

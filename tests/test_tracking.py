@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import _free_port, infra_as
-from tests.helpers import infra
+from tests.helpers import cli, infra
 
 try:
     import mlflow
@@ -192,8 +192,8 @@ def test_detached_run_is_tracked_once_by_whoever_finalises_it(mlflow_server, tmp
         time.sleep(0.5)
     assert not host_events(exp_dir, "tracked")  # nobody has looked at it yet
     # two readers see the finished run; exactly one finalises and logs it
-    first = infra("status", exp_id, "--json", workdir=work)
-    second = infra("ls", "--json", workdir=work)
+    first = cli("status", exp_id, "--json", workdir=work)
+    second = cli("ls", "--json", workdir=work)
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert json.loads(first.stdout)["state"] == "succeeded"
     (run,) = runs_of(mlflow_server, "infra-detached")
@@ -221,15 +221,15 @@ def test_unreachable_server_warns_and_the_run_still_succeeds(tmp_path, mlflow_se
 
     # `infra track` logs it later; its own failures are errors
     exp_id = doc["experiment_id"]
-    again = infra("track", exp_id, workdir=work)
+    again = cli("track", exp_id, workdir=work)
     assert again.returncode == 3 and f"not logged to MLflow at {closed}" in again.stderr, again.stderr
-    tracked = infra("track", exp_id, "--mlflow-uri", mlflow_server, "--experiment", "infra-later", "--json",
+    tracked = cli("track", exp_id, "--mlflow-uri", mlflow_server, "--experiment", "infra-later", "--json",
                     workdir=work)  # fmt: skip
     assert tracked.returncode == 0, tracked.stderr
     (run,) = runs_of(mlflow_server, "infra-later")
     assert json.loads(tracked.stdout)["run_id"] == run.info.run_id
     assert run.data.tags["infra.experiment_id"] == exp_id and "test_spearman" in run.data.metrics
-    bad = infra("track", exp_id, "--mlflow-uri", "https://user:secret@mlflow.lab", workdir=work)
+    bad = cli("track", exp_id, "--mlflow-uri", "https://user:secret@mlflow.lab", workdir=work)
     assert bad.returncode == 2 and "--mlflow-uri" in bad.stderr and "secret" not in bad.stderr
 
 
@@ -263,11 +263,11 @@ def test_plan_tracking_section_is_validated(tmp_path, mini_db):
     ):
         path = tmp_path / "plan.json"
         path.write_text(json.dumps({**base, "tracking": tracking}))
-        result = infra("validate", str(path))
+        result = cli("validate", str(path))
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and "secret" not in result.stderr
     path.write_text(json.dumps({**base, "tracking": {"mlflow_uri": "http://mlflow.lab:5000/x", "experiment": "a b"}}))
-    assert infra("validate", str(path)).returncode == 0
+    assert cli("validate", str(path)).returncode == 0
 
 
 def test_tracking_is_not_part_of_the_experiment_id(tmp_path, mini_db):
@@ -276,7 +276,7 @@ def test_tracking_is_not_part_of_the_experiment_id(tmp_path, mini_db):
     for tracking in (None, {"mlflow_uri": "http://a:5000"}, {"mlflow_uri": "http://b", "experiment": "e"}):
         path = tmp_path / "plan.json"
         path.write_text(json.dumps({**base, **({"tracking": tracking} if tracking else {})}))
-        result = infra("run", str(path), "--backend", "local", "--dry-run", "--json", workdir=tmp_path)
+        result = cli("run", str(path), "--backend", "local", "--dry-run", "--json", workdir=tmp_path)
         assert result.returncode == 0, result.stderr
         ids.add(json.loads(result.stdout)["experiment_id"])
     assert len(ids) == 1

@@ -9,6 +9,8 @@ from runner.core.variants import MutantText, apply_mutants, parse_mutants
 from runner.core.vocab import get_vocab_processor
 from runner.errors import DataError
 
+pytestmark = pytest.mark.core
+
 VOCAB = get_vocab_processor("IUPAC")
 TEMPLATE = "MSIQHFRVALIPFFAAFCLPVFAHPETLVKVKDAEDQLGARVGYIELDLNSGKILESFRP"
 

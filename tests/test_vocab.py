@@ -18,6 +18,8 @@ from runner.core.vocab import (
 )
 from runner.errors import DataError
 
+pytestmark = pytest.mark.core
+
 
 def test_iupac_constants_and_ids():
     vocab = get_vocab_processor("IUPAC")
