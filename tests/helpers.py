@@ -234,3 +234,14 @@ def collect(probe: subprocess.Popen, files: Path, timeout: int = 1800) -> tuple[
 def measured(cmd: list[str], env: dict | None = None) -> tuple[int, str, str, float]:
     """(exit code, stdout, stderr, peak RSS in MB) of one process."""
     return collect(*spawn_measured(cmd, env))
+
+
+def gate_workdir(dest: Path) -> Path:
+    """A workdir from the template at `dest` with the demo database (BLAT, 4,997 variants) as data/blat.db
+    and the gate model (tests/gate_model.py) as a plugin."""
+    from runner.data.importer import build_demo_db
+
+    shutil.copytree(REPO / "plugins_template", dest)
+    shutil.copy(REPO / "tests" / "gate_model.py", dest / "model" / "gate.py")
+    build_demo_db(dest / "data" / "blat.db")
+    return dest

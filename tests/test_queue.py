@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import BASE_ENV, REPO, epoch_events, wait_for
-from tests.helpers import INFRA, cli, infra, infra_background
+from tests.e2e import BASE_ENV, epoch_events, wait_for
+from tests.helpers import INFRA, cli, gate_workdir, infra, infra_background
 
 pytestmark = pytest.mark.redis
 
@@ -75,14 +75,8 @@ def redis_url(redis_server):
 
 @pytest.fixture
 def qworkdir(tmp_path) -> Path:
-    """A workdir from the template with the demo database (BLAT, 4,997 variants) and the gate model."""
-    from runner.data.importer import build_demo_db
-
-    work = tmp_path / "work"
-    shutil.copytree(REPO / "plugins_template", work)
-    shutil.copy(REPO / "tests" / "gate_model.py", work / "model" / "gate.py")
-    build_demo_db(work / "data" / "blat.db")
-    return work
+    """A workdir from the template with the demo database (BLAT) and the gate model."""
+    return gate_workdir(tmp_path / "work")
 
 
 def plan_file(folder: Path, name: str, model: dict | None = None, **train) -> Path:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import REPO, wait_for
-from tests.helpers import infra, infra_background
+from tests.e2e import wait_for
+from tests.helpers import gate_workdir, infra, infra_background
 
 pytestmark = [pytest.mark.core, pytest.mark.slow]
 
@@ -24,14 +24,8 @@ MODELS = '[{"name":"ridge"},{"name":"mlp"},{"name":"gate","params":{"fail":"rais
 
 @pytest.fixture
 def swork(tmp_path) -> Path:
-    """The template workdir with the demo database (BLAT) and the gate model."""
-    from runner.data.importer import build_demo_db
-
-    work = tmp_path / "work"
-    shutil.copytree(REPO / "plugins_template", work)
-    shutil.copy(REPO / "tests" / "gate_model.py", work / "model" / "gate.py")
-    build_demo_db(work / "data" / "blat.db")
-    return work
+    """A workdir from the template with the demo database (BLAT) and the gate model."""
+    return gate_workdir(tmp_path / "work")
 
 
 def plan_file(work: Path, name: str = "study", **train) -> Path:
@@ -176,22 +170,32 @@ def test_stop_one_point_then_resume_it(swork, tmp_path):
     assert any(e.get("phase") == "resume" for e in events)
 
 
-def test_interrupting_the_study_stops_every_point(swork, tmp_path):
-    plan = gated_plan(swork)
-    args = ("run", str(plan), "--backend", "local", "--json", "--sweep", "train.seed=0,1,2", "--parallel", "2")
-    runner = infra_background(*args, workdir=swork, log=tmp_path / "study.log")
+def run_until_stopped(runner, log: Path, stop) -> tuple[int, str, dict]:
+    """Call `stop()` on the running study, wait for its runner: (exit code, its output, its --json summary)."""
     try:
-        wait_for(lambda: len(held_points(swork)) == 2, 300, "two points held at their gates")
-        os.kill(runner.pid, signal.SIGINT)  # Ctrl-C
+        stop()
         code = runner.wait(timeout=300)
     finally:
         if runner.poll() is None:
             runner.kill()
-    output = (tmp_path / "study.log").read_text()
+    output = log.read_text()
+    summary = json.loads(next((line for line in reversed(output.splitlines()) if line.startswith("{")), "{}"))
+    return code, output, summary
+
+
+def test_interrupting_the_study_stops_every_point(swork, tmp_path):
+    plan = gated_plan(swork)
+    args = ("run", str(plan), "--backend", "local", "--json", "--sweep", "train.seed=0,1,2", "--parallel", "2")
+    runner = infra_background(*args, workdir=swork, log=tmp_path / "study.log")
+
+    def ctrl_c() -> None:
+        wait_for(lambda: len(held_points(swork)) == 2, 300, "two points held at their gates")
+        os.kill(runner.pid, signal.SIGINT)
+
+    code, output, summary = run_until_stopped(runner, tmp_path / "study.log", ctrl_c)
     assert code == 130, output
     states = sorted(record(p)["state"] for p in (swork / "experiments").glob("gated-*"))
     assert states == ["cancelled", "cancelled"], output  # the third point never started
-    summary = json.loads(next(line for line in reversed(output.splitlines()) if line.startswith("{")))
     assert [p["state"] for p in summary["experiments"]].count("not run") == 1
     assert alive(slot_pids(swork)) == set()
 
@@ -220,18 +224,18 @@ def test_stop_of_the_study_stops_it_as_a_whole(swork, tmp_path):
     plan = gated_plan(swork)
     args = ("run", str(plan), "--backend", "local", "--json", "--sweep", "train.seed=0,1,2")
     runner = infra_background(*args, workdir=swork, log=tmp_path / "study.log")
-    try:
-        (first,) = wait_for(lambda: held_points(swork), 300, "point 1 held at its gate")
+    stopped = []
+
+    def stop_the_study() -> None:
+        wait_for(lambda: held_points(swork), 300, "point 1 held at its gate")
         (study_file,) = (swork / "studies").glob("*.json")
-        stopped = infra("stop", study_file.stem, workdir=swork, timeout=300)
-        assert stopped.returncode == 0, stopped.stderr
-        code = runner.wait(timeout=300)
-    finally:
-        if runner.poll() is None:
-            runner.kill()
-    output = (tmp_path / "study.log").read_text()
+        stopped.append(infra("stop", study_file.stem, workdir=swork, timeout=300))
+
+    code, output, summary = run_until_stopped(runner, tmp_path / "study.log", stop_the_study)
+    (first,) = list((swork / "experiments").glob("gated-*"))[:1]
+    stopped = stopped[0]
+    assert stopped.returncode == 0, stopped.stderr
     assert code == 130, output
-    summary = json.loads(next(line for line in reversed(output.splitlines()) if line.startswith("{")))
     assert [p["state"] for p in summary["experiments"]] == ["cancelled", "not run", "not run"]
     assert record(first)["state"] == "cancelled" and (first / "ckpts" / "last.ckpt").is_file()
     assert "2 point(s) not run yet stay so" in stopped.stderr
