@@ -19,6 +19,8 @@ from runner.core.cli import main
 from runner.core.selection import LEAVE_START_REL_GAIN
 from runner.data.importer import build_demo_db, import_csv
 
+pytestmark = pytest.mark.core
+
 
 @pytest.fixture(scope="module")
 def blat_db(tmp_path_factory) -> Path:

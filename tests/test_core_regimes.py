@@ -25,6 +25,8 @@ from runner.plan.load import load_plan
 from runner.plan.models import DataSpec, SplitSpec
 from tests.conftest import make_proteingym_folder
 
+pytestmark = pytest.mark.core
+
 
 @pytest.fixture(scope="module")
 def pg_db(tmp_path_factory) -> Path:
