@@ -226,7 +226,7 @@ def test_plot_without_matplotlib_names_the_extra(swept, tmp_path):
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
     env = {"PYTHONPATH": f"{tmp_path / 'blocker'}{os.pathsep}{REPO}"}
-    result = cli("compare", "--plot", str(tmp_path / "p.png"), workdir=work, env=env)
+    result = infra("compare", "--plot", str(tmp_path / "p.png"), workdir=work, env=env)  # PYTHONPATH: a process
     assert result.returncode == 3
     assert result.stderr.strip() == (
         "infra: error: --plot needs matplotlib, which this Python lacks; install the plot extra: "
