@@ -636,6 +636,7 @@ def test_worker_with_docker_backend(redis_url, workdir, run_user, base_image, tm
     assert os.stat(workdir / "experiments" / exp_id).st_uid == uid  # never owned by root
 
 
+@pytest.mark.core
 @pytest.mark.slow
 def test_a_worker_keeps_a_warm_slot_between_jobs_of_one_image(redis_url, qworkdir, tmp_path):
     """Two jobs of the same image and database run in one slot process (one start-up); with

@@ -155,8 +155,11 @@ def test_container_run_is_tracked_and_logs_csv_and_tensorboard(mlflow_server, ba
     assert csv_lines[0].split(",") == ["epoch", "step", "train_loss", "val_loss", "val_spearman"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (events_file,) = (exp_dir / "logs" / "tensorboard" / "version_0").glob("events.out.tfevents.*")
-    board = EventAccumulator(str(events_file.parent))
+    # the epochs' file, and the kept model's values logged after the trainer closed it (a second file
+    # of the same run: TensorBoard reads a run's files in order)
+    events_dir = exp_dir / "logs" / "tensorboard" / "version_0"
+    assert list(events_dir.glob("events.out.tfevents.*"))
+    board = EventAccumulator(str(events_dir))
     board.Reload()
     assert {"train_loss", "val_loss", "val_spearman"} <= set(board.Tags()["scalars"])
     from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
