@@ -121,3 +121,31 @@ def test_stop_one_point_of_a_docker_study(base_image, workdir, run_user):
     states = {p["experiment_id"]: p["state"] for p in json.loads(out)["experiments"]}
     assert states[first] == "cancelled" and sorted(states.values()) == ["cancelled", "succeeded"]
     assert (workdir / "experiments" / first / "ckpts" / "last.ckpt").is_file()  # given back, with its checkpoint
+
+
+def test_a_study_run_by_root_trains_as_the_unprivileged_user(base_image, tmp_path):
+    """As the quick start runs it (root): the slot container runs as the node's training uid, so each
+    point's folders must be that uid's while they are in the slot (found by bench_study.py as root)."""
+    import os
+
+    from runner.data.importer import build_demo_db
+    from tests.e2e import BASE_ENV
+    from tests.helpers import infra
+
+    if os.geteuid() != 0:
+        pytest.skip("the root case needs root (CI runs as root)")
+    work = tmp_path / "work"
+    shutil.copytree(REPO / "plugins_template", work)
+    build_demo_db(work / "data" / "blat_ecolx.db")
+    plan = work / "plans" / "small.json"
+    plan.write_text(json.dumps({"name": "root", "data": {"db": "data/blat_ecolx.db", "limit": 300},
+                                "model": {"name": "linear"}, "train": {"max_epochs": 1}}))  # fmt: skip
+    result = infra("run", str(plan), "--json", "--sweep", "train.seed=0,1", workdir=work, env=BASE_ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    points = json.loads(result.stdout)["experiments"]
+    assert [p["state"] for p in points] == ["succeeded", "succeeded"]
+    for p in points:
+        exp = Path(p["exp_dir"])
+        assert (exp / "artifacts" / "model.pth").is_file()
+        assert (exp / "status.json").stat().st_uid == 0  # the host's record stays root's
+        assert (exp / "metrics").stat().st_uid == 10001  # the training's folders, the training user's

@@ -93,6 +93,8 @@ def stage_outputs(points: Path, exp: Experiment, owner: tuple[int, int] | None) 
             os.chown(exp.id, *owner, dir_fd=points_fd, follow_symlinks=False)
     with safefs.open_dir(exp.root) as src, safefs.open_dir(points, exp.id) as dst:
         for name in MOUNTED_DIRS:
+            if owner is not None:  # infra runs as root, the training as another uid: the folders are theirs
+                os.chown(name, *owner, dir_fd=src, follow_symlinks=False)
             os.replace(name, name, src_dir_fd=src, dst_dir_fd=dst)
 
 
