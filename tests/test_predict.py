@@ -3,7 +3,10 @@ the command end to end with the local backend and in the experiment's own image;
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import shutil
 import sys
@@ -50,16 +53,35 @@ def predictor_of(exp: Path):
     return load_predictor(exp, exp / "ckpts" / "best.ckpt")
 
 
-def run_core(tmp_path: Path, exp: Path, *args: str) -> tuple[int, Path, str]:
+def run_core(tmp_path: Path, exp: Path, *args: str, process: bool = False) -> tuple[int, Path, str]:
+    """`python -m runner.core.predict --exp-dir EXP --checkpoint best.ckpt --out OUT ARGS`: (exit code, OUT, stderr).
+
+    The module's `main()` in this process (torch is loaded here already: a process costs ~5 s of
+    imports per call), with its stdout, stderr and logging set back afterwards; `process=True` runs the
+    entry point as a real process (`test_no_mutant_column_empty_input_and_all_bad_rows` does, and the
+    local-backend tests below run it as `infra predict` does)."""
     import subprocess
 
     out = tmp_path / "out.csv"
-    proc = subprocess.run(
-        [sys.executable, "-m", "runner.core.predict", "--exp-dir", str(exp), "--checkpoint",
-         str(exp / "ckpts" / "best.ckpt"), "--out", str(out), *args],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
-    return proc.returncode, out, proc.stderr
+    argv = ["--exp-dir", str(exp), "--checkpoint", str(exp / "ckpts" / "best.ckpt"), "--out", str(out), *args]
+    if process:
+        proc = subprocess.run(
+            [sys.executable, "-m", "runner.core.predict", *argv],
+            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        return proc.returncode, out, proc.stderr
+    from runner.core.predict import main
+
+    root, variants = logging.getLogger(), logging.getLogger("runner.core.variants")
+    saved = (root.handlers[:], root.level, variants.level)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            code = main(argv)
+    finally:
+        root.handlers[:], variants.level = saved[0], saved[2]
+        root.setLevel(saved[1])
+    return code, out, err.getvalue()
 
 
 @core
@@ -167,7 +189,8 @@ def test_top_n_merges_chunks_like_one_sort(trained, tmp_path):
 def test_no_mutant_column_empty_input_and_all_bad_rows(trained, tmp_path):
     exp = trained["none"]
     (tmp_path / "x.csv").write_text("variant,score\nH24A,1\n")
-    code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "x.csv"))
+    # the entry point as a process: its exit code and its message on stderr
+    code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "x.csv"), process=True)
     assert code == 2 and "no 'mutant' column (columns: variant, score)" in err and not out.exists()
     (tmp_path / "empty.csv").write_text("mutant\n")
     code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "empty.csv"))
@@ -193,15 +216,19 @@ def test_an_experiment_from_before_predict_says_so(trained, tmp_path):
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory) -> tuple[Path, str]:
-    """A workdir from the template with a demo experiment trained by `infra run --backend local`."""
+    """A workdir from the template with a demo experiment trained by `infra run --backend local`.
+
+    400 variants: the tests predict 300 of them, and the linear model's ridge start on all 4,997 (a dual
+    solve per alpha) took most of the training's time."""
     from runner.data.importer import build_demo_db
 
     work = tmp_path_factory.mktemp("predict-local") / "work"
     shutil.copytree(REPO / "plugins_template", work)
     build_demo_db(work / "data" / "blat_ecolx.db")
     result = infra(
-        "run", "plans/demo.json", "--backend", "local", "--set", "train.max_epochs=2", "--json", workdir=work
-    )
+        "run", "plans/demo.json", "--backend", "local", "--set", "train.max_epochs=2", "--set", "data.limit=400",
+        "--json", workdir=work,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return work, json.loads(result.stdout)["experiment_id"]
 
@@ -309,7 +336,9 @@ def test_docker_predict_in_the_experiments_image(base_image, workdir, run_user, 
 
     from tests.e2e import chown_to, infra_as, labelled_containers
 
-    result = infra_as(run_user, "run", "plans/demo.json", "--set", "train.max_epochs=3", "--json", workdir=workdir)
+    # 1,000 variants are enough to compare predictions row by row; the ridge start on all 4,997 cost more
+    args = ("run", "plans/demo.json", "--set", "train.max_epochs=3", "--set", "data.limit=1000", "--json")
+    result = infra_as(run_user, *args, workdir=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     eid = json.loads(result.stdout)["experiment_id"]
     exp = workdir / "experiments" / eid
