@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import pytest
 
 from runner.core.cli import main
 from runner.data.importer import build_demo_db
+from tests.e2e import wait_for
 
 pytestmark = pytest.mark.core
 
@@ -183,30 +184,33 @@ def test_main_leaves_no_log_handler_behind(tmp_path, blat_db, capsys):
 
 
 def test_sigterm_stops_gracefully(tmp_path, blat_db):
+    # the gate model (tests/gate_model.py) holds the training inside its first step until the SIGTERM,
+    # which opens the gate and reaches the core's handler: the step finishes, last.ckpt is saved
+    work = tmp_path / "work"
+    (work / "model").mkdir(parents=True)
+    shutil.copy(REPO / "tests" / "gate_model.py", work / "model" / "gate.py")
     exp = tmp_path / "exp"
     plan = write_plan(
         tmp_path / "plan.json",
         blat_db,
-        data={"limit": 4997},
-        model={"name": "cnn"},
-        train={"max_epochs": 1000, "batch_size": 32, "early_stopping_patience": 0},
+        model={"name": "gate", "params": {"after_checkpoint": False}},
+        train={"max_epochs": 3, "batch_size": 32, "early_stopping_patience": 0},
     )
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runner.core", str(plan), "--exp-dir", str(exp)],
+        [sys.executable, "-m", "runner.core", str(plan), "--exp-dir", str(exp), "--workdir", str(work)],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 60
-    events = exp / "logs" / "events.jsonl"
-    while time.monotonic() < deadline:
-        if events.exists() and '"phase": "train"' in events.read_text():
-            break
-        time.sleep(0.2)
-    time.sleep(1.0)  # inside the first epoch
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    try:
+        wait_for(lambda: (exp / "metrics" / ".gate-waiting").exists() or proc.poll() is not None, 120, "the gate")
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 143, err[-2000:]
     assert (exp / "ckpts/last.ckpt").is_file()
     assert "cancelled" in err
