@@ -128,6 +128,45 @@ def wait_for_training(workdir: Path, epochs: int = 1, timeout: float = 300) -> P
     return exp_dir
 
 
+# The gate model (tests/gate_model.py) instead of the demo's linear model: a run that a test must catch
+# in the act is held until the test opens the gate, however fast the training is. 400 variants: the
+# gate model has no closed-form start, and its epochs take a moment.
+GATED_DEMO = ("--set", "data.limit=400", "--set", "train.max_epochs=3", "--set", "train.early_stopping_patience=0")
+
+
+def gated(after_checkpoint: bool = True) -> tuple[str, ...]:
+    """`--set` arguments that make the demo plan train the gate model: held after its first checkpoint
+    (an epoch is in the log), or with `after_checkpoint=False` at its first step (no checkpoint yet)."""
+    model = {"name": "gate", "params": {"after_checkpoint": after_checkpoint}}
+    return (*GATED_DEMO, "--set", f"model={json.dumps(model)}")
+
+
+def add_gate_model(workdir: Path, run_user) -> None:
+    """The gate model as the workdir's plugin model/gate.py, owned by the run user.
+
+    The template plus this file is one plugin image, built by whichever test needs it first."""
+    shutil.copy(REPO / "tests" / "gate_model.py", workdir / "model" / "gate.py")
+    chown_to(run_user, workdir / "model" / "gate.py")
+
+
+def wait_for_gate(workdir: Path, timeout: float = 300) -> Path:
+    """The directory of the workdir's (only) demo experiment, once the gate model holds its training."""
+    root = workdir / "experiments"
+    exp_dir = wait_for(
+        lambda: next(iter(root.glob("blat-demo-*")), None) if root.exists() else None,
+        timeout,
+        "the experiment directory",
+    )
+    wait_for(lambda: (exp_dir / "metrics" / ".gate-waiting").exists(), timeout, "the training to wait at the gate")
+    return exp_dir
+
+
+def open_gate(exp_dir: Path, run_user) -> None:
+    gate = exp_dir / "metrics" / ".gate-open"
+    gate.touch()
+    chown_to(run_user, gate)
+
+
 def epoch_events(exp_dir: Path) -> int:
     try:
         lines = (exp_dir / "logs" / "events.jsonl").read_text().splitlines()

@@ -2,7 +2,8 @@
 
 These tests build the CPU base image from this checkout on the local base OS image
 (scripts/make-base-os-image.sh) with the offline wheelhouse (scripts/make-wheelhouse.sh); .ci/run
-prepares both. They run `infra` as a non-root user (created here when the tests run as root).
+prepares both. They run `infra` as a non-root user (created here when the tests run as root). A run
+that a test must catch in the act trains the gate model (tests/gate_model.py), held until the test acts.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import epoch_events, infra_as, labelled_containers, wait_for, wait_for_training
+from tests.e2e import add_gate_model, gated, infra_as, labelled_containers, wait_for, wait_for_gate
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 LAYOUT = [
@@ -105,23 +106,13 @@ def test_gpus_without_runtime_exit_3_and_nothing_left(base_image, workdir, run_u
 
 
 def test_docker_kill_leaves_failed_with_logs(base_image, workdir, run_user, docker_client):
-    result = infra_as(
-        run_user,
-        "run",
-        "plans/demo.json",
-        "--detach",
-        "--json",
-        "--set",
-        "train.max_epochs=500",
-        "--set",
-        "train.early_stopping_patience=0",
-        workdir=workdir,
-    )
+    add_gate_model(workdir, run_user)
+    result = infra_as(run_user, "run", "plans/demo.json", "--detach", "--json", *gated(), workdir=workdir)
     assert result.returncode == 0, result.stderr[-2000:]
     doc = json.loads(result.stdout)
     exp_dir, exp_id = Path(doc["exp_dir"]), doc["experiment_id"]
     assert doc["state"] == "running"
-    wait_for(lambda: epoch_events(exp_dir) >= 1, 180, "the first epoch")
+    assert wait_for_gate(workdir) == exp_dir  # held after its first epoch
     docker_client.containers.get(doc["container_id"]).kill()
 
     def final_status():
@@ -134,21 +125,13 @@ def test_docker_kill_leaves_failed_with_logs(base_image, workdir, run_user, dock
 
 
 def test_ctrl_c_leaves_cancelled_with_checkpoint(base_image, workdir, run_user):
-    proc = infra_as(
-        run_user,
-        "run",
-        "plans/demo.json",
-        "--set",
-        "train.max_epochs=500",
-        "--set",
-        "train.early_stopping_patience=0",
-        "--stop-timeout",
-        "60",
-        workdir=workdir,
-        background=True,
-    )
+    # held at its first step: the checkpoint can only come from the stop
+    add_gate_model(workdir, run_user)
+    args = ("run", "plans/demo.json", *gated(after_checkpoint=False), "--stop-timeout", "60")
+    proc = infra_as(run_user, *args, workdir=workdir, background=True)
     try:
-        exp_dir = wait_for_training(workdir, epochs=2)
+        exp_dir = wait_for_gate(workdir)
+        assert not (exp_dir / "ckpts" / "last.ckpt").exists()
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
