@@ -1,6 +1,7 @@
 """Driving a node over SSH the way the Master does: a real sshd on loopback, a real OpenSSH client,
 real containers. Submissions are detached and idempotent; status never lies after a dropped
-session or a killed runner; stop cancels and keeps the checkpoint."""
+session or a killed runner; stop cancels and keeps the checkpoint. A run that a test must catch in
+the act trains the gate model (tests/gate_model.py), held until the test opens the gate."""
 
 from __future__ import annotations
 
@@ -12,18 +13,39 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from tests.e2e import REPO, epoch_events, infra_as, labelled_containers, remote_infra, wait_for, wait_for_training
+from tests.e2e import (
+    REPO,
+    add_gate_model,
+    gated,
+    infra_as,
+    labelled_containers,
+    open_gate,
+    remote_infra,
+    wait_for,
+    wait_for_gate,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.ssh, pytest.mark.slow]
 STATUS_SCHEMA = json.loads((REPO / "schemas" / "status.schema.json").read_text())
 EVENT_SCHEMA = json.loads((REPO / "schemas" / "event.schema.json").read_text())
 
 
-def plan_text(workdir: Path, **train) -> str:
+def plan_text(workdir: Path, gate: bool = False) -> str:
+    """The demo plan with an absolute database path; with `gate`, training the gate model (tests/e2e.py:
+    gated), which holds the run after its first epoch until the test opens the gate."""
     doc = json.loads((workdir / "plans" / "demo.json").read_text())
     doc["data"]["db"] = str(workdir / "data" / "blat_ecolx.db")
-    doc["train"].update(train)
+    if gate:
+        doc["data"]["limit"] = 400
+        doc["train"].update(max_epochs=3, early_stopping_patience=0)
+        doc["model"] = {"name": "gate", "params": {}}
     return json.dumps(doc)
+
+
+@pytest.fixture
+def gate_workdir(workdir, run_user) -> Path:
+    add_gate_model(workdir, run_user)
+    return workdir
 
 
 def status_over_ssh(ssh, workdir, exp_id) -> dict:
@@ -59,17 +81,15 @@ def test_detached_submission_over_ssh_survives_dropped_client(sshd, base_image, 
         jsonschema.validate(json.loads(line), EVENT_SCHEMA)
 
 
-def test_killed_ssh_client_mid_run_then_poll(sshd, base_image, workdir):
-    ssh = sshd
-    proc = ssh(
-        remote_infra(workdir, "run - --json --set train.max_epochs=60 --set train.early_stopping_patience=0"),
-        background=True,
-    )
-    proc.stdin.write(plan_text(workdir))
+def test_killed_ssh_client_mid_run_then_poll(sshd, base_image, gate_workdir, run_user):
+    ssh, workdir = sshd, gate_workdir
+    proc = ssh(remote_infra(workdir, "run - --json"), background=True)
+    proc.stdin.write(plan_text(workdir, gate=True))
     proc.stdin.close()
-    exp_dir = wait_for_training(workdir, epochs=1)
+    exp_dir = wait_for_gate(workdir)
     proc.kill()  # the Master's SSH client dies mid-run
     proc.wait()
+    open_gate(exp_dir, run_user)  # the training goes on without its client
     final = wait_for(
         lambda: (
             (d := status_over_ssh(ssh, workdir, exp_dir.name))["state"]
@@ -82,9 +102,9 @@ def test_killed_ssh_client_mid_run_then_poll(sshd, base_image, workdir):
     assert final["state"] == "succeeded", (final.get("message"), final)
 
 
-def test_concurrent_submissions_start_one_container(sshd, base_image, workdir, docker_client):
-    ssh = sshd
-    text = plan_text(workdir, max_epochs=40, early_stopping_patience=0)
+def test_concurrent_submissions_start_one_container(sshd, base_image, gate_workdir, docker_client):
+    ssh, workdir = sshd, gate_workdir
+    text = plan_text(workdir, gate=True)
     procs = [ssh(remote_infra(workdir, "run - --detach --json"), background=True) for _ in range(2)]
     for p in procs:
         p.stdin.write(text)
@@ -101,7 +121,7 @@ def test_concurrent_submissions_start_one_container(sshd, base_image, workdir, d
     status = json.loads((workdir / "experiments" / exp_id / "status.json").read_text())
     assert status["attempt"] == 1
     # stop → cancelled, checkpoint kept
-    wait_for(lambda: epoch_events(workdir / "experiments" / exp_id) >= 1, 300, "the first epoch")
+    assert wait_for_gate(workdir) == workdir / "experiments" / exp_id
     stopped = ssh(remote_infra(workdir, f"stop {exp_id} --timeout 60 --json"))
     assert stopped.returncode == 0, stopped.stderr[-2000:]
     doc = json.loads(stopped.stdout)
@@ -111,23 +131,15 @@ def test_concurrent_submissions_start_one_container(sshd, base_image, workdir, d
     assert [c for c in labelled_containers(docker_client) if c.labels["infra.experiment_id"] == exp_id] == []
 
 
-def test_sigkill_of_foreground_runner_status_tells_truth(base_image, workdir, run_user, docker_client):
-    proc = infra_as(
-        run_user,
-        "run",
-        "plans/demo.json",
-        "--set",
-        "train.max_epochs=40",
-        "--set",
-        "train.early_stopping_patience=0",
-        workdir=workdir,
-        background=True,
-    )
-    exp_dir = wait_for_training(workdir, epochs=1)
+def test_sigkill_of_foreground_runner_status_tells_truth(base_image, gate_workdir, run_user, docker_client):
+    workdir = gate_workdir
+    proc = infra_as(run_user, "run", "plans/demo.json", *gated(), workdir=workdir, background=True)
+    exp_dir = wait_for_gate(workdir)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     now = json.loads(infra_as(run_user, "status", exp_dir.name, "--json", workdir=workdir).stdout)
-    assert now["state"] in ("running", "succeeded")  # the container outlives its runner
+    assert now["state"] == "running"  # the container outlives its runner (held at the gate)
+    open_gate(exp_dir, run_user)
     final = wait_for(
         lambda: (
             (d := json.loads(infra_as(run_user, "status", exp_dir.name, "--json", workdir=workdir).stdout))["state"]
