@@ -97,8 +97,8 @@ def gated_plan(folder: Path, name: str, **gate) -> Path:
     return plan_file(folder, name, model=model, max_epochs=3, batch_size=32, early_stopping_patience=0)
 
 
-def submit_plan(redis_url: str, workdir: Path, plan: Path) -> str:
-    result = cli("submit", str(plan), "--redis", redis_url, "--json", workdir=workdir)
+def submit_plan(redis_url: str, workdir: Path, plan: Path, *extra: str) -> str:
+    result = cli("submit", str(plan), "--redis", redis_url, "--json", *extra, workdir=workdir)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)["job_id"]
 
@@ -640,19 +640,35 @@ def test_worker_with_docker_backend(redis_url, workdir, run_user, base_image, tm
 @pytest.mark.slow
 def test_a_worker_keeps_a_warm_slot_between_jobs_of_one_image(redis_url, qworkdir, tmp_path):
     """Two jobs of the same image and database run in one slot process (one start-up); with
-    --isolated each job has a process of its own."""
-    ids = [submit_plan(redis_url, qworkdir, plan_file(qworkdir, f"warm{seed}", seed=seed)) for seed in (0, 1)]
-    worker = start_worker(redis_url, qworkdir, "warm", "--backend", "local", "--burst", log=tmp_path / "w.log")
-    assert worker.wait(timeout=600) == 0, (tmp_path / "w.log").read_text()[-3000:]
-    records = [json.loads((qworkdir / "experiments" / i / "status.json").read_text()) for i in ids]
+    --isolated each job has a process of its own. The two workers take their own queues at the same
+    time (each of them waits on process start-ups, most of it one core's work)."""
+    warm_ids = [
+        submit_plan(redis_url, qworkdir, plan_file(qworkdir, f"warm{seed}", seed=seed), "--queue", "warm")
+        for seed in (0, 1)
+    ]
+    cold_ids = [
+        submit_plan(redis_url, qworkdir, plan_file(qworkdir, f"cold{seed}", seed=seed), "--queue", "cold")
+        for seed in (0, 1)
+    ]
+    logs = {"warm": tmp_path / "w.log", "cold": tmp_path / "c.log"}
+    workers = {
+        "warm": start_worker(redis_url, qworkdir, "warm", "--backend", "local", "--burst", "--queue", "warm",
+                             log=logs["warm"]),
+        "cold": start_worker(redis_url, qworkdir, "cold", "--backend", "local", "--burst", "--queue", "cold",
+                             "--isolated", log=logs["cold"]),
+    }  # fmt: skip
+    try:
+        for name, proc in workers.items():
+            assert proc.wait(timeout=600) == 0, logs[name].read_text()[-3000:]
+    finally:
+        for proc in workers.values():
+            kill_group(proc)
+
+    records = [json.loads((qworkdir / "experiments" / i / "status.json").read_text()) for i in warm_ids]
     assert [r["state"] for r in records] == ["succeeded", "succeeded"]
     assert records[0]["slot"]["process"] == records[1]["slot"]["process"]  # the same warm slot
     assert [r["slot"]["seq"] for r in records] == [1, 2]
 
-    again = [submit_plan(redis_url, qworkdir, plan_file(qworkdir, f"cold{seed}", seed=seed)) for seed in (0, 1)]
-    cold = start_worker(redis_url, qworkdir, "cold", "--backend", "local", "--burst", "--isolated",
-                        log=tmp_path / "c.log")  # fmt: skip
-    assert cold.wait(timeout=600) == 0, (tmp_path / "c.log").read_text()[-3000:]
-    records = [json.loads((qworkdir / "experiments" / i / "status.json").read_text()) for i in again]
+    records = [json.loads((qworkdir / "experiments" / i / "status.json").read_text()) for i in cold_ids]
     assert [r["state"] for r in records] == ["succeeded", "succeeded"]
     assert all(r.get("slot") is None and r["pid"] for r in records) and records[0]["pid"] != records[1]["pid"]
