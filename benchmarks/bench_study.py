@@ -56,20 +56,31 @@ def run_sweep(work: Path, plan: Path, backend: str, extra: list[str]) -> tuple[f
     return wall, json.loads(proc.stdout)
 
 
-def memory(work: Path, doc: dict) -> dict[int, tuple[int, int, int, int]]:
-    """Per slot container/process: (rss after its first point, peak then, rss after its last, peak then)."""
-    seen: dict[str, list[tuple[int, int, int]]] = {}
+def memory(doc: dict) -> dict[int, list[tuple[int, str, int, int]]]:
+    """Per slot: (its point number, the point's model, rss after it, peak after it) for every point it ran."""
+    seen: dict[str, list[tuple[int, str, int, int]]] = {}
     for point in doc["experiments"]:
         exp = Path(point["exp_dir"])
         record = json.loads((exp / "status.json").read_text())
         slot = (record.get("slot") or {}).get("name")
         for m in RSS.finditer((exp / "container.log").read_bytes()):
-            seen.setdefault(slot, []).append((int(m[1]), int(m[2]), int(m[3])))
-    out = {}
-    for i, points in enumerate(seen.values()):
-        points.sort()
-        out[i] = (points[0][1], points[0][2], points[-1][1], points[-1][2], len(points))
-    return out
+            seen.setdefault(slot, []).append((int(m[1]), point["label"].split("-")[0], int(m[2]), int(m[3])))
+    return {i: sorted(points) for i, points in enumerate(seen.values())}
+
+
+def memory_lines(label: str, slots: dict[int, list[tuple[int, str, int, int]]]) -> list[str]:
+    """A slot's memory after the first and the last point of each model it ran: flat within a model
+    means the slot does not grow with the number of points (different models differ in size)."""
+    lines = []
+    for slot, points in slots.items():
+        by_model: dict[str, list[tuple[int, int, int]]] = {}
+        for seq, model, rss, peak in points:
+            by_model.setdefault(model, []).append((seq, rss, peak))
+        parts = [f"{m} #{v[0][0]} {v[0][1]}/{v[0][2]} → #{v[-1][0]} {v[-1][1]}/{v[-1][2]}" for m, v in by_model.items()]
+        lines.append(
+            f"  {label}, slot {slot}: rss/peak MB after the first → last point of each model: " + "; ".join(parts)
+        )
+    return lines
 
 
 def queue_variant(top: Path, db: Path, backend: str) -> float:
@@ -128,9 +139,7 @@ def main() -> int:
         baseline = baseline or (wall if "--isolated" in extra else None)
         rows.append((label, wall, training, wall / (training / slots), baseline / wall if baseline else None))
         if "--isolated" not in extra:
-            for slot, (rss0, peak0, rss1, peak1, n) in memory(work, doc).items():
-                print(f"  {label}: slot {slot}: rss {rss0} MB (peak {peak0}) after its 1st point, "
-                      f"{rss1} MB (peak {peak1}) after its {n}th")  # fmt: skip
+            print("\n".join(memory_lines(label, memory(doc))))
     print(f"{'variant':40} {'wall s':>8} {'sum train s':>12} {'wall/(sum/slots)':>17} {'speed-up':>9}")
     for label, wall, training, ratio, speedup in rows:
         shown = f"{speedup:.2f}x" if speedup else "-"
