@@ -21,6 +21,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,14 +181,23 @@ class Study:
         for i in range(len(self.targets)):
             self.pending.put(i)
         work = self._isolated_worker if self.opts.isolated else self._lane_worker
-        threads = [threading.Thread(target=work, args=(lane,), daemon=True) for lane in self.lanes]
-        for t in threads:
-            t.start()
+        # Each lane says it has ended with an Event, not by Thread.join: a Ctrl-C that interrupts join()
+        # can mark a running thread as stopped (CPython 3.11's bpo-45274 handling in
+        # _wait_for_tstate_lock), and the runner then exited while a lane was still closing its slot.
+        ended = [threading.Event() for _ in self.lanes]
+
+        def lane_thread(lane, done: threading.Event) -> None:
+            try:
+                work(lane)
+            finally:
+                done.set()
+
+        for lane, done in zip(self.lanes, ended, strict=True):
+            threading.Thread(target=lane_thread, args=(lane, done), daemon=True).start()
         marker = stop_marker(self.workdir, self.id)
         try:
-            while any(t.is_alive() for t in threads):
-                for t in threads:
-                    t.join(0.2)
+            while not all(done.is_set() for done in ended):
+                time.sleep(0.2)
                 if not self.stopping.is_set() and marker.exists():  # infra stop STUDY
                     log.warning("study %s: stopped with 'infra stop'; no further point starts", self.id)
                     self.interrupt()
@@ -195,7 +205,7 @@ class Study:
             self.interrupt()
             from runner.run.backends.common import stop_with_second_interrupt
 
-            stop_with_second_interrupt(lambda: [t.join() for t in threads])
+            stop_with_second_interrupt(lambda: [done.wait() for done in ended])
         return self.results, self.exit_code()
 
     def interrupt(self) -> None:
