@@ -155,13 +155,17 @@ def test_container_run_is_tracked_and_logs_csv_and_tensorboard(mlflow_server, ba
     assert csv_lines[0].split(",") == ["epoch", "step", "train_loss", "val_loss", "val_spearman"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    # the epochs' file, and the kept model's values logged after the trainer closed it (a second file
-    # of the same run: TensorBoard reads a run's files in order)
+    # the epochs' file, and the kept model's values logged after the trainer closed it: a second file of
+    # the same run, with its own suffix (the image's tensorboardX names files by second and host only: a
+    # second file without one, written within the second, replaced the epochs'). TensorBoard reads both.
     events_dir = exp_dir / "logs" / "tensorboard" / "version_0"
-    assert list(events_dir.glob("events.out.tfevents.*"))
+    files = sorted(p.name for p in events_dir.glob("events.out.tfevents.*"))
+    assert len(files) == 2 and files[1].endswith(".kept") and not files[0].endswith(".kept"), files
     board = EventAccumulator(str(events_dir))
     board.Reload()
-    assert {"train_loss", "val_loss", "val_spearman"} <= set(board.Tags()["scalars"])
+    assert {"train_loss", "val_loss", "val_spearman", "kept/val_spearman"} <= set(board.Tags()["scalars"])
+    (kept,) = board.Scalars("kept/val_spearman")
+    assert kept.value == pytest.approx(metrics["val"]["spearman"], abs=1e-6)
     from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 
     # `tensorboard --logdir <workdir>/experiments/` finds the run, named by its path

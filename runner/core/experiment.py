@@ -225,9 +225,16 @@ def _report_kept(layout: Layout, trainer: L.Trainer, doc: dict, start: dict | No
     logged = {f"kept/{k}": float(v) for k, v in values.items() if isinstance(v, int | float) and np.isfinite(v)}
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):  # the CSV logger's columns stay the epochs' own
-            logger.log_metrics(logged, step=trainer.global_step)
-            logger.experiment.add_text("kept", line, global_step=trainer.global_step)
-            logger.save()
+            # The trainer closed its writer; a new one of the same class writes a second file of the run.
+            # Its own suffix: some tensorboardX versions name files by the second and the host only, so a
+            # second writer within the same second would overwrite the epochs' file.
+            writer = type(logger.experiment)(logger.log_dir, filename_suffix=".kept")
+            try:
+                for tag, value in logged.items():
+                    writer.add_scalar(tag, value, global_step=trainer.global_step)
+                writer.add_text("kept", line, global_step=trainer.global_step)
+            finally:
+                writer.close()
 
 
 def _prepare(plan: Plan, layout: Layout, workdir) -> None:
