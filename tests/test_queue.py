@@ -456,6 +456,24 @@ def test_a_heartbeat_before_the_workers_birth_does_not_take_its_name(redis_url, 
     conn.delete(beat.key)
 
 
+def test_the_command_listener_wakes_every_second_so_a_burst_worker_exits_promptly(redis_url):
+    """RQ's listener thread blocks up to 60 s per read, and redis-py joins it without a timeout: about one
+    `infra worker --burst` in ten took a minute to exit (seen in benchmarks/bench_study.py --queue)."""
+    from redis import Redis
+
+    from runner.queue.connection import queue, serializer
+    from runner.queue.job import InfraJob
+    from runner.queue.worker import InfraWorker
+
+    conn = Redis.from_url(redis_url)
+    worker = InfraWorker([queue(conn, "infra", job_class=InfraJob)], connection=conn, name="listener",
+                         serializer=serializer(), job_class=InfraJob)  # fmt: skip
+    worker.subscribe()
+    assert worker.pubsub_thread.is_alive() and worker.pubsub_thread.sleep_time <= 1.0
+    worker.unsubscribe()
+    assert not worker.pubsub_thread.is_alive()
+
+
 @pytest.mark.core  # trains with the local backend
 @pytest.mark.slow
 def test_two_workers_ten_plans_each_experiment_runs_once(redis_url, qworkdir, tmp_path):

@@ -72,6 +72,19 @@ class InfraWorker(SimpleWorker):
 
     job_class = infra_job.InfraJob
     force_stopping = False
+    # How long the thread that listens for RQ's commands (shutdown, stop-job) may block in one read.
+    # RQ uses 60 s (rq/rq#2228); since redis-py 6 `PubSubWorkerThread.stop()` joins that thread without
+    # a timeout, and when the thread saw the unsubscribe first it sleeps the whole 60 s on "no channel
+    # yet": about one `infra worker --burst` in ten took a minute to exit. One wake-up a second is free.
+    pubsub_sleep_s = 1.0
+
+    def subscribe(self):
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=self.pubsub_sleep_s, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
 
     def request_force_stop(self, signum, frame):
         if self.get_current_job_id() is None:
