@@ -561,7 +561,7 @@ def curve(exp: Experiment, values: list[float]) -> None:
 def test_the_plot_fits_the_data_groups_the_curves_and_labels_short(study, tmp_path):
     pytest.importorskip("matplotlib")
     from runner.run import compare as lib
-    from runner.run.compare_plot import draw
+    from runner.run.compare_plot import draw, short_label
 
     for eid, values in (
         ("blat-5c0ffee000", [0.70, 0.72, 0.73]),
@@ -583,7 +583,12 @@ def test_the_plot_fits_the_data_groups_the_curves_and_labels_short(study, tmp_pa
     assert list(right.get_lines()[1].get_xdata()) == [1, 2, 3, 4]
     assert means[0] == pytest.approx(0.695) and means[3] == pytest.approx(0.70)
     ungrouped = draw(rows, None, "spearman", lib.differing_keys(rows))
-    assert [t.get_text() for t in ungrouped.axes[0].get_xticklabels()][0] == "model=ridge seed=0"
+    assert [t.get_text() for t in ungrouped.axes[0].get_xticklabels()][0] == "model=ridge\nseed=0"
+    # one line per key, and a key a group does not have (an mlp's channels) is not shown as null
+    assert short_label({"model.name": "mlp", "model.params.channels": None, "model.params.hidden": 64}, "x") == (
+        "model=mlp\nhidden=64"
+    )
+    assert short_label({"model.params.channels": None}, "fallback") == "fallback"
     target = tmp_path / "study.png"
     result = run(study, "compare", "--study", STUDY, "--group-by", "train.seed", "--plot", str(target))
     assert result.returncode == 0 and target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

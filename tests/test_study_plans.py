@@ -58,6 +58,17 @@ def test_point_labels_name_the_swept_values():
     assert sweep.point_label({"data.dataset": "BLAT_ECOLX"}) == "BLAT_ECOLX"
 
 
+def test_a_study_is_named_by_what_its_points_names_share():
+    from runner.run.study import study_name
+
+    # placeholders: the shared part up to its last separator, never the first point's filled name
+    assert study_name(["blat-ridge-s0-f0", "blat-mlp-s0-f1", "blat-cnn-s1-f4"]) == "blat"
+    assert study_name(["blat-ridge-s0-f0", "blat-ridge-s0-f1"]) == "blat-ridge-s0"
+    assert study_name(["a-1", "a-10"]) == "a"
+    assert study_name(["blat-demo", "blat-demo"]) == "blat-demo"  # no placeholders: the plan's name
+    assert study_name(["ridge-s0", "mlp-s0"]) == "study"  # nothing shared
+
+
 def test_every_fold_of_a_plan(mini_db):
     def folds(**split):
         return sweep.fold_sweep(load_plan("p.json", text=plan_text(mini_db, split=split)))
@@ -151,7 +162,7 @@ def test_cv_runs_every_fold_and_the_dry_run_says_what_would_happen(local_work):
     dry = infra("run", "plans/small.json", "--backend", "local", "--cv", "--dry-run", workdir=local_work)
     assert dry.returncode == 0, dry.stderr
     lines = dry.stdout.strip().splitlines()
-    assert lines[0].startswith("study blat-ridge-f0-study-") and lines[0].endswith(": 3 point(s), backend local")
+    assert lines[0].startswith("study blat-ridge-study-") and lines[0].endswith(": 3 point(s), backend local")
     assert lines[1].split() == ["#", "split.fold", "point", "experiment", "would"]
     assert [line.split()[2] for line in lines[2:5]] == ["fold0", "fold1", "fold2"]
     assert all(line.split()[3].startswith(f"blat-ridge-f{i}-") and line.endswith("run") for i, line in

@@ -72,22 +72,22 @@ def learning_curve(exp_dir: Path, split: str, metric: str) -> list[tuple[int, fl
 
 def short_label(config: dict, fallback: str) -> str:
     """A label from the differing keys' values only: the value alone for one key, else `key=value`
-    with the key's last part (`model=cnn seed=1`; `model.name` is `model`); cut to LABEL_WIDTH."""
+    with the key's last part (`model=cnn`, `seed=1`; `model.name` is `model`), one per line, each cut
+    to LABEL_WIDTH. A key this run or group does not have (`channels` of an `mlp`) is left out."""
 
     def text(v):
         return v if isinstance(v, str) else json.dumps(v)
 
+    config = {k: v for k, v in config.items() if v is not None}
     if not config:
         return fallback[:LABEL_WIDTH]
     if len(config) == 1:
-        label = text(next(iter(config.values())))
-    else:
-        short = {k: k.removesuffix(".name").rsplit(".", 1)[-1] for k in config}
-        if len(set(short.values())) < len(short):
-            short = {k: k for k in config}
-        label = " ".join(f"{short[k]}={text(v)}" for k, v in config.items())
-    label = clean_text(label, LABEL_WIDTH) or fallback
-    return label
+        return clean_text(text(next(iter(config.values()))), LABEL_WIDTH) or fallback[:LABEL_WIDTH]
+    short = {k: k.removesuffix(".name").rsplit(".", 1)[-1] for k in config}
+    if len(set(short.values())) < len(short):
+        short = {k: k for k in config}
+    lines = [clean_text(f"{short[k]}={text(v)}", LABEL_WIDTH) for k, v in config.items()]
+    return "\n".join(line for line in lines if line) or fallback[:LABEL_WIDTH]
 
 
 def _color(i: int):
@@ -173,7 +173,7 @@ def draw(rows: list[dict], groups: list[dict] | None, metric: str, keys: list[st
         curves = [c for c in (learning_curve(Path(r["exp_dir"]), "val", name) for r in members) if c]
         if not curves:
             continue
-        color, label = colors[x], names[x]
+        color, label = colors[x], names[x] and names[x].replace("\n", " ")  # a legend entry is one line
         if label in legend:
             label = None
         legend.add(label)

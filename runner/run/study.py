@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -87,10 +88,21 @@ def slot_gpus(gpus: GpuRequest, slots: int) -> list[GpuRequest]:
     return gpus.split(slots)
 
 
-def study_id(name: str, experiment_ids: list[str]) -> str:
+def study_id(names: list[str], experiment_ids: list[str]) -> str:
     """`<name>-study-<10 hex>`: the same points make the same study (running it again is idempotent)."""
     digest = hashlib.sha256("\n".join(sorted(experiment_ids)).encode()).hexdigest()
-    return f"{name}-study-{digest[:10]}"
+    return f"{study_name(names)}-study-{digest[:10]}"
+
+
+def study_name(names: list[str]) -> str:
+    """What the points' names share: a plan's `name` without placeholders is every point's name; with
+    them (`blat-{model.name}-s{train.seed}`) the common part up to its last separator (`blat`), never
+    the first point's filled name. `study` when they share nothing."""
+    common = os.path.commonprefix(names) if names else ""
+    if common and any(n != common for n in names):
+        cut = max(common.rfind(c) for c in "-_.")
+        common = common[:cut] if cut > 0 else ""
+    return common.rstrip("-_.") or "study"
 
 
 def stop_marker(workdir: Path, sid: str) -> Path:
@@ -149,7 +161,7 @@ class Study:
         self.targets = [Target.of(lp, self.workdir, self.prepared.image_hash, self.gpus) for lp in self.loaded]
         for result, target in zip(self.results, self.targets, strict=True):
             result.experiment_id, result.exp_dir = target.exp.id, str(target.exp.root)
-        self.id = study_id(first.plan.name, [t.exp.id for t in self.targets])
+        self.id = study_id([lp.plan.name for lp in self.loaded], [t.exp.id for t in self.targets])
         n_slots = max(1, min(self.opts.parallel or default_parallel(self.gpus), len(self.targets)))
         threads = Limits.from_resources(first.plan.resources).threads or default_threads(n_slots)
         for k, gpus in enumerate(slot_gpus(self.gpus, n_slots)):
@@ -162,7 +174,7 @@ class Study:
     def document(self) -> dict:
         return {
             "study_id": self.id,
-            "name": self.loaded[0].plan.name,
+            "name": study_name([lp.plan.name for lp in self.loaded]),
             "source": self.loaded[0].source,
             "keys": sorted({k for p in self.points for k in p}),
             "created_at": now_iso(),
@@ -342,7 +354,7 @@ def dry_run_study(loaded_plans: list, points: list[dict], workdir: Path, opts: S
     doc["components_checked"] = comps is not None
     targets = [Target.of(lp, workdir, image_hash, gpus) for lp in loaded_plans]
     ids = [t.exp.id for t in targets] if image_hash else []
-    doc["study_id"] = study_id(loaded_plans[0].plan.name, ids) if ids else None
+    doc["study_id"] = study_id([lp.plan.name for lp in loaded_plans], ids) if ids else None
     for i, (point, target) in enumerate(zip(points, targets, strict=True), 1):
         action = "run"
         if image_hash and target.exp.exists():
