@@ -265,6 +265,16 @@ def mini_db(tmp_path) -> Path:
     return make_db(tmp_path / "mini.db")
 
 
+@pytest.fixture(scope="module")
+def blat_db(tmp_path_factory) -> Path:
+    """The bundled BLAT_ECOLX scan as a database, once per test module."""
+    from runner.data.importer import build_demo_db
+
+    path = tmp_path_factory.mktemp("blat") / "blat.sqlite"
+    build_demo_db(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def docker_client():
     """A real Docker engine; in CI (CI=true) its absence fails the test instead of skipping it."""

@@ -138,6 +138,21 @@ def test_workdir_roundtrip_and_alias(tmp_path):
     assert wkdir("--get").returncode == 2
 
 
+def test_init_says_how_commands_find_the_new_workdir(tmp_path):
+    work = tmp_path / "w"
+    result = cli("init", str(work))
+    assert result.returncode == 0, result.stderr
+    ready, how = result.stderr.splitlines()
+    assert ready.startswith(f"workdir {work} ready (") and ready.endswith(
+        f"next: infra data demo --db {work}/data/blat_ecolx.db"
+    )
+    assert how == f"commands use it with --workdir {work}, INFRA_WORKDIR={work}, or after 'infra workdir set {work}'"
+    other = tmp_path / "v"
+    stored = cli("init", str(other), "--set-workdir")
+    assert stored.returncode == 0 and len(stored.stderr.splitlines()) == 1  # it is the workdir now: nothing to say
+    assert cli("workdir", "get").stdout.strip() == str(other.resolve())
+
+
 def test_workdir_set_nonexistent_is_exit_2(tmp_path):
     result = cli("workdir", "set", str(tmp_path / "missing"))
     assert result.returncode == 2

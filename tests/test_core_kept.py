@@ -17,16 +17,9 @@ from runner.cli import progress
 from runner.core import kept
 from runner.core.cli import main
 from runner.core.selection import LEAVE_START_REL_GAIN
-from runner.data.importer import build_demo_db, import_csv
+from runner.data.importer import import_csv
 
 pytestmark = pytest.mark.core
-
-
-@pytest.fixture(scope="module")
-def blat_db(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("blat") / "blat.sqlite"
-    build_demo_db(path)
-    return path
 
 
 def run(exp: Path, db: Path, model: str, limit: int | None = 800, **train) -> dict:

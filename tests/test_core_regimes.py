@@ -19,7 +19,7 @@ from runner.core.data import load_variants, sample_keys
 from runner.core.metrics import undefined_reason
 from runner.core.regimes import REGIME_GAP, regime_warning
 from runner.core.splits import contiguous_folds, make_split, positionwise
-from runner.data.importer import DEMO_CSV, DEMO_TEMPLATE, build_demo_db, import_csv
+from runner.data.importer import DEMO_CSV, DEMO_TEMPLATE, import_csv
 from runner.errors import PlanError
 from runner.plan.load import load_plan
 from runner.plan.models import DataSpec, SplitSpec
@@ -36,13 +36,6 @@ def pg_db(tmp_path_factory) -> Path:
     db = root / "pg.sqlite"
     import_proteingym(make_proteingym_folder(root / "pg"), db, ["BLAT_ECOLX_Stiffler_2015"])
     return db
-
-
-@pytest.fixture(scope="module")
-def blat_db(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("blat") / "blat.sqlite"
-    build_demo_db(path)
-    return path
 
 
 def train(tmp_path: Path, db: Path, name: str, model: str = "ridge", **sections) -> tuple[int, Path]:

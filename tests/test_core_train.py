@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 
 from runner.core.cli import main
-from runner.data.importer import build_demo_db
 from tests.e2e import wait_for
 
 pytestmark = pytest.mark.core
@@ -47,13 +46,6 @@ LAYOUT = [
     "logs/tensorboard/version_0/hparams.yaml",
     "logs/events.jsonl",
 ]
-
-
-@pytest.fixture(scope="module")
-def blat_db(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("blat") / "blat.sqlite"
-    build_demo_db(path)
-    return path
 
 
 def write_plan(path: Path, db: Path, **sections) -> Path:

@@ -20,16 +20,9 @@ import torch
 from runner.core.cli import main
 from runner.core.metrics import spearman, spearman_gain_z
 from runner.core.selection import INELIGIBLE, LEAVE_START_GAIN, LEAVE_START_Z, selection_score
-from runner.data.importer import build_demo_db, import_csv
+from runner.data.importer import import_csv
 
 pytestmark = pytest.mark.core
-
-
-@pytest.fixture(scope="module")
-def blat_db(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("blat") / "blat.sqlite"
-    build_demo_db(path)
-    return path
 
 
 def run(

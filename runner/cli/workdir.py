@@ -83,3 +83,7 @@ def init(
     if json_out:
         emit_json({"workdir": str(directory.resolve()), "created": created})
     say(f"workdir {directory} ready ({len(created)} files); next: infra data demo --db {directory}/data/blat_ecolx.db")
+    if not set_default:  # without it, `infra run` from inside the folder still asks which workdir
+        say(
+            f"commands use it with --workdir {directory}, INFRA_WORKDIR={directory}, or after 'infra workdir set {directory}'"
+        )
