@@ -540,7 +540,7 @@ class _InOrder:
 def _log_request(container, params: dict, tty: bool, frames: bool = False) -> Iterator[bytes]:
     """One logs request: raw blocks (TTY), or the payloads of the multiplexed stream joined per
     block (`frames`: a list of the block's payloads)."""
-    from docker.errors import NotFound
+    from docker.errors import APIError, NotFound
 
     api = container.client.api
     try:
@@ -548,6 +548,12 @@ def _log_request(container, params: dict, tty: bool, frames: bool = False) -> It
         api._raise_for_status(response)
     except NotFound:
         return
+    except APIError as exc:
+        # 409 "can not get logs from container which is dead or marked for removal": its runner removed
+        # it while another (an attached `infra run`, a slot reader) was reading its end: gone, as above
+        if exc.status_code == 409:
+            return
+        raise
     try:
         read1 = getattr(response.raw, "read1", None)  # urllib3 >= 2: what has arrived, up to the size
         if read1 is None:  # older urllib3 would block until a whole block arrived: let docker-py frame it

@@ -301,3 +301,42 @@ def test_engine_stream_order_drops_replays_keeps_small_inversions():
     assert [order.keep(frame(300 * ms, "c")), order.keep(frame(300 * ms, "c2"))] == [None, b"c2"]
     trimmed = b"2026-11-28T23:00:01.5Z d"  # RFC 3339 drops trailing zeros
     assert order.keep(trimmed) == b"d" and order.last % 10**9 == 500_000_000
+
+
+class _RefusingApi:
+    """The engine's answer to a logs request for a container its runner is removing."""
+
+    def __init__(self, status: int):
+        self.status = status
+
+    def _url(self, template: str, *args) -> str:
+        return template.format(*args)
+
+    def _get(self, url: str, **kwargs):
+        import requests
+
+        response = requests.Response()
+        response.status_code, response.url = self.status, url
+        response.reason = "Conflict" if self.status == 409 else "Server Error"
+        return response
+
+    def _raise_for_status(self, response) -> None:
+        import docker.errors
+
+        raise docker.errors.APIError("can not get logs from container which is dead or marked for removal",
+                                     response=response)  # fmt: skip
+
+
+def test_a_container_marked_for_removal_has_no_more_logs_and_other_engine_errors_still_raise():
+    # seen in CI: three `infra run` of one plan; the owner removed the container while an attached run
+    # read its last lines, and the 409 ended the attached run with a traceback (exit 1)
+    import docker.errors
+
+    from runner.engine import _log_request
+
+    def container(status: int):
+        return type("C", (), {"id": "c0ffee", "client": type("K", (), {"api": _RefusingApi(status)})()})()
+
+    assert list(_log_request(container(409), {"follow": 0}, tty=False, frames=True)) == []
+    with pytest.raises(docker.errors.APIError):
+        list(_log_request(container(500), {"follow": 0}, tty=False, frames=True))
