@@ -624,11 +624,19 @@ def test_untrusted_text_never_reaches_the_terminal(study):
     exp = Experiment(study / "experiments" / "blat-0a1b2c3d4e")
     plan = json.loads((exp.root / "config" / "plan.json").read_text())
     plan["model"]["name"] = "ridge\x1b]8;;http://evil\x07[link=http://x]y"
+    plan["train"]["optimizer"] = "$\\frac{a}{"  # matplotlib's math text: a plan value must stay text
     (exp.root / "config" / "plan.json").write_text(json.dumps(plan))
-    for args in (["ls"], ["compare", "--study", STUDY], ["status", STUDY]):
+    metrics = json.loads((exp.root / "metrics" / "metrics.json").read_text())
+    metrics["test"]["\x1b[2Jspearman\x1b]0;pwned\x07"] = 0.1234  # cleaned, it would pass for `spearman`
+    (exp.root / "metrics" / "metrics.json").write_text(json.dumps(metrics))
+    for args in (["ls"], ["compare", "--study", STUDY, "--wide"], ["status", STUDY], ["status", exp.root.name]):
         result = run(study, *args)
         assert result.returncode == 0, (args, result.stderr)
         assert "\x1b" not in result.stdout + result.stderr and "\x07" not in result.stdout, args
+    wide = run(study, "compare", "--study", STUDY, "--wide", "--json").stdout
+    assert "0.1234" not in wide and "pwned" not in wide  # dropped, not shown nor cleaned into another name
+    plot = run(study, "compare", "--study", STUDY, "--plot", str(study / "p.png"))
+    assert plot.returncode == 0 and (study / "p.png").read_bytes()[:4] == b"\x89PNG", plot.stderr
 
 
 def test_pure_shortening_rules():

@@ -42,6 +42,7 @@ from runner.run.records import (
     kept_kind,
     kept_of,
     metrics_summary,
+    printable_key,
     read_study,
     undefined_of,
 )
@@ -68,7 +69,9 @@ def flatten(
     for key, value in doc.items():
         if len(out) >= MAX_KEYS:
             break
-        name = f"{prefix}{str(key)[:64]}"
+        if not printable_key(key):  # a key becomes a column header
+            continue
+        name = f"{prefix}{key}"
         if isinstance(value, dict) and depth < MAX_DEPTH and value:
             flatten(value, name + ".", out, depth + 1, max_text)
         elif isinstance(value, str):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from runner import safefs
 from runner.errors import EnvironmentProblem, UsageError
-from runner.run.compare import finite, parse_metric
+from runner.run.compare import finite, parse_metric, shown_value
 from runner.run.records import Experiment, clean_text
 
 CURVE_LIMIT = 8 << 20  # bytes of metrics.jsonl read per experiment
@@ -75,19 +75,19 @@ def short_label(config: dict, fallback: str) -> str:
     with the key's last part (`model=cnn`, `seed=1`; `model.name` is `model`), one per line, each cut
     to LABEL_WIDTH. A key this run or group does not have (`channels` of an `mlp`) is left out."""
 
-    def text(v):
-        return v if isinstance(v, str) else json.dumps(v)
+    def plain(label: str) -> str:  # matplotlib reads `$…$` as math: a plan value must stay text
+        return (clean_text(label, LABEL_WIDTH) or "").replace("$", r"\$")
 
     config = {k: v for k, v in config.items() if v is not None}
     if not config:
-        return fallback[:LABEL_WIDTH]
+        return plain(fallback)
     if len(config) == 1:
-        return clean_text(text(next(iter(config.values()))), LABEL_WIDTH) or fallback[:LABEL_WIDTH]
+        return plain(shown_value(next(iter(config.values())))) or plain(fallback)
     short = {k: k.removesuffix(".name").rsplit(".", 1)[-1] for k in config}
     if len(set(short.values())) < len(short):
         short = {k: k for k in config}
-    lines = [clean_text(f"{short[k]}={text(v)}", LABEL_WIDTH) for k, v in config.items()]
-    return "\n".join(line for line in lines if line) or fallback[:LABEL_WIDTH]
+    lines = [plain(f"{short[k]}={shown_value(v)}") for k, v in config.items()]
+    return "\n".join(line for line in lines if line) or plain(fallback)
 
 
 def _color(i: int):

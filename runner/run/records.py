@@ -336,8 +336,9 @@ def metrics_summary(exp_dir: Path) -> dict:
         value = metrics.get(key)
         if isinstance(value, dict):
             out[key] = {
-                str(k)[:64]: v
+                k: v
                 for k, v in value.items()
+                if printable_key(k)  # metric names are printed as column headers
                 if isinstance(v, int | float | None) and not isinstance(v, bool)
             }
     return out
@@ -359,6 +360,12 @@ def clean_text(value: Any, limit: int = TEXT_LIMIT) -> str | None:
         return None
     text = terminal_safe(value[: limit * 4].replace("\t", " ").replace("\n", " ").replace("\r", " "))
     return text[: limit - 1] + "…" if len(text) > limit else text
+
+
+def printable_key(key: Any) -> bool:
+    """Whether an untrusted JSON key may be shown as it is: at most 64 characters, nothing to clean. A key
+    that is not is dropped, never cleaned: cleaned, it could pass for another (`\x1b[2Jspearman`)."""
+    return isinstance(key, str) and len(key) <= 64 and clean_text(key, 64) == key
 
 
 def _finite_number(value: Any) -> float | None:
