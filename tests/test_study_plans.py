@@ -118,6 +118,32 @@ def test_components_are_checked_with_did_you_mean():
     ]
 
 
+def test_the_component_cache_follows_no_link_and_reads_a_bounded_file(tmp_path, monkeypatch):
+    """The node cache is a file anyone who could write the cache folder may have planted: a link at an
+    entry is neither read through nor written through, an oversized entry is a miss."""
+    from types import SimpleNamespace
+
+    from runner.workdir import components as comps
+    from runner.workdir import plugins
+
+    monkeypatch.setenv("INFRA_CACHE_DIR", str(tmp_path / "cache"))
+    rows = [{"kind": "model", "name": "cnn", "source_file": "", "builtin": True, "params": [], "open_params": False}]
+    victim = tmp_path / "victim.json"
+    victim.write_text(json.dumps(rows))
+    folder = comps.cache_dir()
+    folder.mkdir(parents=True)
+    (folder / "aaaa.json").symlink_to(victim)
+    assert comps.cached("aaaa") is None  # a link: a miss, not the victim's rows
+    (folder / "bbbb.json").write_bytes(b" " * (plugins.MAX_DOCUMENT_BYTES + 1))
+    assert comps.cached("bbbb") is None  # too large: not parsed
+
+    monkeypatch.setattr(plugins, "discover", lambda workdir, backend, on_log: SimpleNamespace(components=rows))
+    found = comps.components(tmp_path, None, SimpleNamespace(image_hash="aaaa"), None)
+    assert set(found.by_kind["model"]) == {"cnn"}
+    assert victim.read_text() == json.dumps(rows) and not (folder / "aaaa.json").is_symlink()
+    assert set(comps.cached("aaaa").by_kind["model"]) == {"cnn"}
+
+
 @pytest.fixture
 def local_work(tmp_path, monkeypatch) -> Path:
     from runner.data.importer import build_demo_db

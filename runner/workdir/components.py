@@ -83,11 +83,12 @@ class Components:
 
 def cached(image_hash: str) -> Components | None:
     """The components discovered for this image hash earlier on this node, if any (checked again on read)."""
-    from runner.workdir.plugins import check_document
+    from runner import safefs
+    from runner.workdir.plugins import MAX_DOCUMENT_BYTES, check_document
 
     path = cache_dir() / f"{image_hash}.json"
-    try:
-        data = path.read_bytes()
+    try:  # not through a planted link, and bounded before it is parsed
+        data = safefs.read_bytes(cache_dir(), f"{image_hash}.json", limit=MAX_DOCUMENT_BYTES)
         return Components.of(check_document(data, Path("/"), f"the cache file {path}"))
     except FileNotFoundError:
         return None
@@ -104,13 +105,12 @@ def components(workdir: Path, backend, prepared, on_log) -> Components:
     if found is not None:
         return found
     discovery = discover(workdir, backend, on_log)
-    folder = cache_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{prepared.image_hash}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(discovery.components))
-        os.replace(tmp, folder / f"{prepared.image_hash}.json")
-    except OSError as exc:  # no cache: the next run discovers again
+    from runner import safefs
+
+    try:  # a link planted at the name is replaced, never written through
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        safefs.write_atomic(cache_dir(), f"{prepared.image_hash}.json", json.dumps(discovery.components).encode())
+    except (OSError, safefs.Tampered) as exc:  # no cache: the next run discovers again
         log.warning("could not cache the components of %s: %s", prepared.image_hash, exc)
     return Components.of(discovery.components)
 
