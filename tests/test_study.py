@@ -239,3 +239,25 @@ def test_stop_of_the_study_stops_it_as_a_whole(swork, tmp_path):
     assert [p["state"] for p in summary["experiments"]] == ["cancelled", "not run", "not run"]
     assert record(first)["state"] == "cancelled" and (first / "ckpts" / "last.ckpt").is_file()
     assert "2 point(s) not run yet stay so" in stopped.stderr
+
+
+def test_an_os_error_while_running_a_point_fails_it_and_stops_the_study(swork, monkeypatch):
+    """Not only infra's own errors: an OSError (a full disk, a lock) in a point's handling used to end the
+    lane's thread silently, leaving the point `starting` and the study exit 1 without a word."""
+    from runner.run.lanes import Lane
+    from tests.helpers import cli
+
+    def full_disk(self, target, record, view):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Lane, "run", full_disk)
+    plan = plan_file(swork, "disk")
+    result = cli("run", str(plan), "--backend", "local", "--json", "--sweep", "train.seed=0,1", workdir=swork)
+    assert result.returncode == 3, result.stderr
+    doc = json.loads(result.stdout)
+    first, second = doc["experiments"]
+    assert first["state"] == "error" and first["exit_code"] == 3
+    assert first["message"] == f"point {first['experiment_id']}: OSError: [Errno 28] No space left on device"
+    assert second["state"] == "not run"  # no further point starts
+    assert record(first["exp_dir"])["state"] == "failed"
+    assert "No space left on device" in record(first["exp_dir"])["message"]

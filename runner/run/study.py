@@ -16,6 +16,7 @@ reason) and the next point gets a fresh slot. Ctrl-C stops every running point g
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner import safefs
-from runner.errors import EXIT_EXPERIMENT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InfraError
+from runner.errors import EXIT_EXPERIMENT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EnvironmentProblem, InfraError
 from runner.plan.models import GpuRequest
 from runner.run.jobs import Limits, default_threads
 from runner.run.lanes import Lane, LaneSpec, await_elsewhere, claim
@@ -36,6 +37,7 @@ from runner.run.launch import (
     BuildLog,
     Target,
     check_components,
+    fail_attempt,
     plan_gpus,
     preflight_paths,
 )
@@ -248,6 +250,7 @@ class Study:
         try:
             while (i := self._next()) is not None:
                 target, result = self.targets[i], self.results[i]
+                record = None
                 try:
                     previous, record = claim(target, self.backend, self.opts.rerun, self.prepared.image_tag,
                                              self.image_id, self.id)  # fmt: skip
@@ -262,6 +265,18 @@ class Study:
                     result.state, result.exit_code, result.message = "error", exc.exit_code, exc.message
                     self.error = self.error or exc
                     log.warning("study %s: %s", self.id, exc.message)
+                except Exception as exc:  # an OS error (disk, lock) or a bug: the point fails with it, said
+                    log.exception("study %s: point %s", self.id, target.exp.id)
+                    if record is not None and record.get("state") in ACTIVE:  # not left `starting` forever
+                        with contextlib.suppress(OSError):
+                            fail_attempt(target.exp, exc)
+                    error = (EnvironmentProblem if isinstance(exc, OSError) else InfraError)(
+                        f"point {target.exp.id}: {type(exc).__name__}: {exc}"
+                    )
+                    if not isinstance(exc, OSError):
+                        error.exit_code = EXIT_EXPERIMENT_FAILED  # not the user's input: a failure
+                    self.error = self.error or error
+                    result.state, result.exit_code, result.message = "error", error.exit_code, error.message
                 finally:
                     self._finish_result(result)
         finally:
