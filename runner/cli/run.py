@@ -112,7 +112,7 @@ def run(
 
     wd = options.resolve_workdir(workdir)
     view = view_mode(quiet=quiet, verbose=_verbose(verbose), machine=json_out or events)
-    if cv or _folds_all(plan, overrides, wd):
+    if cv or _folds_all(plan, overrides):
         if plan == "-":
             raise UsageError(
                 "--cv reads the plan's folds from a plan file: give a file, or --sweep split.fold=0,1,2,3,4"
@@ -190,13 +190,20 @@ def _run_one(loaded, wd: Path, opts, source: str, view: RunView, *, events: bool
         typer.echo(eid)
 
 
-def _folds_all(plan: str, overrides: list[str] | None, wd: Path) -> bool:
+def _folds_all(plan: str, overrides: list[str] | None) -> bool:
     """Whether the plan asks for every fold (`split.fold: "all"`): then the run is a study."""
     if plan == "-":
         return False  # stdin can be read once: `split.fold: "all"` from stdin needs --cv
-    from runner.plan.load import load_plan
+    from runner.plan.document import apply_overrides, expand_dotted, parse_json, read_plan_text
 
-    return load_plan(plan, overrides or [], workdir=wd, check_db=False).plan.split.fold == "all"
+    # The document only: the whole plan is validated later, per point for a sweep (whose values may
+    # be what completes it, e.g. a `{model.params.hidden}` placeholder the sweep fills).
+    text, name, _ = read_plan_text(plan)
+    doc, issues = expand_dotted(parse_json(text, name))
+    if issues:
+        return False  # the run reports them
+    split = apply_overrides(doc, overrides or []).get("split")
+    return isinstance(split, dict) and split.get("fold") == "all"
 
 
 def _fold_items(plan: str, overrides: list[str] | None, wd: Path) -> str:
