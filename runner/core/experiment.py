@@ -172,8 +172,10 @@ def _run(plan: Plan, layout: Layout, workdir, stop, limit_batches, source: DataS
     pred_all = targets.scores(predict(module, variants.tokens))
     check_predictions(pred_all)
     result = _result(plan, variants, split, targets, pred_all)
-    result.update(_selection(epochs, selected, kept_epoch, selection.start))
     history = epoch_history(layout, epochs)
+    if selected != "start" and kept_epoch is None:  # no best.ckpt: the epoch the rule ranks first
+        kept_epoch = kept.best_trained_epoch(history, selection)
+    result.update(_selection(epochs, selected, kept_epoch, selection.start))
     start_name = getattr(module.model, "start_name", "fitted start")
     result["kept"] = kept.describe(
         selection,
@@ -425,9 +427,8 @@ def _result(plan: Plan, variants: VariantSet, split, targets: Targets, pred_all)
 
 def _selection(epochs: list[dict], selected: str, kept_epoch: int | None, start: dict | None) -> dict[str, Any]:
     """metrics.json's account of what the model is: which epoch best.ckpt holds, or the fitted start."""
-    # with a fitted start, not always the epoch of the highest val_spearman (runner.core.selection);
-    # taken from the epoch records only for a run without best.ckpt
-    best_epoch = None if selected == "start" else kept_epoch if kept_epoch is not None else _best_epoch(epochs)
+    # with a fitted start, not always the epoch of the highest val_spearman (runner.core.selection)
+    best_epoch = None if selected == "start" else kept_epoch
     fields: dict[str, Any] = {"epochs": len(epochs), "best_epoch": best_epoch, "selected": selected}
     if start is not None:
         fields["start"] = _nulls(start)
@@ -460,13 +461,3 @@ def _nulls(record: dict) -> dict:
         k: _nulls(v) if isinstance(v, dict) else None if isinstance(v, float) and not np.isfinite(v) else v
         for k, v in record.items()
     }
-
-
-def _best_epoch(epochs: list[dict]) -> int | None:
-    # the best epoch by the metric the selection rule follows (runner.core.selection), from the records
-    if any(r.get("val_spearman") is not None for r in epochs):  # an undefined one is null
-        scored = [(-r["val_spearman"], r["epoch"]) for r in epochs if r.get("val_spearman") is not None]
-    else:
-        key = "val_loss" if any(r.get("val_loss") is not None for r in epochs) else "train_loss"
-        scored = [(r[key], r["epoch"]) for r in epochs if r.get(key) is not None]
-    return min(scored)[1] if scored else None

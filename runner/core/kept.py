@@ -78,6 +78,12 @@ def describe(
     }
 
 
+def best_trained_epoch(history: list[dict], rule) -> int | None:
+    """The trained epoch `rule` ranks first by its own metric (`rule.by`): for a run without best.ckpt."""
+    best = _best_trained(history, rule.by, rule.greater, rule.by_spearman)
+    return None if best is None else best["epoch"]
+
+
 def _best_trained(history: list[dict], by: str, greater: bool, by_spearman: bool) -> dict | None:
     valued = [(record_value(r, by), r) for r in history]
     valued = [(v, r) for v, r in valued if v is not None]
