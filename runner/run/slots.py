@@ -177,7 +177,6 @@ class Slot:
         self.outside: deque[bytes] = deque(maxlen=OUTPUT_TAIL_LINES)  # output between points
         self._stop_beating = threading.Event()
         self.ended = False
-        self.closing = False  # `close` asked the process to quit
         self.started = False  # the current point's begin marker was seen
         self.begin = b""
         self.on_begin: Callable[[], None] = lambda: None
@@ -217,10 +216,7 @@ class Slot:
                 splitter.feed(chunk)
             splitter.close()
         except Exception as exc:  # the engine went away: the slot counts as dead, the reason is logged
-            # After `close` told the slot to quit, the engine ending the log stream of a container it
-            # is removing (409) is how a docker slot ends, not news.
-            level = logging.DEBUG if self.closing else logging.WARNING
-            log.log(level, "slot %s: its output could not be read: %s", self.name, exc)
+            log.warning("slot %s: its output could not be read: %s", self.name, exc)
         finally:
             self.lines.put(None)
 
@@ -282,7 +278,6 @@ class Slot:
         """Tell the slot to quit once idle, give it `timeout` seconds, then stop it and remove its folders."""
         if self.process is None:
             return
-        self.closing = True
         try:
             safefs.write_atomic(self.dir / "control", SLOT_QUIT, b"", mode=0o644)
             if self.process.wait(timeout=timeout) is None:
