@@ -183,6 +183,22 @@ def test_a_sweep_with_a_wrong_model_fails_before_anything_starts(local_work):
 
 
 @pytest.mark.core
+def test_a_sweep_may_complete_the_plan_it_sweeps(local_work):
+    # the base plan alone has no model.params.hidden for its name: each point has (the fold check read
+    # the whole base plan and refused it)
+    plan = json.loads((local_work / "plans" / "small.json").read_text())
+    plan.update(name="blat-h{model.params.hidden}", model={"name": "mlp"})
+    (local_work / "plans" / "hidden.json").write_text(json.dumps(plan))
+    dry = infra("run", "plans/hidden.json", "--backend", "local", "--sweep", "model.params.hidden=8,16", "--dry-run",
+                workdir=local_work)  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    assert [line.split()[3][: len("blat-h16")] for line in dry.stdout.splitlines()[2:4]] == ["blat-h8-", "blat-h16"]
+    alone = infra("run", "plans/hidden.json", "--backend", "local", "--dry-run", workdir=local_work)
+    assert alone.returncode == 2
+    assert "placeholder {model.params.hidden}: no such plan key with a single value" in alone.stderr
+
+
+@pytest.mark.core
 @pytest.mark.slow
 def test_cv_runs_every_fold_and_the_dry_run_says_what_would_happen(local_work):
     dry = infra("run", "plans/small.json", "--backend", "local", "--cv", "--dry-run", workdir=local_work)
