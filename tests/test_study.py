@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,33 @@ def test_an_os_error_while_running_a_point_fails_it_and_stops_the_study(swork, m
     assert second["state"] == "not run"  # no further point starts
     assert record(first["exp_dir"])["state"] == "failed"
     assert "No space left on device" in record(first["exp_dir"])["message"]
+
+
+def test_a_stop_while_a_point_is_handed_over_stops_that_point(swork, monkeypatch):
+    """Ctrl-C or `infra stop` between the lane's check and the point's number: the stop named the
+    previous point (or none) and the new point trained to its end."""
+    from runner.run.lanes import Lane
+    from tests.helpers import cli
+
+    hand_over = Lane._run_point
+
+    def stopped_in_between(self, *args):
+        self.stopped = True  # what request_stop sets, after run() looked and before the slot numbers the point
+        return hand_over(self, *args)
+
+    monkeypatch.setattr(Lane, "_run_point", stopped_in_between)
+
+    def open_gates() -> None:  # only if the stop never reached the point: then it trains to its end
+        for metrics in (swork / "experiments").glob("gated-*/metrics"):
+            (metrics / ".gate-open").touch()
+
+    deadline = threading.Timer(120, open_gates)  # the point is held at its gate until stopped
+    deadline.start()
+    try:
+        result = cli("run", str(gated_plan(swork)), "--backend", "local", "--json", "--sweep", "train.seed=0",
+                     workdir=swork)  # fmt: skip
+    finally:
+        deadline.cancel()
+    (point,) = json.loads(result.stdout)["experiments"]
+    assert point["state"] == "cancelled", result.stderr
+    assert record(point["exp_dir"])["state"] == "cancelled"

@@ -55,6 +55,7 @@ class SlotLoop:
         self.shared = SharedData()
         self.ending = False  # SIGTERM to the slot, or its host is gone: no point after the current one
         self.stop = None  # the running point's GracefulStop
+        self.stop_wanted = False  # the running point was asked to stop, maybe before its GracefulStop existed
 
     # --- signals and the control folder ---
 
@@ -65,6 +66,7 @@ class SlotLoop:
     def _stop_point(self) -> None:
         """Stop the running point as a single run stops on SIGTERM: the current step finishes, last.ckpt
         is saved, the point exits 143. Never raises here (a signal may land between two points)."""
+        self.stop_wanted = True  # `_set_stop` applies it when the point's stop comes into being later
         stop = self.stop
         if stop is not None:
             stop.requested = True
@@ -113,6 +115,7 @@ class SlotLoop:
         while (request := self.next_point(seq)) is not None:
             print(f"{SLOT_MARK} begin {seq} {request['experiment_id']}", flush=True)
             done = threading.Event()
+            self.stop_wanted = False
             watcher = threading.Thread(target=self.watch, args=(seq, done), daemon=True)
             watcher.start()
             try:
@@ -137,8 +140,8 @@ class SlotLoop:
 
     def _set_stop(self, stop) -> None:
         self.stop = stop
-        if stop is not None and self.ending:
-            stop.requested = True  # asked to end while the point was starting: it stops at once
+        if stop is not None and (self.ending or self.stop_wanted):
+            stop.requested = True  # asked to stop while the point was starting: it stops at once
 
 
 def memory_text() -> str:

@@ -136,6 +136,8 @@ class Lane:
             exp.update(state="running", started_at=now_iso())
             outputs = str(slot.process.outputs(exp))
             on_event({"event": "state", "experiment_id": exp.id, "state": "running", "outputs": outputs})
+            if self.stopped:  # a stop that came while the point was being handed over had no number to name
+                slot.request_stop()
 
         try:
             try:
