@@ -70,6 +70,15 @@ def test_demo_plan_trains_in_container(base_image, workdir, run_user, docker_cli
     assert json.loads(again.stdout)["reused"] is True
     assert "already succeeded" in again.stderr
 
+    # The same id for another plan (issue 23, #7): refused, naming both, before anything is reported.
+    exp_id = doc["experiment_id"]
+    sets = ("--set", f"experiment_id={exp_id}", "--set", "model.name=cnn", "--set", "name=other")
+    other = infra_as(run_user, "run", "plans/demo.json", *sets, workdir=workdir)
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert f"experiment_id '{exp_id}' already holds another plan" in other.stderr
+    assert "differ in model.name, name" in other.stderr and "spearman" not in other.stdout + other.stderr
+    assert json.loads((exp_dir / "status.json").read_text())["state"] == "succeeded"
+
 
 def test_failing_plugin_exit_1_with_traceback(base_image, workdir, run_user):
     (workdir / "model" / "exploding.py").write_text(

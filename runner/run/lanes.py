@@ -170,7 +170,7 @@ def claim(target: Target, backend, rerun: bool, image_tag: str | None, image_id:
     exp = target.exp
     exp.lock_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(exp.lock_path), timeout=LOCK_TIMEOUT_S):
-        previous = decide(exp, backend)
+        previous = decide(target, backend, rerun)
         if previous and (previous["state"] in ACTIVE or (previous["state"] == "succeeded" and not rerun)):
             return previous, None
         open_attempt(target, backend.name, previous, rerun)

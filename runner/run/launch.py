@@ -14,6 +14,7 @@ attempt functions for each point, then hand the point to a slot instead of `back
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ from runner.run.backends import Backend, backend_of
 from runner.run.jobs import Limits, core_error, train_job
 from runner.run.records import (
     ACTIVE,
+    ID_EXCLUDED_KEYS,
     MOUNTED_DIRS,
     Experiment,
     canonical_json,
@@ -173,7 +175,7 @@ def run(loaded: LoadedPlan, workdir: Path, opts: RunOptions) -> RunOutcome:
     exp.lock_path.parent.mkdir(parents=True, exist_ok=True)
 
     with FileLock(str(exp.lock_path), timeout=LOCK_TIMEOUT_S):
-        previous = decide(exp, backend)
+        previous = decide(target, backend, opts.rerun)
         if previous and previous["state"] == "succeeded" and not opts.rerun:
             opts.on_event({"event": "reused", "experiment_id": exp.id, "state": "succeeded"})
             return RunOutcome(exp.id, exp.root, previous, EXIT_OK, reused=True)
@@ -210,11 +212,69 @@ def check_components(plans: list[LoadedPlan], workdir: Path, backend, prepared, 
         raise PlanError(plans[0].source, issues)
 
 
-def decide(exp: Experiment, backend: Backend) -> dict | None:
-    """The experiment's reconciled record before a new attempt (None when it does not exist yet)."""
+def decide(target: Target, backend: Backend, rerun: bool) -> dict | None:
+    """The experiment's reconciled record before a new attempt (None when it does not exist yet).
+
+    An id that already holds another plan is refused (exit 2) unless `rerun` replaces it: reporting,
+    attaching to or resuming it would hand this plan another plan's result or checkpoint.
+    """
     from runner.run.reconcile import reconcile
 
-    return reconcile(exp, backend) if exp.exists() else None
+    if not target.exp.exists():
+        return None
+    previous = reconcile(target.exp, backend)
+    if not rerun:
+        refuse_other_plan(target, previous)
+    return previous
+
+
+def refuse_other_plan(target: Target, previous: dict) -> None:
+    """UsageError (exit 2) when the experiment's existing attempt ran a plan that computes something
+    else than this one. Keys that only say where it runs or reports (`ID_EXCLUDED_KEYS`) may differ;
+    the old plan is read from `config/plan.json` only when it hashes to the host's record."""
+    if previous.get("plan_sha256") == target.plan_sha:
+        return
+    old = _recorded_plan(target.exp, previous)
+    if old is None:
+        what = f"plan_sha256 {str(previous.get('plan_sha256'))[:12]} vs {target.plan_sha[:12]}"
+    else:
+        differing = _differing_keys(old, target.resolved)
+        if not differing:
+            return
+        what = f"{old.get('name')!r} vs {target.resolved.get('name')!r}; they differ in " + ", ".join(differing[:5])
+        what += f" and {len(differing) - 5} more" if len(differing) > 5 else ""
+    raise UsageError(
+        f"experiment_id {target.exp.id!r} already holds another plan ({what}): choose another "
+        "experiment_id, leave it out to derive one, or pass --rerun to replace that experiment"
+    )
+
+
+def _recorded_plan(exp: Experiment, record: dict) -> dict | None:
+    """The plan the record's attempt ran, or None when config/plan.json is missing, unreadable or not
+    the one the host wrote (the training can rewrite config/, the record it cannot)."""
+    try:
+        raw = safefs.read_bytes(exp.root, "config/plan.json")
+        doc = json.loads(raw)
+    except (OSError, ValueError, safefs.Tampered):
+        return None
+    if not isinstance(doc, dict) or plan_sha256(doc) != record.get("plan_sha256"):
+        return None
+    return doc
+
+
+def _differing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plans, ignoring `ID_EXCLUDED_KEYS` at the top."""
+    keys = sorted(set(old) | set(new))
+    out: list[str] = []
+    for key in keys:
+        if not prefix and key in ID_EXCLUDED_KEYS:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def dry_run(loaded: LoadedPlan, workdir: Path, opts: RunOptions) -> dict:
@@ -230,6 +290,8 @@ def dry_run(loaded: LoadedPlan, workdir: Path, opts: RunOptions) -> dict:
     target = Target.of(loaded, workdir, images.pop("image_hash", None), gpus)
     exp = target.exp
     previous = exp.read() if target.resolved.get("experiment_id") and exp.exists() else {}
+    if previous and not opts.rerun:
+        refuse_other_plan(target, previous)
     job = target.job(previous.get("attempt", 0) + 1)
     job = job.with_image(images.get("image"), images.get("image_id") or ("<built on run>" if images else None))
     return {

@@ -40,6 +40,7 @@ from runner.run.launch import (
     fail_attempt,
     plan_gpus,
     preflight_paths,
+    refuse_other_plan,
 )
 from runner.run.records import ACTIVE, Experiment, now_iso
 from runner.run.sweep import PointResult, point_label
@@ -375,6 +376,8 @@ def dry_run_study(loaded_plans: list, points: list[dict], workdir: Path, opts: S
         if image_hash and target.exp.exists():
             record = target.exp.read()
             state = record.get("state")
+            if not opts.rerun:
+                refuse_other_plan(target, record)
             if state in ACTIVE:
                 from runner.run.reconcile import reconcile
 
