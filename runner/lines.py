@@ -86,17 +86,21 @@ _UNSAFE = re.compile(
 )
 
 
-def terminal_safe(text: str, keep_colors: bool = False) -> str:
+def terminal_safe(text: str, keep_colors: bool = False, shown: bool = False) -> str:
     """`text` without escape sequences, control characters (TAB excepted) and bidi overrides.
 
     `keep_colors` keeps SGR sequences (colours, bold), which cannot move the cursor or change the
-    terminal's state beyond the text attributes.
+    terminal's state beyond the text attributes. `shown` writes what is removed as inert escapes
+    (`\\x1b]0;title\\x07`) instead of dropping it: for messages, where a name that differs from
+    what it looks like must look different.
     """
     if not _UNSAFE.search(text):
         return text
 
     def repl(m: re.Match) -> str:
-        return m.group(0) if keep_colors and m.group("sgr") else ""
+        if keep_colors and m.group("sgr"):
+            return m.group(0)
+        return m.group(0).encode("unicode_escape").decode("ascii") if shown else ""
 
     return _UNSAFE.sub(repl, text)
 

@@ -9,7 +9,7 @@ import typer
 
 from runner.cli.experiments import complete_experiment_ids, complete_study_ids, resolve_experiment, resolve_study
 from runner.cli.options import WORKDIR_OPT, resolve_workdir
-from runner.cli.output import emit_json, say
+from runner.cli.output import echo, emit_json, say
 
 NARROW = 120  # characters of the table when stdout is not a terminal
 
@@ -113,7 +113,7 @@ def compare(
     if csv_out is not None:
         text = tables.to_csv(headers, body)
         if csv_out == "-":
-            typer.echo(text, nl=False)
+            echo(text, nl=False, data=True)
         else:
             from runner import safefs
 
@@ -140,6 +140,6 @@ def compare(
     for line in before:
         say(line)
     if rows:
-        typer.echo(tables.render(shown))
+        echo(tables.render(shown))
     for line in after:
         say(line)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from runner.cli.options import JSON_OPT, WORKDIR_OPT, resolve_workdir
-from runner.cli.output import emit_json, say
+from runner.cli.output import echo, emit_json, say
 from runner.lines import terminal_safe
 
 MAX_COMPLETIONS = 200
@@ -177,7 +177,7 @@ def status(experiment_id: ANY_ID_ARG, json_out: JSON_OPT = False, workdir: WORKD
         if json_out:
             emit_json(doc)
             return
-        typer.echo(study_text(doc))
+        echo(study_text(doc))
         return
     record = reconcile(find(wd, full))
     doc = status_document(record)
@@ -189,12 +189,12 @@ def status(experiment_id: ANY_ID_ARG, json_out: JSON_OPT = False, workdir: WORKD
         return
     for key, value in doc.items():
         if value is not None and not isinstance(value, dict):
-            typer.echo(f"{key:14} {terminal_safe(str(value))}")
+            echo(f"{key:14} {terminal_safe(str(value))}")
     if failed:
-        typer.echo(f"{'error':14} {terminal_safe(failed['reason'] or failed['message'] or 'no reason recorded')}")
-        typer.echo(f"{'log':14} {failed['log']} (infra logs {record.get('experiment_id')})")
+        echo(f"{'error':14} {terminal_safe(failed['reason'] or failed['message'] or 'no reason recorded')}")
+        echo(f"{'log':14} {failed['log']} (infra logs {record.get('experiment_id')})")
     for line in outcome_lines(doc):
-        typer.echo(line)
+        echo(line)
 
 
 def outcome_lines(doc: dict) -> list[str]:
@@ -499,4 +499,4 @@ def _print_table(headers: list[str], cells: list[list[str]]) -> None:
         return
     widths = [max(len(r[i]) for r in [headers, *cells]) for i in range(len(headers))]
     for row in [headers, *cells]:
-        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())

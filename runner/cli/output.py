@@ -1,4 +1,12 @@
-"""How the CLI talks: human text on stderr, exactly one JSON document on stdout with `--json`."""
+"""How the CLI talks: human text on stderr, exactly one JSON document on stdout with `--json`.
+
+This is the output boundary: every line of plain human text (errors included) goes through `say` or
+`echo`, which turn what a terminal would interpret (`runner.lines.terminal_safe`: escape sequences,
+control characters, bidi overrides) into visible, inert escapes (`\\x1b[2J`), line by line. Messages quote database source names, CSV
+headers, assay ids, plugin output and paths, all of which can come from untrusted files. JSON
+documents need no such step: `json.dumps` escapes every control character. Rich tables and live
+displays render text that their builders made terminal-safe the same way (`runner.cli.progress`).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +14,26 @@ import json
 import sys
 from typing import Any
 
+from runner.lines import terminal_safe
+
+
+def printable(text: str) -> str:
+    """`text` with each line made terminal-safe, what it removes shown as inert escapes (so a source
+    name `EVIL\\x1b[2J` does not print as `EVIL`); line breaks kept."""
+    return "\n".join(terminal_safe(line, shown=True) for line in str(text).split("\n"))
+
 
 def say(message: str) -> None:
-    """One line of human text on stderr."""
-    print(message, file=sys.stderr, flush=True)
+    """One line (or several) of human text on stderr."""
+    print(printable(message), file=sys.stderr, flush=True)
+
+
+def echo(text: str, nl: bool = True, data: bool = False) -> None:
+    """Human text on stdout (tables, ids, paths) made terminal-safe. `data` (CSV on `-`) is written as
+    it is into a pipe or file, where a program reads it, and made terminal-safe only on a terminal."""
+    text = str(text) if data and not sys.stdout.isatty() else printable(text)
+    sys.stdout.write(text + ("\n" if nl else ""))
+    sys.stdout.flush()
 
 
 def emit_json(document: Any) -> None:

@@ -6,7 +6,7 @@ import typer
 
 from runner.cli import options
 from runner.cli.options import BACKEND_OPT, JSON_OPT, WORKDIR_OPT, resolve_workdir
-from runner.cli.output import emit_json, say
+from runner.cli.output import echo, emit_json, say
 from runner.run.backends import BackendName
 
 app = typer.Typer(
@@ -44,7 +44,7 @@ def list_(json_out: JSON_OPT = False, backend: BACKEND_OPT = BackendName.docker,
     if json_out:
         emit_json(found.components)
         return
-    typer.echo(table(found.components, wd))
+    echo(table(found.components, wd))
     where = f"image {found.image}" if found.image else "a local subprocess"
     say(f"{len(found.plugins())} plugin component(s) from {wd}, discovered in {where}")
 

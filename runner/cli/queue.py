@@ -7,7 +7,7 @@ import typer
 
 from runner.cli import options
 from runner.cli.options import BACKEND_OPT, JSON_OPT, WORKDIR_OPT, resolve_workdir
-from runner.cli.output import emit_json, say
+from runner.cli.output import echo, emit_json, say
 from runner.run.backends import BackendName
 
 REDIS_OPT = Annotated[
@@ -63,7 +63,7 @@ def submit(
     if json_out:
         emit_json(doc)
     else:
-        typer.echo(doc["job_id"])
+        echo(doc["job_id"])
     if doc["duplicate"]:
         say(f"job {doc['job_id']} is already on queue {doc['queue']!r} ({doc['status']}); not enqueued again")
     else:
@@ -182,16 +182,16 @@ def status(
     if json_out:
         emit_json(doc)
     else:
-        typer.echo(f"{'QUEUE':20} {'QUEUED':>7} {'STARTED':>7} {'FINISHED':>8} {'FAILED':>6}")
+        echo(f"{'QUEUE':20} {'QUEUED':>7} {'STARTED':>7} {'FINISHED':>8} {'FAILED':>6}")
         for row in doc["queues"]:
-            typer.echo(
+            echo(
                 f"{printable(row['name']):20} {row['queued']:>7} {row['started']:>7} {row['finished']:>8} "
                 f"{row['failed']:>6}"
             )
-        typer.echo("")
-        typer.echo(f"{'WORKER':32} {'STATE':10} {'ALIVE':5} {'JOB':32} LAST HEARTBEAT")
+        echo("")
+        echo(f"{'WORKER':32} {'STATE':10} {'ALIVE':5} {'JOB':32} LAST HEARTBEAT")
         for w in doc["workers"]:
-            typer.echo(
+            echo(
                 f"{printable(w['name'] or '-'):32} {printable(w['state'] or '-'):10} "
                 f"{'yes' if w['alive'] else 'no':5} {printable(w['current_job'] or '-'):32} "
                 f"{printable(w['last_heartbeat'] or '-')}"
@@ -215,25 +215,25 @@ def node(json_out: JSON_OPT = False, workdir: WORKDIR_OPT = None) -> None:
         return
     gib = 2**30
     mem, disk, dock = doc["memory"], doc["disk"], doc["docker"]
-    typer.echo(f"host      {doc['hostname']} (infra {doc['infra_version']}, python {doc['python']})")
-    typer.echo(f"cpus      {doc['cpus']} ({doc['cpus_usable']} usable)")
+    echo(f"host      {doc['hostname']} (infra {doc['infra_version']}, python {doc['python']})")
+    echo(f"cpus      {doc['cpus']} ({doc['cpus_usable']} usable)")
     if mem.get("total_bytes"):
-        typer.echo(f"memory    {mem['available_bytes'] / gib:.1f} GiB available of {mem['total_bytes'] / gib:.1f} GiB")
+        echo(f"memory    {mem['available_bytes'] / gib:.1f} GiB available of {mem['total_bytes'] / gib:.1f} GiB")
     if "free_bytes" in disk:
-        typer.echo(f"disk      {disk['free_bytes'] / gib:.1f} GiB free under {disk['path']}")
+        echo(f"disk      {disk['free_bytes'] / gib:.1f} GiB free under {disk['path']}")
     for gpu in doc["gpus"]:
         util = gpu["utilization_percent"]
-        typer.echo(
+        echo(
             f"gpu {gpu['index']}     {gpu['name']}, {gpu['memory_used_bytes'] / gib:.1f}/"
             f"{gpu['memory_total_bytes'] / gib:.1f} GiB, {util if util is not None else '?'}% busy, "
             f"{len(gpu['processes'])} processes"
         )
     if doc.get("gpu_note"):
-        typer.echo(f"gpus      none ({doc['gpu_note']})")
+        echo(f"gpus      none ({doc['gpu_note']})")
     if dock.get("reachable"):
-        typer.echo(
+        echo(
             f"docker    {dock['server_version']}, GPU runtime {'yes' if dock['gpu_runtime'] else 'no'} "
             f"(runtimes: {', '.join(dock['runtimes'])})"
         )
     else:
-        typer.echo(f"docker    unreachable: {dock.get('error')}")
+        echo(f"docker    unreachable: {dock.get('error')}")

@@ -9,7 +9,7 @@ import typer
 
 from runner.cli import options
 from runner.cli.options import BACKEND_OPT, GPUS_OPT, JSON_OPT, WORKDIR_OPT
-from runner.cli.output import emit_event, emit_json, say
+from runner.cli.output import echo, emit_event, emit_json, say
 from runner.cli.progress import RunView, view_mode
 from runner.run.backends import BackendName
 from runner.run.records import metrics_summary, outcome_summary
@@ -144,7 +144,7 @@ def run(
         from runner.run.launch import dry_run as describe_run
 
         doc = describe_run(loaded, wd, opts)
-        emit_json(doc) if json_out else typer.echo(json.dumps(doc, indent=2))
+        emit_json(doc) if json_out else echo(json.dumps(doc, indent=2))
         return
     _run_one(loaded, wd, opts, plan, RunView(view, wd), events=events, json_out=json_out)
 
@@ -187,7 +187,7 @@ def _run_one(loaded, wd: Path, opts, source: str, view: RunView, *, events: bool
         shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
         say(f"experiment {eid} succeeded{': test ' + shown if shown else ''} ({outcome.exp_dir})")
     if not (json_out or events) and opts.detach:
-        typer.echo(eid)
+        echo(eid)
 
 
 def _folds_all(plan: str, overrides: list[str] | None) -> bool:
@@ -256,7 +256,7 @@ def build(
 
     if dry_run:
         doc = _dry_run(None if base else options.resolve_workdir(workdir))
-        (emit_json(doc) if json_out else typer.echo(_describe(doc)))
+        (emit_json(doc) if json_out else echo(_describe(doc)))
         return
     client = engine.get_client()
     if base:

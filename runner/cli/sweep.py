@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from runner.cli.output import emit_json, say
+from runner.cli.output import echo, emit_json, say
 from runner.cli.progress import RunView
 from runner.lines import terminal_safe
 
@@ -111,7 +111,7 @@ def run_sweep_command(
         if json_out:
             emit_json(doc)
         else:
-            typer.echo(dry_run_table(doc, keys))
+            echo(dry_run_table(doc, keys))
         return
     if submit:
         docs = sweep.submit_sweep(loaded, points, workdir, redis_url, queue)
@@ -181,7 +181,7 @@ def run_sweep_command(
     if json_out:
         emit_json({"study_id": study, "experiments": [r.to_dict() for r in results], "exit_code": code})
     else:
-        typer.echo(sweep.summary_table(results, keys))
+        echo(sweep.summary_table(results, keys))
         if study:
             say(f"study {study}: {sum(r.state == 'succeeded' for r in results)}/{len(results)} succeeded")
     if code:

@@ -20,17 +20,18 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--clear", action="store_true", help="forget the stored workdir")
     args = parser.parse_args(argv)
 
+    from runner.cli.output import echo, say
     from runner.workdir.store import clear_workdir, get_workdir, set_workdir
 
     try:
         if args.get:
-            print(get_workdir(required=True))
+            echo(str(get_workdir(required=True)))
         elif args.set is not None:
-            print(f"workdir set to {set_workdir(args.set)}", file=sys.stderr)
+            say(f"workdir set to {set_workdir(args.set)}")
         else:
-            print("workdir cleared" if clear_workdir() else "no workdir was stored", file=sys.stderr)
+            say("workdir cleared" if clear_workdir() else "no workdir was stored")
     except InfraError as exc:
-        print(f"infra-wkdir: error: {exc.message}", file=sys.stderr)
+        say(f"infra-wkdir: error: {exc.message}")
         return exc.exit_code
     return 0
 

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from runner.cli.options import JSON_OPT
-from runner.cli.output import emit_json, say
+from runner.cli.output import echo, emit_json, say
 
 app = typer.Typer(
     help="Show or change the node's workdir (INFRA_WORKDIR overrides the stored setting).",
@@ -28,7 +28,7 @@ def get(json_out: JSON_OPT = False) -> None:
     if json_out:
         emit_json({"workdir": str(path)})
     else:
-        typer.echo(str(path))
+        echo(str(path))
 
 
 @app.command("set")
