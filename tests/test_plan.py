@@ -305,6 +305,29 @@ BAD_PLANS = [
         ["resources.memory: '99999999999g' is larger than any machine; use e.g. '16g'"],
     ),
     (
+        "memory-zero-would-mean-no-limit",
+        lambda db: good(db, **{"resources.memory": "0"}),
+        [
+            "resources.memory: '0' is below 64m, too little to start the training core (0 would mean no limit); "
+            "use e.g. '16g', or leave it out for none"
+        ],
+    ),
+    (
+        "shm-beyond-any-node",
+        lambda db: good(db, **{"resources.shm_size": "9999g"}),
+        ["resources.shm_size: '9999g' is outside 1m to 1024g; use e.g. '1g'"],
+    ),
+    (
+        "shm-zero",
+        lambda db: good(db, **{"resources.shm_size": "0"}),
+        ["resources.shm_size: '0' is outside 1m to 1024g; use e.g. '1g'"],
+    ),
+    (
+        "shm-more-than-memory",
+        lambda db: good(db, **{"resources.shm_size": "2g", "resources.memory": "1g"}),
+        ["resources.shm_size: '2g' is more than resources.memory '1g'; /dev/shm is counted in the container's memory"],
+    ),
+    (
         "where-integer-beyond-sqlite",
         lambda db: good(db, data={"db": db, "where": [{"column": "id", "op": ">", "value": 2**64}]}),
         ["data.where[0].value: integers must lie within ±9223372036854775807 (SQLite's range)"],

@@ -335,6 +335,10 @@ def test_worker_refuses_every_job_but_its_own_and_runs_nothing(redis_url, qworkd
     big = 2 * 1024 * 1024
     queue.enqueue(JOB_FUNC, args=({"name": "x" * big},), job_id="h-oversized")
     queue.enqueue(JOB_FUNC, args=(plan("h-bad-plan", train={"lr": -1}),), job_id="h-bad-plan")
+    # Probes of the worker's filesystem (issue 23): a missing path, a file that is not SQLite.
+    probes = {"h-probe-missing": str(tmp_path / "no-such.db"), "h-probe-passwd": "/etc/passwd"}
+    for job_id, path in probes.items():
+        queue.enqueue(JOB_FUNC, args=({**plan(job_id), "data": {"db": path}},), job_id=job_id)
 
     worker = infra(
         "worker",
@@ -379,6 +383,13 @@ def test_worker_refuses_every_job_but_its_own_and_runs_nothing(redis_url, qworkd
         "'%Y-%m-%dT%H:%M:%SZ'); nothing was run"
     )
     assert failures["h-bad-plan"].splitlines()[-1] == "runner.errors.PlanError: job h-bad-plan: train.lr: must be > 0"
+    for job_id, path in probes.items():  # the same answer for both: nothing to tell them apart
+        answer = job_of(redis_url, job_id).latest_result().exc_string.strip().splitlines()[-1]
+        assert answer == (
+            f"runner.errors.PlanError: job {job_id}: data.db: not a mutation database this worker can use "
+            "(the reason is in the worker's log)"
+        )
+        assert path in worker.stderr  # the node owner still sees why
 
 
 def test_execute_plan_is_the_name_the_guard_allows():

@@ -201,17 +201,36 @@ SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
 
 
 MAX_SIZE = 2**50  # 1 PiB: the Docker engine keeps sizes as signed 64-bit byte counts
+# Below this the training core cannot even import torch; the engine reads 0 as "no limit", so "0"
+# would silently remove the limit the plan seems to set.
+MIN_MEMORY = 64 * 2**20
+MIN_SHM = 2**20  # the engine reads 0 as its 64 MiB default
+MAX_SHM = 2**40  # /dev/shm is memory: 1 TiB is more than any node has
+
+
+def size_bytes(text: str) -> float:
+    """A `SIZE_PATTERN` size ("16g", "512m", "1.5g", "4096") in bytes, units of 1024 as Docker reads them."""
+    number, unit = (text[:-1], text[-1].lower()) if text[-1].isalpha() else (text, "")
+    return float(number) * SIZE_UNITS[unit]
 
 
 def _size_issues(plan: Plan) -> list[PlanIssue]:
     issues = []
-    for key in ("shm_size", "memory"):
-        text = getattr(plan.resources, key)
-        if text is None:
-            continue
-        number, unit = (text[:-1], text[-1].lower()) if text[-1].isalpha() else (text, "")
-        if float(number) * SIZE_UNITS[unit] > MAX_SIZE:
+    res = plan.resources
+    sizes = {key: size_bytes(getattr(res, key)) for key in ("shm_size", "memory") if getattr(res, key) is not None}
+    for key, size in sizes.items():
+        text = getattr(res, key)
+        if size > MAX_SIZE:
             issues.append(PlanIssue(f"resources.{key}", f"{text!r} is larger than any machine; use e.g. '16g'"))
+    memory, shm = sizes.get("memory"), sizes["shm_size"]
+    if memory is not None and memory < MIN_MEMORY:
+        issues.append(PlanIssue("resources.memory", f"{res.memory!r} is below 64m, too little to start the training "
+                                "core (0 would mean no limit); use e.g. '16g', or leave it out for none"))  # fmt: skip
+    if shm < MIN_SHM or (shm > MAX_SHM and shm <= MAX_SIZE):
+        issues.append(PlanIssue("resources.shm_size", f"{res.shm_size!r} is outside 1m to 1024g; use e.g. '1g'"))
+    elif memory is not None and MIN_MEMORY <= memory < shm:
+        issues.append(PlanIssue("resources.shm_size", f"{res.shm_size!r} is more than resources.memory "
+                                f"{res.memory!r}; /dev/shm is counted in the container's memory"))  # fmt: skip
     return issues
 
 

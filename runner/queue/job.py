@@ -152,6 +152,29 @@ def bind(cfg: WorkerConfig | None) -> None:
     _context = cfg
 
 
+# What a refused job says about its database, to whoever can read Redis: not whether a host path
+# exists, is a file or is SQLite (the details go to the worker's log only).
+HIDDEN_DB_PROBLEM = "not a mutation database this worker can use (the reason is in the worker's log)"
+
+
+def _load_queued_plan(plan: dict, job_id: str | None, workdir):
+    """The job's plan, validated like `infra validate`; a problem with `data.db` is reported without
+    the detail that would let a queue client probe the worker's filesystem."""
+    from runner.errors import PlanError, PlanIssue
+    from runner.plan.load import load_plan_document
+
+    try:
+        return load_plan_document(plan, f"job {job_id}", workdir)
+    except PlanError as exc:
+        hidden = [i for i in exc.issues if i.path == "data.db"]
+        if not hidden:
+            raise
+        for issue in hidden:
+            log.error("job %s: data.db: %s", job_id, issue.message)
+        issues = [PlanIssue(i.path, HIDDEN_DB_PROBLEM) if i.path == "data.db" else i for i in exc.issues]
+        raise PlanError(exc.source, issues) from None
+
+
 def execute_plan(plan: dict) -> dict:
     """RQ job function: validate the submitted plan and run it through `runner.run.launch.run`.
 
@@ -161,7 +184,6 @@ def execute_plan(plan: dict) -> dict:
     """
     from rq import get_current_job
 
-    from runner.plan.load import load_plan_document
     from runner.run.launch import RunOptions, run
     from runner.run.records import metrics_summary, outcome_summary
 
@@ -171,7 +193,7 @@ def execute_plan(plan: dict) -> dict:
     job = get_current_job()
     job_id = job.id if job is not None else None
     started = time.monotonic()
-    loaded = load_plan_document(plan, f"job {job_id}", cfg.workdir)
+    loaded = _load_queued_plan(plan, job_id, cfg.workdir)
     exp_id = loaded.plan.experiment_id
     if exp_id != job_id:
         problem = f"its plan's experiment_id {_show(exp_id)} is not the job id; submit with 'infra submit'"
