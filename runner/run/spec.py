@@ -42,7 +42,10 @@ LABEL_WORKDIR = "infra.workdir"
 LABEL_PURPOSE = "infra.purpose"  # what a short-lived container is for: predict, plugin-discovery
 LABEL_STUDY = "infra.study"
 LABEL_SLOT = "infra.slot"
-READ_ONLY_TMP = "1g"  # the private /tmp of a read-only container
+# Every core container has a read-only image filesystem and this private, capped /tmp (a tmpfs, so
+# it counts against the container's memory): scratch a plugin writes cannot fill the node's disk
+# behind `min_free_bytes`, nor outlive the container. Outputs go to the mounted experiment folders.
+PRIVATE_TMP = "1g"
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class ContainerSpec:
     network_mode: str = "none"
     gpus: str | int | None = None
     log_config: dict[str, Any] = field(default_factory=dict)
-    read_only_root: bool = False  # the image's filesystem read-only (prediction), with `tmpfs` for scratch
+    read_only_root: bool = False  # the image's filesystem read-only, with `tmpfs` for scratch (container_spec: always)
     tmpfs: tuple[tuple[str, str], ...] = ()
 
     def engine_kwargs(self) -> dict[str, Any]:
@@ -136,8 +139,8 @@ def container_spec(job: CoreJob, *, user: tuple[int, int], settings: NodeSetting
 
     Mounted: exactly the job's `places`, each read-only unless the job writes it. Labels: the
     job's own, plus the infra version, the workdir's identity and the experiment id (when the job
-    belongs to one). A job with `read_only_root` (prediction, discovery) gets a read-only image
-    filesystem with a private /tmp.
+    belongs to one). The image's filesystem is read-only and /tmp a private tmpfs of `PRIVATE_TMP`
+    for every job (training, study slot, prediction, discovery).
     """
     security = security_args(*user, pids_limit=settings.pids_limit)  # refuses uid 0
     labels = {**job.labels, LABEL_VERSION: __version__, LABEL_WORKDIR: workdir_identity(job.workdir)}
@@ -165,6 +168,6 @@ def container_spec(job: CoreJob, *, user: tuple[int, int], settings: NodeSetting
         network_mode=limits.network or "none",
         gpus=job.gpus.engine_value(),
         log_config=docker_log_config(log_limit),
-        read_only_root=job.read_only_root,
-        tmpfs=(("/tmp", f"rw,nosuid,nodev,size={READ_ONLY_TMP},mode=1777"),) if job.read_only_root else (),
+        read_only_root=True,
+        tmpfs=(("/tmp", f"rw,nosuid,nodev,size={PRIVATE_TMP},mode=1777"),),
     )
