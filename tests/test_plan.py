@@ -323,11 +323,6 @@ BAD_PLANS = [
         ["resources.shm_size: '0' is outside 1m to 1024g; use e.g. '1g'"],
     ),
     (
-        "shm-more-than-memory",
-        lambda db: good(db, **{"resources.shm_size": "2g", "resources.memory": "1g"}),
-        ["resources.shm_size: '2g' is more than resources.memory '1g'; /dev/shm is counted in the container's memory"],
-    ),
-    (
         "where-integer-beyond-sqlite",
         lambda db: good(db, data={"db": db, "where": [{"column": "id", "op": ">", "value": 2**64}]}),
         ["data.where[0].value: integers must lie within ±9223372036854775807 (SQLite's range)"],

@@ -151,3 +151,11 @@ def test_ctrl_c_leaves_cancelled_with_checkpoint(base_image, workdir, run_user):
     assert status["state"] == "cancelled"
     assert (exp_dir / "ckpts" / "last.ckpt").is_file()
     assert "interrupted" in err
+
+
+def test_out_of_memory_is_said_in_the_foreground(base_image, workdir, run_user):
+    """A training killed by the container's memory limit says so where the user is looking (issue 23,
+    low: the foreground follow said only `exit code 137`, while `infra status` said out of memory)."""
+    result = infra_as(run_user, "run", "plans/demo.json", "--set", "resources.memory=100m", workdir=workdir)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "(exit code 137): the training was killed: out of memory (resources.memory)" in result.stderr
