@@ -93,7 +93,10 @@ def import_command(
     row's mutated_sequence); every mutated_sequence is checked too. An error names the file and
     line. Rows are streamed: memory does not grow with the file. Infinite scores are stored as
     missing and counted; duplicate mutants are kept and reported. Importing a source name that
-    exists is an error unless --replace. Exit codes: 0 imported, 2 bad file, arguments or database.
+    exists is an error unless --replace. Untrusted files are bounded: a row over 1 MiB, over 10,000
+    fields, or compressed input unpacking past 4 GiB or 500 times its size is refused (docs/data.md
+    "Limits"). Exit codes: 0 imported, 2 bad file, arguments or database, or another import is
+    writing the same database.
 
     Example: infra data import BLAT_ECOLX.csv --db dms.sqlite --source BLAT_ECOLX --template MSIQHF... --score-column 2500 --binarize-cutoff -1.1595
     """
@@ -159,8 +162,9 @@ def import_proteingym_command(
     Each assay is imported in its own transaction (all of its rows or none) and keeps its fold
     columns (fold_random_5, fold_modulo_5, fold_contiguous_5) for split.strategy "column". Assays
     already in the database are skipped, so an interrupted import is resumed by running it again.
-    A failing assay is reported and the others are still imported. Exit codes: 0 every assay
-    imported or skipped, 2 any assay failed or bad arguments.
+    A failing assay is reported and the others are still imported. A DMS_id listed twice or with
+    characters other than letters, digits, '_-.+' is refused. Exit codes: 0 every assay imported or
+    skipped, 2 any assay failed, bad arguments or reference, or another import is writing the database.
 
     Example: infra data import-proteingym DMS_ProteinGym_substitutions.zip --db pg.sqlite --reference DMS_substitutions.csv --assay BLAT_ECOLX_Stiffler_2015
     """

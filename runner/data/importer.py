@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -38,6 +39,10 @@ from runner.errors import DataError, UsageError, shorten
 log = logging.getLogger(__name__)
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# A source name is printed, matched by plans' data.dataset and may name files one day: printable,
+# path-safe characters only (every ProteinGym DMS_id fits, e.g. HSP82_YEAST_Cote-Hammarlof_2020_growth-H2O2).
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}")
+SOURCE_CHARACTERS = "letters, digits, '_', '-', '.' and '+', starting with a letter or digit, no '..', at most 200"
 RESERVED_COLUMNS = {"id", "source", "source_id", "mutant", "mut_num", "DMS_score", "DMS_score_bin"}
 FOLD_PREFIX = "fold_"  # ProteinGym's supervised split columns: fold_random_5, fold_modulo_5, fold_contiguous_5
 DUPLICATE_EXAMPLES = 3
@@ -81,9 +86,54 @@ class ImportResult:
 # --- writing ---------------------------------------------------------------------------------------
 
 
+def source_name_problem(name: str) -> str | None:
+    """What is wrong with `name` as a source name (one line, the name quoted safely), or None."""
+    if SOURCE_NAME.fullmatch(name) and ".." not in name:
+        return None
+    return f"{shorten(name)} is not a usable source name; use {SOURCE_CHARACTERS}"
+
+
+@contextlib.contextmanager
+def import_lock(db_path: Path) -> Iterator[None]:
+    """Hold `.<db>.import-lock` beside the database for a whole import, so that a second import into
+    the same database is refused at once (instead of failing assay by assay or interleaving).
+
+    The file is removed while still locked, so nothing is left behind; whoever opened it just before
+    sees, once it holds the lock, that the name is gone or is a newer file, and starts over on that.
+    """
+    db_path = db_path.resolve()
+    lock_path = db_path.parent / f".{db_path.name}.import-lock"
+    while True:
+        try:  # O_NOFOLLOW: a link planted at that name is an error, never a file elsewhere
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise DataError(f"--db: cannot create the lock file {lock_path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataError(
+                f"--db: {db_path} is being written by another import (it holds {lock_path}); run this one again "
+                "when that one has finished"
+            ) from None
+        try:
+            same = os.stat(lock_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder before us removed it: lock the current file instead
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
+
+
 def _check_arguments(source: str, template: str | None, extra_columns: Sequence[str], score_column: str) -> str | None:
-    if not source or source != source.strip():
-        raise UsageError(f"--source: {source!r} must be a non-empty name without surrounding spaces")
+    problem = source_name_problem(source)
+    if problem:
+        raise UsageError(f"--source: {problem}")
     if template is not None:
         template = template.strip()
         if not TEMPLATE.fullmatch(template):
@@ -316,7 +366,8 @@ def import_csv(
         description=description,
         template_from="--template" if template is not None else SEQUENCE_COLUMN,
     )
-    return _import_table(lambda: open_table(csv_path), db_path, spec, replace)
+    with import_lock(db_path):
+        return _import_table(lambda: open_table(csv_path), db_path, spec, replace)
 
 
 def build_demo_db(path: str | Path, *, replace: bool = False) -> ImportResult:

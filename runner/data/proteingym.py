@@ -14,14 +14,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.data.importer import FOLD_PREFIX, IDENTIFIER, ImportResult, _import_table, check_db_file
+from runner.data.importer import (
+    FOLD_PREFIX,
+    IDENTIFIER,
+    ImportResult,
+    _import_table,
+    check_db_file,
+    import_lock,
+    source_name_problem,
+)
 from runner.data.rows import TEMPLATE, _Spec
 from runner.data.tables import TABLE_SUFFIXES, Table, open_table, zip_tables
-from runner.errors import DataError, InfraError, UsageError
+from runner.errors import DataError, InfraError, UsageError, shorten
 
 # --- ProteinGym ------------------------------------------------------------------------------------
 
 REFERENCE_NAME = "DMS_substitutions.csv"
+# The reference is held in memory (one target_seq per assay): ProteinGym's is 208 KB for 217 assays.
+MAX_REFERENCE_BYTES = 64 << 20
+
+Opener = Callable[..., contextlib.AbstractContextManager[Table]]
 
 
 log = logging.getLogger(__name__)
@@ -61,10 +73,15 @@ class ProteinGymResult:
         }
 
 
-def read_reference(open_: Callable[[], contextlib.AbstractContextManager[Table]]) -> dict[str, Assay]:
-    """DMS_id -> Assay from ProteinGym's DMS_substitutions.csv (DMS_id, DMS_filename, target_seq, cutoff)."""
+def read_reference(open_: Opener) -> dict[str, Assay]:
+    """DMS_id -> Assay from ProteinGym's DMS_substitutions.csv (DMS_id, DMS_filename, target_seq, cutoff).
+
+    Refused in one line: an id or file name that is not a safe source name, an id or file listed
+    twice (which row is meant is not guessed), a file over MAX_REFERENCE_BYTES.
+    """
     out: dict[str, Assay] = {}
-    with open_() as table:
+    lines: dict[str, int] = {}  # DMS_id -> its line, and "file:" + DMS_filename -> its line
+    with open_(max_bytes=MAX_REFERENCE_BYTES) as table:
         missing = [c for c in ("DMS_id", "target_seq") if c not in table.header]
         if missing:
             raise DataError(
@@ -79,9 +96,27 @@ def read_reference(open_: Callable[[], contextlib.AbstractContextManager[Table]]
             target = values[index["target_seq"]].strip().upper()
             if not dms_id:
                 continue
+            problem = source_name_problem(dms_id)
+            if problem:
+                raise DataError(f"{table.where(loc)}: DMS_id {problem}")
+            if dms_id in lines:
+                raise DataError(
+                    f"{table.where(loc)}: DMS_id {dms_id!r} is listed twice (also on line {lines[dms_id]}); which row "
+                    "is meant is not guessed: remove one"
+                )
+            lines[dms_id] = loc
             if not TEMPLATE.fullmatch(target):
                 raise DataError(f"{table.where(loc)}: target_seq of {dms_id!r} is not a protein sequence")
-            filename = values[index["DMS_filename"]].strip() if "DMS_filename" in index else ""
+            filename = (values[index["DMS_filename"]].strip() if "DMS_filename" in index else "") or f"{dms_id}.csv"
+            problem = source_name_problem(filename)
+            if problem:
+                raise DataError(f"{table.where(loc)}: DMS_filename of {dms_id!r}: {problem.replace('source', 'file')}")
+            if f"file:{filename}" in lines:
+                raise DataError(
+                    f"{table.where(loc)}: DMS_filename {filename!r} of {dms_id!r} is also that of another assay "
+                    f"(line {lines[f'file:{filename}']}); which one it holds is not guessed: fix the reference"
+                )
+            lines[f"file:{filename}"] = loc
             cutoff = None
             if "DMS_binarization_cutoff" in index:
                 try:
@@ -90,22 +125,27 @@ def read_reference(open_: Callable[[], contextlib.AbstractContextManager[Table]]
                     cutoff = None
                 if cutoff is not None and not math.isfinite(cutoff):
                     cutoff = None
-            out[dms_id] = Assay(dms_id, filename or f"{dms_id}.csv", target, cutoff)
+            out[dms_id] = Assay(dms_id, filename, target, cutoff)
     if not out:
         raise DataError(f"{REFERENCE_NAME}: no assays listed")
     return out
 
 
 class _Collection:
-    """The tables of a ProteinGym folder or zip, by file name (without folders)."""
+    """The tables of a ProteinGym folder or zip, by file name (without folders).
+
+    Two tables of the same name (`a/X.csv`, `b/X.csv`) are not guessed between: opening that name
+    is a DataError naming both.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self.files: dict[str, Callable[[], contextlib.AbstractContextManager[Table]]] = {}
+        self.files: dict[str, Opener] = {}
+        self._places: dict[str, list[str]] = {}
         if path.is_dir():
             for p in sorted(path.rglob("*")):
                 if p.is_file() and p.name.lower().endswith(TABLE_SUFFIXES) and not p.name.startswith("._"):
-                    self.files.setdefault(p.name, lambda p=p: open_table(p))
+                    self._add(p.name, str(p), lambda p=p, **kw: open_table(p, **kw))
         elif path.is_file():
             try:
                 with zipfile.ZipFile(path) as archive:
@@ -113,9 +153,24 @@ class _Collection:
             except (zipfile.BadZipFile, OSError) as exc:
                 raise DataError(f"{path}: not a folder or a readable zip archive ({exc})") from None
             for m in sorted(members):
-                self.files.setdefault(Path(m).name, lambda m=m: open_table(path, member=m))
+                self._add(Path(m).name, f"{path}:{m}", lambda m=m, **kw: open_table(path, member=m, **kw))
         else:
             raise DataError(f"{path} does not exist; pass the folder or zip of ProteinGym assays")
+
+    def _add(self, name: str, place: str, opener: Opener) -> None:
+        places = self._places.setdefault(name, [])
+        places.append(place)
+        if len(places) == 1:
+            self.files[name] = opener
+        else:
+            self.files[name] = lambda **kw: self._ambiguous(name)
+
+    def _ambiguous(self, name: str):
+        first, second = self._places[name][:2]
+        raise DataError(
+            f"{self.path}: {shorten(name, quote=False)} is there {len(self._places[name])} times ({first} and "
+            f"{second}); which one is meant is not guessed: remove the copies"
+        )
 
 
 def import_proteingym(
@@ -141,7 +196,7 @@ def import_proteingym(
     collection = _Collection(path)
     if reference is not None:
         ref_path = Path(reference)
-        ref_open = lambda: open_table(ref_path)  # noqa: E731
+        ref_open = lambda **kw: open_table(ref_path, **kw)  # noqa: E731
         ref_name = str(ref_path)
     elif REFERENCE_NAME in collection.files:
         ref_open = collection.files[REFERENCE_NAME]
@@ -171,6 +226,12 @@ def import_proteingym(
         if not chosen:
             raise DataError(f"{path}: none of its files is an assay listed in {ref_name} (DMS_filename)")
     result = ProteinGymResult(str(db_path), ref_name, ignored_files=ignored)
+    with import_lock(db_path):  # the whole run: a concurrent one would see half of it (docs/data.md)
+        _import_chosen(chosen, collection, db_path, replace, result, on_assay)
+    return result
+
+
+def _import_chosen(chosen, collection: _Collection, db_path: Path, replace: bool, result, on_assay) -> None:
     existing = _existing_sources(db_path)
     for assay in chosen:
         entry: dict[str, Any] = {"assay": assay.dms_id, "file": assay.filename}
@@ -187,7 +248,6 @@ def import_proteingym(
         result.assays.append(entry)
         if on_assay is not None:
             on_assay(entry)
-    return result
 
 
 def _import_assay(open_, db_path: Path, assay: Assay, replace: bool) -> ImportResult:
