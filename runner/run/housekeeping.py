@@ -3,9 +3,11 @@
 An experiment directory is written by code the host does not trust, so deletion never follows a
 link: the entry under `experiments/` must be a real directory (checked with lstat), it is first
 renamed aside inside `experiments/` (so it stops being an experiment at once, and a link swapped
-in after the check is what gets renamed, not followed), then removed with `shutil.rmtree` relative
-to the open `experiments/` descriptor (fd-based, never leaves the tree through a link). The
-experiment's lock is held meanwhile, so `infra run` of the same id cannot start half-way through.
+in after the check is what gets renamed, not followed), then removed with `safefs.remove_entry`
+relative to the open `experiments/` descriptor (iterative, one descriptor at a time, never through a
+link: a tree as deep as a container can make it is removed like any other). The experiment's lock is
+held meanwhile, so `infra run` of the same id cannot start half-way through. Sizes come from the same
+kind of walk (`safefs.tree_bytes`).
 
 Images: only those carrying `infra.kind`; never one a container (running or stopped) uses, one a
 kept experiment ran on, or a base image a kept plugin image was built on. Sizes are the engine's
@@ -19,12 +21,12 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from runner import safefs
 from runner.errors import EnvironmentProblem, UnknownExperiment, UsageError
 from runner.run.records import ACTIVE, TERMINAL, Experiment, RecordError, all_experiments, experiments_root, find
 
@@ -61,18 +63,6 @@ class ImagePrune:
         return sum(i["size"] for i in self.images if i["removed"] or self.dry_run)
 
 
-def tree_bytes(root: Path) -> int:
-    """Bytes of the regular files under `root`, walked without following links."""
-    total = 0
-    for folder, _dirs, files in os.walk(root, followlinks=False):
-        for name in files:
-            with contextlib.suppress(OSError):
-                st = os.lstat(os.path.join(folder, name))
-                if stat.S_ISREG(st.st_mode):
-                    total += st.st_size
-    return total
-
-
 def check_real_dir(exp: Experiment) -> None:
     """UsageError unless the experiment's entry under experiments/ is a directory itself, not a link."""
     try:
@@ -100,7 +90,7 @@ def delete_experiment_dir(exp: Experiment) -> None:
         moved = os.stat(aside, dir_fd=parent_fd, follow_symlinks=False)
         if not stat.S_ISDIR(moved.st_mode) or moved.st_ino != st.st_ino:
             raise UsageError(f"{exp.root} changed while it was being removed; left as {root / aside}")
-        shutil.rmtree(aside, dir_fd=parent_fd)
+        safefs.remove_entry(parent_fd, aside, root / aside)
     finally:
         os.close(parent_fd)
     for lock in (exp.lock_path, exp.lock_path.with_name(f"{exp.id}.final.lock")):
@@ -139,7 +129,7 @@ def remove_experiments(
             f"experiment {', '.join(active)} is {states[active[0]]}; stop it with 'infra stop' first, "
             "or use 'infra rm --force' to stop and remove it"
         )
-    out = [Removal(e.id, states[e.id], tree_bytes(e.root)) for e in exps]
+    out = [Removal(e.id, states[e.id], safefs.tree_bytes(e.root)) for e in exps]
     if dry_run:
         return out
     for exp, removal in zip(exps, out, strict=True):

@@ -31,9 +31,15 @@ def final_state(exit_code: int | None, stop_requested: bool) -> str:
 
 
 def finalize(exp: Experiment, record: dict, exit_code: int | None, message: str | None = None) -> dict:
-    """Record the final state of an attempt (the backend saves the log and removes its container)."""
+    """Harden the attempt's outputs, then record its final state (the backend saves the log and
+    removes its container). Output that could not be fully checked makes the attempt `failed`."""
+    from runner.run.backends.common import harden_outputs
+
+    unchecked = harden_outputs(exp)  # before the record says how it ended: fail closed (docs/security.md)
     state = final_state(exit_code, bool(record.get("stop_requested")))
-    if message is None and state == "failed":
+    if unchecked is not None:
+        state, message = "failed", unchecked
+    elif message is None and state == "failed":
         message = f"training exited with code {exit_code}; see {exp.container_log}"
     return exp.update(state=state, exit_code=exit_code, finished_at=now_iso(), log_complete=True, message=message)
 

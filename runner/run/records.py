@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import socket
+import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +39,9 @@ EVENTS_FILE = "events.jsonl"
 CONTAINER_LOG = "container.log"
 RECORD_LIMIT = 1 << 20  # a status.json larger than this is not one infra wrote
 STUDIES_DIR = "studies"  # <workdir>/studies/<study id>.json, written by runner.run.study (same name there)
+# experiments/ and every experiment directory: only their owner may enter them (docs/security.md), so
+# nothing a training left inside is reachable by another local user even if the host missed it.
+PRIVATE_DIR_MODE = 0o700
 AMBIGUOUS_SHOWN = 4  # ids named in the error for an ambiguous prefix
 # Keys that do not change what an experiment computes (where it runs, where results are reported);
 # excluded from the derived id.
@@ -207,11 +211,25 @@ class Experiment:
         return doc if isinstance(doc, dict) else {}
 
     def make_layout(self) -> None:
-        """The top folder and the folders the training writes (walked without following links)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """The top folder and the folders the training writes (walked without following links).
+
+        `experiments/` and the experiment directory are made private (PRIVATE_DIR_MODE): the
+        container still reaches its output folders, each bind-mounted on its own.
+        """
+        make_private_dir(self.root.parent)
+        make_private_dir(self.root)
         for sub in MOUNTED_DIRS:
             with safefs.open_dir(self.root, sub, create=True):
                 pass
+
+
+def make_private_dir(path: Path) -> None:
+    """`path` as a folder only its owner can enter: created 0700 (parents as usual), or narrowed to
+    its owner's bits when it exists and is ours (existing experiments become private too)."""
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    st = os.stat(path)  # experiments/ may be a link the workdir's owner made to another disk
+    if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
+        os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o077)
 
 
 def new_record(exp: Experiment, *, name: str, backend: str, plan_sha: str, attempt: int, previous: dict | None) -> dict:

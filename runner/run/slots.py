@@ -37,7 +37,6 @@ import logging
 import os
 import queue
 import secrets
-import shutil
 import stat
 import threading
 import time
@@ -87,7 +86,8 @@ def describe_exit(code: int | None) -> str:
 def stage_outputs(points: Path, exp: Experiment, owner: tuple[int, int] | None) -> None:
     """Move the experiment's output folders into `points/<id>/` (renames: same filesystem, O(1))."""
     with safefs.open_dir(points) as points_fd:
-        _remove_entry(points_fd, exp.id)  # whatever an earlier point (or a crash) left under this name
+        # whatever an earlier point (or a crash) left under this name
+        safefs.remove_entry(points_fd, exp.id, points / exp.id)
         os.mkdir(exp.id, 0o700, dir_fd=points_fd)
         if owner is not None:
             os.chown(exp.id, *owner, dir_fd=points_fd, follow_symlinks=False)
@@ -113,7 +113,7 @@ def unstage_outputs(points: Path, exp: Experiment) -> list[str]:
         return refused
     except safefs.Tampered:
         with safefs.open_dir(points) as points_fd:
-            _remove_entry(points_fd, exp.id)
+            safefs.remove_entry(points_fd, exp.id, points / exp.id)
         refused = list(MOUNTED_DIRS)
     else:
         try:
@@ -127,29 +127,18 @@ def unstage_outputs(points: Path, exp: Experiment) -> list[str]:
                     if not stat.S_ISDIR(mode):
                         refused.append(name)
                         continue
-                    _remove_entry(dst, name)  # a folder of the layout the host made meanwhile (empty)
+                    # a folder of the layout the host made meanwhile (empty)
+                    safefs.remove_entry(dst, name, exp.root / name)
                     os.replace(name, name, src_dir_fd=src, dst_dir_fd=dst)
         finally:
             ctx.__exit__(None, None, None)
         with safefs.open_dir(points) as points_fd:
-            _remove_entry(points_fd, exp.id)
+            safefs.remove_entry(points_fd, exp.id, points / exp.id)
     with safefs.open_dir(exp.root) as dst:
         for name in refused:
-            _remove_entry(dst, name)
+            safefs.remove_entry(dst, name, exp.root / name)
             os.mkdir(name, dir_fd=dst)
     return refused
-
-
-def _remove_entry(dir_fd: int, name: str) -> None:
-    """Remove `name` in `dir_fd` whatever it is, never following a link."""
-    try:
-        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(mode):
-        shutil.rmtree(name, dir_fd=dir_fd)
-    else:
-        os.unlink(name, dir_fd=dir_fd)
 
 
 # --- the slot seen from the host -----------------------------------------------------------------------
@@ -286,7 +275,7 @@ class Slot:
             self._stop_beating.set()
             self.process.close()
             self.process = None
-            shutil.rmtree(self.dir, ignore_errors=True)
+            safefs.remove_tree(self.dir, ignore_errors=True)  # iterative: the points folder is container-made
 
 
 def slot_name(study_id: str, index: int) -> str:
@@ -303,7 +292,7 @@ def reconcile_point(backend, exp: Experiment, record: dict) -> dict:
     point whose slot process also ended is `lost` (its output folders given back), and one whose
     slot still runs will be stopped by the slot itself (its host's alive file goes stale).
     """
-    from runner.run.backends.common import final_lock, still_this_attempt
+    from runner.run.backends.common import final_lock, harden_outputs, still_this_attempt
     from runner.run.reconcile import pid_alive
 
     if pid_alive(record.get("runner_pid")):
@@ -318,10 +307,12 @@ def reconcile_point(backend, exp: Experiment, record: dict) -> dict:
         name = str(slot.get("name", ""))
         if name and "/" not in name and name not in (".", ".."):
             unstage_outputs(slot_dir(exp.root.parent.parent, name) / "points", exp)
+        unchecked = harden_outputs(exp)  # the outputs came back from the slot: checked like any attempt's
         return exp.update(
-            state="lost",
+            state="failed" if unchecked else "lost",
             finished_at=now_iso(),
-            message="the study runner stopped while this point ran, and its slot ended; "
+            message=unchecked
+            or "the study runner stopped while this point ran, and its slot ended; "
             "run the study again to resume it from its last checkpoint",
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -28,8 +29,10 @@ def still_this_attempt(current: dict, record: dict) -> bool:
 
 
 def after_final(exp: Experiment, record: dict) -> dict:
-    """What follows a final record, for the one caller that made it final: harden, then track."""
-    clear_setid_bits(exp)
+    """What follows a final record, for the one caller that made it final: tracking.
+
+    The outputs were hardened before the record turned final (`harden_outputs`, from `finalize`).
+    """
     from runner.run.tracking import track_finished
 
     track_finished(exp, record)
@@ -43,16 +46,48 @@ def local_image_hash(workdir: Path) -> str:
     return builds.context_hash(builds.plugin_context_entries(workdir), {"backend": "local", "version": __version__})
 
 
-def clear_setid_bits(exp: Experiment) -> None:
-    """No file the training left may carry setuid/setgid bits (a way up for a local user)."""
+def harden_outputs(exp: Experiment) -> str | None:
+    """Clear setuid/setgid bits on every file the training left; None, or why the attempt must fail.
+
+    Called before the record says how the attempt ended, so no record says `succeeded` over a tree
+    that still holds such a file (a way up for a local user). The walk is bounded
+    (`safefs.WALK_MAX_*`, one budget for all output folders); a folder it could not fully check is
+    closed to everyone but its owner (u only) and the reason is returned, one line naming the path
+    and the limit, for the record's message.
+    """
+    budget = safefs.WalkBudget()
+    problems = []
     for sub in MOUNTED_DIRS:
         try:
-            cleared = safefs.clear_setid_bits(exp.root / sub) if not (exp.root / sub).is_symlink() else []
+            checked = safefs.clear_setid_bits(exp.root / sub, budget)
         except FileNotFoundError:
             continue
-        for rel in cleared:
-            log.warning("%s: removed setuid/setgid bits from %s/%s left by the training", exp.id, sub, rel)
-            exp.event("tampered", path=f"{sub}/{rel}", action="setuid/setgid bits removed")
+        except (safefs.Tampered, OSError) as exc:
+            problems.append(getattr(exc, "message", None) or f"{exp.root / sub}: cannot be checked ({exc})")
+            continue
+        for rel in checked.cleared:
+            shown = safefs.shown_path(f"{sub}/{rel}")
+            log.warning("%s: removed setuid/setgid bits from %s left by the training", exp.id, shown)
+            exp.event("tampered", path=shown, action="setuid/setgid bits removed")
+        if checked.unchecked is not None:
+            problems.append(checked.unchecked)
+            _close(exp, sub)
+    if not problems:
+        return None
+    exp.event("tampered", action="output not fully checked for setuid/setgid files", reason=problems[0])
+    return (
+        f"{problems[0]}; the training's output could not be fully checked for setuid/setgid files, so the "
+        f"attempt is failed (the folder is closed to other users); remove it with 'infra rm {exp.id}'"
+    )
+
+
+def _close(exp: Experiment, sub: str) -> None:
+    """Leave an output folder that was not fully checked open to its owner only (whatever it holds)."""
+    try:
+        with safefs.open_dir(exp.root, sub) as fd:
+            os.fchmod(fd, 0o700)
+    except (OSError, safefs.Tampered) as exc:  # already reported as not checked; the record fails anyway
+        log.warning("%s: could not close %s/%s: %s", exp.id, exp.root, sub, exc)
 
 
 def stop_with_second_interrupt(stop: Callable[[], None]) -> None:
