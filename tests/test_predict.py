@@ -411,9 +411,9 @@ def test_several_sources_need_source(trained, tmp_path):
     assert pd.read_csv(out)["sequence"].item().startswith("C")
 
 
-def test_predict_spec_mounts_only_what_prediction_reads(tmp_path):
+def test_predict_spec_mounts_only_what_prediction_reads_with_the_trainings_limits(tmp_path):
     from runner.errors import UsageError
-    from runner.run.jobs import predict_job
+    from runner.run.jobs import Limits, predict_job
     from runner.run.spec import LABEL_PURPOSE, LABEL_WORKDIR, container_spec, workdir_identity
     from runner.settings import node_settings
 
@@ -431,6 +431,8 @@ def test_predict_spec_mounts_only_what_prediction_reads(tmp_path):
         workdir=tmp_path,
         labels={LABEL_PURPOSE: "predict"},
         name="infra-predict-e1-x",
+        limits=Limits(memory="1g", cpus=1.5, network="bridge", threads=1),
+        timeout_s=60,
     ).with_image("infra-plugins:aaaaaaaaaaaa", "sha256:" + "a" * 64)
     spec = container_spec(job, user=(1000, 1000), settings=node_settings())
     assert [m.describe() for m in spec.mounts] == [
@@ -448,6 +450,9 @@ def test_predict_spec_mounts_only_what_prediction_reads(tmp_path):
     assert engine["network_mode"] == "none" and engine["read_only"] is True and "/tmp" in engine["tmpfs"]
     assert engine["cap_drop"] == ["ALL"] and engine["security_opt"] == ["no-new-privileges"]
     assert engine["user"] == "1000:1000" and engine["gpus"] is None
+    # the plan's memory and CPUs apply; its network never does (a prediction needs none)
+    assert engine["mem_limit"] == "1g" and engine["nano_cpus"] == 1_500_000_000 and job.timeout_s == 60
+    assert spec.environment["INFRA_THREADS"] == "1"
     assert spec.labels[LABEL_PURPOSE] == "predict" and spec.labels[LABEL_WORKDIR] == workdir_identity(tmp_path)
     with pytest.raises(UsageError, match="never run as uid 0"):
         container_spec(job, user=(0, 0), settings=node_settings())

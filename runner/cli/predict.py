@@ -50,14 +50,24 @@ def predict(
             case_sensitive=False,
         ),
     ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout",
+            help="Stop the prediction (and write nothing) when it takes longer than this many seconds.",
+            metavar="SECONDS",
+        ),
+    ] = 3600.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON summary document on stdout.")] = False,
     workdir: WORKDIR_OPT = None,
 ) -> None:
     """Predict with an experiment's model: a CSV/Parquet of mutant, sequence, prediction, error.
 
     Rows the model cannot take (malformed, position out of range, wrong wild type, a residue the
-    vocabulary lacks) keep an 'error' and no prediction. Exit 0 when rows were predicted, 2 when
-    none could be, 4 for an unknown experiment, 1 when it did not succeed.
+    vocabulary lacks) keep an 'error' and no prediction. The prediction runs with the training's
+    resources (memory, CPUs) and --timeout; the file written is infra's own copy of the checked
+    result (CSV cells starting with = + - @ get a leading '). Exit 0 when rows were predicted, 2 when
+    none could be, 4 for an unknown experiment, 1 when it did not succeed or failed.
 
     Example: infra predict blat-demo-3f2a9c01de --saturation --top 10
     """
@@ -65,7 +75,9 @@ def predict(
     from runner.run.predict import predict as run_predict
 
     wd = resolve_workdir(workdir)
-    request = PredictRequest(resolve_experiment(wd, experiment_id), input_file, saturation, out, fmt, top, source)
+    request = PredictRequest(
+        resolve_experiment(wd, experiment_id), input_file, saturation, out, fmt, top, source, timeout_s=timeout
+    )
     summary = run_predict(wd, request, None if backend is None else options.backend(backend))
     if json_out:
         emit_json(summary)

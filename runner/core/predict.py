@@ -38,6 +38,7 @@ from runner.core.variants import REASONS, MutantText, apply_mutants
 from runner.core.vocab import IUPAC_AMINO_ACIDS, BaseVocabProcessor
 from runner.errors import DataError, InfraError
 from runner.plan.models import Plan
+from runner.run.jobs import PREDICT_MAX_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,26 @@ def read_state(exp_dir: Path) -> dict:
         raise DataError(f"{path}: not readable JSON ({exc}); train the experiment again") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not state.get("sources"):
         raise DataError(f"{path}: not a prediction state of format {STATE_FORMAT}; train the experiment again")
+    check_state_lengths(state, path)
     return state
+
+
+def check_state_lengths(state: dict, path) -> None:
+    """Refuse a prediction state whose templates or sequence length exceed `PREDICT_MAX_TEMPLATE`, or
+    are not what the training writes (the file is the training's output: plugin code can rewrite it,
+    and a template's length multiplies every output row and a saturation's row count)."""
+    sources, seq_len = state.get("sources"), state.get("seq_len")
+    fine = isinstance(sources, list) and all(
+        isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("template"), str) for s in sources
+    )
+    if not fine or not isinstance(seq_len, int) or isinstance(seq_len, bool):
+        raise DataError(f"{path}: not a prediction state (sources or seq_len malformed); train the experiment again")
+    longest = max([seq_len, *(len(s["template"]) for s in sources)])
+    if longest > PREDICT_MAX_TEMPLATE or seq_len < 1:
+        raise DataError(
+            f"{path}: a template or seq_len of {longest:,} residues is outside 1..{PREDICT_MAX_TEMPLATE:,}; "
+            "the file was altered or is damaged: train the experiment again"
+        )
 
 
 def load_predictor(exp_dir: Path, checkpoint: Path, workdir: Path | None = None, source: str | None = None):
@@ -435,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.top is not None and args.top < 1:
             raise DataError(f"--top {args.top}: must be a positive number of rows")
+        from runner.core.cli import _set_threads
+
+        _set_threads()  # resources.cpus, as the training: INFRA_THREADS
         predictor = load_predictor(args.exp_dir, args.checkpoint, args.workdir, args.source)
         chunks = (
             iter([saturation_mutants(predictor.template, predictor.vocab)])

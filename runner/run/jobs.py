@@ -24,6 +24,9 @@ CONTAINER_WORKDIR = "/workdir"
 CONTAINER_SLOT = "/slot"
 PREDICT_IN = "/in"
 PREDICT_OUT = "/out"
+# The longest template prediction accepts (config/predict.json is the training's output, i.e. plugin
+# code's): titin, the longest known protein, has about 35,000 residues.
+PREDICT_MAX_TEMPLATE = 1 << 16
 
 Verb = Literal["train", "predict", "plugins", "slot"]
 
@@ -267,9 +270,15 @@ def predict_job(
     workdir: Path,
     labels: dict[str, str],
     name: str,
+    limits: Limits,
+    timeout_s: float,
 ) -> CoreJob:
     """`python -m runner.core.predict`: the checkpoint, the prediction state and the input read-only,
-    one fresh output folder written; the image's filesystem read-only with a private /tmp."""
+    one fresh output folder written; the image's filesystem read-only with a private /tmp.
+
+    `limits` are the training's memory and CPUs (the plan's `resources`), never its network: a
+    prediction always runs with network none. `timeout_s` bounds the whole run (`infra predict --timeout`).
+    """
     exp = Place(exp_root, CONTAINER_EXP)
     ckpt = Place(exp_root / checkpoint, f"{CONTAINER_EXP}/{checkpoint}")
     reads = [ckpt, *(Place(exp_root / rel, f"{CONTAINER_EXP}/{rel}") for rel in state_files)]
@@ -305,4 +314,6 @@ def predict_job(
         labels=labels,
         environment={"PYTHONDONTWRITEBYTECODE": "1"},
         read_only_root=True,
+        limits=Limits(limits.memory, limits.cpus, limits.shm_size, "none", limits.threads),
+        timeout_s=timeout_s,
     )

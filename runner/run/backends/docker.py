@@ -317,7 +317,14 @@ class DockerBackend:
 
         spec = self.spec(job)
         give_places_to(job, spec.user)  # the container's user writes the job's output folders
-        container = engine.run_container(self.handle.require(), spec.image, **spec.engine_kwargs())
+        client = self.handle.require()
+        try:
+            container = engine.run_container(client, spec.image, **spec.engine_kwargs())
+        except KeyboardInterrupt:  # Ctrl-C/SIGTERM while the engine created it: remove it by its unique name
+            made = engine.get_container(client, spec.name)
+            if made is not None:
+                engine.remove_container(made)
+            raise
         try:
             try:
                 code = engine.wait(container, timeout=job.timeout_s)
