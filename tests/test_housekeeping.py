@@ -15,6 +15,7 @@ import pytest
 
 from runner.run.housekeeping import plan_image_prune, prune_images
 from runner.run.records import Experiment, new_record
+from runner.workdir.known import remember
 from tests.helpers import REPO, cli, infra
 from tests.test_queue import gated_plan
 
@@ -203,7 +204,7 @@ def test_plan_image_prune_rules():
 
 
 @pytest.mark.docker
-def test_prune_images_removes_only_unused_infra_images(docker_client, wd):
+def test_prune_images_removes_only_unused_infra_images(docker_client, wd, tmp_path):
     token = secrets.token_hex(6)
     label = f"infra.test-prune={token}"
     repo = f"infra-test-prune-{token}"
@@ -231,6 +232,13 @@ def test_prune_images_removes_only_unused_infra_images(docker_client, wd):
         made.append(build("child", 6, **{"infra.base_image": base}))
         make_exp(wd, "keeps-ran", "succeeded", finished_at=RECENT, image_id=ran)
         make_exp(wd, "old-used-child", "succeeded", image_id=made[-1])
+        child = made[-1]
+        # Another workdir of this user ran on an image of its own (issue 23 #6): its run remembered it.
+        elsewhere = build("elsewhere", 7)
+        made.append(elsewhere)
+        other = tmp_path / "other-workdir"
+        make_exp(other, "ran-elsewhere", "succeeded", image_id=elsewhere)
+        remember(other)
 
         cutoff = datetime.now(UTC) + timedelta(minutes=5)  # every test image counts as old
         dry = prune_images(docker_client, wd, cutoff, dry_run=True, label=label)
@@ -238,12 +246,12 @@ def test_prune_images_removes_only_unused_infra_images(docker_client, wd):
         assert set(planned) == {dangling, made[1]}  # the child is kept by an experiment, so is its base
         assert not any(i["removed"] for i in dry.images)
         everything = prune_images(docker_client, wd, cutoff, dry_run=True, leaving={"old-used-child"}, label=label)
-        assert {i["id"] for i in everything.images} == {dangling, made[1], made[-1], base}
+        assert {i["id"] for i in everything.images} == {dangling, made[1], child, base}
 
         done = prune_images(docker_client, wd, cutoff, label=label)
         assert all(i["removed"] for i in done.images) and len(done.images) == 2
         left = {i.id for i in docker_client.images.list(filters={"label": label})}
-        assert left == {in_container, ran, base, made[-1]}
+        assert left == {in_container, ran, base, child, elsewhere}
         container.remove(force=True)
     finally:  # whatever the test made, nothing else
         for c in docker_client.containers.list(all=True, filters={"label": f"infra.test-prune={token}"}):

@@ -236,6 +236,14 @@ def kept_image_ids(workdir: Path, leaving: set[str] = frozenset()) -> set[str]:
     return ids
 
 
+def other_workdirs(workdir: Path | None) -> list[Path]:
+    """The other workdirs this user ran experiments in (`runner.workdir.known`) that still exist."""
+    from runner.workdir.known import known_workdirs
+
+    here = Path(workdir).resolve() if workdir is not None else None
+    return [wd for wd in known_workdirs() if wd != here and experiments_root(wd).is_dir()]
+
+
 def plan_image_prune(images: list[dict], in_use: set[str], kept: set[str], cutoff: datetime) -> list[dict]:
     """Which infra images to remove (pure): dangling ones of any age and tagged ones built before
     `cutoff`, unless a container uses them, a kept experiment ran on them, or a remaining image was
@@ -271,6 +279,8 @@ def prune_images(
 
     images = engine.labelled_images(client, label)
     kept = kept_image_ids(workdir, leaving) if workdir is not None else set()
+    for other in other_workdirs(workdir):  # the engine is the node's: so are the experiments that need it
+        kept |= kept_image_ids(other)
     chosen = plan_image_prune(images, engine.container_image_ids(client), kept, cutoff)
     result = ImagePrune(dry_run)
     for image in chosen:

@@ -45,6 +45,7 @@ from runner.run.records import (
 )
 from runner.run.spec import LABEL_ATTEMPT, LABEL_PLAN
 from runner.settings import NodeSettings, node_settings
+from runner.workdir.known import remember as remember_workdir
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ def preflight_paths(db: Path, workdir: Path, settings: NodeSettings) -> None:
             f"only {free / 2**30:.2f} GiB free under {root}; free space "
             f"(need {settings.min_free_bytes / 2**30:.2f} GiB, INFRA_MIN_FREE_BYTES)"
         )
+    remember_workdir(workdir)  # `infra prune --images` in any workdir keeps the images this one's runs need
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,7 @@ def run(loaded: LoadedPlan, workdir: Path, opts: RunOptions) -> RunOutcome:
     if plan.tracking is not None:  # checked where the run happens: a Master that only submits needs no client
         from runner.run.tracking import require_client
 
-        require_client(loaded.source)
+        require_client(loaded.source, plan.tracking.mlflow_uri)
     gpus = plan_gpus(loaded, opts.gpus)
     preflight_paths(Path(plan.data.db), workdir, settings)
     build_log = BuildLog(opts.on_log if opts.on_build_log is None else opts.on_build_log)
