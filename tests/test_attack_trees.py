@@ -250,6 +250,21 @@ def test_a_clean_attempt_still_succeeds_with_its_bits_cleared(tmp_path):
     assert not suid.stat().st_mode & SETID
 
 
+@pytest.mark.docker
+def test_a_container_that_vanished_is_lost_with_its_outputs_hardened(tmp_path, docker_client):
+    """A record whose container is gone from the engine becomes `lost`; the container ran, so what it
+    left is hardened as a finished attempt's is."""
+    from runner.run.backends import backend_for
+
+    exp = make_exp(tmp_path)
+    exp.update(state="running", backend="docker", container_id="0" * 64)
+    suid = setid_file(exp.root / "artifacts" / "zz_suid")
+    record = backend_for("docker").reconcile(exp, exp.read())
+    assert record["state"] == "lost"
+    assert record["message"] == "the container is gone from the engine (removed or the engine was reset)"
+    assert not suid.stat().st_mode & SETID
+
+
 def test_experiment_folders_are_private_to_their_owner(tmp_path):
     work = tmp_path / "work"
     (work / "experiments").mkdir(parents=True)

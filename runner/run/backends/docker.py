@@ -19,6 +19,7 @@ from runner.run.backends import CoreOutput, CoreTimeout, OnLine, Prepared, SetSt
 from runner.run.backends.common import (
     after_final,
     final_lock,
+    harden_outputs,
     still_this_attempt,
     stop_with_second_interrupt,
 )
@@ -218,18 +219,12 @@ class DockerBackend:
             current = exp.read()
             if not still_this_attempt(current, record):
                 return current
-            return exp.update(
-                state="lost",
-                finished_at=now_iso(),
-                message="the container is gone from the engine (removed or the engine was reset)",
-            )
+            return _lost(exp, "the container is gone from the engine (removed or the engine was reset)")
         state = engine.container_state(container)
         if state["status"] == "removed":  # finalised by another reader just now
             record = exp.read()
             if record.get("state") in ("building", "starting", "running"):
-                return exp.update(
-                    state="lost", finished_at=now_iso(), message="the container was removed while running"
-                )
+                return _lost(exp, "the container was removed while running")
             return record
         if state["status"] in ("created", "running", "restarting", "paused"):
             return record if record.get("state") == "running" else exp.update(state="running")
@@ -358,6 +353,13 @@ class DockerBackend:
         from runner.node import docker_info
 
         return docker_info()
+
+
+def _lost(exp: Experiment, message: str) -> dict:
+    """Record a training whose container vanished as `lost`, after hardening what it left (as a
+    finished attempt's outputs are: the container ran, so its files may carry setuid bits)."""
+    problem = harden_outputs(exp)
+    return exp.update(state="lost", finished_at=now_iso(), message=f"{message}; {problem}" if problem else message)
 
 
 OUT_OF_MEMORY = "the training was killed: out of memory (resources.memory)"
