@@ -83,7 +83,6 @@ class CoreJob:
     environment: dict[str, str] = field(default_factory=dict)
     image: str | None = None
     image_id: str | None = None
-    read_only_root: bool = False  # prediction and discovery: the image's filesystem read-only, /tmp private
     timeout_s: float | None = None  # run_once: the most seconds the core may take
     log_limit: int | None = None  # bytes of output kept (None: the node's log limit)
 
@@ -169,7 +168,6 @@ def discovery_job(workdir: Path, labels: dict[str, str], name: str, timeout_s: f
         name=name,
         labels=labels,
         environment={"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"},
-        read_only_root=True,
         timeout_s=timeout_s,
     )
 
@@ -313,7 +311,6 @@ def predict_job(
         experiment_id=experiment_id,
         labels=labels,
         environment={"PYTHONDONTWRITEBYTECODE": "1"},
-        read_only_root=True,
         limits=Limits(limits.memory, limits.cpus, limits.shm_size, "none", limits.threads),
         timeout_s=timeout_s,
     )
