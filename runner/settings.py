@@ -8,10 +8,12 @@ Nothing is read at import time, so a test or a long-lived worker sees a changed 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import re
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -29,18 +31,53 @@ def config_file() -> Path:
     return config_dir() / "config.json"
 
 
+CONFIG_LIMIT = 1 << 20  # the config file holds a few settings; more is not a config file
+
+
 def read_config() -> dict:
-    """The config file's object ({} when there is none); a damaged file is a one-line UsageError."""
+    """The config file's object ({} when there is none); a damaged file is a one-line UsageError.
+
+    Opened without following a link and without blocking (a FIFO there must not hang every
+    command), then checked to be a regular file of at most 1 MiB; the keys infra reads from the top
+    level (`workdir`, `node`) are checked for their kind here, so no command trips over them later.
+    """
     path = config_file()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(f"config file {path} is a symbolic link; infra reads only a regular file there") from None
+        raise UsageError(f"config file {path} is unreadable ({exc.strerror}); fix or delete it") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise UsageError(f"config file {path} is not a regular file; delete it (infra writes a new one)")
+        raw = handle.read(CONFIG_LIMIT + 1)
+    if len(raw) > CONFIG_LIMIT:
+        raise UsageError(f"config file {path} is larger than {CONFIG_LIMIT >> 20} MiB; fix or delete it")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
         raise UsageError(f"config file {path} is unreadable ({exc}); fix or delete it") from None
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a JSON object; fix or delete it")
+    workdir = data.get("workdir")
+    if workdir is not None and (not isinstance(workdir, str) or "\x00" in workdir):
+        raise UsageError(
+            f"config file {path}: 'workdir' must be a folder's path as text, not {_shown(workdir)}; "
+            "fix the file or delete it, then run 'infra workdir set PATH'"
+        )
+    if not isinstance(data.get("node", {}), dict):
+        raise UsageError(f"config file {path}: 'node' must be an object; fix the file or delete it")
     return data
+
+
+def _shown(value) -> str:
+    """A JSON value for an error message: short, one line."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def write_config(data: dict) -> None:
@@ -66,12 +103,15 @@ class NodeSettings:
     log_limit_bytes: int = 100 << 20  # INFRA_LOG_LIMIT: captured output kept per experiment
     slot_alive_timeout: int = 60  # INFRA_SLOT_ALIVE_TIMEOUT: a study slot whose host is silent this long stops
     slot_idle_exit: int = 600  # INFRA_SLOT_IDLE_EXIT: a study slot with no point for this long exits
+    tracking_hosts: tuple[str, ...] = ()  # INFRA_TRACKING_HOSTS: MLflow servers (host[:port]) infra may log to
+    tracking_timeout: int = 60  # INFRA_TRACKING_TIMEOUT: seconds for logging one attempt, all requests together
 
 
 @dataclass(frozen=True)
 class Key:
     """One node setting as `infra config` and `node_settings` know it: its environment variable, the
-    kind of value (`text`, `path`, `int`, `size`) and what it does. The one table of the keys."""
+    kind of value (`text`, `requirement`, `hosts`, `path`, `int`, `size`) and what it does. The one
+    table of the keys."""
 
     env: str
     kind: str
@@ -81,7 +121,7 @@ class Key:
 KEYS = {
     "base_image": Key("INFRA_BASE_IMAGE", "text", "a ready base image to use instead of building one"),
     "base_os": Key("INFRA_BASE_OS", "text", "BASE_IMAGE build arg of the base build (e.g. infra-os:bookworm)"),
-    "torch_spec": Key("INFRA_TORCH_SPEC", "text", "torch requirement of the base build (e.g. torch==2.13.0)"),
+    "torch_spec": Key("INFRA_TORCH_SPEC", "requirement", "torch requirement of the base build (e.g. torch==2.13.0)"),
     "wheelhouse": Key("INFRA_WHEELHOUSE", "path", "folder of wheels for offline builds"),
     "min_free_bytes": Key("INFRA_MIN_FREE_BYTES", "int", "free bytes needed under experiments/ before a run"),
     "train_uid": Key("INFRA_TRAIN_UID", "int", "the training's uid when infra runs as root (never 0)"),
@@ -92,6 +132,10 @@ KEYS = {
         "INFRA_SLOT_ALIVE_TIMEOUT", "int", "seconds a study slot runs on after its host stopped (killed runner)"
     ),
     "slot_idle_exit": Key("INFRA_SLOT_IDLE_EXIT", "int", "seconds a study slot (a worker's warm one) waits idle"),
+    "tracking_hosts": Key(
+        "INFRA_TRACKING_HOSTS", "hosts", "MLflow servers infra may log to, with credentials: HOST[:PORT],..."
+    ),
+    "tracking_timeout": Key("INFRA_TRACKING_TIMEOUT", "int", "seconds for logging one attempt to MLflow, in all"),
 }
 assert set(KEYS) == {f.name for f in fields(NodeSettings)}
 ENV = {name: key.env for name, key in KEYS.items()}
@@ -103,15 +147,14 @@ BOUNDS = {
     "min_free_bytes": (0, 1 << 50),
     "slot_alive_timeout": (2, 86400),
     "slot_idle_exit": (1, 7 * 86400),
+    "tracking_timeout": (1, 3600),
 }
 MAX_TEXT = 4096
+MAX_HOSTS = 64
 
 
 def _stored_node() -> dict:
-    stored = read_config().get("node") or {}
-    if not isinstance(stored, dict):
-        raise UsageError(f"config file {config_file()}: 'node' must be an object; fix it or run 'infra config list'")
-    return stored
+    return read_config().get("node") or {}  # its kind is checked by read_config
 
 
 def _pick(name: str, overrides: dict, env_vars, stored: dict) -> tuple[object, str, str] | None:
@@ -240,7 +283,57 @@ def _size(raw) -> int | None:
     return int(m.group(1)) << (10 * ("kmgt".index(unit) + 1) if unit else 0)
 
 
+# A requirement specifier, nothing else: a name, optional extras, optional version clauses. It
+# becomes one argument of the base build's `pip install`; an option (`--index-url=…`), a URL or a
+# marker would change where pip fetches code from.
+_VERSION_CLAUSE = r"(?:===|==|!=|~=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+"
+_REQUIREMENT_RE = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+    r"(?:\s*\[\s*[A-Za-z0-9._-]+(?:\s*,\s*[A-Za-z0-9._-]+)*\s*\])?"
+    rf"(?:\s*{_VERSION_CLAUSE}(?:\s*,\s*{_VERSION_CLAUSE})*)?"
+)
+# One server as `host`, `host:port` or `[v6]:port`, compared as text (never resolved).
+_HOST_RE = re.compile(
+    r"(?:\[(?P<v6>[0-9a-f:.]{2,45})\]|(?P<name>[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?))(?::(?P<port>[0-9]{1,5}))?"
+)
+
+
+def parse_host(text: str) -> tuple[str, int | None] | None:
+    """`Mlflow.Lab:5000` → ("mlflow.lab", 5000); `[::1]` → ("[::1]", None); None for anything else."""
+    m = _HOST_RE.fullmatch(text.strip().lower())
+    if not m:
+        return None
+    port = int(m["port"]) if m["port"] else None
+    if port is not None and not 1 <= port <= 65535:
+        return None
+    return (f"[{m['v6']}]" if m["v6"] else m["name"]), port
+
+
+def _hosts(raw) -> tuple[str, ...] | None:
+    """`a.lab:5000, b.lab` (or the file's list) → ("a.lab:5000", "b.lab"); None when one entry is not a host."""
+    items = raw.split(",") if isinstance(raw, str) else raw if isinstance(raw, list) else None
+    if not items or len(items) > MAX_HOSTS or not all(isinstance(item, str) for item in items):
+        return None
+    out = []
+    for item in items:
+        parsed = parse_host(item)
+        if parsed is None:
+            return None
+        host, port = parsed
+        out.append(host if port is None else f"{host}:{port}")
+    return tuple(dict.fromkeys(out))
+
+
 def _coerce(name: str, raw, origin: str):
+    kind = KEYS[name].kind
+    if kind == "hosts":
+        value = _hosts(raw)
+        if value is None:
+            raise UsageError(
+                f"{origin}: use a comma-separated list of at most {MAX_HOSTS} servers as HOST or HOST:PORT "
+                "(a name or an IP address, [v6] in brackets), e.g. mlflow.lab:5000,10.0.0.5"
+            )
+        return value
     if name == "log_limit_bytes":
         value = _size(raw)
         if value is None or not BOUNDS[name][0] <= value <= BOUNDS[name][1]:
@@ -251,6 +344,11 @@ def _coerce(name: str, raw, origin: str):
     if name not in BOUNDS:
         if not isinstance(raw, str) or not raw.strip() or len(raw) > MAX_TEXT or _CONTROL.search(raw):
             raise UsageError(f"{origin}: must be a non-empty line of text of at most {MAX_TEXT} characters")
+        if kind == "requirement" and not _REQUIREMENT_RE.fullmatch(raw.strip()):
+            raise UsageError(
+                f"{origin}={raw!r}: use a requirement specifier only: a name, optional [extras] and version "
+                "clauses, e.g. torch==2.13.0 or torch>=2.2,<3 (no pip options, URLs or markers)"
+            )
         return raw
     try:
         value = int(raw) if not isinstance(raw, bool) else None

@@ -87,6 +87,12 @@ def test_environment_overrides_the_file_and_list_says_so():
         (["set", "log_limit_bytes", "lots"], "use a size of at least 1M, like 100M or 2G"),
         (["set", "base_os", "a\tb"], "infra config set base_os: must be a non-empty line of text"),
         (["set", "base_os", " "], "must be a non-empty line of text"),
+        (["set", "torch_spec", "--", "--index-url=https://evil.example/simple"], "use a requirement specifier only"),
+        (["set", "torch_spec", "torch==2.13.0 --index-url=https://evil.example/simple"], "no pip options"),
+        (["set", "torch_spec", "torch @ https://evil.example/torch.whl"], "use a requirement specifier only"),
+        (["set", "tracking_hosts", "http://mlflow.lab"], "infra config set tracking_hosts: use a comma-separated"),
+        (["set", "tracking_hosts", "mlflow.lab:70000"], "servers as HOST or HOST:PORT"),
+        (["set", "tracking_timeout", "0"], "must be a whole number from 1 to 3600"),
     ],
 )
 def test_bad_key_or_value_is_exit_2_and_writes_nothing(args, message):
@@ -105,6 +111,77 @@ def test_a_damaged_config_file_is_named():
     result = cli("config", "set", "base_os", "x", env=config_env())
     assert result.returncode == 2 and f"config file {config_file()} is unreadable" in result.stderr
     assert config_file().read_text() == "{"
+
+
+def test_a_workdir_of_the_wrong_kind_in_the_config_file_is_one_line_naming_file_and_key(tmp_path):
+    config_file().parent.mkdir(parents=True, exist_ok=True)
+    config_file().write_text('{"workdir": 5}')
+    for args in (["ls"], ["workdir", "get"], ["config", "list"]):
+        result = cli(*args, env=config_env())
+        assert result.returncode == 2, (args, result.stderr)
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"infra: error: config file {config_file()}: 'workdir' must be a folder's path as text")
+
+
+def test_a_fifo_at_the_config_file_is_refused_not_waited_on():
+    """Reading the config file must not block: a FIFO there hung every command."""
+    config_file().parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(config_file())
+    result = subprocess.run(
+        [sys.executable, "-m", "runner", "config", "list"],
+        env={**os.environ, **config_env(), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,  # a guard against hanging the suite, as the old code did; not a measure of speed
+    )
+    assert result.returncode == 2
+    assert f"config file {config_file()} is not a regular file; delete it" in result.stderr
+
+
+def test_a_link_or_an_oversized_config_file_is_refused(tmp_path):
+    target = tmp_path / "elsewhere.json"
+    target.write_text('{"node": {"base_os": "x"}}')
+    config_file().parent.mkdir(parents=True, exist_ok=True)
+    config_file().symlink_to(target)
+    result = cli("config", "list", env=config_env())
+    assert result.returncode == 2 and "is a symbolic link; infra reads only a regular file there" in result.stderr
+    config_file().unlink()
+    config_file().write_text('{"node": {}, "pad": "' + "x" * (1 << 20) + '"}')
+    result = cli("config", "list", env=config_env())
+    assert result.returncode == 2 and "is larger than 1 MiB" in result.stderr
+
+
+def test_torch_spec_with_pip_options_is_refused_from_every_source():
+    assert set_setting("torch_spec", "torch>=2.2,<3") == ("torch_spec", "torch>=2.2,<3")
+    assert node_settings(env={}).torch_spec == "torch>=2.2,<3"
+    with pytest.raises(UsageError, match="INFRA_TORCH_SPEC='torch --extra-index-url=x': use a requirement"):
+        node_settings(env={"INFRA_TORCH_SPEC": "torch --extra-index-url=x"})
+    config_file().write_text(json.dumps({"node": {"torch_spec": "-r /etc/shadow"}}))
+    with pytest.raises(UsageError, match=f"{config_file()} node.torch_spec='-r /etc/shadow'"):
+        node_settings(env={})
+
+
+def test_tracking_hosts_round_trip_and_list_as_set_takes_them():
+    env = config_env()
+    result = cli("config", "set", "tracking_hosts", "MLflow.lab:5000, 10.0.0.5,[::1]:5000", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "tracking_hosts = mlflow.lab:5000,10.0.0.5,[::1]:5000 stored in" in result.stderr
+    assert json.loads(config_file().read_text())["node"]["tracking_hosts"] == [
+        "mlflow.lab:5000",
+        "10.0.0.5",
+        "[::1]:5000",
+    ]
+    assert node_settings(env={}).tracking_hosts == ("mlflow.lab:5000", "10.0.0.5", "[::1]:5000")
+    got = cli("config", "get", "tracking_hosts", env=env)
+    assert got.stdout == "mlflow.lab:5000,10.0.0.5,[::1]:5000\n"
+    line = next(
+        line for line in cli("config", "list", env=env).stdout.splitlines() if line.startswith("tracking_hosts")
+    )
+    assert line.split() == ["tracking_hosts", "mlflow.lab:5000,10.0.0.5,[::1]:5000", "config", "INFRA_TRACKING_HOSTS"]
+    assert node_settings(env={"INFRA_TRACKING_HOSTS": "a.lab"}).tracking_hosts == ("a.lab",)
+    assert node_settings(env={"INFRA_TRACKING_TIMEOUT": "5"}).tracking_timeout == 5
+    assert cli("config", "unset", "tracking_hosts", env=env).returncode == 0
+    assert node_settings(env={}).tracking_hosts == ()
 
 
 def test_wheelhouse_is_stored_absolute(tmp_path, monkeypatch):

@@ -91,6 +91,11 @@ def mlflow_server():
         shutil.rmtree(top, ignore_errors=True)
 
 
+def allow(monkeypatch, *uris: str) -> None:
+    """List the servers of `uris` in the node's tracking_hosts (infra logs to no other server)."""
+    monkeypatch.setenv("INFRA_TRACKING_HOSTS", ",".join(uri.split("://", 1)[1] for uri in uris))
+
+
 def write_plan(workdir: Path, name: str, **sections) -> Path:
     plan = {**PLAN, **sections}
     path = workdir / "plans" / f"{name}.json"
@@ -122,7 +127,10 @@ def runs_of(uri: str, experiment: str) -> list:
 
 @pytest.mark.docker
 @pytest.mark.slow
-def test_container_run_is_tracked_and_logs_csv_and_tensorboard(mlflow_server, base_image, workdir, run_user):
+def test_container_run_is_tracked_and_logs_csv_and_tensorboard(
+    mlflow_server, base_image, workdir, run_user, monkeypatch
+):
+    allow(monkeypatch, mlflow_server)
     plan = write_plan(workdir, "tracked", tracking={"mlflow_uri": mlflow_server, "experiment": "infra-tests"})
     os.chown(plan, run_user[0], run_user[1])
     result = infra_as(run_user, "run", str(plan), "--json", workdir=workdir)
@@ -184,7 +192,8 @@ def test_container_run_is_tracked_and_logs_csv_and_tensorboard(mlflow_server, ba
 
 @pytest.mark.core
 @pytest.mark.slow
-def test_detached_run_is_tracked_once_by_whoever_finalises_it(mlflow_server, tmp_path):
+def test_detached_run_is_tracked_once_by_whoever_finalises_it(mlflow_server, tmp_path, monkeypatch):
+    allow(monkeypatch, mlflow_server)
     work = local_workdir(tmp_path)
     plan = write_plan(work, "detached", tracking={"mlflow_uri": mlflow_server, "experiment": "infra-detached"})
     started = infra("run", str(plan), "--backend", "local", "--detach", "--json", workdir=work)
@@ -210,9 +219,10 @@ def test_detached_run_is_tracked_once_by_whoever_finalises_it(mlflow_server, tmp
 
 @pytest.mark.core
 @pytest.mark.slow
-def test_unreachable_server_warns_and_the_run_still_succeeds(tmp_path, mlflow_server):
+def test_unreachable_server_warns_and_the_run_still_succeeds(tmp_path, mlflow_server, monkeypatch):
     work = local_workdir(tmp_path)
     closed = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    allow(monkeypatch, closed)  # `infra track --mlflow-uri` below needs no listing: the invoker chose it
     plan = write_plan(work, "unreachable", tracking={"mlflow_uri": closed})
     t0 = time.monotonic()
     result = infra("run", str(plan), "--backend", "local", "--json", workdir=work)

@@ -8,7 +8,7 @@ from runner.cli.options import JSON_OPT
 from runner.cli.output import emit_json, say
 
 app = typer.Typer(
-    help="Node settings (base image, torch spec, limits) stored in the node's config file.\n\n"
+    help="Node settings (base image, torch spec, limits, tracking servers) stored in the node's config file.\n\n"
     "An INFRA_* environment variable overrides the stored value. Example: infra config set base_os infra-os:bookworm",
     no_args_is_help=True,
     rich_markup_mode=None,
@@ -46,8 +46,8 @@ def get(key: KEY_ARG, json_out: JSON_OPT = False) -> None:
     if json_out:
         emit_json(row)
         return
-    if row["value"] is not None:
-        typer.echo(str(row["value"]))
+    if row["value"] not in (None, ()):
+        typer.echo(_text(row["value"]))
     say(f"{row['key']}: from {_source(row)}")
 
 
@@ -66,7 +66,7 @@ def set_(
     name, stored = set_setting(key, value)
     if json_out:
         emit_json({"key": name, "value": stored, "config_file": str(config_file())})
-    say(f"{name} = {stored} stored in {config_file()}")
+    say(f"{name} = {_text(stored)} stored in {config_file()}")
     _warn_env(KEYS[name].env)
 
 
@@ -101,16 +101,23 @@ def list_(json_out: JSON_OPT = False) -> None:
         emit_json({"config_file": str(config_file()), "settings": rows})
         return
     table = [("KEY", "VALUE", "SOURCE", "ENV")]
-    table += [(r["key"], "-" if r["value"] is None else str(r["value"]), _source(r), r["env"]) for r in rows]
+    table += [(r["key"], _text(r["value"]) or "-", _source(r), r["env"]) for r in rows]
     widths = [max(len(t[i]) for t in table) for i in range(3)]
     for t in table:
         typer.echo(f"{t[0]:{widths[0]}}  {t[1]:{widths[1]}}  {t[2]:{widths[2]}}  {t[3]}")
     say(f"config file: {config_file()} (INFRA_* environment variables override it)")
 
 
+def _text(value) -> str:
+    """A setting's value as `infra config set` takes it: a list of hosts comma-joined, nothing for none."""
+    if value is None:
+        return ""
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
 def _source(row: dict) -> str:
     if row["source"] == "env" and row["stored"] is not None:
-        return f"env (overrides config {row['stored']})"
+        return f"env (overrides config {_text(row['stored'])})"
     return row["source"]
 
 

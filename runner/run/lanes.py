@@ -220,7 +220,7 @@ class WarmLane:
         if loaded.plan.tracking is not None:
             from runner.run.tracking import require_client
 
-            require_client(loaded.source)
+            require_client(loaded.source, loaded.plan.tracking.mlflow_uri)
         build_log = BuildLog(opts.on_log)
         prepared = backend.prepare(workdir, gpus, build_log.add)
         image_id = backend.ensure_image(prepared, build_log.add)

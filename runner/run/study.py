@@ -155,7 +155,9 @@ class Study:
         if any(lp.plan.tracking is not None for lp in self.loaded):
             from runner.run.tracking import require_client
 
-            require_client(first.source)
+            for lp in self.loaded:
+                if lp.plan.tracking is not None:
+                    require_client(lp.source, lp.plan.tracking.mlflow_uri)
         build_log = BuildLog(self.opts.on_build_log)
         self.prepared = self.backend.prepare(self.workdir, self.gpus, build_log.add)
         self.image_id = self.backend.ensure_image(self.prepared, build_log.add)

@@ -7,27 +7,35 @@ state is on record. The container never talks to the server: its network stays `
 Everything read here comes from the experiment's mounted folders, i.e. from the training: the plan
 is used only when it hashes to the record's `plan_sha256` (so the server the host contacts is the
 one the host's plan named), numbers must be finite, names plain, sizes and counts capped, and files
-are read through `runner.safefs`. A server that is unreachable or refuses anything costs a bounded
-time, one warning and a `tracking_failed` event; it never changes the run's state or exit code.
+are read through `runner.safefs`. Requests (and the host's `MLFLOW_TRACKING_*` credentials) go only
+to a server in the node's `tracking_hosts` setting: a plan cannot send them elsewhere. The MLflow
+client runs in a child process that is killed at the node's `tracking_timeout`, so a server that
+answers slowly forever costs that long and no more. A server that is unreachable, not allowed or
+refuses anything costs a bounded time, one warning and a `tracking_failed` event; it never changes
+the run's state or exit code.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import json
 import logging
 import math
 import os
 import re
+import selectors
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from runner import __version__, safefs
 from runner.errors import EnvironmentProblem, InfraError
 from runner.run.records import Experiment, metrics_summary, plan_sha256
+from runner.settings import node_settings, parse_host
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +43,9 @@ TRACKED_STATES = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KIL
 # MLflow's client retries 7 times over minutes by default; a finished run must not wait on that.
 REQUEST_TIMEOUT_S = 10
 REQUEST_RETRIES = 1
-BUDGET_S = 60  # all requests of one attempt together; checked between requests
+CLIENT_START_S = 120  # the client's process importing mlflow; the network deadline starts after it
+RESULT_LINE_LIMIT = 64 << 10
+DEFAULT_PORTS = {"http": 80, "https": 443}
 METRICS_LINES_LIMIT = 16 << 20  # metrics.jsonl read back at most
 MAX_EPOCHS_LOGGED = 100_000
 MAX_PLOTS = 32
@@ -56,13 +66,48 @@ def client_installed() -> bool:
         return False
 
 
-def require_client(source: str) -> None:
-    """EnvironmentProblem (exit 3) when a plan asks for tracking and this host lacks the MLflow client."""
+def require_client(source: str, uri: str | None = None) -> None:
+    """EnvironmentProblem (exit 3) when a plan asks for tracking and this host lacks the MLflow client,
+    or (with `uri`) when the plan's server is not one of the node's `tracking_hosts`."""
     if not client_installed():
         raise EnvironmentProblem(
             f"{source}: tracking.mlflow_uri needs the MLflow client on this host: "
             "pip install 'infra[tracking]' (or remove the plan's tracking section)"
         )
+    if uri is not None and (refusal := refused_server(uri, node_settings().tracking_hosts)):
+        raise EnvironmentProblem(f"{source}: tracking.mlflow_uri: {refusal} (or remove the plan's tracking section)")
+
+
+def server_address(uri: str) -> str | None:
+    """`https://MLflow.lab/x` → "mlflow.lab:443": the server a URI names, port explicit; None when its
+    authority is not a plain host[:port] (then nothing is sent: the client might read it otherwise)."""
+    parts = urlsplit(uri)
+    parsed = parse_host(parts.netloc) if parts.scheme in DEFAULT_PORTS else None
+    if parsed is None:
+        return None
+    host, port = parsed
+    return f"{host}:{port or DEFAULT_PORTS[parts.scheme]}"
+
+
+def refused_server(uri: str, allowed: tuple[str, ...]) -> str | None:
+    """Why `uri`'s server gets no request from this node (None when it is allowed).
+
+    Allowed are the node's `tracking_hosts`: `host:port` exactly, or `host` at the scheme's default
+    port. The MLflow client sends the host's `MLFLOW_TRACKING_*` credentials with every request, and
+    plans (queue jobs included) are not trusted to choose where they go.
+    """
+    address = server_address(uri)
+    if address is None:
+        return "the server is not a plain host[:port]; nothing is sent"
+    scheme_port = DEFAULT_PORTS[urlsplit(uri).scheme]
+    if address in {entry if ":" in entry.rsplit("]", 1)[-1] else f"{entry}:{scheme_port}" for entry in allowed}:
+        return None
+    listed = ",".join(allowed) or "none"
+    return (
+        f"{address} is not in this node's tracking_hosts ({listed}); infra sends results and its MLflow "
+        f"credentials only to servers listed there: allow it with "
+        f"'infra config set tracking_hosts {','.join((*allowed, address))}'"
+    )
 
 
 def track_finished(exp: Experiment, record: dict) -> str | None:
@@ -84,11 +129,18 @@ def track_finished(exp: Experiment, record: dict) -> str | None:
         return None
     uri, name = tracking["mlflow_uri"], tracking.get("experiment") or plan["name"]
     try:
-        run_id = _log_attempt(exp, record, plan, uri, name)
-    except Exception as exc:  # noqa: BLE001 - any client/server failure is reported, never raised
-        error = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-        log.warning("%s: not logged to MLflow at %s (the run's outcome is unchanged): %s", exp.id, uri, error)
-        exp.event("tracking_failed", mlflow_uri=uri, error=error)
+        settings = node_settings()
+        refusal = refused_server(uri, settings.tracking_hosts)
+    except InfraError as exc:  # a damaged config file: nothing is sent
+        refusal = exc.message
+    if refusal is None:
+        try:
+            run_id = _log_attempt(exp, record, plan, uri, name, settings.tracking_timeout)
+        except Exception as exc:  # noqa: BLE001 - any client/server failure is reported, never raised
+            refusal = _error_text(exc)
+    if refusal is not None:
+        log.warning("%s: not logged to MLflow at %s (the run's outcome is unchanged): %s", exp.id, uri, refusal)
+        exp.event("tracking_failed", mlflow_uri=uri, error=refusal)
         return None
     exp.event("tracked", mlflow_uri=uri, mlflow_experiment=name, run_id=run_id)
     log.info("%s: logged to MLflow at %s (run %s)", exp.id, uri, run_id)
@@ -99,7 +151,9 @@ def track_again(exp: Experiment, record: dict, uri: str | None = None, experimen
     """`infra track`: log a finished attempt (again: a new MLflow run), to the plan's server or `uri`.
 
     Unlike the automatic logging, problems are errors: UsageError (exit 2) for an attempt that has
-    not ended or nowhere to log to, EnvironmentProblem (exit 3) when the server cannot be reached.
+    not ended or nowhere to log to, EnvironmentProblem (exit 3) when the server cannot be reached or
+    the plan's server is not in `tracking_hosts`. A `uri` given here is the invoker's own choice, so
+    it needs no listing.
     """
     from pydantic import ValidationError
 
@@ -127,12 +181,14 @@ def track_again(exp: Experiment, record: dict, uri: str | None = None, experimen
             "--mlflow-uri: use http(s)://host[:port][/path] without user, password, query or fragment; "
             "--experiment: 1-256 printable characters"
         ) from None
-    require_client(f"experiment {exp.id}")
+    require_client(f"experiment {exp.id}", None if uri is not None else spec.mlflow_uri)
+    if server_address(spec.mlflow_uri) is None:
+        raise UsageError(f"--mlflow-uri {spec.mlflow_uri}: the server must be a plain host[:port]")
     name = spec.experiment or plan["name"]
     try:
-        run_id = _log_attempt(exp, record, plan, spec.mlflow_uri, name)
+        run_id = _log_attempt(exp, record, plan, spec.mlflow_uri, name, node_settings().tracking_timeout)
     except Exception as exc:  # noqa: BLE001 - reported as the command's error
-        error = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        error = _error_text(exc)
         exp.event("tracking_failed", mlflow_uri=spec.mlflow_uri, error=error)
         raise EnvironmentProblem(f"experiment {exp.id} not logged to MLflow at {spec.mlflow_uri}: {error}") from None
     exp.event("tracked", mlflow_uri=spec.mlflow_uri, mlflow_experiment=name, run_id=run_id)
@@ -159,85 +215,171 @@ def verified_plan(exp: Experiment, record: dict) -> dict | None:
     return doc
 
 
-@contextlib.contextmanager
-def _bounded_requests():
-    """MLflow's HTTP timeout and retries made small for the duration (its client reads them per request)."""
-    wanted = {
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S),
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(REQUEST_RETRIES),
-        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+class ClientFailed(Exception):
+    """The MLflow client's process failed or was stopped; the text says how (`Type: message`)."""
+
+
+def _error_text(exc: Exception) -> str:
+    text = str(exc) if isinstance(exc, ClientFailed) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())[:300]
+
+
+def _log_attempt(exp: Experiment, record: dict, plan: dict, uri: str, experiment_name: str, timeout: int) -> str:
+    """Log one attempt in a child process given `timeout` seconds in all; the MLflow run id.
+
+    Everything is read from the experiment here (through safefs, capped); the child gets plain data
+    in a private folder and only talks to the server. A thread could not be stopped in the middle of
+    a read that a server answers one byte at a time; a process can be killed.
+    """
+    tags = {
+        "mlflow.runName": exp.id,
+        "infra.experiment_id": exp.id,
+        "infra.state": record["state"],
+        "infra.attempt": str(record.get("attempt")),
+        "infra.backend": str(record.get("backend")),
+        "infra.exit_code": str(record.get("exit_code")),
     }
-    saved = {k: os.environ.get(k) for k in wanted}
-    os.environ.update({k: v for k, v in wanted.items() if saved[k] is None})  # the node's own choice wins
+    if kept := kept_tag(exp):
+        tags["infra.kept"] = kept
+    now = int(time.time() * 1000)
+    metrics = [[k, v, now, step] for step, k, v in epoch_metrics(exp)]
+    metrics += [[k, v, now, 0] for k, v in final_metrics(exp).items()]
+    with tempfile.TemporaryDirectory(prefix="infra-track-") as tmp:
+        folder = Path(tmp)
+        (folder / "plots").mkdir()
+        names = []
+        for name, data in plots(exp):
+            (folder / "plots" / name).write_bytes(data)
+            names.append(name)
+        payload = {
+            "uri": uri,
+            "experiment": experiment_name,
+            "tags": tags,
+            "params": run_params(plan, record),
+            "metrics": metrics,
+            "plots": names,
+            "tracked_by": f"infra {__version__}",
+            "status": TRACKED_STATES[record["state"]],
+            "timeout": timeout,
+        }
+        (folder / "payload.json").write_text(json.dumps(payload), encoding="utf-8")
+        return _run_client(folder, timeout)
+
+
+def _run_client(folder: Path, timeout: int) -> str:
+    """Run `_client_main` on `folder` and wait for its result at most `timeout` s after it is ready."""
+    code = "import sys; from runner.run.tracking import _client_main; _client_main(sys.argv[1])"
+    with (folder / "client.log").open("wb") as client_log:
+        # -P and cwd: nothing importable from the caller's directory (a workdir) reaches the child
+        proc = subprocess.Popen(
+            [sys.executable, "-P", "-c", code, str(folder)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=client_log,
+            cwd=folder,
+        )
     try:
-        yield
+        lines = _Lines(proc.stdout)
+        if lines.next(time.monotonic() + CLIENT_START_S) != "ready":
+            proc.kill()
+            proc.wait()
+            tail = (folder / "client.log").read_bytes()[-600:].decode("utf-8", "replace")
+            raise ClientFailed(f"ClientFailed: the MLflow client did not start: {tail.strip()[-300:]}")
+        result = lines.next(time.monotonic() + timeout)
+        if result is None and lines.eof:
+            tail = (folder / "client.log").read_bytes()[-600:].decode("utf-8", "replace")
+            raise ClientFailed(f"ClientFailed: the MLflow client exited without a result: {tail.strip()[-300:]}")
+        if result is None:
+            raise ClientFailed(
+                f"TimeoutError: gave up after {timeout} s (tracking_timeout): the server did not finish answering"
+            )
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        log.debug("MLflow client log: %s", (folder / "client.log").read_bytes()[-2000:])
+    doc = json.loads(result)
+    if "run_id" not in doc:
+        raise ClientFailed(str(doc.get("error")))
+    return str(doc["run_id"])
 
 
-class _Deadline:
-    def __init__(self, seconds: float):
-        self.end = time.monotonic() + seconds
+class _Lines:
+    """Lines of a child's pipe, each waited for until an absolute deadline (None at the deadline or EOF)."""
 
-    def check(self) -> None:
-        if time.monotonic() > self.end:
-            raise TimeoutError(f"gave up after {BUDGET_S}s")
+    def __init__(self, pipe):
+        self.fd = pipe.fileno()
+        self.buffer = b""
+        self.eof = False
+
+    def next(self, deadline: float) -> str | None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.fd, selectors.EVENT_READ)
+            while b"\n" not in self.buffer:
+                left = deadline - time.monotonic()
+                if left <= 0 or len(self.buffer) > RESULT_LINE_LIMIT or not selector.select(left):
+                    return None
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    self.eof = True
+                    return None
+                self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode("utf-8", "replace")
 
 
-def _log_attempt(exp: Experiment, record: dict, plan: dict, uri: str, experiment_name: str) -> str:
-    from mlflow.entities import Metric, Param
-    from mlflow.exceptions import MlflowException
+def _client_main(folder: str) -> None:
+    """The MLflow client's process: log `folder/payload.json`, print "ready", then one JSON result line.
+
+    Its stdout is the result pipe only: the client's own prints ("View run …") go to /dev/null.
+    """
+    result = os.fdopen(os.dup(1), "w")
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    # MLflow's client retries 7 times over minutes by default; the node's own choice wins
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(REQUEST_RETRIES))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     from mlflow.tracking import MlflowClient
 
-    deadline = _Deadline(BUDGET_S)
-    # the client prints "View run" links to stdout, which is `--json`'s one document: keep them off it
-    with _bounded_requests(), contextlib.redirect_stdout(io.StringIO()):
-        client = MlflowClient(tracking_uri=uri)
-        found = client.get_experiment_by_name(experiment_name)
-        if found is None:
-            try:
-                experiment_id = client.create_experiment(experiment_name)
-            except MlflowException:  # created meanwhile by another finalising runner
-                found = client.get_experiment_by_name(experiment_name)
-                if found is None:
-                    raise
-                experiment_id = found.experiment_id
-        else:
+    payload = json.loads((Path(folder) / "payload.json").read_text(encoding="utf-8"))
+    client = MlflowClient(tracking_uri=payload["uri"])
+    result.write("ready\n")
+    result.flush()
+    signal.alarm(int(payload["timeout"]) + 10)  # ends this process should its parent be gone
+    try:
+        doc = {"run_id": _send(client, payload, Path(folder))}
+    except Exception as exc:  # noqa: BLE001 - the parent reports it
+        doc = {"error": _error_text(exc)}
+    result.write(json.dumps(doc) + "\n")
+    result.flush()
+
+
+def _send(client, payload: dict, folder: Path) -> str:
+    from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
+
+    name = payload["experiment"]
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            experiment_id = client.create_experiment(name)
+        except MlflowException:  # created meanwhile by another finalising runner
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
             experiment_id = found.experiment_id
-        deadline.check()
-        tags = {
-            "mlflow.runName": exp.id,
-            "infra.experiment_id": exp.id,
-            "infra.state": record["state"],
-            "infra.attempt": str(record.get("attempt")),
-            "infra.backend": str(record.get("backend")),
-            "infra.exit_code": str(record.get("exit_code")),
-        }
-        if kept := kept_tag(exp):
-            tags["infra.kept"] = kept
-        run = client.create_run(experiment_id, tags=tags)
-        run_id = run.info.run_id
-        params = run_params(plan, record)
-        for chunk in _chunks([Param(k, v) for k, v in params.items()], PARAMS_PER_BATCH):
-            deadline.check()
-            client.log_batch(run_id, params=chunk)
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for step, k, v in epoch_metrics(exp)]
-        metrics += [Metric(k, v, now, 0) for k, v in final_metrics(exp).items()]
-        for chunk in _chunks(metrics, METRICS_PER_BATCH):
-            deadline.check()
-            client.log_batch(run_id, metrics=chunk)
-        with tempfile.TemporaryDirectory(prefix="infra-track-") as tmp:
-            for name, data in plots(exp):
-                deadline.check()
-                path = Path(tmp) / name
-                path.write_bytes(data)
-                client.log_artifact(run_id, str(path), artifact_path="plots")
-        deadline.check()
-        client.set_tag(run_id, "infra.tracked_by", f"infra {__version__}")
-        client.set_terminated(run_id, status=TRACKED_STATES[record["state"]])
+    else:
+        experiment_id = found.experiment_id
+    run_id = client.create_run(experiment_id, tags=payload["tags"]).info.run_id
+    for chunk in _chunks([Param(k, v) for k, v in payload["params"].items()], PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=chunk)
+    for chunk in _chunks([Metric(*m) for m in payload["metrics"]], METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=chunk)
+    for plot in payload["plots"]:
+        client.log_artifact(run_id, str(folder / "plots" / plot), artifact_path="plots")
+    client.set_tag(run_id, "infra.tracked_by", payload["tracked_by"])
+    client.set_terminated(run_id, status=payload["status"])
     return run_id
 
 
