@@ -5,7 +5,7 @@ from typing import Annotated
 import typer
 
 from runner.cli.options import JSON_OPT
-from runner.cli.output import emit_json, say
+from runner.cli.output import echo, emit_json, say
 
 app = typer.Typer(
     help="Node settings (base image, torch spec, limits, tracking servers) stored in the node's config file.\n\n"
@@ -47,7 +47,7 @@ def get(key: KEY_ARG, json_out: JSON_OPT = False) -> None:
         emit_json(row)
         return
     if row["value"] not in (None, ()):
-        typer.echo(_text(row["value"]))
+        echo(_text(row["value"]))
     say(f"{row['key']}: from {_source(row)}")
 
 
@@ -104,7 +104,7 @@ def list_(json_out: JSON_OPT = False) -> None:
     table += [(r["key"], _text(r["value"]) or "-", _source(r), r["env"]) for r in rows]
     widths = [max(len(t[i]) for t in table) for i in range(3)]
     for t in table:
-        typer.echo(f"{t[0]:{widths[0]}}  {t[1]:{widths[1]}}  {t[2]:{widths[2]}}  {t[3]}")
+        echo(f"{t[0]:{widths[0]}}  {t[1]:{widths[1]}}  {t[2]:{widths[2]}}  {t[3]}")
     say(f"config file: {config_file()} (INFRA_* environment variables override it)")
 
 

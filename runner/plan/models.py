@@ -297,8 +297,9 @@ class TrackingSpec(Strict):
     """Where the host logs each finished attempt (params, per-epoch metrics, test metrics, plots)."""
 
     mlflow_uri: Annotated[str, Field(pattern=MLFLOW_URI_PATTERN, max_length=2048)] = Field(
-        description="MLflow tracking server, http(s)://host[:port][/path]; credentials from the host's "
-        "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN, never in the plan"
+        description="MLflow tracking server, http(s)://host[:port][/path]; the node must list it "
+        "(infra config set tracking_hosts); credentials from the host's MLFLOW_TRACKING_USERNAME/PASSWORD or "
+        "MLFLOW_TRACKING_TOKEN, never in the plan"
     )
     experiment: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$")] | None = Field(
         default=None, description="MLflow experiment name; default: the plan's name"
