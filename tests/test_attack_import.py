@@ -108,6 +108,33 @@ def test_a_gzip_inside_a_zip_is_stopped_by_counting_the_bytes_read_under_a_memor
     one_line_error(result, f"{bomb}:x.csv.gz:1:", "1 MiB", "limit")
 
 
+@pytest.mark.parametrize(("value_mib", "rows", "limit"), [(2, 10, "MAX_ROW_CHARS"), (1, 20_000, "MAX_BATCH_BYTES")])
+def test_a_parquet_dictionary_bomb_is_refused_before_it_expands_under_a_memory_limit(tmp_path, value_mib, rows, limit):
+    """A few-KB Parquet file whose text column is one long value repeated through a dictionary: it
+    declares its encoded size only, and read plainly one batch of it expands to gigabytes (review of
+    issue 23). The dictionary is measured first: a value over the row limit, or a batch whose values
+    would exceed the batch limit, is refused before anything is materialised."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bomb = tmp_path / "bomb.parquet"
+    value = "A" * (value_mib * MIB - 1)
+    column = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), pa.array([value]))
+    table = pa.table({"mutant": column, "DMS_score": pa.array([0.5] * rows)})
+    pq.write_table(table, bomb, use_dictionary=True, compression="zstd")
+    assert bomb.stat().st_size < 256 * 1024
+    result = subprocess.run(
+        [sys.executable, "-m", "runner", *import_args(bomb, tmp_path / "db.sqlite")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        preexec_fn=limit_memory(1 << 30),
+        timeout=300,
+    )
+    one_line_error(result, str(bomb), f"({limit})")
+    assert not (tmp_path / "db.sqlite").exists()
+
+
 def test_a_gzip_of_blank_lines_is_stopped_by_its_compression_ratio(tmp_path, monkeypatch):
     """Every line is short, so only the ratio gives the bomb away: 8 MiB of newlines from a ~8 KB .gz.
     The floor below which ratios are not judged is lowered to 1 MiB so the test stays small."""

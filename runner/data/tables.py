@@ -41,6 +41,8 @@ MAX_DECOMPRESSED_BYTES = 4 << 30  # what one compressed table (.gz, zip member) 
 MAX_RATIO = 500  # inflated / compressed size: deflate of real tables stays under ~170 (the repeat of a
 # long sequence costs a distance code per 258 bytes), a run of one byte (a bomb) reaches 1,032
 RATIO_FLOOR_BYTES = 64 << 20  # the ratio is judged only past this much output: small files may be odd
+MAX_BATCH_BYTES = 256 << 20  # Parquet: the values of one batch of BATCH_ROWS rows (ProteinGym's longest
+# mutated_sequence, 3,423 aa, makes ~70 MB); checked on the dictionary before the values exist
 MAX_FIELD = MAX_ROW_CHARS  # csv's own per-field limit (its default 128 KB is below a real long row)
 
 
@@ -216,8 +218,18 @@ def _parquet_table(name: str, path: Path, stack: contextlib.ExitStack) -> Table:
             f"{name}: reading Parquet needs pyarrow: pip install pyarrow (or install infra with the 'core' extra), "
             "or convert the file to CSV"
         ) from None
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     try:
-        handle = stack.enter_context(pq.ParquetFile(path))
+        schema = pq.read_schema(path)
+        # Text columns are read as dictionaries (values once, rows as indices): what they expand to is
+        # measured before it is materialised. A dictionary-encoded column declares its encoded size
+        # only, so a few KB can expand to gigabytes (one long value repeated); the declared-size check
+        # below cannot see that.
+        text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+                or pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]  # fmt: skip
+        handle = stack.enter_context(pq.ParquetFile(path, read_dictionary=text))
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
         raise DataError(f"{name}: not a readable Parquet file ({shorten(str(exc), 200)})") from None
     header = _check_header(name, [str(n) for n in handle.schema_arrow.names])
@@ -226,9 +238,40 @@ def _parquet_table(name: str, path: Path, stack: contextlib.ExitStack) -> Table:
         name, sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)), path.stat().st_size
     )
 
+    def expanded_bytes(batch, first_row: int) -> int:
+        """What the batch's columns take as Python values; a value over MAX_ROW_CHARS is refused."""
+        total = 0
+        for i in range(batch.num_columns):
+            column = batch.column(i)
+            if not pa.types.is_dictionary(column.type):
+                total += column.nbytes
+                continue
+            lengths = pc.binary_length(column.dictionary)
+            longest = pc.max(lengths).as_py() or 0
+            if longest > MAX_ROW_CHARS:
+                raise DataError(
+                    f"{name}: column {header[i]!r} near row {first_row} holds a value of {longest} characters, "
+                    f"over the limit of {MAX_ROW_CHARS} (MAX_ROW_CHARS)"
+                )
+            total += (pc.sum(lengths.take(column.indices.fill_null(0))).as_py() or 0) + 8 * len(column)
+        return total
+
     def rows() -> Iterator[tuple[int, tuple]]:
         n = 0
+        expanded = 0
         for batch in handle.iter_batches(batch_size=BATCH_ROWS):
+            size = expanded_bytes(batch, n + 1)
+            if size > MAX_BATCH_BYTES:
+                raise DataError(
+                    f"{name}: rows {n + 1}-{n + batch.num_rows} expand to {size >> 20} MiB of values, over the "
+                    f"limit of {MAX_BATCH_BYTES >> 20} MiB per {BATCH_ROWS} rows (MAX_BATCH_BYTES)"
+                )
+            expanded += size
+            if expanded > MAX_DECOMPRESSED_BYTES:
+                raise DataError(
+                    f"{name}: expands to more than {MAX_DECOMPRESSED_BYTES >> 30} GiB of values by row {n + batch.num_rows} "
+                    "(limit MAX_DECOMPRESSED_BYTES); split the table or convert it to CSV"
+                )
             columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
             for values in zip(*columns, strict=True):
                 n += 1
