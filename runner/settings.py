@@ -105,6 +105,7 @@ class NodeSettings:
     slot_idle_exit: int = 600  # INFRA_SLOT_IDLE_EXIT: a study slot with no point for this long exits
     tracking_hosts: tuple[str, ...] = ()  # INFRA_TRACKING_HOSTS: MLflow servers (host[:port]) infra may log to
     tracking_timeout: int = 60  # INFRA_TRACKING_TIMEOUT: seconds for logging one attempt, all requests together
+    model_store: str | None = None  # INFRA_MODEL_STORE: the folder of the models `infra models add` registers
 
 
 @dataclass(frozen=True)
@@ -133,9 +134,14 @@ KEYS = {
     ),
     "slot_idle_exit": Key("INFRA_SLOT_IDLE_EXIT", "int", "seconds a study slot (a worker's warm one) waits idle"),
     "tracking_hosts": Key(
-        "INFRA_TRACKING_HOSTS", "hosts", "MLflow servers infra may log to, with credentials: HOST[:PORT],..."
+        "INFRA_TRACKING_HOSTS",
+        "hosts",
+        "MLflow servers infra may log to, with credentials: HOST[:PORT] (https), http://HOST[:PORT],...",
     ),
     "tracking_timeout": Key("INFRA_TRACKING_TIMEOUT", "int", "seconds for logging one attempt to MLflow, in all"),
+    "model_store": Key(
+        "INFRA_MODEL_STORE", "path", "folder of the models of the plm embedding (infra models add), mounted read-only"
+    ),
 }
 assert set(KEYS) == {f.name for f in fields(NodeSettings)}
 ENV = {name: key.env for name, key in KEYS.items()}
@@ -294,7 +300,7 @@ _REQUIREMENT_RE = re.compile(
 )
 # One server as `host`, `host:port` or `[v6]:port`, compared as text (never resolved).
 _HOST_RE = re.compile(
-    r"(?:\[(?P<v6>[0-9a-f:.]{2,45})\]|(?P<name>[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?))(?::(?P<port>[0-9]{1,5}))?"
+    r"(?:\[(?P<v6>[0-9a-f:.]{2,45})\]|(?P<name>[a-z0-9](?:[a-z0-9._-]{0,251}[a-z0-9])?))(?::(?P<port>[0-9]{1,5}))?"
 )
 
 
@@ -316,11 +322,22 @@ def _hosts(raw) -> tuple[str, ...] | None:
         return None
     out = []
     for item in items:
-        parsed = parse_host(item)
+        # plain `host[:port]` (or `https://…`) allows https only; cleartext http must be listed as
+        # `http://host[:port]`, so a plan cannot downgrade a listed server and send the credentials in clear
+        text = item.strip()
+        scheme = "http://" if text.lower().startswith("http://") else ""
+        text = (
+            text[len("http://") :]
+            if scheme
+            else text[len("https://") :]
+            if text.lower().startswith("https://")
+            else text
+        )
+        parsed = parse_host(text)
         if parsed is None:
             return None
         host, port = parsed
-        out.append(host if port is None else f"{host}:{port}")
+        out.append(scheme + (host if port is None else f"{host}:{port}"))
     return tuple(dict.fromkeys(out))
 
 
@@ -330,8 +347,9 @@ def _coerce(name: str, raw, origin: str):
         value = _hosts(raw)
         if value is None:
             raise UsageError(
-                f"{origin}: use a comma-separated list of at most {MAX_HOSTS} servers as HOST or HOST:PORT "
-                "(a name or an IP address, [v6] in brackets), e.g. mlflow.lab:5000,10.0.0.5"
+                f"{origin}: use a comma-separated list of at most {MAX_HOSTS} servers as HOST or HOST:PORT for "
+                "https, http://HOST[:PORT] for cleartext http (a name or an IP address, [v6] in brackets), "
+                "e.g. mlflow.lab:5000,http://10.0.0.5:5000"
             )
         return value
     if name == "log_limit_bytes":

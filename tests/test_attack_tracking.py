@@ -140,16 +140,32 @@ def test_a_plan_naming_an_unlisted_server_gets_no_request_and_no_credentials(
         assert track_finished(exp, record) is None
     assert listener.heads == []  # not a byte sent: neither credentials nor the lab's results
     (event,) = events(exp, "tracking_failed")
-    address = f"127.0.0.1:{listener.port}"
+    address = f"http://127.0.0.1:{listener.port}"
     assert f"{address} is not in this node's tracking_hosts (none)" in event["error"]
     assert f"infra config set tracking_hosts {address}" in event["error"]
     (warning,) = [r.getMessage() for r in caplog.records if "not logged to MLflow" in r.getMessage()]
     assert "\n" not in warning and address in warning
 
     # another host listed, or the same host at another port, does not let it through either
-    monkeypatch.setenv("INFRA_TRACKING_HOSTS", f"mlflow.lab,127.0.0.1:{listener.port + 1},127.0.0.1")
+    monkeypatch.setenv("INFRA_TRACKING_HOSTS", f"mlflow.lab,http://127.0.0.1:{listener.port + 1},http://127.0.0.1")
     assert track_finished(exp, record) is None
     assert listener.heads == [] and len(events(exp, "tracking_failed")) == 2
+
+
+def test_a_plain_entry_allows_https_only_so_a_plan_cannot_downgrade_it_to_http(
+    tmp_path, listener, credentials, monkeypatch
+):
+    """`127.0.0.1:PORT` listed means https there: a plan naming http:// at that address would send the
+    credentials in clear (review of issue 23); it gets no request, and the message names the entry to add."""
+    from runner.run.tracking import track_finished
+
+    monkeypatch.setenv("INFRA_TRACKING_HOSTS", f"127.0.0.1:{listener.port}")
+    exp, record = finished_experiment(tmp_path, listener.uri)
+    assert listener.uri.startswith("http://")
+    assert track_finished(exp, record) is None
+    assert listener.heads == []
+    (event,) = events(exp, "tracking_failed")
+    assert f"tracking_hosts 127.0.0.1:{listener.port},http://127.0.0.1:{listener.port}'" in event["error"]
 
 
 def test_the_listed_server_gets_the_credentials(tmp_path, listener, credentials, monkeypatch):
@@ -157,7 +173,7 @@ def test_the_listed_server_gets_the_credentials(tmp_path, listener, credentials,
     above would have seen them), and the failure it answers with is reported, never raised."""
     from runner.run.tracking import track_finished
 
-    monkeypatch.setenv("INFRA_TRACKING_HOSTS", f"mlflow.lab,127.0.0.1:{listener.port}")
+    monkeypatch.setenv("INFRA_TRACKING_HOSTS", f"mlflow.lab,http://127.0.0.1:{listener.port}")
     exp, record = finished_experiment(tmp_path, listener.uri)
     assert track_finished(exp, record) is None
     assert listener.heads, "the listed server got no request"
@@ -175,7 +191,7 @@ def test_a_run_whose_plan_names_an_unlisted_server_is_refused_before_anything_ru
     result = cli("run", str(plan), "--backend", "local", workdir=tmp_path)
     assert result.returncode == 3, result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("infra: error:")]
-    assert f"127.0.0.1:{listener.port} is not in this node's tracking_hosts" in line and str(plan) in line
+    assert f"http://127.0.0.1:{listener.port} is not in this node's tracking_hosts" in line and str(plan) in line
     assert not (tmp_path / "experiments").exists() or not any((tmp_path / "experiments").iterdir())
     assert listener.heads == []
 
@@ -196,7 +212,7 @@ def test_a_dripping_server_is_cut_off_at_the_tracking_deadline(tmp_path, credent
 
     drip = Listener(drip=0.2)
     try:
-        monkeypatch.setenv("INFRA_TRACKING_HOSTS", f"127.0.0.1:{drip.port}")
+        monkeypatch.setenv("INFRA_TRACKING_HOSTS", f"http://127.0.0.1:{drip.port}")
         monkeypatch.setenv("INFRA_TRACKING_TIMEOUT", "3")
         exp, record = finished_experiment(tmp_path, drip.uri)
         done = threading.Event()

@@ -90,7 +90,7 @@ def test_environment_overrides_the_file_and_list_says_so():
         (["set", "torch_spec", "--", "--index-url=https://evil.example/simple"], "use a requirement specifier only"),
         (["set", "torch_spec", "torch==2.13.0 --index-url=https://evil.example/simple"], "no pip options"),
         (["set", "torch_spec", "torch @ https://evil.example/torch.whl"], "use a requirement specifier only"),
-        (["set", "tracking_hosts", "http://mlflow.lab"], "infra config set tracking_hosts: use a comma-separated"),
+        (["set", "tracking_hosts", "ftp://mlflow.lab"], "infra config set tracking_hosts: use a comma-separated"),
         (["set", "tracking_hosts", "mlflow.lab:70000"], "servers as HOST or HOST:PORT"),
         (["set", "tracking_timeout", "0"], "must be a whole number from 1 to 3600"),
     ],

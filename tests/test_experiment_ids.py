@@ -72,3 +72,26 @@ def test_a_rewritten_plan_file_is_not_believed(tmp_path, mini_db):
     with pytest.raises(UsageError) as info:
         launch.refuse_other_plan(other, record)
     assert f"plan_sha256 {record['plan_sha256'][:12]} vs {other.plan_sha[:12]}" in info.value.message
+
+
+def test_rerun_does_not_replace_a_running_experiment_of_another_plan(tmp_path, mini_db):
+    """--rerun would attach to the running attempt and report its (the other plan's) result."""
+    import subprocess
+    import sys
+
+    from runner.run.backends import backend_for
+
+    previous_attempt(tmp_path, mini_db, "running")
+    first = target(tmp_path, mini_db)
+    # a live process that names the experiment, as a local training does (held on its stdin)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()", first.exp.id], stdin=subprocess.PIPE
+    )
+    try:
+        first.exp.update(backend="local", pid=holder.pid)
+        other = target(tmp_path, mini_db, model={"name": "ridge"})
+        with pytest.raises(UsageError, match="differ in model.name"):
+            launch.decide(other, backend_for("local"), rerun=True)
+        assert first.exp.read()["state"] == "running"
+    finally:
+        holder.communicate(b"")

@@ -93,7 +93,9 @@ def mlflow_server():
 
 def allow(monkeypatch, *uris: str) -> None:
     """List the servers of `uris` in the node's tracking_hosts (infra logs to no other server)."""
-    monkeypatch.setenv("INFRA_TRACKING_HOSTS", ",".join(uri.split("://", 1)[1] for uri in uris))
+    # an http:// server is listed with its scheme (a plain entry allows https only)
+    monkeypatch.setenv("INFRA_TRACKING_HOSTS", ",".join(uri if uri.startswith("http://") else uri.split("://", 1)[1]
+                                                        for uri in uris))  # fmt: skip
 
 
 def write_plan(workdir: Path, name: str, **sections) -> Path:

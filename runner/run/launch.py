@@ -123,21 +123,27 @@ class Target:
     db: Path
     workdir: Path
     gpus: GpuRequest
+    weights: str | None = None  # the plm model's content hash (runner.modelstore), else None
 
     @classmethod
     def of(cls, loaded: LoadedPlan, workdir: Path, image_hash: str | None, gpus: GpuRequest) -> Target:
+        from runner.modelstore import plan_weights
+
         resolved = loaded.plan.model_dump(mode="json")
         exp_id = derive_experiment_id(resolved, image_hash) if image_hash else resolved.get("experiment_id")
         resolved["experiment_id"] = exp_id
         root = experiments_root(workdir) / (exp_id or f"{loaded.plan.name}-<id after the build>")
-        return cls(loaded, resolved, Experiment(root), Path(loaded.plan.data.db), workdir, gpus)
+        weights = plan_weights(resolved)
+        return cls(loaded, resolved, Experiment(root), Path(loaded.plan.data.db), workdir, gpus, weights)
 
     @property
     def plan_sha(self) -> str:
         return plan_sha256(self.resolved)
 
-    def job(self, attempt: int, threads: int | None = None):
-        """The training core job of one attempt (the image is filled in by the backend)."""
+    def job(self, attempt: int, threads: int | None = None, dry: bool = False):
+        """The training core job of one attempt (the image is filled in by the backend); `dry` creates
+        nothing (the embedding cache folder of a plm plan)."""
+        from runner.run.jobs import plm_places
         from runner.run.spec import workdir_identity
 
         return train_job(
@@ -150,6 +156,7 @@ class Target:
             limits=Limits.from_resources(self.loaded.plan.resources, threads),
             labels={LABEL_ATTEMPT: str(attempt), LABEL_PLAN: self.plan_sha},
             name=f"infra-{self.exp.id}-{workdir_identity(self.workdir)[:8]}",
+            models=plm_places([self.loaded.plan], self.workdir, create=not dry),
         )
 
 
@@ -217,23 +224,32 @@ def check_components(plans: list[LoadedPlan], workdir: Path, backend, prepared, 
 def decide(target: Target, backend: Backend, rerun: bool) -> dict | None:
     """The experiment's reconciled record before a new attempt (None when it does not exist yet).
 
-    An id that already holds another plan is refused (exit 2) unless `rerun` replaces it: reporting,
-    attaching to or resuming it would hand this plan another plan's result or checkpoint.
+    An id that already holds another plan is refused (exit 2) unless `rerun` replaces it (a finished
+    experiment only): reporting, attaching to or resuming it would hand this plan another plan's
+    result or checkpoint.
     """
     from runner.run.reconcile import reconcile
 
     if not target.exp.exists():
         return None
     previous = reconcile(target.exp, backend)
-    if not rerun:
-        refuse_other_plan(target, previous)
+    if not rerun or previous.get("state") in ACTIVE:  # --rerun does not replace a running experiment:
+        refuse_other_plan(target, previous)  # it would attach to it and report the other plan's result
     return previous
 
 
 def refuse_other_plan(target: Target, previous: dict) -> None:
     """UsageError (exit 2) when the experiment's existing attempt ran a plan that computes something
     else than this one. Keys that only say where it runs or reports (`ID_EXCLUDED_KEYS`) may differ;
-    the old plan is read from `config/plan.json` only when it hashes to the host's record."""
+    the old plan is read from `config/plan.json` only when it hashes to the host's record. Other
+    weights of its plm model (re-added under the same name) are another plan too."""
+    if previous.get("model_sha256") != target.weights:
+        raise UsageError(
+            f"experiment_id {target.exp.id!r} ran with other weights of model "
+            f"{target.resolved.get('embeddings', {}).get('params', {}).get('model')!r} (sha256 "
+            f"{str(previous.get('model_sha256'))[:12]}, now {str(target.weights)[:12]}): choose another "
+            "experiment_id, leave it out to derive one, or pass --rerun to replace that experiment"
+        )
     if previous.get("plan_sha256") == target.plan_sha:
         return
     old = _recorded_plan(target.exp, previous)
@@ -294,7 +310,7 @@ def dry_run(loaded: LoadedPlan, workdir: Path, opts: RunOptions) -> dict:
     previous = exp.read() if target.resolved.get("experiment_id") and exp.exists() else {}
     if previous and not opts.rerun:
         refuse_other_plan(target, previous)
-    job = target.job(previous.get("attempt", 0) + 1)
+    job = target.job(previous.get("attempt", 0) + 1, dry=True)
     job = job.with_image(images.get("image"), images.get("image_id") or ("<built on run>" if images else None))
     return {
         "backend": backend.name,
@@ -329,6 +345,8 @@ def open_attempt(target: Target, backend_name: str, previous: dict | None, rerun
         previous=previous,
     )
     record.update(runner_pid=os.getpid(), gpus=target.gpus.text(), db=str(target.db))
+    if target.weights:  # what `infra predict` checks the store's model against, and a rerun under this id
+        record["model_sha256"] = target.weights
     exp.write(record)
     exp.event("state", state="created", attempt=attempt, resumed=bool(previous))
     if on_event is not None:

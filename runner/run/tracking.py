@@ -79,28 +79,37 @@ def require_client(source: str, uri: str | None = None) -> None:
 
 
 def server_address(uri: str) -> str | None:
-    """`https://MLflow.lab/x` → "mlflow.lab:443": the server a URI names, port explicit; None when its
-    authority is not a plain host[:port] (then nothing is sent: the client might read it otherwise)."""
+    """`https://MLflow.lab/x` → "mlflow.lab:443", `http://a.lab:5000` → "http://a.lab:5000": the server a
+    URI names, port explicit, `http://` kept (cleartext is listed apart); None when its authority is
+    not a plain host[:port] (then nothing is sent: the client might read it otherwise)."""
     parts = urlsplit(uri)
     parsed = parse_host(parts.netloc) if parts.scheme in DEFAULT_PORTS else None
     if parsed is None:
         return None
     host, port = parsed
-    return f"{host}:{port or DEFAULT_PORTS[parts.scheme]}"
+    return ("http://" if parts.scheme == "http" else "") + f"{host}:{port or DEFAULT_PORTS[parts.scheme]}"
+
+
+def _with_port(entry: str) -> str:
+    """A `tracking_hosts` entry with its port explicit: `a.lab` → `a.lab:443`, `http://a.lab` → `http://a.lab:80`."""
+    scheme = "http" if entry.startswith("http://") else "https"
+    bare = entry[len("http://") :] if scheme == "http" else entry
+    has_port = ":" in bare.rsplit("]", 1)[-1]
+    return entry if has_port else f"{entry}:{DEFAULT_PORTS[scheme]}"
 
 
 def refused_server(uri: str, allowed: tuple[str, ...]) -> str | None:
     """Why `uri`'s server gets no request from this node (None when it is allowed).
 
-    Allowed are the node's `tracking_hosts`: `host:port` exactly, or `host` at the scheme's default
-    port. The MLflow client sends the host's `MLFLOW_TRACKING_*` credentials with every request, and
-    plans (queue jobs included) are not trusted to choose where they go.
+    Allowed are the node's `tracking_hosts`: `host:port` exactly, or `host` at port 443, over https;
+    `http://host[:port]` entries (port 80 by default) over cleartext http. The MLflow client sends the
+    host's `MLFLOW_TRACKING_*` credentials with every request, and plans (queue jobs included) are not
+    trusted to choose where, nor to downgrade a listed https server to http.
     """
     address = server_address(uri)
     if address is None:
         return "the server is not a plain host[:port]; nothing is sent"
-    scheme_port = DEFAULT_PORTS[urlsplit(uri).scheme]
-    if address in {entry if ":" in entry.rsplit("]", 1)[-1] else f"{entry}:{scheme_port}" for entry in allowed}:
+    if address in {_with_port(entry) for entry in allowed}:
         return None
     listed = ",".join(allowed) or "none"
     return (
