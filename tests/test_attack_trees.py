@@ -69,16 +69,6 @@ def make_exp(workdir: Path, exp_id: str = "trees-0123456789", state: str = "runn
 # --- the walker and the remover on real trees ---------------------------------------------------------
 
 
-def test_the_old_recursive_walk_dies_on_a_3000_level_tree(tmp_path):
-    """Why the walk had to change: os.fwalk on this Python raises before it sees anything else."""
-    deep_tree(tmp_path / "config")
-    if sys.version_info >= (3, 13):
-        pytest.skip("os.fwalk is iterative from Python 3.13 on")
-    with pytest.raises(RecursionError):
-        for _ in os.fwalk(tmp_path / "config", follow_symlinks=False):
-            pass
-
-
 def test_setuid_beside_a_3000_level_tree_is_cleared_and_the_depth_is_reported(tmp_path):
     deep_tree(tmp_path / "config")
     setid_file(tmp_path / "config" / "zz_suid")  # beside the deep tree, listed after it
