@@ -69,6 +69,19 @@ def test_bench_train_small(tmp_path):
     assert doc["model"] == "mlp" and doc["plain_samples_per_s"] > 0 and doc["core_samples_per_s"] > 0
 
 
+@pytest.mark.core
+def test_bench_embed_small(tmp_path):
+    # the second experiment must hit the cache (the script asserts no model load); rates are printed only
+    report = tmp_path / "embed.json"
+    _run(
+        [str(REPO / "benchmarks/bench_embed.py"), "--n", "64", "--length", "40", "--hidden", "16", "--layers", "1"]
+        + ["--batch-size", "16", "--repeats", "1", "--json", str(report)],
+        tmp_path,
+    )
+    doc = json.loads(report.read_text())
+    assert doc["n"] == 64 and doc["bare_seq_per_s"] > 0 and doc["plm_seq_per_s"] > 0 and doc["hit_speedup"] > 1
+
+
 def test_bench_import_small(tmp_path):
     for shape in ("proteingym", "short"):
         doc = json.loads(

@@ -1,9 +1,16 @@
 """Embedding registry: per-batch expansion of the uint8 token matrix into float features.
 
-An embedding is an `nn.Module` mapping a `[B, L]` integer token batch to `[B, L, C]` floats and
+An embedding is an `nn.Module` mapping a `[B, L]` integer token batch to `[B, L', C]` floats and
 exposing `dim` (= C). It runs on the training device for one batch at a time; the data set itself
 stays a compact token matrix (DESIGN §8). A factory is called as `factory(vocab, **params)` where
 `vocab` is the plan's vocab processor (see `vocab_alphabet` for what is read from it).
+
+Optional, for embeddings too costly to run per batch (the built-in `plm`, runner.core.plm):
+`out_len` (int): the length L' of its output when it is not the sequence length (1 for pooled
+features; the model is then built for that length); `prepare(tokens, templates, source, *, device)`:
+called once before training with the experiment's whole token matrix (numpy uint8 `[N, L]`), the
+wild-type templates and each row's index into them, so the features can be computed (or read from
+a cache) once and `forward` only looks rows up.
 """
 
 from __future__ import annotations
@@ -120,6 +127,23 @@ def blosum62(vocab, with_onehot: bool = False) -> nn.Module:
         eye[0, 0] = 0.0
         table = torch.cat([eye, table], dim=1)
     return TableEmbedding(table)
+
+
+@register_embedding("plm")
+def plm(vocab, model: str, layer: int = -1, pooling: str = "mean", batch_size: int = 32) -> nn.Module:
+    """Pooled protein language-model features (C = the model's hidden size), one row per variant:
+    `model` from the node's model store, hidden states of `layer` (-1: the last), `pooling` "mean"
+    (all residues) or "mutated" (the mutated positions; a wild-type row: all residues). Computed
+    once per data set and cached (runner.core.plm); the output is `[B, 1, C]`."""
+    from runner.core.plm import PLMEmbedding  # transformers is imported only when a pLM is loaded
+
+    return PLMEmbedding(vocab, model, layer=layer, pooling=pooling, batch_size=batch_size)
+
+
+def output_length(embedding: nn.Module, seq_len: int) -> int:
+    """The length of the embedding's output for sequences of `seq_len` tokens: its `out_len` if it has one."""
+    out_len = getattr(embedding, "out_len", None)
+    return int(out_len) if isinstance(out_len, int) and out_len > 0 else int(seq_len)
 
 
 def create_embedding(name: str, vocab, params: dict | None = None) -> nn.Module:

@@ -164,6 +164,8 @@ def _run(plan: Plan, layout: Layout, workdir, stop, limit_batches, source: DataS
     targets = Targets.of(plan, variants, split)
     L.seed_everything(plan.train.seed, workers=True, verbose=False)
     module = _module(plan, variants, targets)
+    # before the trainer: an embedding that computes its features once (plm) does it here, not per batch
+    module.prepare_embedding(variants.tokens, variants.templates, variants.source, device=_embedding_device(plan))
     datamodule = VariantDataModule(variants.tokens, targets.train, split, plan.train.batch_size, seed=plan.train.seed)
     has_val = len(split["val"]) > 0
     trainer, epochs, seconds = _train(plan, layout, module, datamodule, targets.task, has_val, stop, limit_batches)
@@ -265,6 +267,16 @@ def _prepare(plan: Plan, layout: Layout, workdir) -> None:
         plan.model.name, dict(plan.model.params), "model.params", fixed=("seq_len", "in_dim", "n_outputs")
     )
     EMBEDDINGS.check_params(plan.embeddings.name, dict(plan.embeddings.params), "embeddings.params", fixed=("vocab",))
+    if plan.embeddings.name == "plm":  # the model store is checked before the data is read
+        from runner.core.plm import model_dir
+
+        model_dir(plan.embeddings.params.get("model"))
+
+
+def _embedding_device(plan: Plan) -> torch.device:
+    """Where a prepared embedding (plm) computes: the GPU unless the plan trains on the CPU."""
+    on_gpu = plan.train.accelerator != "cpu" and torch.cuda.is_available()
+    return torch.device("cuda" if on_gpu else "cpu")
 
 
 def _load_data(plan: Plan, layout: Layout, source: DataSource) -> tuple[VariantSet, dict[str, np.ndarray]]:

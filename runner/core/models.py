@@ -542,6 +542,11 @@ class CNNModel(_RidgeBase):
         dropout: float = 0.1,
         base: str = "ridge",
     ):
+        if int(seq_len) == 1:  # pooled features (the `plm` embedding): nothing to convolve over
+            raise ParamError(
+                "model 'cnn' needs per-residue features; use a one-hot/BLOSUM embedding or an embedding "
+                "plugin that keeps positions"
+            )
         super().__init__(seq_len, in_dim, n_outputs, base)
         convs: list[nn.Module] = []
         width = self.in_dim

@@ -20,6 +20,7 @@ other failure.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -124,7 +125,8 @@ class Predictor:
 
         self.module, self.vocab, self.template = module, vocab, template
         self.seq_len, self.transform, self.task = int(seq_len), transform, task
-        self.device = next(iter(module.parameters()), torch.zeros(0)).device
+        # buffers too: a closed-form model (ridge) has no parameters, only buffers
+        self.device = next(itertools.chain(module.parameters(), module.buffers()), torch.zeros(0)).device
         self.errors = pa.array(
             [None, *(ERROR_TEXT[r].format(length=len(template), vocab=vocab.name) for r in REASONS)], pa.string()
         )
@@ -148,6 +150,10 @@ class Predictor:
         if tokens.shape[1] < self.seq_len:  # a shorter template of a multi-source training
             tokens = np.pad(tokens, ((0, 0), (0, self.seq_len - tokens.shape[1])), constant_values=self.vocab.pad_id)
         prediction = np.full(n, np.nan)
+        embed = _prepared_embedding(self.module)
+        if embed is not None and len(tokens):
+            # the chunk's features at once, batched, from the cache when this input was predicted before
+            embed.prepare(tokens, [self.template], None, scratch=True)
         prediction[result.keep] = self.score_tokens(tokens)
         return Scored(prediction, result.reason, tokens)
 
@@ -242,13 +248,50 @@ def load_predictor(exp_dir: Path, checkpoint: Path, workdir: Path | None = None,
     module.eval()
     if torch.cuda.is_available():
         module.to("cuda")
+    vocab = get_vocab_processor(state["vocab"]["name"], **(state["vocab"].get("params") or {}))
+    if _prepared_embedding(module) is not None:
+        _prepare_known(module, Path(exp_dir), state, vocab)
     spec = state["transform"]
     transform = TargetTransform(spec["name"])
     transform.params = {k: float(v) for k, v in spec.items() if k not in ("name", "sorted_file")}
     if spec["name"] == "rank":
         transform._sorted = np.load(Path(exp_dir) / TARGET_SORTED, allow_pickle=False)
-    vocab = get_vocab_processor(state["vocab"]["name"], **(state["vocab"].get("params") or {}))
     return Predictor(module, vocab, template, state["seq_len"], transform, state["task"])
+
+
+def _prepared_embedding(module):
+    """The module's `plm` embedding (features computed once, cached), or None."""
+    from runner.core.plm import PLMEmbedding
+
+    return module.embed if isinstance(module.embed, PLMEmbedding) else None
+
+
+def _prepare_known(module, exp_dir: Path, state: dict, vocab: BaseVocabProcessor) -> None:
+    """Give the `plm` embedding the training's sequences (data/selected.parquet, in the training's
+    order, so the cache key is the training's): their features come from the embedding cache, and a
+    predicted mutant the training saw is looked up, not computed. Nothing is computed here: without
+    a cache entry, rows are computed as they come."""
+    import pyarrow.parquet as pq
+
+    path = exp_dir / "data/selected.parquet"
+    try:
+        table = pq.read_table(path, columns=["sequence", "source_text"])
+    except (OSError, pa.ArrowException, KeyError) as exc:
+        log.info("plm: no training sequences to look up (%s: %s)", path, exc)
+        return
+    names = [s["name"] for s in state["sources"]]
+    source_text = table.column("source_text").to_pandas().astype(str)
+    source = source_text.map({n: i for i, n in enumerate(names)})
+    if source.isna().any():
+        log.info("plm: %s names a source the prediction state lacks; the training's features are not used", path)
+        return
+    tokens = vocab.encode(table.column("sequence").to_pylist(), length=int(state["seq_len"]))
+    templates = [s["template"] for s in state["sources"]]
+    embed = module.embed
+    if embed.prepare(tokens, templates, source.to_numpy(np.int64), compute=False):
+        log.info("plm: the training's %d sequences read from the embedding cache", len(tokens))
+    else:
+        log.info("plm: the training's features are not in the embedding cache; every row is computed")
 
 
 # --- input ----------------------------------------------------------------------------------------

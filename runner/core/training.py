@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from runner.core.embeddings import create_embedding
+from runner.core.embeddings import create_embedding, output_length
 from runner.core.metrics import spearman
 from runner.core.models import create_model
 from runner.core.selection import SelectionRule
@@ -195,7 +195,10 @@ class VariantModule(L.LightningModule):
         self.save_hyperparameters()
         vocab = get_vocab_processor(vocab_name, **(vocab_params or {}))
         self.embed = create_embedding(embedding_name, vocab, embedding_params)
-        self.model = create_model(model_name, seq_len, self.embed.dim, n_outputs, model_params)
+        # what the model sees per variant: the sequence's positions, or an embedding's own length
+        # (1 for pooled pLM features)
+        self.feature_len = output_length(self.embed, seq_len)
+        self.model = create_model(model_name, self.feature_len, self.embed.dim, n_outputs, model_params)
         self.val_metrics_fn: Callable[[np.ndarray, np.ndarray], dict] | None = None
         # the epoch's record, shipped by EpochReporter at the epoch's end; SelectionRule adds `best`
         # and `start_z` to it
@@ -210,13 +213,22 @@ class VariantModule(L.LightningModule):
         """The model is solved in closed form and has nothing for gradient descent to train (`ridge`)."""
         return hasattr(self.model, "fit_closed_form") and not any(p.requires_grad for p in self.parameters())
 
+    def prepare_embedding(self, tokens: np.ndarray, templates: list[str], source: np.ndarray, device=None) -> None:
+        """Give an embedding with a `prepare` hook (runner.core.embeddings) the whole data set, once,
+        before training: the `plm` embedding computes or reads its features here, never per batch."""
+        prepare = getattr(self.embed, "prepare", None)
+        if callable(prepare):
+            t0 = time.perf_counter()
+            prepare(tokens, templates, source, device=device)
+            log.info("embedding %s prepared in %.2fs", self.hparams.embedding_name, time.perf_counter() - t0)
+
     def _chunks(self, name: str):
         """A re-iterable source of embedded `(x, y)` chunks of split `name` (None when it is empty)."""
         dm = self.trainer.datamodule
         index = dm.index[name]
         if not len(index):
             return None
-        width = max(int(self.hparams.seq_len) * int(self.embed.dim), 1)
+        width = max(self.feature_len * int(self.embed.dim), 1)
         rows = max(64, min(8192, 2**22 // width))  # ~16 MB of float32 features per chunk
 
         def source():
