@@ -1,4 +1,5 @@
-"""What this node offers: GPUs (NVML), CPUs, memory, disk under the workdir, the Docker engine.
+"""What this node offers: GPUs (NVML), CPUs, memory, disk under the workdir, the Docker engine, the
+model store and the workdir's embedding cache.
 
 `node_info()` never raises for a missing capability: no NVML library or driver gives an empty GPU
 list with a note, an unreachable Docker engine is reported as such. It is what `infra node` prints
@@ -20,11 +21,12 @@ from runner import __version__
 log = logging.getLogger(__name__)
 
 
-def node_info(workdir: Path | None = None, docker: dict | None = None) -> dict:
+def node_info(workdir: Path | None = None, docker: dict | None = None, cache_bytes: bool = True) -> dict:
     """The node's resources as one JSON-ready document.
 
     `docker` reuses an earlier `docker_info()` result (the engine's version does not change between
-    heartbeats, and asking it costs a round trip).
+    heartbeats, and asking it costs a round trip). `cache_bytes=False` (heartbeats) leaves out the
+    embedding cache's size: containers write that folder, and walking it must not delay a heartbeat.
     """
     gpus, gpu_note = gpu_info()
     doc = {
@@ -39,9 +41,40 @@ def node_info(workdir: Path | None = None, docker: dict | None = None) -> dict:
         "disk": disk_info(workdir),
         "gpus": gpus,
         "docker": docker if docker is not None else docker_info(),
+        "model_store": model_store_info(),
+        "embed_cache": embed_cache_info(workdir, cache_bytes),
     }
     if gpu_note:
         doc["gpu_note"] = gpu_note
+    return doc
+
+
+def model_store_info() -> dict:
+    """The model store's path and how many models it holds ({"path": None} when none is set; a
+    store that cannot be read gives its error instead of the count)."""
+    from runner import modelstore
+    from runner.errors import InfraError
+
+    store = None
+    try:
+        store = modelstore.store_path(required=False)
+        if store is None:
+            return {"path": None}
+        store, models = modelstore.list_models()
+    except InfraError as exc:
+        return {"path": str(store) if store is not None else None, "error": exc.message}
+    return {"path": str(store), "models": len(models)}
+
+
+def embed_cache_info(workdir: Path | None, with_bytes: bool = True) -> dict:
+    """The workdir's embedding cache (`cache/embeddings`): its path and bytes ({} without a workdir)."""
+    if workdir is None:
+        return {}
+    from runner.run.housekeeping import cache_bytes, embed_cache
+
+    doc = {"path": str(embed_cache(workdir))}
+    if with_bytes:
+        doc["bytes"] = cache_bytes(workdir)
     return doc
 
 

@@ -24,6 +24,7 @@ from runner.cli import config as _config
 from runner.cli import data as _data
 from runner.cli import experiments as _experiments
 from runner.cli import housekeeping as _housekeeping
+from runner.cli import models as _models
 from runner.cli import plugins as _plugins
 from runner.cli import predict as _predict
 from runner.cli import queue as _queue
@@ -83,6 +84,7 @@ app.command("init")(_workdir.init)
 app.add_typer(_workdir.app, name="workdir")
 app.add_typer(_data.app, name="data")
 app.add_typer(_plugins.app, name="plugins")
+app.add_typer(_models.app, name="models")
 app.command("submit")(_queue.submit)
 app.command("worker")(_queue.worker)
 app.add_typer(_queue.queue_app, name="queue")

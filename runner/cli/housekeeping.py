@@ -72,6 +72,12 @@ def prune(
             help="Also remove dangling infra images and infra images built before the cutoff that nothing uses.",
         ),
     ] = False,
+    cache: Annotated[
+        bool,
+        typer.Option(
+            "--cache", help="Also empty the workdir's embedding cache (cache/embeddings; recomputed when needed)."
+        ),
+    ] = False,
     dry_run: DRY_RUN_OPT = False,
     json_out: JSON_OPT = False,
     workdir: WORKDIR_OPT = None,
@@ -81,12 +87,14 @@ def prune(
     Running experiments and unreadable records are never pruned. With --images, only images with
     infra's labels are considered, and never one a container uses, a remaining experiment ran on,
     or a remaining image was built on. Sizes of images share layers: the bytes freed are at most
-    their sum. With --json: {"dry_run", "cutoff", "experiments": [...], "images": [{id, tags, size,
-    reason, removed}], "bytes"}.
+    their sum. With --cache, every entry of the workdir's embedding cache is removed (links never
+    followed; the next plm experiment computes what it needs again). With --json: {"dry_run", "cutoff",
+    "experiments": [...], "images": [{id, tags, size, reason, removed}], "cache": {path, entries: [{name,
+    bytes, removed}], bytes} (with --cache), "bytes"}.
 
     Example: infra prune --older-than 14d --state failed --images --dry-run
     """
-    from runner.run.housekeeping import prune_cutoff, prune_experiments, prune_images
+    from runner.run.housekeeping import prune_cache, prune_cutoff, prune_experiments, prune_images
 
     cutoff = prune_cutoff(older_than, before)
     wd = resolve_workdir(workdir)
@@ -98,7 +106,9 @@ def prune(
         image_result = prune_images(
             engine.get_client(), wd, cutoff, dry_run=dry_run, leaving={r.experiment_id for r in removals}
         )
+    cache_result = prune_cache(wd, dry_run=dry_run) if cache else None
     freed = sum(r.bytes for r in removals) + (image_result.bytes if image_result else 0)
+    freed += cache_result.bytes if cache_result else 0
     if json_out:
         emit_json(
             {
@@ -106,6 +116,7 @@ def prune(
                 "cutoff": cutoff.isoformat(),
                 "experiments": [r.to_dict() for r in removals],
                 "images": image_result.images if image_result else [],
+                **({"cache": cache_result.to_dict()} if cache_result else {}),
                 "bytes": freed,
             }
         )
@@ -116,7 +127,11 @@ def prune(
         name = ", ".join(i["tags"]) or i["id"][:19]
         what = verb if dry_run or i["removed"] else "kept (in use)"
         say(f"{what} image {name} ({i['reason']}, {_size(i['size'])})")
-    kind = "experiment(s) and images" if images else "experiment(s)"
+    if cache_result is not None:
+        say(
+            f"{verb} {len(cache_result.entries)} embedding cache file(s) in {cache_result.path} ({_size(cache_result.bytes)})"
+        )
+    kind = "experiment(s)" + (", images" if images else "") + (", the embedding cache" if cache else "")
     say(
         f"{len(removals)} {kind} {'to free' if dry_run else 'freed'}: {_size(freed)} (cutoff {cutoff:%Y-%m-%d %H:%M} UTC)"
     )

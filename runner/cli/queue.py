@@ -201,7 +201,8 @@ def status(
 
 
 def node(json_out: JSON_OPT = False, workdir: WORKDIR_OPT = None) -> None:
-    """This node's resources: GPUs (NVML), CPUs, memory, disk free under the workdir, Docker engine.
+    """This node's resources: GPUs (NVML), CPUs, memory, disk free under the workdir, Docker engine,
+    the model store (path, model count) and the workdir's embedding cache size.
 
     A missing NVML or an unreachable Docker engine is reported in the output, not an error.
 
@@ -237,3 +238,12 @@ def node(json_out: JSON_OPT = False, workdir: WORKDIR_OPT = None) -> None:
         )
     else:
         echo(f"docker    unreachable: {dock.get('error')}")
+    store, cache = doc["model_store"], doc["embed_cache"]
+    if store.get("path") is None:
+        echo("models    no model store (infra config set model_store PATH)")
+    elif "error" in store:
+        echo(f"models    {store['path']}: {store['error']}")
+    else:
+        echo(f"models    {store['models']} in {store['path']}")
+    if cache:
+        echo(f"cache     {cache['bytes'] / 2**20:.1f} MiB of embeddings in {cache['path']}")

@@ -192,9 +192,19 @@ def semantic_issues(plan: Plan, check_db: bool = True) -> list[PlanIssue]:
     if plan.data.target == "DMS_score_bin" and plan.data.transform != "none":
         issues.append(PlanIssue("data.transform", "applies to regression only; use 'none' with target DMS_score_bin"))
     issues.extend(_size_issues(plan))
+    issues.extend(_model_issues(plan))
     if check_db:
         issues.extend(_database_issues(plan))
     return issues
+
+
+def _model_issues(plan: Plan) -> list[PlanIssue]:
+    """The plm embedding's model must be in this node's model store (a node setting: `infra validate`,
+    `infra run`, studies and queue workers each check it where they run)."""
+    from runner.modelstore import plan_issue
+
+    problem = plan_issue(plan.embeddings)
+    return [PlanIssue("embeddings.params.model", problem)] if problem else []
 
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}

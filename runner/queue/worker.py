@@ -183,7 +183,7 @@ class Heartbeat(threading.Thread):
         ttl = self.cfg.heartbeat_ttl
         if self._docker is None or time.monotonic() - self._docker_at > 300:
             self._docker, self._docker_at = self.cfg.backend.engine_info(), time.monotonic()
-        doc = node_info(self.cfg.workdir, docker=self._docker)
+        doc = node_info(self.cfg.workdir, docker=self._docker, cache_bytes=False)
         execution = self.worker.execution
         doc.update(
             worker=self.worker.name,

@@ -291,3 +291,55 @@ def prune_images(
             row["removed"] = engine.delete_image(client, image)
         result.images.append(row)
     return result
+
+
+@dataclass
+class CachePrune:
+    """What `prune --cache` removes from the workdir's embedding cache: rows {name, bytes, removed}."""
+
+    path: Path
+    dry_run: bool
+    entries: list[dict] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return sum(e["bytes"] for e in self.entries if e["removed"] or self.dry_run)
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "entries": self.entries, "bytes": self.bytes}
+
+
+def embed_cache(workdir: Path) -> Path:
+    from runner.run.jobs import EMBED_CACHE
+
+    return Path(workdir) / EMBED_CACHE
+
+
+def cache_bytes(workdir: Path) -> int:
+    """Bytes of the regular files in the workdir's embedding cache (0 when there is none; no link followed)."""
+    return safefs.tree_bytes(embed_cache(workdir))
+
+
+def prune_cache(workdir: Path, dry_run: bool = False) -> CachePrune:
+    """Empty the workdir's embedding cache (`cache/embeddings`): every entry removed with
+    `safefs.remove_entry` relative to the open cache folder, nothing followed (the training containers
+    write there); the folder itself stays (running containers have it mounted). An experiment computing
+    embeddings meanwhile finishes with what it holds open; the next one computes them again."""
+    from runner.run.jobs import EMBED_CACHE
+
+    where = embed_cache(workdir)
+    result = CachePrune(where, dry_run)
+    with contextlib.ExitStack() as stack:
+        try:
+            fd = stack.enter_context(safefs.open_dir(workdir, EMBED_CACHE))
+        except FileNotFoundError:
+            return result
+        for entry in sorted(os.scandir(fd), key=lambda e: e.name):
+            st = entry.stat(follow_symlinks=False)
+            size = safefs.tree_bytes(where / entry.name) if stat.S_ISDIR(st.st_mode) else st.st_size
+            if stat.S_ISLNK(st.st_mode):
+                size = 0  # what a link points at is not the cache's
+            if not dry_run:
+                safefs.remove_entry(fd, entry.name, where / entry.name)
+            result.entries.append({"name": entry.name, "bytes": size, "removed": not dry_run})
+    return result

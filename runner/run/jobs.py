@@ -22,6 +22,9 @@ CONTAINER_EXP = "/exp"
 CONTAINER_DATA = "/data"
 CONTAINER_WORKDIR = "/workdir"
 CONTAINER_SLOT = "/slot"
+CONTAINER_MODELS = "/models"
+CONTAINER_EMBED_CACHE = "/cache/embeddings"
+EMBED_CACHE = "cache/embeddings"  # under the workdir: the plm embedding's cache, shared by its experiments
 PREDICT_IN = "/in"
 PREDICT_OUT = "/out"
 # The longest template prediction accepts (config/predict.json is the training's output, i.e. plugin
@@ -85,6 +88,7 @@ class CoreJob:
     image_id: str | None = None
     timeout_s: float | None = None  # run_once: the most seconds the core may take
     log_limit: int | None = None  # bytes of output kept (None: the node's log limit)
+    env_places: tuple[tuple[str, Place], ...] = ()  # variables naming a Place, rendered as the core sees it
 
     def argv(self, inside: bool) -> list[str]:
         """`python -m MODULE ARGS` with each Place as the path the core sees (`inside` a container or not)."""
@@ -97,14 +101,56 @@ class CoreJob:
         return replace(self, image=image, image_id=image_id)
 
 
-def core_environment(job: CoreJob) -> dict[str, str]:
-    """The variables every core process gets, whatever runs it."""
+def core_environment(job: CoreJob, inside: bool = True) -> dict[str, str]:
+    """The variables every core process gets, whatever runs it; a `Place` variable as the path the core
+    sees (`inside` a container or not)."""
     env = {"PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", **job.environment}
+    env.update((name, place.inside if inside else str(place.host)) for name, place in job.env_places)
     if job.experiment_id:
         env["INFRA_EXPERIMENT_ID"] = job.experiment_id
     if job.limits.threads:
         env["INFRA_THREADS"] = str(job.limits.threads)
     return env
+
+
+@dataclass(frozen=True)
+class ModelPlaces:
+    """What a job of a plan with the `plm` embedding gets: the node's whole model store read-only and
+    the workdir's embedding cache read-write, each named by a variable (INFRA_MODEL_STORE,
+    INFRA_EMBED_CACHE)."""
+
+    store: Place
+    cache: Place
+
+    @property
+    def places(self) -> tuple[Place, ...]:
+        return (self.store, self.cache)
+
+    @property
+    def env(self) -> tuple[tuple[str, Place], ...]:
+        return (("INFRA_MODEL_STORE", self.store), ("INFRA_EMBED_CACHE", self.cache))
+
+
+def plm_places(plans, workdir: Path, settings=None, create: bool = True) -> ModelPlaces | None:
+    """The `ModelPlaces` of jobs running `plans` (typed `Plan`s) when any of them uses the `plm`
+    embedding, else None. EnvironmentProblem (exit 3) when no model store is set.
+
+    `create` makes `<workdir>/cache/embeddings` when missing (never through a link; a dry run leaves
+    it); the docker backend hands it to the container's user as it does the output folders.
+    """
+    from runner import modelstore, safefs
+
+    if not any(modelstore.plan_model(plan.embeddings) is not None for plan in plans):
+        return None
+    store = modelstore.store_path(settings)
+    if create:
+        with safefs.open_dir(workdir, EMBED_CACHE, create=True):
+            pass
+    return ModelPlaces(Place(store, CONTAINER_MODELS), Place(workdir / EMBED_CACHE, CONTAINER_EMBED_CACHE, False))
+
+
+def _with_models(models: ModelPlaces | None) -> tuple[tuple[Place, ...], tuple[tuple[str, Place], ...]]:
+    return (models.places, models.env) if models is not None else ((), ())
 
 
 def database_places(db: Path, folder: str = CONTAINER_DATA) -> tuple[Place, ...]:
@@ -129,12 +175,15 @@ def train_job(
     limits: Limits,
     labels: dict[str, str],
     name: str,
+    models: ModelPlaces | None = None,
 ) -> CoreJob:
-    """`infra-train`: the experiment's canonical plan, its output folders read-write, the database read-only.
+    """`infra-train`: the experiment's canonical plan, its output folders read-write, the database read-only
+    (and with `models` the model store read-only and the embedding cache read-write).
 
     The plan keeps the host's database path (what the user reads in config/plan.json); `--db` says
     where the core finds the file.
     """
+    extra, env_places = _with_models(models)
     outputs = tuple(Place(exp_root / d, f"{CONTAINER_EXP}/{d}", read_only=False) for d in output_dirs)
     dbs = database_places(db)
     plan = Place(exp_root / "config" / "plan.json", f"{CONTAINER_EXP}/config/plan.json", read_only=False)
@@ -144,13 +193,14 @@ def train_job(
         verb="train",
         module="runner.core",
         args=(plan, "--exp-dir", exp, "--workdir", wd, "--db", dbs[0]),
-        places=(*dbs, *outputs),
+        places=(*dbs, *outputs, *extra),
         workdir=workdir,
         name=name,
         experiment_id=experiment_id,
         gpus=gpus,
         limits=limits,
         labels=labels,
+        env_places=env_places,
     )
 
 
@@ -199,13 +249,16 @@ def slot_job(
     labels: dict[str, str],
     idle_exit_s: float,
     alive_timeout_s: float,
+    models: ModelPlaces | None = None,
 ) -> CoreJob:
     """`python -m runner.core.slot`: one long-lived core process that runs a study's points one by one.
 
     Mounted: every database of the study read-only (each in a folder of its own, so two databases
     of one name do not collide), the slot's control folder read-only and its points folder
-    read-write (each point's output folders are moved in while it runs: `runner.run.slots`).
+    read-write (each point's output folders are moved in while it runs: `runner.run.slots`); with
+    `models` (a point uses `plm`) the model store read-only and the embedding cache read-write.
     """
+    extra, env_places = _with_models(models)
     control = Place(slot_dir / "control", f"{CONTAINER_SLOT}/control")
     points = Place(slot_dir / "points", f"{CONTAINER_SLOT}/points", read_only=False)
     db_places = tuple(p for i, db in enumerate(dbs) for p in database_places(db, f"{CONTAINER_DATA}/{i}"))
@@ -222,12 +275,13 @@ def slot_job(
             "--alive-timeout",
             f"{alive_timeout_s:g}",
         ),  # fmt: skip
-        places=(*db_places, control, points),
+        places=(*db_places, control, points, *extra),
         workdir=workdir,
         name=name,
         gpus=gpus,
         limits=limits,
         labels=labels,
+        env_places=env_places,
     )
 
 
@@ -270,13 +324,17 @@ def predict_job(
     name: str,
     limits: Limits,
     timeout_s: float,
+    models: ModelPlaces | None = None,
 ) -> CoreJob:
     """`python -m runner.core.predict`: the checkpoint, the prediction state and the input read-only,
     one fresh output folder written; the image's filesystem read-only with a private /tmp.
 
     `limits` are the training's memory and CPUs (the plan's `resources`), never its network: a
     prediction always runs with network none. `timeout_s` bounds the whole run (`infra predict --timeout`).
+    `models`: the model store and the embedding cache of a `plm` experiment (cached sequences are read,
+    new ones computed and added).
     """
+    extra, env_places = _with_models(models)
     exp = Place(exp_root, CONTAINER_EXP)
     ckpt = Place(exp_root / checkpoint, f"{CONTAINER_EXP}/{checkpoint}")
     reads = [ckpt, *(Place(exp_root / rel, f"{CONTAINER_EXP}/{rel}") for rel in state_files)]
@@ -305,7 +363,7 @@ def predict_job(
             "--workdir",
             Place(workdir, CONTAINER_WORKDIR),
         ),  # fmt: skip
-        places=(*reads, out),
+        places=(*reads, out, *extra),
         workdir=workdir,
         name=name,
         experiment_id=experiment_id,
@@ -313,4 +371,5 @@ def predict_job(
         environment={"PYTHONDONTWRITEBYTECODE": "1"},
         limits=Limits(limits.memory, limits.cpus, limits.shm_size, "none", limits.threads),
         timeout_s=timeout_s,
+        env_places=env_places,
     )

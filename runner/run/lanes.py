@@ -18,7 +18,7 @@ from filelock import FileLock
 
 from runner.errors import EXIT_OK
 from runner.plan.models import GpuRequest
-from runner.run.jobs import Limits, slot_job
+from runner.run.jobs import Limits, ModelPlaces, plm_places, slot_job
 from runner.run.launch import LOCK_TIMEOUT_S, BuildLog, Target, decide, open_attempt, plan_gpus, preflight_paths
 from runner.run.records import ACTIVE, Experiment, now_iso
 from runner.run.slots import PointEnd, Slot, slot_dir, slot_name
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LaneSpec:
-    """What a lane's slots are made of: one image, the databases they read, GPUs and CPU share, labels."""
+    """What a lane's slots are made of: one image, the databases they read, GPUs and CPU share, labels,
+    and the model store and embedding cache when a point uses the plm embedding."""
 
     backend: object
     workdir: Path
@@ -40,9 +41,10 @@ class LaneSpec:
     gpus: GpuRequest
     limits: Limits
     group: str  # the study id (or a worker's key): slot names and the infra.study label
+    models: ModelPlaces | None = None
 
     def key(self) -> tuple:
-        return (self.image_id, self.image_tag, self.dbs, self.gpus, self.limits, str(self.workdir))
+        return (self.image_id, self.image_tag, self.dbs, self.gpus, self.limits, str(self.workdir), self.models)
 
 
 class Lane:
@@ -72,6 +74,7 @@ class Lane:
             labels={LABEL_PURPOSE: "study-slot", LABEL_STUDY: self.spec.group, LABEL_SLOT: name},
             idle_exit_s=self.spec.backend.settings.slot_idle_exit,
             alive_timeout_s=self.spec.backend.settings.slot_alive_timeout,
+            models=self.spec.models,
         ).with_image(self.spec.image_tag, self.spec.image_id)
         return Slot.open(self.spec.backend, job, directory)
 
@@ -226,7 +229,8 @@ class WarmLane:
         image_id = backend.ensure_image(prepared, build_log.add)
         target = Target.of(loaded, workdir, prepared.image_hash, gpus)
         spec = LaneSpec(backend, workdir, prepared.image_tag, image_id, (target.db,), gpus,
-                        Limits.from_resources(loaded.plan.resources), self.group)  # fmt: skip
+                        Limits.from_resources(loaded.plan.resources), self.group,
+                        plm_places([loaded.plan], workdir, backend.settings))  # fmt: skip
         if self.lane is not None and self.lane.spec.key() != spec.key():
             self.close()
         self.lane = self.lane or Lane(spec)

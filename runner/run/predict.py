@@ -222,6 +222,32 @@ def plan_limits(exp: Experiment, record: dict) -> Limits:
     """The training's memory and CPU limits, from `config/plan.json` only when it hashes to the record's
     `plan_sha256` (the training can rewrite config/, not the record): a prediction gets no more of the
     node than its training had, and a tampered plan cannot lift the limits."""
+    return Limits.from_resources(vouched_plan(exp, record).resources)
+
+
+def plan_models(plan, record: dict, workdir: Path):
+    """The model store and embedding cache of a plm experiment's prediction (None for another
+    embedding), after checking that the store still holds the weights the training used (the record's
+    `model_sha256`): other weights under the same name would feed the trained head other features."""
+    from runner import modelstore
+    from runner.run.jobs import plm_places
+
+    name = modelstore.plan_model(plan.embeddings)
+    if name is None:
+        return None
+    model = modelstore.find(name)
+    if model.sha256 != record.get("model_sha256"):
+        raise UsageError(
+            f"experiment {record.get('experiment_id')} was trained with other weights of model {name!r} "
+            f"(sha256 {str(record.get('model_sha256'))[:12]}) than the store holds now ({model.sha256[:12]}): "
+            f"add those weights back with 'infra models add {name} DIR --replace', or run the plan again"
+        )
+    return plm_places([plan], workdir)
+
+
+def vouched_plan(exp: Experiment, record: dict):
+    """The experiment's typed plan from `config/plan.json`, only when it hashes to the record's
+    `plan_sha256` (the training can rewrite config/, not the record)."""
     from pydantic import ValidationError
 
     from runner.plan.models import Plan
@@ -241,10 +267,9 @@ def plan_limits(exp: Experiment, record: dict) -> Limits:
     ):
         raise safefs.Tampered(exp.root / "config/plan.json", "differs from the plan infra wrote (plan_sha256)")
     try:
-        resources = Plan.model_validate(doc).resources
+        return Plan.model_validate(doc)
     except ValidationError:
         raise ExperimentFailed(f"{where} is not a valid plan for this infra; run it again") from None
-    return Limits.from_resources(resources)
 
 
 def _input_extent(source: Path) -> tuple[int, int]:
@@ -319,7 +344,9 @@ def _predict(workdir: Path, req: PredictRequest, backend=None) -> dict:
     exp, record = succeeded_experiment(workdir, req.experiment_id)
     ckpt, state = model_files(exp)
     template_len = state_template_length(exp)
-    limits = plan_limits(exp, record)
+    plan = vouched_plan(exp, record)
+    limits = Limits.from_resources(plan.resources)
+    models = plan_models(plan, record, workdir)
     bound = output_bound(source, req.saturation, req.top, template_len)
     backend = backend or backend_of(record)
     image, image_id = backend.experiment_image(record)
@@ -345,6 +372,7 @@ def _predict(workdir: Path, req: PredictRequest, backend=None) -> dict:
             name=f"infra-predict-{exp.id}-{workdir_identity(workdir)[:8]}-{secrets.token_hex(3)}",
             limits=limits,
             timeout_s=req.timeout_s,
+            models=models,
         ).with_image(image, image_id)
         try:
             output = backend.run_once(job)

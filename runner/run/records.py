@@ -61,13 +61,19 @@ def plan_sha256(resolved: dict) -> str:
 
 
 def derive_experiment_id(resolved: dict, image_hash: str) -> str:
-    """`<name>-<first 10 hex of sha256(canonical plan + image content hash + db identity)>`.
+    """`<name>-<first 10 hex of sha256(canonical plan + image content hash + db identity [+ weights])>`.
 
     The database's size and mtime stand in for its content so re-importing data under the same
-    path makes a new experiment, without hashing gigabytes on every run.
+    path makes a new experiment, without hashing gigabytes on every run. A plan with the `plm`
+    embedding also hashes in its model's content hash from the node's model store
+    (`runner.modelstore.plan_weights`: the errors of a missing model or store), so other weights
+    added under the same name make a new experiment; other plans' ids are unchanged.
     """
+    from runner.modelstore import plan_weights
+
     if resolved.get("experiment_id"):
         return resolved["experiment_id"]
+    weights = plan_weights(resolved)
     plan = {k: v for k, v in resolved.items() if k not in ID_EXCLUDED_KEYS}
     db = Path(resolved["data"]["db"])
     try:
@@ -75,7 +81,8 @@ def derive_experiment_id(resolved: dict, image_hash: str) -> str:
         db_identity = f"{st.st_size}:{st.st_mtime_ns}"
     except OSError:
         db_identity = "missing"
-    digest = hashlib.sha256(f"{canonical_json(plan)}\n{image_hash}\n{db_identity}".encode()).hexdigest()
+    text = f"{canonical_json(plan)}\n{image_hash}\n{db_identity}" + (f"\nweights:{weights}" if weights else "")
+    digest = hashlib.sha256(text.encode()).hexdigest()
     return f"{resolved['name']}-{digest[:10]}"
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from runner import safefs
 from runner.errors import EXIT_EXPERIMENT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EnvironmentProblem, InfraError
 from runner.plan.models import GpuRequest
-from runner.run.jobs import Limits, default_threads
+from runner.run.jobs import Limits, default_threads, plm_places
 from runner.run.lanes import Lane, LaneSpec, await_elsewhere, claim
 from runner.run.launch import (
     BuildLog,
@@ -169,9 +169,10 @@ class Study:
         self.id = study_id([lp.plan.name for lp in self.loaded], [t.exp.id for t in self.targets])
         n_slots = max(1, min(self.opts.parallel or default_parallel(self.gpus), len(self.targets)))
         threads = Limits.from_resources(first.plan.resources).threads or default_threads(n_slots)
+        models = plm_places([lp.plan for lp in self.loaded], self.workdir, settings)
         for k, gpus in enumerate(slot_gpus(self.gpus, n_slots)):
             spec = LaneSpec(self.backend, self.workdir, self.prepared.image_tag, self.image_id, dbs, gpus,
-                            Limits.from_resources(first.plan.resources, threads), self.id)  # fmt: skip
+                            Limits.from_resources(first.plan.resources, threads), self.id, models)  # fmt: skip
             self.lanes.append(Lane(spec, k))
         write_study(self.workdir, self.id, self.document())
         stop_marker(self.workdir, self.id).unlink(missing_ok=True)  # a stop asked of an earlier run

@@ -69,14 +69,14 @@ class LocalBackend:
         return [sys.executable, *job.argv(inside=False)[1:]]
 
     def environment(self, job: CoreJob) -> dict[str, str]:
-        env = dict(os.environ, **core_environment(job))
+        env = dict(os.environ, **core_environment(job, inside=False))
         visible = job.gpus.cuda_visible_devices()
         if visible is not None:
             env["CUDA_VISIBLE_DEVICES"] = visible
         return env
 
     def describe(self, job: CoreJob) -> dict:
-        env = core_environment(job)
+        env = core_environment(job, inside=False)
         visible = job.gpus.cuda_visible_devices()
         if visible is not None:
             env["CUDA_VISIBLE_DEVICES"] = visible
