@@ -5,7 +5,10 @@ the engine test is tests/test_housekeeping.py::test_prune_images_removes_only_un
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
+
+import pytest
 
 from runner.run.launch import preflight_paths
 from runner.settings import node_settings
@@ -22,17 +25,31 @@ def test_a_run_remembers_its_workdir_once(tmp_path):
     assert known_workdirs() == [first.resolve(), second.resolve()]
 
 
-def test_a_damaged_or_planted_list_reads_as_empty_and_is_rewritten(tmp_path):
+@pytest.mark.parametrize("content", ['{"not": "a list"}', '["relative/path"]', "not json", None])
+def test_a_damaged_list_stops_image_pruning_and_is_not_rewritten(tmp_path, content, caplog):
+    """Fail closed (review of issue 23): a list that cannot be read would protect fewer images than it
+    should, so pruning refuses; a run does not rewrite it (that would forget the other workdirs)."""
+    from runner.run.housekeeping import other_workdirs
     from runner.settings import config_dir
+    from runner.workdir.known import KnownListDamaged
 
     config_dir().mkdir(parents=True, exist_ok=True)
     path = config_dir() / KNOWN_FILE
-    path.write_text('{"not": "a list"}')
-    assert known_workdirs() == []
-    path.write_text('["relative/path", 5, "/abs/ok"]')
-    assert known_workdirs() == [Path("/abs/ok")]
-    path.unlink()
-    os.mkfifo(path)  # never blocked on
-    assert known_workdirs() == []
+    if content is None:
+        os.mkfifo(path)  # never blocked on
+    else:
+        path.write_text(content)
+    with pytest.raises(KnownListDamaged) as info:
+        other_workdirs(tmp_path)
+    assert info.value.exit_code == 1 and str(path) in info.value.message and "damaged" in info.value.message
     remember(tmp_path)
-    assert known_workdirs() == [tmp_path.resolve()] and path.is_file()
+    assert "could not add" in caplog.text
+    assert (path.read_text() == content) if content is not None else stat.S_ISFIFO(path.lstat().st_mode)
+
+
+def test_a_list_infra_wrote_reads_back(tmp_path):
+    from runner.settings import config_dir
+
+    config_dir().mkdir(parents=True, exist_ok=True)
+    (config_dir() / KNOWN_FILE).write_text('["/abs/ok"]')
+    assert known_workdirs() == [Path("/abs/ok")]

@@ -43,3 +43,24 @@ def test_a_hostile_csv_header_in_an_import_error_is_shown_inert(tmp_path):
     assert result.returncode == 2
     assert "\x1b" not in result.stderr and "\x07" not in result.stderr
     assert "the header has: mutant, score\\x1b]0;pwned\\x07" in result.stderr
+
+
+def test_log_records_pass_the_same_boundary():
+    """A warning may quote a name a plugin chose (a setuid file it left) or a server's error text: the
+    handler the CLI installs formats through `printable` too (review of issue 23)."""
+    import logging
+
+    from runner.cli import _root
+    from runner.cli.output import SafeLogFormatter
+
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "removed bits from %s", (HOSTILE,), None)
+    assert SafeLogFormatter("%(levelname)s %(message)s").format(record) == f"WARNING removed bits from {SHOWN}"
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()
+    try:
+        _root(version=False, debug=False, verbose=0)  # what every `infra` command runs first
+        assert [type(h.formatter) for h in root.handlers] == [SafeLogFormatter]
+    finally:
+        root.handlers[:] = saved

@@ -11,6 +11,7 @@ displays render text that their builders made terminal-safe the same way (`runne
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
@@ -21,6 +22,14 @@ def printable(text: str) -> str:
     """`text` with each line made terminal-safe, what it removes shown as inert escapes (so a source
     name `EVIL\\x1b[2J` does not print as `EVIL`); line breaks kept."""
     return "\n".join(terminal_safe(line, shown=True) for line in str(text).split("\n"))
+
+
+class SafeLogFormatter(logging.Formatter):
+    """Log records on the terminal pass the same boundary: a warning may quote a file name a plugin
+    chose or a server's error text."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def say(message: str) -> None:
