@@ -35,3 +35,18 @@ def test_training_and_slot_containers_have_a_read_only_root_and_a_capped_tmp(tmp
     assert args["read_only"] is True
     assert args["tmpfs"] == {"/tmp": "rw,nosuid,nodev,size=1g,mode=1777"}
     assert args["mem_limit"] == "2g"  # the tmpfs counts against it
+
+
+def test_a_wait_that_times_out_is_a_timeout_and_an_engine_failure_is_not():
+    """run_once (prediction, discovery) said "did not finish within --timeout" for any engine error
+    (review of issue 23): only the wait's own timeout is one. The exceptions are the ones requests
+    raises (the real time limit is tested in tests/test_attack_predict.py against the engine)."""
+    import requests
+    from docker.errors import APIError
+
+    from runner.run.backends.docker import _timed_out
+
+    read_timeout = requests.exceptions.ConnectionError("UnixHTTPConnectionPool(host='localhost'): Read timed out.")
+    assert _timed_out(read_timeout) and _timed_out(requests.exceptions.ReadTimeout("x"))
+    assert not _timed_out(requests.exceptions.ConnectionError("Connection aborted: FileNotFoundError"))
+    assert not _timed_out(APIError("500 Server Error: engine failed"))

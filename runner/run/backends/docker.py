@@ -327,7 +327,12 @@ class DockerBackend:
                 engine.stop(container, timeout=5)
                 raise
             except Exception as exc:  # the SDK's read timeout (requests) or an engine error
-                raise CoreTimeout(f"did not finish within {job.timeout_s} s ({type(exc).__name__})") from None
+                if _timed_out(exc):
+                    raise CoreTimeout(f"did not finish within {job.timeout_s} s ({type(exc).__name__})") from None
+                raise EnvironmentProblem(
+                    f"the Docker engine failed while the {job.verb} container ran ({type(exc).__name__}: "
+                    f"{str(exc)[:300]}); check 'docker info' and try again"
+                ) from None
             # stdout carries a job's document and stderr everything else: read them apart
             stdout = engine.container_output(container, stderr=False, limit=OUTPUT_LIMIT)
             stderr = engine.container_output(container, stdout=False, tail=STDERR_TAIL_LINES)
@@ -353,6 +358,16 @@ class DockerBackend:
         from runner.node import docker_info
 
         return docker_info()
+
+
+def _timed_out(exc: Exception) -> bool:
+    """Whether waiting on the engine ended by the wait's own timeout (requests says so as a Timeout,
+    or over the unix socket as a ConnectionError "Read timed out"), not by an engine failure."""
+    import requests
+
+    return isinstance(exc, requests.exceptions.Timeout) or (
+        isinstance(exc, requests.exceptions.ConnectionError) and "timed out" in str(exc).lower()
+    )
 
 
 def _lost(exp: Experiment, message: str) -> dict:
