@@ -63,6 +63,9 @@ class VariantSet:
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows left out (nan_target, mismatch…)
     vocab: BaseVocabProcessor | None = None
     target_name: str = "DMS_score"
+    # data.covariates as read: float64 N × K (K = 0 without covariates), finite in every row
+    covariates: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    covariate_names: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.ids.size)
@@ -142,6 +145,12 @@ def build_query(data: DataSpec, layout: DbLayout) -> tuple[str, list[Any], list[
     if data.target == "DMS_score_bin" and not layout.has_bin:
         raise DataError("data.target: the mutations table has no DMS_score_bin column; use target DMS_score")
     extras = [c for c in layout.extras if c not in FRAME_NAMES]
+    for i, column in enumerate(data.covariates):
+        if column not in extras:
+            raise DataError(
+                f"data.covariates[{i}]: {column!r} is not an extra column of the mutations table "
+                f"(extra columns: {', '.join(extras) or 'none'}); import it with 'infra data import --extra-columns'"
+            )
     select = ["m.id", f"{key} AS source_ref", "m.mutant", "m.DMS_score"]
     select.append("m.DMS_score_bin" if layout.has_bin else "NULL AS DMS_score_bin")
     select += [f'm."{c}"' for c in extras]
@@ -432,6 +441,7 @@ def load_variants(
             f"data: the selection is empty: every row of {_describe_selection(data)} was dropped "
             f"({dropped}); check the templates or data.on_mismatch"
         )
+    covariates = covariate_matrix(rows, query["extras"], sel, data)
     template_lengths = np.array([len(t) for t in templates], dtype=np.int32)
     lengths = template_lengths[codes[sel]]
     frame = _frame(rows, sel, codes, source_names, result.mut_num, query["extras"])
@@ -459,7 +469,35 @@ def load_variants(
         dropped=dropped,
         vocab=processor,
         target_name=data.target,
+        covariates=covariates,
+        covariate_names=list(data.covariates),
     )
+
+
+def covariate_matrix(rows: Rows, extras: list[str], sel: np.ndarray, data: DataSpec) -> np.ndarray:
+    """`data.covariates` of the selected rows as float64 N × K; DataError for a value that is not a
+    number or is missing. Missing values are refused, never imputed: a filled-in value would silently
+    change what the model's score of that row means (docs/plans.md)."""
+    out = np.zeros((sel.size, len(data.covariates)), dtype=np.float64)
+    for j, column in enumerate(data.covariates):
+        values = rows.extra_values[extras.index(column)][sel]
+        try:
+            out[:, j] = np.asarray(values, dtype=object).astype(np.float64)  # NULL (None) -> NaN
+        except (TypeError, ValueError):
+            raise DataError(
+                f"data.covariates: column {column!r} holds a value that is not a number; covariates must be "
+                "numeric columns (re-import it with numbers)"
+            ) from None
+        missing = ~np.isfinite(out[:, j])
+        if missing.any():
+            first = int(rows.ids[sel][np.flatnonzero(missing)[0]])
+            raise DataError(
+                f"data.covariates: column {column!r} is missing (NULL, NaN or infinite) in {int(missing.sum())} of "
+                f"the {sel.size} selected rows (first: id {first}); missing values are not imputed: leave those "
+                f'rows out with data.where {{"column": "{column}", "op": "not_null"}}, or re-import the column '
+                "with a value for every row"
+            )
+    return out
 
 
 # splitmix64 (Steele, Lea & Flood 2014; the seeding generator of Java's SplittableRandom): a bijection

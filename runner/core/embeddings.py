@@ -11,6 +11,11 @@ features; the model is then built for that length); `prepare(tokens, templates, 
 called once before training with the experiment's whole token matrix (numpy uint8 `[N, L]`), the
 wild-type templates and each row's index into them, so the features can be computed (or read from
 a cache) once and `forward` only looks rows up.
+
+With `data.covariates` the plan's embedding is wrapped (runner.core.covariates.CovariateEmbedding):
+the wrapper's `prepare` also takes `covariates=` (the rows' values, float `[N, K]`), calls the inner
+embedding's own `prepare` as above (without them), and appends the standardised covariates to the
+inner output (K channels of a pooled output, one extra position of a per-position one).
 """
 
 from __future__ import annotations
@@ -141,7 +146,11 @@ def plm(vocab, model: str, layer: int = -1, pooling: str = "mean", batch_size: i
 
 
 def output_length(embedding: nn.Module, seq_len: int) -> int:
-    """The length of the embedding's output for sequences of `seq_len` tokens: its `out_len` if it has one."""
+    """The length of the embedding's output for sequences of `seq_len` tokens: its `length_for(seq_len)`
+    or its `out_len` if it has one (runner.core.covariates adds a position to a per-position embedding)."""
+    length_for = getattr(embedding, "length_for", None)
+    if callable(length_for):
+        return int(length_for(seq_len))
     out_len = getattr(embedding, "out_len", None)
     return int(out_len) if isinstance(out_len, int) and out_len > 0 else int(seq_len)
 

@@ -165,7 +165,14 @@ def _run(plan: Plan, layout: Layout, workdir, stop, limit_batches, source: DataS
     L.seed_everything(plan.train.seed, workers=True, verbose=False)
     module = _module(plan, variants, targets)
     # before the trainer: an embedding that computes its features once (plm) does it here, not per batch
-    module.prepare_embedding(variants.tokens, variants.templates, variants.source, device=_embedding_device(plan))
+    module.prepare_embedding(
+        variants.tokens,
+        variants.templates,
+        variants.source,
+        device=_embedding_device(plan),
+        covariates=variants.covariates if plan.data.covariates else None,
+        train=split["train"],
+    )
     datamodule = VariantDataModule(variants.tokens, targets.train, split, plan.train.batch_size, seed=plan.train.seed)
     has_val = len(split["val"]) > 0
     trainer, epochs, seconds = _train(plan, layout, module, datamodule, targets.task, has_val, stop, limit_batches)
@@ -350,6 +357,7 @@ def _module(plan: Plan, variants: VariantSet, targets: Targets) -> VariantModule
         lr=plan.train.lr,
         weight_decay=plan.train.weight_decay,
         optimizer=plan.train.optimizer,
+        covariates=list(plan.data.covariates),
     )
     names, classification = list(plan.metrics), targets.task == "classification"
     module.val_metrics_fn = lambda y, p: compute_metrics(

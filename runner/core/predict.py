@@ -130,6 +130,9 @@ class Predictor:
         self.errors = pa.array(
             [None, *(ERROR_TEXT[r].format(length=len(template), vocab=vocab.name) for r in REASONS)], pa.string()
         )
+        covariates = _covariate_embedding(module)
+        # data.covariates of the training: every row to score needs their values (input columns)
+        self.covariates: list[str] = list(covariates.names) if covariates is not None else []
 
     def score_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """Model scores of a token matrix on the original target scale (the transform inverted)."""
@@ -142,14 +145,22 @@ class Predictor:
                 out[start : start + len(batch)] = self.module.scores(self.module(batch)).cpu().numpy()
         return out if self.task == "classification" else self.transform.inverse(out)
 
-    def score(self, mutants: MutantText) -> Scored:
-        """Parse, check, encode and score one chunk of mutants."""
+    def score(self, mutants: MutantText, covariates: np.ndarray | None = None) -> Scored:
+        """Parse, check, encode and score one chunk of mutants; with data.covariates, `covariates` are
+        the rows' values (N × K, in the training's column order)."""
         n = len(mutants)
+        if self.covariates and (covariates is None or np.shape(covariates) != (n, len(self.covariates))):
+            raise DataError(
+                f"the experiment was trained with data.covariates ({', '.join(self.covariates)}): give each "
+                "mutant's values as columns of the input file"
+            )
         result = apply_mutants([self.template], np.zeros(n, np.int64), mutants, self.vocab, on_mismatch="drop")
         tokens = result.tokens
         if tokens.shape[1] < self.seq_len:  # a shorter template of a multi-source training
             tokens = np.pad(tokens, ((0, 0), (0, self.seq_len - tokens.shape[1])), constant_values=self.vocab.pad_id)
         prediction = np.full(n, np.nan)
+        if self.covariates:  # the chunk's covariates, by sequence, standardised as in training
+            _covariate_embedding(self.module).set_rows(tokens, np.asarray(covariates)[result.keep], scratch=True)
         embed = _prepared_embedding(self.module)
         if embed is not None and len(tokens):
             # the chunk's features at once, batched, from the cache when this input was predicted before
@@ -259,11 +270,20 @@ def load_predictor(exp_dir: Path, checkpoint: Path, workdir: Path | None = None,
     return Predictor(module, vocab, template, state["seq_len"], transform, state["task"])
 
 
+def _covariate_embedding(module):
+    """The module's data.covariates wrapper around its embedding (runner.core.covariates), or None."""
+    from runner.core.covariates import CovariateEmbedding
+
+    return module.embed if isinstance(module.embed, CovariateEmbedding) else None
+
+
 def _prepared_embedding(module):
-    """The module's `plm` embedding (features computed once, cached), or None."""
+    """The module's `plm` embedding (features computed once, cached), also inside a covariates wrapper, or None."""
     from runner.core.plm import PLMEmbedding
 
-    return module.embed if isinstance(module.embed, PLMEmbedding) else None
+    wrapper = _covariate_embedding(module)
+    embed = wrapper.inner if wrapper is not None else module.embed
+    return embed if isinstance(embed, PLMEmbedding) else None
 
 
 def _prepare_known(module, exp_dir: Path, state: dict, vocab: BaseVocabProcessor) -> None:
@@ -287,7 +307,7 @@ def _prepare_known(module, exp_dir: Path, state: dict, vocab: BaseVocabProcessor
         return
     tokens = vocab.encode(table.column("sequence").to_pylist(), length=int(state["seq_len"]))
     templates = [s["template"] for s in state["sources"]]
-    embed = module.embed
+    embed = _prepared_embedding(module)
     if embed.prepare(tokens, templates, source.to_numpy(np.int64), compute=False):
         log.info("plm: the training's %d sequences read from the embedding cache", len(tokens))
     else:
@@ -326,8 +346,12 @@ def _delimiter(path: Path, header: str) -> str:
     return "\t" if "\t" in header and "," not in header else ","
 
 
-def read_mutants(path: Path, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Array]:
-    """The `mutant` column of a CSV/TSV (optionally .gz) in chunks of at most `chunk_rows` rows."""
+def read_mutants(
+    path: Path, chunk_rows: int = CHUNK_ROWS, covariates: list[str] | tuple[str, ...] = ()
+) -> Iterator[pa.Array | pa.Table]:
+    """The `mutant` column of a CSV/TSV (optionally .gz) in chunks of at most `chunk_rows` rows; with
+    `covariates` (the training's data.covariates), tables of `mutant` and those columns as float64,
+    every value present and finite (missing values are refused, as in training)."""
     import pyarrow.csv as pacsv
 
     try:
@@ -343,21 +367,57 @@ def read_mutants(path: Path, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Array]
             f"{path}: no 'mutant' column (columns: {', '.join(columns[:20]) or 'none'}); "
             "give one mutant per row, e.g. A23G:L45P ('' for the wild type)"
         )
+    absent = [c for c in covariates if c not in columns]
+    if absent:
+        raise DataError(
+            f"{path}: no column {', '.join(map(repr, absent))}: the experiment was trained with data.covariates "
+            f"({', '.join(covariates)}); give each mutant's values as columns of the input file"
+        )
+    types = {"mutant": pa.large_string(), **dict.fromkeys(covariates, pa.float64())}
+    row = 0
     try:
         reader = pacsv.open_csv(
             pa.input_stream(str(path), compression="detect"),
             read_options=pacsv.ReadOptions(block_size=1 << 22),
             parse_options=pacsv.ParseOptions(delimiter=sep, newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(
-                include_columns=["mutant"], column_types={"mutant": pa.large_string()}, strings_can_be_null=False
+                include_columns=["mutant", *covariates], column_types=types, strings_can_be_null=False
             ),
         )
         for batch in reader:
-            column = batch.column(0)
-            for start in range(0, len(column), chunk_rows):
-                yield column.slice(start, chunk_rows)
+            if covariates:
+                _check_covariates(path, batch, covariates, row)
+            row += batch.num_rows
+            part = pa.Table.from_batches([batch]) if covariates else batch.column(0)
+            for start in range(0, len(part), chunk_rows):
+                yield part.slice(start, chunk_rows)
     except pa.ArrowException as exc:
         raise DataError(f"{path}: not a readable CSV/TSV ({exc})") from None
+
+
+def _check_covariates(path: Path, batch: pa.RecordBatch, covariates, row: int) -> None:
+    """Every covariate of every input row present and finite: prediction imputes nothing, as training."""
+    for name in covariates:
+        values = batch.column(name).to_numpy(zero_copy_only=False)  # float64; a null reads as NaN
+        missing = ~np.isfinite(values)
+        if missing.any():
+            first = row + int(np.flatnonzero(missing)[0]) + 2  # the file's line: 1-based, after the header
+            raise DataError(
+                f"{path}: column {name!r} is missing (empty, NaN or infinite) in {int(missing.sum())} row(s) "
+                f"(first on line {first}); every mutant needs its covariates: fill them in or leave those rows out"
+            )
+
+
+def chunk_parts(chunk: pa.Array | pa.Table, covariates: list[str]) -> tuple[pa.Array, np.ndarray | None]:
+    """A chunk of input as (mutants, covariate values N × K in `covariates`' order, or None)."""
+    if isinstance(chunk, pa.Table | pa.RecordBatch):
+        mutants = chunk.column("mutant")
+        mutants = mutants.combine_chunks() if isinstance(mutants, pa.ChunkedArray) else mutants
+        if not covariates:
+            return mutants, None
+        values = [chunk.column(c).to_numpy() for c in covariates]
+        return mutants, np.stack(values, axis=1).astype(np.float64)
+    return chunk, None
 
 
 def saturation_mutants(template: str, vocab: BaseVocabProcessor) -> pa.Array:
@@ -436,8 +496,9 @@ def predict_to_file(
     rows = errors = 0
     by_reason = dict.fromkeys(REASONS, 0)
     try:
-        for mutants in chunks:
-            scored = predictor.score(mutant_text(mutants))
+        for chunk in chunks:
+            mutants, covariates = chunk_parts(chunk, predictor.covariates)
+            scored = predictor.score(mutant_text(mutants), covariates)
             table = predictor.table(mutants, scored)
             rows += len(table)
             counts = np.bincount(scored.reason, minlength=len(REASONS) + 1)
@@ -502,10 +563,15 @@ def main(argv: list[str] | None = None) -> int:
 
         _set_threads()  # resources.cpus, as the training: INFRA_THREADS
         predictor = load_predictor(args.exp_dir, args.checkpoint, args.workdir, args.source)
+        if args.saturation and predictor.covariates:
+            raise DataError(
+                f"--saturation: the experiment was trained with data.covariates ({', '.join(predictor.covariates)}), "
+                "which a generated mutant has no values of; give the mutants and their covariates in an input file"
+            )
         chunks = (
             iter([saturation_mutants(predictor.template, predictor.vocab)])
             if args.saturation
-            else read_mutants(args.input)
+            else read_mutants(args.input, covariates=predictor.covariates)
         )
         summary = predict_to_file(predictor, chunks, args.out, args.format, args.top)
         if args.summary is not None:

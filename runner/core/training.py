@@ -30,6 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from runner.core.embeddings import create_embedding, output_length
 from runner.core.metrics import spearman
 from runner.core.models import create_model
+from runner.core.registry import ParamError
 from runner.core.selection import SelectionRule
 from runner.core.vocab import get_vocab_processor
 from runner.errors import InfraError
@@ -190,11 +191,21 @@ class VariantModule(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         optimizer: str = "adamw",
+        covariates: list[str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         vocab = get_vocab_processor(vocab_name, **(vocab_params or {}))
         self.embed = create_embedding(embedding_name, vocab, embedding_params)
+        if covariates:  # data.covariates: appended to the embedding's output (runner.core.covariates)
+            from runner.core.covariates import CovariateEmbedding
+
+            if model_name == "cnn":
+                raise ParamError(
+                    "data.covariates: model 'cnn' convolves over residue positions, where covariates would be "
+                    "read as one more residue; use ridge, linear, mlp or ge with covariates, or drop data.covariates"
+                )
+            self.embed = CovariateEmbedding(self.embed, list(covariates), embedding_name)
         # what the model sees per variant: the sequence's positions, or an embedding's own length
         # (1 for pooled pLM features)
         self.feature_len = output_length(self.embed, seq_len)
@@ -213,13 +224,32 @@ class VariantModule(L.LightningModule):
         """The model is solved in closed form and has nothing for gradient descent to train (`ridge`)."""
         return hasattr(self.model, "fit_closed_form") and not any(p.requires_grad for p in self.parameters())
 
-    def prepare_embedding(self, tokens: np.ndarray, templates: list[str], source: np.ndarray, device=None) -> None:
+    def prepare_embedding(
+        self,
+        tokens: np.ndarray,
+        templates: list[str],
+        source: np.ndarray,
+        device=None,
+        covariates: np.ndarray | None = None,
+        train: np.ndarray | None = None,
+    ) -> None:
         """Give an embedding with a `prepare` hook (runner.core.embeddings) the whole data set, once,
-        before training: the `plm` embedding computes or reads its features here, never per batch."""
+        before training: the `plm` embedding computes or reads its features here, never per batch.
+        With data.covariates, `covariates` are the rows' values (N × K) and `train` the training rows'
+        positions, whose mean and standard deviation standardise them (runner.core.covariates)."""
+        from runner.core.covariates import CovariateEmbedding
+
+        if isinstance(self.embed, CovariateEmbedding):
+            if covariates is None or train is None:
+                raise ValueError("prepare_embedding: data.covariates need covariates= and train=")
+            self.embed.fit_standardisation(np.asarray(covariates)[np.asarray(train, dtype=np.int64)])
         prepare = getattr(self.embed, "prepare", None)
         if callable(prepare):
             t0 = time.perf_counter()
-            prepare(tokens, templates, source, device=device)
+            if isinstance(self.embed, CovariateEmbedding):
+                prepare(tokens, templates, source, device=device, covariates=covariates)
+            else:
+                prepare(tokens, templates, source, device=device)
             log.info("embedding %s prepared in %.2fs", self.hparams.embedding_name, time.perf_counter() - t0)
 
     def _chunks(self, name: str):

@@ -282,6 +282,7 @@ def _database_issues(plan: Plan) -> list[PlanIssue]:
                         f"{_suggest(plan.split.column, mutation_columns)}",
                     )
                 )
+            issues.extend(_covariate_issues(plan, layout, db))
             if not layout.id_is_rowid:
                 issues.extend(_content_issues(conn, db, layout))
         finally:
@@ -290,6 +291,35 @@ def _database_issues(plan: Plan) -> list[PlanIssue]:
         issues.append(PlanIssue("data.db", exc.message))
     except sqlite3.Error as exc:
         issues.append(PlanIssue("data.db", f"{db} cannot be read: {exc}"))
+    return issues
+
+
+# extra columns the core's selection cannot return under their own name (runner.core.data.FRAME_NAMES)
+FRAME_ONLY_NAMES = ("sequence", "source_text", "source_ref")
+
+
+def _covariate_issues(plan: Plan, layout, db: Path) -> list[PlanIssue]:
+    """`data.covariates` name extra columns of the mutations table (what `--extra-columns` imports);
+    whether their values are numbers and present in every selected row is the core's check at start."""
+    extras = {c for c in layout.extras if c not in FRAME_ONLY_NAMES}
+    issues = []
+    for i, column in enumerate(plan.data.covariates):
+        if column in extras:
+            continue
+        listed = f"available: {', '.join(sorted(extras))}" if extras else "the table has no extra columns"
+        if column in layout.mutation_columns or column == "mut_num":
+            # no "did you mean": a standard column's name is no typo of an extra one
+            why, hint = f"{column!r} is a standard column of the mutations table, not a covariate", listed
+        else:
+            why = f"no column {column!r} in the mutations table of {db.name}"
+            hint = _suggest(column, extras) if extras else listed
+        issues.append(
+            PlanIssue(
+                f"data.covariates[{i}]",
+                f"{why}; {hint} (covariates are extra numeric columns: import them with "
+                "'infra data import --extra-columns')",
+            )
+        )
     return issues
 
 

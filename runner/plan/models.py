@@ -31,6 +31,7 @@ SEED_MAX = 2**32 - 1  # numpy and Lightning's seed_everything take 0..2**32-1
 SQLITE_INT_MAX = 2**63 - 1  # a bound SQLite parameter is a signed 64-bit integer
 SQLITE_INT_MIN = -(2**63)
 MAX_DEVICES = 1024
+MAX_COVARIATES = 64  # data.covariates: features beside the embedding, not a second feature table
 SELECT_BY_PATTERN = r"^val_[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # val_ + a registered metric name, or val_loss
 
 
@@ -173,6 +174,14 @@ class DataSpec(Strict):
     sample_seed: Annotated[int, Field(ge=0, le=SEED_MAX), INTEGRAL] = Field(
         default=0, description="seed of data.sample (independent of split.seed and train.seed)"
     )
+    covariates: Annotated[list[Annotated[str, Field(pattern=IDENTIFIER_PATTERN)]], Field(max_length=MAX_COVARIATES)] = (
+        Field(
+            default_factory=list,
+            json_schema_extra={"uniqueItems": True},
+            description="extra numeric mutations columns (e.g. a zero-shot score imported with --extra-columns) "
+            "given to the model beside the embedding, standardised on the training rows; a missing value is refused",
+        )
+    )
 
     @field_validator("sample")
     @classmethod
@@ -185,6 +194,19 @@ class DataSpec(Strict):
                 "selection, limit takes the first ids",
             )
         return sample
+
+    @field_validator("covariates")
+    @classmethod
+    def _covariates_unique(cls, covariates: list[str]) -> list[str]:
+        # a column twice would be one feature counted twice (and two equal standardised columns)
+        for i, column in enumerate(covariates):
+            if column in covariates[:i]:
+                raise PydanticCustomError(
+                    "duplicate_covariate",
+                    "'{column}' is listed twice (items {first} and {i}); list each column once",
+                    {"column": column, "first": covariates.index(column), "i": i},
+                )
+        return covariates
 
 
 class NamedComponent(Strict):
