@@ -217,3 +217,17 @@ def test_summary_table_renders_val_and_test(tmp_path):
     assert "demo-1 succeeded" in text
     assert "spearman" in text and "0.5000" in text and "0.6100" in text
     assert progress.summary_footer({**doc, "n": {"train": 6}, "exp_dir": "/x"}) == "train 6; /x"
+
+
+def test_the_embedding_stage_shows_its_progress_and_its_cache(tmp_path, capsys):
+    """The plm embedding computes once per data set (issue 24: "with progress in the run view"): the
+    view shows the core's progress lines as its status and one line when the stage ends or is read
+    from the cache; the 10 % steps in between are not printed in the plain view."""
+    view = RunView("plain", tmp_path)
+    for done in (500, 1000):
+        view.training_line(f"2026 INFO runner.core.plm: embedding: {done}/1000 sequences (320/s)")
+    view.training_line("2026 INFO runner.core.plm: plm: 1000 sequences' features read from the embedding cache (ab12)")
+    assert capsys.readouterr().err.splitlines() == [
+        "embedding: 1000 sequences computed (kept in the embedding cache)",
+        "embedding: 1000 sequences read from the embedding cache",
+    ]

@@ -38,6 +38,9 @@ _BUILD_STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
 # Training output that reaches the user without -v: warnings (the log's level name, Python's
 # warnings); errors reach the user through the error boundary with the log's tail.
 _WARNING = re.compile(r"\b(WARNING|[A-Za-z]*Warning):")
+# the plm embedding stage (runner/core/plm.py): its progress, and where its features came from
+_EMBEDDING = re.compile(r"\bembedding: (\d+)/(\d+) sequences")
+_EMBEDDING_CACHED = re.compile(r"\bplm: (\d+) sequences' features read from the embedding cache")
 
 
 # --- reading the core's events -------------------------------------------------------------------
@@ -354,6 +357,14 @@ class RunView:
             say(line)
         elif _WARNING.search(line):
             self._line(line, style="yellow")
+        elif step := _EMBEDDING.search(line):
+            done, total = int(step.group(1)), int(step.group(2))
+            self._status(f"embedding {done}/{total} sequences", done, total)
+            if done == total:
+                self._line(f"embedding: {total} sequences computed (kept in the embedding cache)")
+                self._status("training")
+        elif cached := _EMBEDDING_CACHED.search(line):
+            self._line(f"embedding: {cached.group(1)} sequences read from the embedding cache")
         self.poll()
 
     # --- the core's events ---
