@@ -228,6 +228,7 @@ def pool_features(
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
     pre, post = len(encoder.prefix), len(encoder.suffix)
+    last_is_layer = False
     with torch.no_grad(), autocast:
         for start in range(0, n, batch_size):
             rows = order[start : start + batch_size]
@@ -252,8 +253,16 @@ def pool_features(
             weight[:, pre : pre + width] = pooled
             batch_ids = torch.from_numpy(ids).to(device)
             mask = torch.from_numpy(attention.astype(np.int64)).to(device)
-            output = encoder.model(input_ids=batch_ids, attention_mask=mask, output_hidden_states=True)
-            hidden = output.hidden_states[layer].float()
+            if last_is_layer:  # the model's output is the layer asked for: no per-layer copies kept
+                hidden = encoder.model(input_ids=batch_ids, attention_mask=mask).last_hidden_state.float()
+            else:
+                output = encoder.model(input_ids=batch_ids, attention_mask=mask, output_hidden_states=True)
+                hidden = output.hidden_states[layer].float()
+                # layer -1 is usually the model's own output (ESM's final layer norm included): seen
+                # once on the first batch, later batches ask for that output alone
+                last_is_layer = (
+                    start == 0 and layer == -1 and torch.equal(output.hidden_states[-1], output.last_hidden_state)
+                )
             w = torch.from_numpy(weight).to(device)
             features = (hidden * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
             out[rows] = features.cpu().numpy()
