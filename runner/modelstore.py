@@ -204,8 +204,9 @@ def _hash_file(digest, rel: str, src, sink) -> int:
 
 
 def _regular_files(root: Path) -> list[str]:
-    """Sorted relative paths (`/`-separated) of the regular files below `root`, infra-model.json left
-    out; UsageError naming a link, a special file, or a tree too deep or too large."""
+    """Sorted relative paths (`/`-separated) of the regular files below `root`, infra-model.json and
+    hidden entries (names starting with ".") left out; UsageError naming a link, a special file, a
+    name that is not UTF-8, or a tree too deep or too large."""
     found: list[str] = []
     stack: list[tuple[Path, str, int]] = [(root, "", 0)]
     while stack:
@@ -215,7 +216,13 @@ def _regular_files(root: Path) -> list[str]:
         except OSError as exc:
             raise UsageError(f"{folder}: cannot be read ({exc.strerror})") from None
         for entry in entries:
+            if entry.name.startswith("."):  # download metadata (.cache/huggingface), .gitattributes: not the
+                continue  # model, and timestamps in them would give the same weights another hash
             rel = f"{prefix}{entry.name}"
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UsageError(f"{root}: the name {rel!r} is not UTF-8; rename that file") from None
             mode = entry.stat(follow_symlinks=False).st_mode
             if stat.S_ISLNK(mode):
                 raise UsageError(
@@ -270,8 +277,11 @@ def add(name: str, source: Path, replace: bool = False, settings=None) -> tuple[
     """
     check_name(name)
     source = Path(source).expanduser().absolute()
-    files = check_source(source)
     store = store_path(settings)
+    real_source, real_store = source.resolve(), Path(store).resolve()
+    if real_store == real_source or real_source in real_store.parents or real_store in real_source.parents:
+        raise UsageError(f"{source}: a model folder and the model store {store} must not contain each other")
+    files = check_source(source)
     try:
         store.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

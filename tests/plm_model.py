@@ -9,7 +9,6 @@ cannot be downloaded on these machines; the real loading code runs on this one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from datetime import UTC, datetime
@@ -25,19 +24,13 @@ MODEL_INFO = "infra-model.json"
 
 
 def content_sha256(folder: Path) -> tuple[str, int, list[str]]:
-    """(sha256, bytes, files) of a model folder: every regular file but infra-model.json, in sorted
-    relative-path order, hashed as its path (UTF-8), a NUL, its size, a NUL, then its bytes.
+    """(sha256, bytes, files) of a model folder, as `infra models add` computes them
+    (`runner.modelstore.model_sha256`: the one definition of a model's content hash)."""
+    from runner.modelstore import _regular_files, model_sha256
 
-    The host's `infra models add` must hash the same way (the lead unifies the two)."""
     folder = Path(folder)
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MODEL_INFO)
-    digest, total = hashlib.sha256(), 0
-    for rel in files:
-        data = (folder / rel).read_bytes()
-        digest.update(rel.encode() + b"\0" + str(len(data)).encode() + b"\0")
-        digest.update(data)
-        total += len(data)
-    return digest.hexdigest(), total, files
+    files = _regular_files(folder)
+    return model_sha256(folder), sum((folder / rel).stat().st_size for rel in files), files
 
 
 def write_model_info(folder: Path, name: str) -> dict:

@@ -255,6 +255,20 @@ def test_a_container_that_vanished_is_lost_with_its_outputs_hardened(tmp_path, d
     assert not suid.stat().st_mode & SETID
 
 
+def test_a_setuid_file_left_in_the_embedding_cache_is_cleared(tmp_path):
+    """plm trainings write the workdir's embedding cache (mounted read-write): a file left there with
+    setuid bits is hardened like the experiment's own outputs (review of issue 24)."""
+    from runner.run.reconcile import finalize
+
+    exp = make_exp(tmp_path)
+    suid = setid_file(tmp_path / "cache" / "embeddings" / "planted")
+    record = finalize(exp, exp.read(), 0)
+    assert record["state"] == "succeeded"
+    assert not suid.stat().st_mode & SETID
+    tampered = [e for e in exp.events() if e["event"] == "tampered"]
+    assert tampered[0]["path"] == "cache/embeddings/planted"
+
+
 def test_experiment_folders_are_private_to_their_owner(tmp_path):
     work = tmp_path / "work"
     (work / "experiments").mkdir(parents=True)

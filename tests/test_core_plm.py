@@ -342,3 +342,20 @@ def test_a_missing_model_store_is_named(env, tmp_path, blat_db, capsys, monkeypa
     plan = _plan(tmp_path / "plan.json", blat_db, "ridge")
     assert train_main([str(plan), "--exp-dir", str(tmp_path / "exp")]) == 2
     assert "INFRA_MODEL_STORE is not set" in capsys.readouterr().err
+
+
+def test_rows_added_in_steps_keep_their_own_features():
+    """The lookup that memoises rows computed on the fly (review of issue 24: a second `add` paired the
+    known rows' features with the new rows' tokens)."""
+    index = plm.RowIndex(1)
+    steps = [([[1, 2, 3]], [10.0]), ([[4, 5], [6, 7, 8, 9]], [20.0, 30.0]), ([[1, 2, 4]], [40.0])]
+    for rows, values in steps:
+        width = max(len(r) for r in rows)
+        tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.uint8)
+        index.add(tokens, torch.tensor(values)[:, None])
+    for rows, values in steps:
+        for row, value in zip(rows, values, strict=True):
+            idx, found = index.find(torch.tensor([row], dtype=torch.uint8))
+            assert bool(found[0]) and float(index.features[idx[0], 0]) == value, (row, value)
+    _, found = index.find(torch.tensor([[9, 9]], dtype=torch.uint8))
+    assert not bool(found[0])

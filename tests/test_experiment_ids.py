@@ -95,3 +95,19 @@ def test_rerun_does_not_replace_a_running_experiment_of_another_plan(tmp_path, m
         assert first.exp.read()["state"] == "running"
     finally:
         holder.communicate(b"")
+
+
+def test_a_plan_that_ran_before_a_new_plan_key_existed_is_the_same_plan(tmp_path, mini_db):
+    """A key added to plans later (at its default) is no difference (review of issue 24: every fixed-id
+    experiment made before `data.covariates` existed was refused as "another plan")."""
+    record = previous_attempt(tmp_path, mini_db, "succeeded")
+    first = target(tmp_path, mini_db)
+    old = dict(first.resolved, data={k: v for k, v in first.resolved["data"].items() if k != "covariates"})
+    assert old != first.resolved  # what an older infra wrote: no such key
+    from runner.run.records import plan_sha256
+
+    safefs.write_atomic(first.exp.root, "config/plan.json", json.dumps(old).encode())
+    record = first.exp.update(plan_sha256=plan_sha256(old))
+    launch.refuse_other_plan(target(tmp_path, mini_db), record)  # accepted
+    with pytest.raises(UsageError, match="differ in model.name"):
+        launch.refuse_other_plan(target(tmp_path, mini_db, model={"name": "ridge"}), record)

@@ -28,12 +28,11 @@ def model_dir(where: Path, weights: bytes = b"weights-a", **extra: bytes) -> Pat
 
 
 @pytest.fixture
-def store(tmp_path) -> Path:
+def store(tmp_path, monkeypatch) -> Path:
     """The node's model store, set through the environment (as INFRA_MODEL_STORE)."""
     path = tmp_path / "store"
-    os.environ["INFRA_MODEL_STORE"] = str(path)
-    yield path
-    os.environ.pop("INFRA_MODEL_STORE", None)
+    monkeypatch.setenv("INFRA_MODEL_STORE", str(path))
+    return path
 
 
 def plm_plan(folder: Path, db: Path, model: str = "tiny", name: str = "plm", **extra) -> Path:
@@ -247,7 +246,7 @@ def dry_run(plan: Path, workdir: Path, backend: str = "local") -> dict:
     return json.loads(result.stdout)
 
 
-def test_the_experiment_id_includes_the_weights_hash(tmp_path, store, mini_db):
+def test_the_experiment_id_includes_the_weights_hash(tmp_path, store, mini_db, monkeypatch):
     wd = tmp_path / "wd"
     wd.mkdir()
     plan = plm_plan(tmp_path, mini_db)
@@ -268,7 +267,9 @@ def test_the_experiment_id_includes_the_weights_hash(tmp_path, store, mini_db):
     from runner.run.records import derive_experiment_id
 
     onehot = {"name": "x", "data": {"db": str(mini_db)}, "embeddings": {"name": "onehot", "params": {}}}
-    assert derive_experiment_id(onehot, "h") == derive_experiment_id(onehot, "h")  # no store consulted
+    with_store = derive_experiment_id(onehot, "h")
+    monkeypatch.setenv("INFRA_MODEL_STORE", str(tmp_path / "no-such-store"))  # consulted, it would fail
+    assert derive_experiment_id(onehot, "h") == with_store  # a plan without plm: no store consulted
 
 
 def test_a_run_under_a_fixed_id_refuses_other_weights(tmp_path, store, mini_db):
@@ -408,6 +409,31 @@ def test_prune_cache_empties_it_and_follows_no_link(tmp_path):
     assert cli("prune", "--cache", workdir=tmp_path).returncode == 0  # no cache: nothing to do
 
 
+def test_prune_cache_leaves_a_key_an_experiment_is_computing(tmp_path):
+    """The files of a key whose lock is held (a run computing it: runner.core.plm holds `<key>.lock`
+    with filelock) are kept and said; removing its temporary file would make that run fail (review of
+    issue 24). The lock is held by this test with the same library, then released."""
+    from filelock import FileLock
+
+    wd = tmp_path / "wd"
+    cache = wd / "cache" / "embeddings"
+    cache.mkdir(parents=True)
+    (cache / "busykey.lock").write_bytes(b"")
+    (cache / ".busykey.ab12.npy.tmp").write_bytes(b"x" * 100)
+    (cache / "donekey.npy").write_bytes(b"y" * 10)
+    lock = FileLock(str(cache / "busykey.lock"))
+    with lock:
+        done = cli("prune", "--cache", "--json", workdir=wd)
+    assert done.returncode == 0, done.stderr
+    entries = {e["name"]: e for e in json.loads(done.stdout)["cache"]["entries"]}
+    assert entries[".busykey.ab12.npy.tmp"]["busy"] and entries["busykey.lock"]["busy"]
+    assert entries["donekey.npy"]["removed"]
+    assert sorted(p.name for p in cache.iterdir()) == [".busykey.ab12.npy.tmp", "busykey.lock"]
+    assert "kept 2 embedding cache file(s) an experiment is computing now" in done.stderr
+    again = cli("prune", "--cache", workdir=wd)  # the lock released: the leftovers go
+    assert again.returncode == 0 and list(cache.iterdir()) == []
+
+
 def test_node_shows_the_store_and_the_cache(tmp_path, store):
     wd = tmp_path / "wd"
     (wd / "cache" / "embeddings").mkdir(parents=True)
@@ -421,3 +447,31 @@ def test_node_shows_the_store_and_the_cache(tmp_path, store):
     assert f"cache     3.0 MiB of embeddings in {wd / 'cache' / 'embeddings'}" in text
     os.environ.pop("INFRA_MODEL_STORE")
     assert "models    no model store (infra config set model_store PATH)" in cli("node", workdir=wd).stdout
+
+
+def test_download_metadata_is_not_part_of_the_model_and_odd_names_are_refused(tmp_path, store):
+    """`huggingface-cli download --local-dir` leaves `.cache/huggingface/…` with timestamps: the same
+    weights downloaded twice must be the same model (review of issue 24). A name that is not UTF-8 is
+    one line, and a source folder that holds the store (or lies in it) is refused."""
+    import os
+
+    from runner.modelstore import model_sha256
+
+    a, b = model_dir(tmp_path / "a"), model_dir(tmp_path / "b")
+    for folder, stamp in ((a, b"2026-01-01"), (b, b"2026-12-06")):
+        (folder / ".cache" / "huggingface").mkdir(parents=True)
+        (folder / ".cache" / "huggingface" / "model.safetensors.metadata").write_bytes(stamp)
+        (folder / ".gitattributes").write_bytes(stamp)
+    assert model_sha256(a) == model_sha256(b)
+    assert cli("models", "add", "tiny", str(a)).returncode == 0
+    assert not (store / "tiny" / ".cache").exists() and not (store / "tiny" / ".gitattributes").exists()
+    assert "unchanged" in cli("models", "add", "tiny", str(b)).stderr
+
+    odd = model_dir(tmp_path / "odd")
+    (odd / os.fsdecode(b"bad\xffname.txt")).write_bytes(b"x")
+    result = cli("models", "add", "odd", str(odd))
+    assert result.returncode == 2 and "is not UTF-8; rename that file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    result = cli("models", "add", "whole", str(store.parent))
+    assert result.returncode == 2 and "must not contain each other" in result.stderr

@@ -90,7 +90,7 @@ def prune(
     their sum. With --cache, every entry of the workdir's embedding cache is removed (links never
     followed; the next plm experiment computes what it needs again). With --json: {"dry_run", "cutoff",
     "experiments": [...], "images": [{id, tags, size, reason, removed}], "cache": {path, entries: [{name,
-    bytes, removed}], bytes} (with --cache), "bytes"}.
+    bytes, removed, busy?}], bytes} (with --cache), "bytes"}.
 
     Example: infra prune --older-than 14d --state failed --images --dry-run
     """
@@ -128,9 +128,11 @@ def prune(
         what = verb if dry_run or i["removed"] else "kept (in use)"
         say(f"{what} image {name} ({i['reason']}, {_size(i['size'])})")
     if cache_result is not None:
-        say(
-            f"{verb} {len(cache_result.entries)} embedding cache file(s) in {cache_result.path} ({_size(cache_result.bytes)})"
-        )
+        busy = sum(1 for e in cache_result.entries if e.get("busy"))
+        gone = len(cache_result.entries) - busy
+        say(f"{verb} {gone} embedding cache file(s) in {cache_result.path} ({_size(cache_result.bytes)})")
+        if busy:
+            say(f"kept {busy} embedding cache file(s) an experiment is computing now (prune again when it ends)")
     kind = "experiment(s)" + (", images" if images else "") + (", the embedding cache" if cache else "")
     say(
         f"{len(removals)} {kind} {'to free' if dry_run else 'freed'}: {_size(freed)} (cutoff {cutoff:%Y-%m-%d %H:%M} UTC)"

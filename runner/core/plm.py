@@ -153,8 +153,11 @@ def load_encoder(folder: Path, device: torch.device) -> Encoder:
             extra["add_pooling_layer"] = False  # the pooler is unused (and untrained in ESM-2)
         model = AutoModel.from_pretrained(folder, config=config, use_safetensors=True, **options, **extra)
         tokenizer = AutoTokenizer.from_pretrained(folder, **options)
-    except (OSError, ValueError, KeyError) as exc:
-        raise DataError(f"embeddings.params.model: cannot load the model in {folder}: {exc}") from None
+    except Exception as exc:  # transformers and safetensors raise many kinds for a folder they cannot use
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise DataError(
+            f"embeddings.params.model: cannot load the model in {folder} ({type(exc).__name__}: {first})"
+        ) from None
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -356,6 +359,11 @@ class EmbeddingCache:
                 out.flush()
                 del out
                 os.replace(tmp, self.folder / f"{key}.npy")
+            except OSError as exc:  # a full disk, or the file removed meanwhile (infra prune --cache)
+                raise DataError(
+                    f"embedding cache {self.folder}: the features could not be written ({exc.strerror or exc}); "
+                    "free space or run again"
+                ) from None
             finally:
                 tmp.unlink(missing_ok=True)
             seconds = time.perf_counter() - started
@@ -421,10 +429,9 @@ class RowIndex:
         self.hashes, self.order = torch.sort(hashes)
 
     def add(self, tokens: torch.Tensor, features: torch.Tensor) -> None:
-        if len(self):
-            tokens, width = _same_width(self.tokens.to(tokens.device), tokens)
-            self.tokens = width
-            tokens = torch.cat([self.tokens, tokens])
+        if len(self):  # the known rows first, then the new ones: tokens and features in one order
+            old, new = _same_width(self.tokens.to(tokens.device), tokens)
+            tokens = torch.cat([old, new])
             features = torch.cat([self.features.to(features.device), features])
         self.replace(tokens, features)
 
@@ -498,7 +505,16 @@ class PLMEmbedding(nn.Module):
 
     def _encoder_on(self, device: torch.device) -> Encoder:
         if self._encoder is None or self._encoder.device != device:
-            self._encoder = load_encoder(self.folder, device)
+            encoder = load_encoder(self.folder, device)
+            # `infra models add --replace` swaps the folder whole: weights loaded across the swap would
+            # be cached under the old weights' key. The manifest read again after loading tells.
+            now = weights_sha256(self.folder)
+            if now != self._store_sha:
+                raise DataError(
+                    f"embeddings.params.model {self.model_name!r}: the model store's folder changed while it was "
+                    f"loaded ({self._store_sha[:12]} -> {now[:12]}, e.g. 'infra models add --replace'); run again"
+                )
+            self._encoder = encoder
         return self._encoder
 
     def _ascii(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

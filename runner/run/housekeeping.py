@@ -320,11 +320,35 @@ def cache_bytes(workdir: Path) -> int:
     return safefs.tree_bytes(embed_cache(workdir))
 
 
+def _busy_keys(dir_fd: int) -> set[str]:
+    """Cache keys whose `<key>.lock` (a regular file) another process holds: their features are being
+    computed. Tried without blocking and released at once; a lock that is not a regular file is no
+    lock (it is removed with the rest)."""
+    import fcntl
+
+    busy = set()
+    for entry in os.scandir(dir_fd):
+        if not entry.name.endswith(".lock") or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            busy.add(entry.name[: -len(".lock")])
+        finally:
+            os.close(fd)
+    return busy
+
+
 def prune_cache(workdir: Path, dry_run: bool = False) -> CachePrune:
     """Empty the workdir's embedding cache (`cache/embeddings`): every entry removed with
     `safefs.remove_entry` relative to the open cache folder, nothing followed (the training containers
-    write there); the folder itself stays (running containers have it mounted). An experiment computing
-    embeddings meanwhile finishes with what it holds open; the next one computes them again."""
+    write there); the folder itself stays (running containers have it mounted). The files of a key
+    whose `<key>.lock` an experiment holds (it is computing them) are left alone and listed as `busy`."""
     from runner.run.jobs import EMBED_CACHE
 
     where = embed_cache(workdir)
@@ -334,7 +358,11 @@ def prune_cache(workdir: Path, dry_run: bool = False) -> CachePrune:
             fd = stack.enter_context(safefs.open_dir(workdir, EMBED_CACHE))
         except FileNotFoundError:
             return result
+        busy = _busy_keys(fd)
         for entry in sorted(os.scandir(fd), key=lambda e: e.name):
+            if any(key in entry.name for key in busy):
+                result.entries.append({"name": entry.name, "bytes": 0, "removed": False, "busy": True})
+                continue
             st = entry.stat(follow_symlinks=False)
             size = safefs.tree_bytes(where / entry.name) if stat.S_ISDIR(st.st_mode) else st.st_size
             if stat.S_ISLNK(st.st_mode):

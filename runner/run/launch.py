@@ -268,8 +268,9 @@ def refuse_other_plan(target: Target, previous: dict) -> None:
 
 
 def _recorded_plan(exp: Experiment, record: dict) -> dict | None:
-    """The plan the record's attempt ran, or None when config/plan.json is missing, unreadable or not
-    the one the host wrote (the training can rewrite config/, the record it cannot)."""
+    """The plan the record's attempt ran (defaults of today's plan filled in), or None when
+    config/plan.json is missing, unreadable or not the one the host wrote (the training can rewrite
+    config/, the record it cannot)."""
     try:
         raw = safefs.read_bytes(exp.root, "config/plan.json")
         doc = json.loads(raw)
@@ -277,7 +278,14 @@ def _recorded_plan(exp: Experiment, record: dict) -> dict | None:
         return None
     if not isinstance(doc, dict) or plan_sha256(doc) != record.get("plan_sha256"):
         return None
-    return doc
+    from pydantic import ValidationError
+
+    from runner.plan.models import Plan
+
+    try:  # with today's defaults filled in: a key added since it ran (at its default) is no difference
+        return Plan.model_validate(doc).model_dump(mode="json")
+    except ValidationError:
+        return doc
 
 
 def _differing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -67,7 +67,7 @@ def derive_experiment_id(resolved: dict, image_hash: str) -> str:
     path makes a new experiment, without hashing gigabytes on every run. A plan with the `plm`
     embedding also hashes in its model's content hash from the node's model store
     (`runner.modelstore.plan_weights`: the errors of a missing model or store), so other weights
-    added under the same name make a new experiment; other plans' ids are unchanged.
+    added under the same name make a new experiment; for other plans nothing is added.
     """
     from runner.modelstore import plan_weights
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runner import __version__, safefs
+from runner.run.jobs import EMBED_CACHE
 from runner.run.records import ACTIVE, MOUNTED_DIRS, Experiment
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,15 @@ def harden_outputs(exp: Experiment) -> str | None:
     """
     budget = safefs.WalkBudget()
     problems = []
-    for sub in MOUNTED_DIRS:
+    # the experiment's output folders, and the workdir's embedding cache, which plm trainings write too
+    folders = [(exp.root, sub) for sub in MOUNTED_DIRS] + [(exp.root.parent.parent, EMBED_CACHE)]
+    for base, sub in folders:
         try:
-            checked = safefs.clear_setid_bits(exp.root / sub, budget)
+            checked = safefs.clear_setid_bits(base / sub, budget)
         except FileNotFoundError:
             continue
         except (safefs.Tampered, OSError) as exc:
-            problems.append(getattr(exc, "message", None) or f"{exp.root / sub}: cannot be checked ({exc})")
+            problems.append(getattr(exc, "message", None) or f"{base / sub}: cannot be checked ({exc})")
             continue
         for rel in checked.cleared:
             shown = safefs.shown_path(f"{sub}/{rel}")
@@ -71,7 +74,7 @@ def harden_outputs(exp: Experiment) -> str | None:
             exp.event("tampered", path=shown, action="setuid/setgid bits removed")
         if checked.unchecked is not None:
             problems.append(checked.unchecked)
-            _close(exp, sub)
+            _close(exp, base, sub)
     if not problems:
         return None
     exp.event("tampered", action="output not fully checked for setuid/setgid files", reason=problems[0])
@@ -81,13 +84,13 @@ def harden_outputs(exp: Experiment) -> str | None:
     )
 
 
-def _close(exp: Experiment, sub: str) -> None:
-    """Leave an output folder that was not fully checked open to its owner only (whatever it holds)."""
+def _close(exp: Experiment, base: Path, sub: str) -> None:
+    """Leave a folder that was not fully checked open to its owner only (whatever it holds)."""
     try:
-        with safefs.open_dir(exp.root, sub) as fd:
+        with safefs.open_dir(base, sub) as fd:
             os.fchmod(fd, 0o700)
     except (OSError, safefs.Tampered) as exc:  # already reported as not checked; the record fails anyway
-        log.warning("%s: could not close %s/%s: %s", exp.id, exp.root, sub, exc)
+        log.warning("%s: could not close %s/%s: %s", exp.id, base, sub, exc)
 
 
 def stop_with_second_interrupt(stop: Callable[[], None]) -> None:
