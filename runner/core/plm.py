@@ -634,7 +634,15 @@ class PLMEmbedding(nn.Module):
             self._scratch = index
         else:
             self._base = index
+            self.release_encoder()  # every row of the experiment is known: the training needs the features only
         return True
+
+    def release_encoder(self) -> None:
+        """Drop the loaded pLM (its memory, on a GPU too); a row never seen loads it again."""
+        if self._encoder is not None:
+            self._encoder = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         idx, found = self._find(tokens)
