@@ -61,6 +61,19 @@ def limit_memory(limit: int):
     return apply
 
 
+def import_under_memory_limit(path: Path, db: Path) -> subprocess.CompletedProcess:
+    """`infra data import` of `path` in a child process whose address space is capped at 1 GiB: what
+    an unbounded reader would hold of a bomb ends it with MemoryError, not the machine."""
+    return subprocess.run(
+        [sys.executable, "-m", "runner", *import_args(path, db)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        preexec_fn=limit_memory(1 << 30),
+        timeout=300,
+    )
+
+
 # --- finding 5: zip bombs and huge lines --------------------------------------------------------------
 
 
@@ -71,14 +84,7 @@ def test_a_zip_bomb_whose_header_line_is_1_5_gib_is_refused_in_one_line_under_a_
     bomb = tmp_path / "bomb.zip"
     stream_zip_member(bomb, "bomb.csv", b"mutant,DMS_score,", 1536)
     assert bomb.stat().st_size < 4 * MIB
-    result = subprocess.run(
-        [sys.executable, "-m", "runner", *import_args(bomb, tmp_path / "db.sqlite")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        preexec_fn=limit_memory(1 << 30),
-        timeout=300,
-    )
+    result = import_under_memory_limit(bomb, tmp_path / "db.sqlite")
     one_line_error(result, f"{bomb}:bomb.csv", "500 times", "limit")
     assert not (tmp_path / "db.sqlite").exists()
 
@@ -96,14 +102,7 @@ def test_a_gzip_inside_a_zip_is_stopped_by_counting_the_bytes_read_under_a_memor
         zf.write(inner, "x.csv.gz")
     info = zipfile.ZipFile(bomb).getinfo("x.csv.gz")
     assert info.file_size == info.compress_size  # nothing for a header check to see
-    result = subprocess.run(
-        [sys.executable, "-m", "runner", *import_args(bomb, tmp_path / "db.sqlite")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        preexec_fn=limit_memory(1 << 30),
-        timeout=300,
-    )
+    result = import_under_memory_limit(bomb, tmp_path / "db.sqlite")
     # the row limit (1 MiB) comes first: no line of this file is ever held whole
     one_line_error(result, f"{bomb}:x.csv.gz:1:", "1 MiB", "limit")
 
@@ -123,14 +122,7 @@ def test_a_parquet_dictionary_bomb_is_refused_before_it_expands_under_a_memory_l
     table = pa.table({"mutant": column, "DMS_score": pa.array([0.5] * rows)})
     pq.write_table(table, bomb, use_dictionary=True, compression="zstd")
     assert bomb.stat().st_size < 256 * 1024
-    result = subprocess.run(
-        [sys.executable, "-m", "runner", *import_args(bomb, tmp_path / "db.sqlite")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        preexec_fn=limit_memory(1 << 30),
-        timeout=300,
-    )
+    result = import_under_memory_limit(bomb, tmp_path / "db.sqlite")
     one_line_error(result, str(bomb), f"({limit})")
     assert not (tmp_path / "db.sqlite").exists()
 
