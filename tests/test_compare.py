@@ -155,7 +155,10 @@ def test_where_filters_with_json_typed_values(swept):
     assert compare_json(work, "--where", 'train.seed="1"')["experiments"] == []  # the text "1" is not the number 1
     bad = cli("compare", "--where", "train.nope=1", workdir=work)
     assert bad.returncode == 2
-    assert "--where train.nope: no compared experiment has this plan key; keys: data.covariates, data.dataset" in bad.stderr
+    assert (
+        "--where train.nope: no compared experiment has this plan key; keys: data.covariates, data.dataset"
+        in bad.stderr
+    )
     malformed = cli("compare", "--where", "model.name", workdir=work)
     assert malformed.returncode == 2 and "--where 'model.name': expected KEY=VALUE" in malformed.stderr
 
