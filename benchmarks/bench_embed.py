@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         # throughput: the stage with its model loaded, into a fresh cache, against the bare loop;
         # alternated and the best of `--repeats` each (this machine's cores are shared)
-        encoder = first._encoder
+        encoder = plm.load_encoder(first.folder, device)  # an experiment drops its own after `prepare`
         bare = stage = 0.0
         for repeat in range(args.repeats):
             bare = max(bare, bare_rate(encoder, sequences, args.batch_size))
