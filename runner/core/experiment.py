@@ -24,7 +24,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from runner.core import kept, plots, regimes
+from runner.core import kept, plots, regimes, tb
 from runner.core.data import VariantSet
 from runner.core.embeddings import EMBEDDINGS
 from runner.core.guards import NonFiniteGuard, check_predictions, non_finite
@@ -197,7 +197,7 @@ def _run(plan: Plan, layout: Layout, workdir, stop, limit_batches, source: DataS
     )
     result.update(_speed(epochs, seconds), transform=targets.transform.state(), task=targets.task)
     layout.write_json("metrics/metrics.json", result)
-    _report_kept(layout, trainer, result["kept"], selection.start, history)
+    _report_kept(layout, trainer, plan, result, selection.start, history)
     write_artifacts(layout, module, variants, split, targets.raw, pred_all, targets.transform)
     save_predict_state(layout, plan, variants, targets.transform, targets.task)  # what `infra predict` needs
     try:
@@ -217,35 +217,24 @@ def _run(plan: Plan, layout: Layout, workdir, stop, limit_batches, source: DataS
     return result
 
 
-def _report_kept(layout: Layout, trainer: L.Trainer, doc: dict, start: dict | None, history: list[dict]) -> None:
+def _report_kept(
+    layout: Layout, trainer: L.Trainer, plan: Plan, result: dict, start: dict | None, history: list[dict]
+) -> None:
     """Say what was kept wherever the run is read: train.log and stderr (one line, and the warning),
     a `{"phase": "kept"}` progress event, TensorBoard (the kept model's validation metrics at the last
-    step, under `kept/`, and a text tag)."""
+    step, under `kept/`, a text tag, the test metrics and the plan as hparams: `tb.write_final`)."""
+    doc = result["kept"]
     line = kept.summary(doc)
     log.info("%s", line)
     if doc["warning"]:
         log.warning("kept model: %s", doc["warning"])
     layout.event("progress", phase="kept", **doc)
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     record = start if doc["model"] == "start" else next((r for r in history if r["epoch"] == doc["epoch"]), None)
     if doc["model"] == "closed_form" and history:
         record = history[-1]
     values = {"val_loss": (record or {}).get("val_loss"), "val_spearman": (record or {}).get("val_spearman")}
     values.update({f"val_{k}": v for k, v in ((record or {}).get("val") or {}).items()})
-    logged = {f"kept/{k}": float(v) for k, v in values.items() if isinstance(v, int | float) and np.isfinite(v)}
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):  # the CSV logger's columns stay the epochs' own
-            # The trainer closed its writer; a new one of the same class writes a second file of the run.
-            # Its own suffix: some tensorboardX versions name files by the second and the host only, so a
-            # second writer within the same second would overwrite the epochs' file.
-            writer = type(logger.experiment)(logger.log_dir, filename_suffix=".kept")
-            try:
-                for tag, value in logged.items():
-                    writer.add_scalar(tag, value, global_step=trainer.global_step)
-                writer.add_text("kept", line, global_step=trainer.global_step)
-            finally:
-                writer.close()
+    tb.write_final(trainer, plan, values, line, result["test"])
 
 
 def _prepare(plan: Plan, layout: Layout, workdir) -> None:

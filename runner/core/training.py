@@ -32,6 +32,7 @@ from runner.core.metrics import spearman
 from runner.core.models import create_model
 from runner.core.registry import ParamError
 from runner.core.selection import SelectionRule
+from runner.core.tb import RunBoard, ValidationScalars
 from runner.core.vocab import get_vocab_processor
 from runner.errors import InfraError
 
@@ -464,9 +465,10 @@ def build_trainer(
     early stopping, precision, devices. `SelectionRule.of(trainer)` is its selection rule.
 
     With `logs_dir`, the epoch metrics Lightning sees (train_loss, val_loss, val_spearman) also go to
-    a CSVLogger (`logs_dir/csv/version_N/metrics.csv`) and a TensorBoardLogger
-    (`logs_dir/tensorboard/version_N/`); each attempt of an experiment gets the next N, so a resumed
-    run keeps the earlier attempt's files and continues its steps.
+    a CSVLogger (`logs_dir/csv/version_N/metrics.csv`) and a TensorBoard logger
+    (`logs_dir/tensorboard/version_N/`), which also gets every other validation metric of the plan
+    (`runner.core.tb`); each attempt of an experiment gets the next N, so a resumed run keeps the
+    earlier attempt's files and continues its steps.
     """
     accelerator = train.accelerator
     if accelerator == "auto":
@@ -485,6 +487,8 @@ def build_trainer(
         dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1, enable_version_counter=False
     )
     callbacks = [selection, latest, *callbacks]
+    if logs_dir is not None:  # after the rule, which scores a fitted start in the same hook
+        callbacks.append(ValidationScalars())
     kwargs: dict[str, Any] = {}
     if limit_batches:
         kwargs.update(limit_train_batches=limit_batches, limit_val_batches=limit_batches)
@@ -509,14 +513,11 @@ def build_trainer(
 
 
 def standard_loggers(logs_dir: Path) -> list:
-    """Lightning's CSV and TensorBoard loggers below `logs_dir`, where `tensorboard --logdir` finds them."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    """Lightning's CSV and TensorBoard loggers below `logs_dir`, where `tensorboard --logdir` finds them
+    (the TensorBoard one is `runner.core.tb.RunBoard`: the CSV log keeps the columns above)."""
+    from lightning.pytorch.loggers import CSVLogger
 
-    return [
-        CSVLogger(str(logs_dir), name="csv"),
-        # no `hp_metric` placeholder: the hyperparameters are in hparams.yaml and config/plan.json
-        TensorBoardLogger(str(logs_dir), name="tensorboard", default_hp_metric=False),
-    ]
+    return [CSVLogger(str(logs_dir), name="csv"), RunBoard(logs_dir)]
 
 
 def predict(module: VariantModule, tokens: np.ndarray, batch_size: int = 8192) -> np.ndarray:
