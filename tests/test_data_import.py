@@ -81,7 +81,7 @@ def test_score_column_cutoff_and_extra_columns(tmp_path):
         ),
         ("mutant,DMS_score\nH99A,1\n", r"b\.csv:2: mutant 'H99A': position 99 is outside the template \(length 60\)"),
         ("mutant,DMS_score\nH0A,1\n", r"position 0 is outside"),
-        ("mutant,DMS_score\nH24,1\n", r"b\.csv:2: mutant 'H24' is malformed at 'H24'"),
+        ("mutant,DMS_score\nH24,1\n", r"b\.csv:2: mutant 'H24': malformed at 'H24'"),
         ("mutant,DMS_score\nH24A;P25A,1\n", r"malformed"),
         ("mutant,DMS_score\nH24A:,1\n", r"malformed at ''"),
         ("mutant,DMS_score\nH24A:H24C,1\n", r"mutates position 24 twice"),

@@ -97,8 +97,11 @@ def test_predictions_equal_the_trainings_own(trained, tmp_path, transform):
     code, out, err = run_core(tmp_path, exp, "--input", str(inp))
     assert code == 0, err
     got = pd.read_csv(out, keep_default_na=False)
-    assert list(got.columns) == ["mutant", "sequence", "prediction", "error"]
+    assert list(got.columns) == ["mutant", "y_true", "sequence", "prediction", "error", "measured", "in_train"]
     assert got["mutant"].tolist() == ref["mutant"].tolist()
+    # every row is one of the experiment's measured variants; in_train exactly for the training split's
+    assert (got["measured"] == True).all()  # noqa: E712 (pandas reads the bare words as bools)
+    assert got["in_train"].tolist() == (ref["split"] == "train").tolist()
     np.testing.assert_allclose(got["prediction"].to_numpy(float), ref["y_pred"].to_numpy(), rtol=1e-6, atol=1e-6)
     twin = pd.read_csv(exp / "artifacts" / "predictions.csv", keep_default_na=False)
     assert twin["sequence"].tolist() == got["sequence"].tolist()  # the run's CSV twin carries the sequence
@@ -113,17 +116,21 @@ def test_bad_rows_keep_an_error_and_no_prediction(trained, tmp_path):
     exp = trained["none"]
     template = json.loads((exp / "config" / "predict.json").read_text())["sources"][0]["template"]
     rows = ["H24A", "X1A", "H24Z9", "A9999G", f"{template[0]}1A:B", "", "h24a", "M1A:S2*", "H24?", "Q4K\nQ5K"]
+    rows += ["H24A:H24C", "H24Z", " H24A ", "WT"]
     pd.DataFrame({"mutant": rows, "other": range(len(rows))}).to_csv(tmp_path / "in.csv", index=False)
     code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "in.csv"), "--summary", str(tmp_path / "s.json"))
     assert code == 0, err
     got = pd.read_csv(out, keep_default_na=False)
     assert got["mutant"].tolist() == rows
     error = dict(zip(got["mutant"], got["error"], strict=True))
-    assert error["H24A"] == error[""] == error["h24a"] == error["M1A:S2*"] == ""
-    assert error["X1A"].startswith("wild-type residue does not match")
-    assert error["H24Z9"].startswith("malformed") and error["M1A:B"].startswith("malformed")
-    assert error["A9999G"] == f"position outside the template (1..{len(template)})"
+    assert error["H24A"] == error[""] == error["h24a"] == error["M1A:S2*"] == error[" H24A "] == error["WT"] == ""
+    # the importer's words (runner.data.mutants), naming the template's residue
+    assert error["X1A"] == f"wild type 'X' at position 1 does not match the template's {template[0]!r}"
+    assert error["H24Z9"].startswith("malformed at 'H24Z9'; expected") and error["M1A:B"].startswith("malformed at 'B'")
+    assert error["A9999G"] == f"position 9999 is outside the template (length {len(template)})"
     assert error["H24?"].startswith("malformed") and error["Q4K\nQ5K"].startswith("malformed")
+    assert error["H24A:H24C"] == "mutates position 24 twice (H24A and H24C)"
+    assert error["H24Z"].startswith("new residue 'Z' at position 24 is not one of the 20 standard amino acids")
     bad = got["error"] != ""
     assert (got.loc[bad, "prediction"] == "").all() and (got.loc[bad, "sequence"] == "").all()
     assert got.loc[got["mutant"] == "", "sequence"].item() == template
@@ -131,8 +138,11 @@ def test_bad_rows_keep_an_error_and_no_prediction(trained, tmp_path):
         got.loc[got["mutant"] == "h24a", "prediction"].item() == got.loc[got["mutant"] == "H24A", "prediction"].item()
     )
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["errors"] == 6 and summary["predicted"] == 4
-    assert summary["errors_by_reason"] == {"malformed": 4, "out_of_range": 1, "mismatch": 1}
+    assert summary["errors"] == 8 and summary["predicted"] == 6
+    assert summary["errors_by_reason"] == {
+        "malformed": 4, "duplicate": 1, "nonstandard": 1, "out_of_range": 1, "mismatch": 1
+    }  # fmt: skip
+    assert summary["columns"] == ["mutant", "other", "sequence", "prediction", "error", "measured", "in_train"]
 
 
 @core
@@ -146,7 +156,9 @@ def test_residue_outside_the_vocab_is_a_row_error(trained, tmp_path):
     predictor = predictor_of(trained["none"])
     predictor.vocab = BaseVocabProcessor("ACDEFGHIKLMNPQRSTVWY")  # no stop, no extended codes
     scored = predictor.score(mutant_text(pa.array(["H24A", "H24*", "H24B"])))
-    assert scored.reason.tolist() == [0, 4, 4]
+    assert scored.reason.tolist() == [0, 6, 3]  # unknown_residue (no stop in this vocab), nonstandard
+    errors = predictor.errors(scored).to_pylist()
+    assert errors[0] is None and errors[1].startswith("new residue '*' at position 24 is not in the experiment's vocab")
     assert np.isfinite(scored.prediction[0]) and np.isnan(scored.prediction[1:]).all()
 
 
@@ -200,6 +212,177 @@ def test_no_mutant_column_empty_input_and_all_bad_rows(trained, tmp_path):
     code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "bad.csv"))
     assert code == 2 and "none of the 2 rows could be predicted" in err
     assert out.read_text().count("\n") == 3  # written anyway: the error column says why
+
+
+def known_variants(exp: Path) -> tuple[str, str, str]:
+    """(a mutant of the training split, a measured mutant outside it, a single mutant never measured)."""
+    import numpy as np
+    import pandas as pd
+
+    selected = pd.read_parquet(exp / "data" / "selected.parquet")
+    in_train = selected["id"].isin(np.load(exp / "splits" / "train.npy"))
+    singles = selected["mut_num"] == 1
+    template = json.loads((exp / "config" / "predict.json").read_text())["sources"][0]["template"]
+    measured = set(selected["sequence"])
+    new = next(
+        f"{wt}{pos}{aa}"
+        for pos, wt in enumerate(template, start=1)
+        for aa in "ACDEFGHIKLMNPQRSTVWY"
+        if aa != wt and template[: pos - 1] + aa + template[pos:] not in measured
+    )
+    return selected.loc[in_train & singles, "mutant"].iloc[0], selected.loc[~in_train & singles, "mutant"].iloc[0], new
+
+
+@core
+def test_input_columns_are_kept_as_text_and_flags_say_measured_and_in_train(trained, tmp_path):
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    exp = trained["none"]
+    train, held_out, new = known_variants(exp)
+    (tmp_path / "in.csv").write_text(
+        "id,mutant,note,sequence\n"
+        f'007,{train},"a note, with a comma",x1\n'
+        f"008,{held_out},,x2\n"
+        f"009,{new},new design,x3\n"
+        "010,H24A:H24C,typo,x4\n"
+    )
+    code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "in.csv"), "--summary", str(tmp_path / "s.json"))
+    assert code == 0, err
+    header = ["mutant", "id", "note", "input_sequence", "sequence", "prediction", "error", "measured", "in_train"]
+    lines = out.read_text().splitlines()
+    assert lines[0] == ",".join(f'"{h}"' for h in header)
+    # text exactly as in the file (the id keeps its zeros), every text cell quoted, flags bare words
+    assert lines[1].startswith(f'"{train}","007","a note, with a comma","x1","') and lines[1].endswith(",,true,true")
+    assert lines[2].startswith(f'"{held_out}","008","","x2",') and lines[2].endswith(",,true,false")
+    assert lines[3].startswith(f'"{new}","009","new design","x3",') and lines[3].endswith(",,false,false")
+    assert lines[4] == '"H24A:H24C","010","typo","x4",,,"mutates position 24 twice (H24A and H24C)",,'
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["columns"] == header and summary["measured"] == 2 and summary["in_train"] == 1
+
+    code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "in.csv"), "--format", "parquet", "--top", "3")
+    assert code == 0, err
+    table = pq.read_table(out)
+    assert table.column_names == header and len(table) == 3
+    assert table.schema.field("id").type == pa.large_string() and table.schema.field("measured").type == pa.bool_()
+    flags = pd.DataFrame({c: table.column(c).to_pylist() for c in ("id", "measured", "in_train")}).set_index("id")
+    assert flags.loc["007"].tolist() == [True, True] and flags.loc["009"].tolist() == [False, False]
+
+
+@core
+def test_an_experiment_without_its_data_files_gets_empty_flags(trained, tmp_path, caplog):
+    import pandas as pd
+
+    caplog.set_level(logging.INFO, logger="runner.core.predict")
+
+    old = tmp_path / "old"
+    shutil.copytree(trained["none"], old)
+    train, _, _ = known_variants(old)
+    (tmp_path / "in.csv").write_text(f"mutant\n{train}\n")
+    (old / "splits" / "train.npy").unlink()
+    code, out, err = run_core(tmp_path, old, "--input", str(tmp_path / "in.csv"), "--summary", str(tmp_path / "s.json"))
+    assert code == 0, err
+    assert out.read_text().splitlines()[1].endswith(",,true,")  # measured known, in_train not
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["measured"] == 1 and summary["in_train"] is None and "in_train: cannot tell" in caplog.text
+    caplog.clear()
+    (old / "data" / "selected.parquet").unlink()
+    code, out, err = run_core(tmp_path, old, "--input", str(tmp_path / "in.csv"), "--summary", str(tmp_path / "s.json"))
+    assert code == 0, err
+    got = pd.read_csv(out, keep_default_na=False)
+    assert got["measured"].tolist() == got["in_train"].tolist() == [""]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["measured"] is None and summary["in_train"] is None
+    assert caplog.text.count("measured/in_train: cannot tell") == 1  # one line, not one per chunk
+
+
+@core
+def test_importer_and_predict_give_the_same_verdict_and_message(trained, tmp_path):
+    """One parser: every mutant of the table gets the same verdict, and a refused one the same
+    message, from `infra data import` and from prediction (against the same template)."""
+    import csv
+
+    import pandas as pd
+
+    from runner.data.importer import import_csv
+    from runner.errors import DataError, shorten
+
+    exp = trained["none"]
+    t = json.loads((exp / "config" / "predict.json").read_text())["sources"][0]["template"]
+    wrong = "A" if t[23] != "A" else "G"
+    mutants = {
+        f"{t[23]}24A:{t[23]}24C": "mutates position 24 twice",  # one position twice
+        f"{t[0]}1A:{t[23]}24C:{t[0]}1G": "mutates position 1 twice",
+        **{f"{t[23]}24{x}": f"new residue {x!r} at position 24 is not one of" for x in "ZBXJUO"},  # ambiguous, rare
+        f"{wrong}24A": f"wild type {wrong!r} at position 24 does not match the template's {t[23]!r}",
+        f"{t[0]}{len(t) + 1}A": f"position {len(t) + 1} is outside the template (length {len(t)})",
+        f"{t[0]}0A": "position 0 is outside the template",
+        f"{t[23]}24": f"malformed at '{t[23]}24'",
+        f"{t[23]}24A:": "malformed at ''",
+        f"{t[23]}24A;{t[24]}25A": "malformed at",
+        "24A": "malformed at '24A'",
+        f"*24{t[23]}": "malformed at",
+        f"{t[23]}24é": "malformed at",
+        f"{t[23]}1234567890A": "malformed at",
+        f"{t[23]}24A\n{t[24]}25A": "malformed at",  # a quoted line break: one row, quoted as \\n in both
+    }
+    fine = [f"{t[23]}24*", f"{t[23].lower()}24a", "WT", "", f"  {t[23]}24A ", f"{t[0]}1A:{t[23]}24C"]
+    rows = [*mutants, *fine]
+    with open(tmp_path / "in.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["mutant"], *[[m] for m in rows]])
+    code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "in.csv"))
+    assert code == 0, err
+    predicted = pd.read_csv(out, keep_default_na=False, dtype=str)
+    assert predicted["mutant"].tolist() == rows
+    for mutant, error in zip(predicted["mutant"], predicted["error"], strict=True):
+        one = tmp_path / "one.csv"
+        with open(one, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([["mutant", "DMS_score"], [mutant, "1"]])
+        db = tmp_path / "one.sqlite"
+        db.unlink(missing_ok=True)
+        if mutant in fine:
+            assert error == "", (mutant, error)
+            assert import_csv(one, db, "A", t).rows == 1
+            continue
+        assert mutants[mutant] in error, (mutant, error)
+        with pytest.raises(DataError) as info:
+            import_csv(one, db, "A", t)
+        where, said = str(info.value).split(": mutant ", 1)  # where: the file and line (the row's last line)
+        assert where.startswith(f"{one}:") and said.startswith(f"{shorten(mutant.strip())}: {error}"), info.value
+
+
+@core
+@pytest.mark.slow
+def test_a_million_rows_stream_in_bounded_chunks(trained, tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from runner.core.predict import CHUNK_ROWS, predict_to_file, read_mutants, saturation_mutants
+
+    predictor = predictor_of(trained["none"])
+    singles = saturation_mutants(predictor.template, predictor.vocab)
+    n = 1_000_000
+    mutants = singles.take(pa.array(np.arange(n) % len(singles)))
+    table = pa.table({"id": pa.array(np.arange(n).astype(str)), "mutant": mutants, "note": pa.nulls(n, pa.string())})
+    with pa.CompressedOutputStream(str(tmp_path / "big.csv.gz"), "gzip") as stream:
+        pacsv.write_csv(table.cast(pa.schema([(f.name, pa.string()) for f in table.schema])), stream)
+    seen = []
+    score = predictor.score
+
+    def spy(text, covariates=None):  # the real parse, checks and output, recording how many rows each call held
+        seen.append(len(text))
+        return score(text, covariates)
+
+    predictor.score = spy
+    # The model itself is the other tests' subject: its one-hot forward on a 2-core machine took 190 s
+    # for a million rows here, so this one scores with a cheap stand-in and tests the streaming only.
+    predictor.score_tokens = lambda tokens: tokens[:, :8].sum(axis=1, dtype=np.float64)
+    summary = predict_to_file(predictor, read_mutants(tmp_path / "big.csv.gz"), tmp_path / "top.csv", top=5)
+    assert summary["rows"] == summary["predicted"] == n and sum(seen) == n
+    assert max(seen) <= CHUNK_ROWS and len(seen) >= n // CHUNK_ROWS
+    assert summary["columns"][:3] == ["mutant", "id", "note"]
 
 
 @core
@@ -408,7 +591,9 @@ def test_several_sources_need_source(trained, tmp_path):
     assert code == 2 and "--source 'nope' is not one of" in err
     code, out, err = run_core(tmp_path, exp, "--input", str(tmp_path / "in.csv"), "--source", "OTHER")
     assert code == 0, err
-    assert pd.read_csv(out)["sequence"].item().startswith("C")
+    got = pd.read_csv(out)
+    assert got["sequence"].item().startswith("C")
+    assert not got["measured"].item() and not got["in_train"].item()  # the measured variants are the first source's
 
 
 def test_predict_spec_mounts_only_what_prediction_reads_with_the_trainings_limits(tmp_path):

@@ -7,10 +7,14 @@ training writes (`save_predict_state`), so no database is needed at predict time
 
 The data path is the training's: mutants stay one byte buffer (`runner.core.variants`), are parsed
 and scattered into a uint8 token matrix without a per-row Python loop, and are scored in bounded
-chunks under `torch.inference_mode`. A row the model cannot take (bad syntax, a position outside
-the template, a wild-type letter that does not match, a residue the vocabulary lacks) is kept in
-the output with an `error` and no prediction. Rows stream to a temporary file renamed into place
-at the end; `--top N` keeps only the N best, merged chunk by chunk.
+chunks under `torch.inference_mode`. Mutants are checked by the importer's own parser
+(`runner.data.mutants`): a row the importer would refuse (bad syntax, one position twice, a residue
+outside the 20 standard amino acids and '*', a position outside the template, a wild-type letter
+that does not match) or whose new residue the vocabulary lacks is kept in the output with the same
+message in `error` and no prediction. The input's other columns are kept (as text), and each row
+says whether its sequence is one of the experiment's measured variants (`measured`) and of its
+training split (`in_train`). Rows stream to a temporary file renamed into place at the end;
+`--top N` keeps only the N best, merged chunk by chunk.
 
 Exit codes: 0 done (some rows may carry errors), 2 bad input (no `mutant` column, an unreadable
 file, no usable row at all: the file is still written so every row's error can be read), 1 any
@@ -35,8 +39,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from runner.core.variants import REASONS, MutantText, apply_mutants
+from runner.core.variants import REASONS, MutantText, MutationResult, apply_mutants
 from runner.core.vocab import IUPAC_AMINO_ACIDS, BaseVocabProcessor
+from runner.data.mutants import problem_text
 from runner.errors import DataError, InfraError
 from runner.plan.models import Plan
 from runner.run.jobs import PREDICT_MAX_TEMPLATE
@@ -48,10 +53,33 @@ TARGET_SORTED = "config/target_sorted.npy"  # the rank transform's training targ
 STATE_FORMAT = 1
 CHUNK_ROWS = 1 << 16  # variants parsed and encoded at a time: 20 MB of tokens at length 300
 SCORE_BATCH = 8192  # rows per model call, as in the training's own predictions
-OUTPUT_SCHEMA = pa.schema(
-    [("mutant", pa.large_string()), ("sequence", pa.large_string()), ("prediction", pa.float64()),
-     ("error", pa.string())]
-)  # fmt: skip
+# The result's own columns, after `mutant` and the input's other columns (the host checks this order).
+RESULT_FIELDS = [("sequence", pa.large_string()), ("prediction", pa.float64()), ("error", pa.string()),
+                 ("measured", pa.bool_()), ("in_train", pa.bool_())]  # fmt: skip
+# Names infra writes (here or in an ensemble's merge): an input column of such a name is renamed input_<name>.
+RESERVED_NAMES = ("sequence", "prediction", "error", "measured", "in_train", "std", "n", "ucb")
+
+
+def output_schema(input_columns: list[str] | tuple[str, ...] = ()) -> pa.Schema:
+    """`mutant`, the input's other columns (text, already renamed), then RESULT_FIELDS."""
+    text = [(name, pa.large_string()) for name in input_columns]
+    return pa.schema([("mutant", pa.large_string()), *text, *RESULT_FIELDS])
+
+
+OUTPUT_SCHEMA = output_schema()
+
+
+def output_column_names(input_names: list[str]) -> list[str]:
+    """The output names of the input's columns other than `mutant`: a name infra writes itself
+    becomes input_<name>. ValueError when two columns would share a name."""
+    out = [f"input_{name}" if name in RESERVED_NAMES else name for name in input_names]
+    seen: dict[str, str] = {}
+    for name, given in zip(out, input_names, strict=True):
+        if name in seen or name == "mutant":
+            first = seen.get(name, "mutant")
+            raise ValueError(f"columns {first!r} and {given!r} would both be written as {name!r}; rename one")
+        seen[name] = given
+    return out
 
 
 # --- what the training leaves for prediction ------------------------------------------------------
@@ -100,14 +128,6 @@ def write_predictions_csv(layout, frame, sequences) -> None:
 # --- the model and its template -------------------------------------------------------------------
 
 
-ERROR_TEXT = {
-    "malformed": "malformed mutant: expected <wild type><1-based position><new residue>[:...], e.g. A23G:L45P",
-    "out_of_range": "position outside the template (1..{length})",
-    "mismatch": "wild-type residue does not match the template at that position",
-    "unknown_residue": "new residue not in vocab {vocab}",
-}
-
-
 @dataclass
 class Scored:
     """One chunk's outcome, row-aligned with its input."""
@@ -115,21 +135,86 @@ class Scored:
     prediction: np.ndarray  # float64 per input row (NaN where the row has an error)
     reason: np.ndarray  # int8 per input row: 0 fine, else 1 + index into REASONS
     tokens: np.ndarray  # uint8 N_kept × L of the rows without an error
+    result: MutationResult | None = None  # the parse and its problems: the error rows' messages come from it
+    text: MutantText | None = None  # the mutants as parsed
+
+
+@dataclass
+class KnownVariants:
+    """The experiment's measured sequences of one template (data/selected.parquet) and those of its
+    training split (splits/train.npy), upper-cased, each None when the experiment cannot tell."""
+
+    measured: pa.Array | None = None
+    train: pa.Array | None = None
+
+    @classmethod
+    def load(cls, exp_dir: Path, source: str) -> KnownVariants:
+        """Read once per prediction. An experiment without the files (trained before they were
+        written, or damaged) gets null flags and one log line, not an error."""
+        import pyarrow.parquet as pq
+
+        path = Path(exp_dir) / "data/selected.parquet"
+        try:
+            table = pq.read_table(path, columns=["id", "sequence", "source_text"])
+            ids = table.column("id").to_numpy()
+            same = pc.equal(table.column("source_text").cast(pa.large_string()), source)
+            sequence = pc.ascii_upper(table.column("sequence").cast(pa.large_string()))
+            mine = pc.and_kleene(same, pc.is_valid(sequence))
+            measured = pc.unique(sequence.filter(mine))  # an Array: is_in's value set
+        except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
+            log.info("measured/in_train: cannot tell, %s is not readable (%s); those columns stay empty", path, exc)
+            return cls()
+        train_path = Path(exp_dir) / "splits/train.npy"
+        try:
+            train_ids = np.asarray(np.load(train_path, allow_pickle=False), dtype=np.int64)
+        except (OSError, ValueError, TypeError) as exc:
+            log.info("in_train: cannot tell, %s is not readable (%s); that column stays empty", train_path, exc)
+            return cls(measured)
+        in_train = pa.array(np.isin(ids, train_ids))
+        train = pc.unique(sequence.filter(pc.and_kleene(mine, in_train)))
+        return cls(measured, train)
+
+    def flags(self, sequence: pa.Array) -> tuple[pa.Array, pa.Array]:
+        """(measured, in_train) per row: null where the row has no sequence or the experiment cannot tell.
+
+        `is_in` hashes its value set on every call (0.17 s per 65,536-row chunk against 500,000
+        known sequences of length 300), so the training set is only asked about the rows that
+        are measured at all: none, for new designs."""
+        n = len(sequence)
+        if self.measured is None:
+            return pa.nulls(n, pa.bool_()), pa.nulls(n, pa.bool_())
+        missing = ~pc.is_valid(sequence).to_numpy(zero_copy_only=False)
+        upper = pc.ascii_upper(sequence)
+        measured = pc.is_in(upper, value_set=self.measured).to_numpy(zero_copy_only=False) & ~missing
+        if self.train is None:
+            return pa.array(measured, mask=missing), pa.nulls(n, pa.bool_())
+        in_train = np.zeros(n, dtype=bool)
+        rows = np.flatnonzero(measured)
+        if rows.size:
+            in_train[rows] = pc.is_in(upper.take(pa.array(rows)), value_set=self.train).to_numpy(zero_copy_only=False)
+        return pa.array(measured, mask=missing), pa.array(in_train, mask=missing)
 
 
 class Predictor:
     """A trained experiment ready to score mutants of one template."""
 
-    def __init__(self, module, vocab: BaseVocabProcessor, template: str, seq_len: int, transform, task: str):
+    def __init__(
+        self,
+        module,
+        vocab: BaseVocabProcessor,
+        template: str,
+        seq_len: int,
+        transform,
+        task: str,
+        known: KnownVariants | None = None,
+    ):
         import torch
 
         self.module, self.vocab, self.template = module, vocab, template
         self.seq_len, self.transform, self.task = int(seq_len), transform, task
+        self.known = known if known is not None else KnownVariants()
         # buffers too: a closed-form model (ridge) has no parameters, only buffers
         self.device = next(itertools.chain(module.parameters(), module.buffers()), torch.zeros(0)).device
-        self.errors = pa.array(
-            [None, *(ERROR_TEXT[r].format(length=len(template), vocab=vocab.name) for r in REASONS)], pa.string()
-        )
         covariates = _covariate_embedding(module)
         # data.covariates of the training: every row to score needs their values (input columns)
         self.covariates: list[str] = list(covariates.names) if covariates is not None else []
@@ -154,7 +239,10 @@ class Predictor:
                 f"the experiment was trained with data.covariates ({', '.join(self.covariates)}): give each "
                 "mutant's values as columns of the input file"
             )
-        result = apply_mutants([self.template], np.zeros(n, np.int64), mutants, self.vocab, on_mismatch="drop")
+        # standard=True: the importer's rules (runner.data.mutants), so a row it would refuse is an error here too
+        result = apply_mutants(
+            [self.template], np.zeros(n, np.int64), mutants, self.vocab, on_mismatch="drop", standard=True
+        )
         tokens = result.tokens
         if tokens.shape[1] < self.seq_len:  # a shorter template of a multi-source training
             tokens = np.pad(tokens, ((0, 0), (0, self.seq_len - tokens.shape[1])), constant_values=self.vocab.pad_id)
@@ -166,7 +254,7 @@ class Predictor:
             # the chunk's features at once, batched, from the cache when this input was predicted before
             embed.prepare(tokens, [self.template], None, scratch=True)
         prediction[result.keep] = self.score_tokens(tokens)
-        return Scored(prediction, result.reason, tokens)
+        return Scored(prediction, result.reason, tokens, result, mutants)
 
     def sequences(self, tokens: np.ndarray) -> pa.Array:
         """The template-length sequences of a token matrix as an Arrow string array (no per-row loop)."""
@@ -175,20 +263,40 @@ class Predictor:
         offsets = np.arange(len(tokens) + 1, dtype=np.int64) * width
         return pa.LargeStringArray.from_buffers(len(tokens), pa.py_buffer(offsets), pa.py_buffer(letters))
 
-    def table(self, mutants: pa.Array, scored: Scored) -> pa.Table:
-        """The output rows of a chunk: mutant, sequence, prediction, error (nulls where they do not apply)."""
+    def errors(self, scored: Scored, mutants: pa.Array | None = None) -> pa.Array:
+        """The `error` text per row (null where it was predicted): the importer's message for the
+        same mutant (`runner.data.mutants.problem_text`); only the error rows' texts are built.
+        `mutants` (the chunk as given) lets a message quote a line break as the importer does."""
+        bad = np.flatnonzero(scored.reason != 0)
+        if bad.size == 0:
+            return pa.nulls(len(scored.reason), pa.string())
+        result, text = scored.result, scored.text
+        if mutants is not None:
+            given = mutants.cast(pa.large_string()).take(pa.array(bad))
+            strings = pc.utf8_trim_whitespace(pc.fill_null(given, "?")).to_pylist()
+        else:
+            starts = text.row_starts()
+            strings = [text.buf[starts[r] : text.row_ends[r]].tobytes().decode("utf-8", "replace") for r in bad]
+        vocab = f"{self.vocab.name!r} ({self.vocab.alphabet})"
+        messages = [
+            problem_text(result.problems, int(row), result.parsed, mutant, self.template, vocab)
+            for row, mutant in zip(bad, strings, strict=True)
+        ]
+        index = np.cumsum(scored.reason != 0) - 1
+        return pa.array(messages, pa.string()).take(pa.array(index, mask=scored.reason == 0))
+
+    def table(self, mutants: pa.Array, scored: Scored, inputs: pa.Table | None = None) -> pa.Table:
+        """The output rows of a chunk: mutant, the input's other columns (`inputs`, text, named as
+        they are written), sequence, prediction, error, measured, in_train (nulls where they do not apply)."""
         ok = scored.reason == 0
         kept_index = np.cumsum(ok) - 1
         sequence = self.sequences(scored.tokens).take(pa.array(kept_index, mask=~ok))
-        return pa.table(
-            [
-                mutants.cast(pa.large_string()),
-                sequence,
-                pa.array(scored.prediction, mask=~ok),
-                self.errors.take(pa.array(scored.reason)),
-            ],
-            schema=OUTPUT_SCHEMA,
-        )
+        measured, in_train = self.known.flags(sequence)
+        names = list(inputs.column_names) if inputs is not None else []
+        columns = [mutants.cast(pa.large_string())]
+        columns += [inputs.column(i) for i in range(len(names))] if inputs is not None else []
+        columns += [sequence, pa.array(scored.prediction, mask=~ok), self.errors(scored, mutants), measured, in_train]
+        return pa.table(columns, schema=output_schema(names))
 
 
 def read_state(exp_dir: Path) -> dict:
@@ -267,7 +375,8 @@ def load_predictor(exp_dir: Path, checkpoint: Path, workdir: Path | None = None,
     transform.params = {k: float(v) for k, v in spec.items() if k not in ("name", "sorted_file")}
     if spec["name"] == "rank":
         transform._sorted = np.load(Path(exp_dir) / TARGET_SORTED, allow_pickle=False)
-    return Predictor(module, vocab, template, state["seq_len"], transform, state["task"])
+    known = KnownVariants.load(Path(exp_dir), source if source is not None else names[0])
+    return Predictor(module, vocab, template, state["seq_len"], transform, state["task"], known)
 
 
 def _covariate_embedding(module):
@@ -321,12 +430,13 @@ def mutant_text(mutants: pa.Array) -> MutantText:
     """An Arrow string array as the parser's newline-joined buffer, without a Python string per row.
 
     A line break inside a (quoted) mutant becomes '?', so that row is reported malformed rather than
-    splitting into two.
+    splitting into two. Whitespace around a mutant is dropped, as the importer does.
     """
     mutants = mutants.cast(pa.large_string())
     n = len(mutants)
     if mutants.null_count:
         mutants = pc.fill_null(mutants, "?")
+    mutants = pc.utf8_trim_whitespace(mutants)
     offsets = np.frombuffer(mutants.buffers()[1], dtype=np.int64)[mutants.offset : mutants.offset + n + 1]
     data = np.frombuffer(mutants.buffers()[2], dtype=np.uint8) if n else np.zeros(0, np.uint8)
     letters = data[offsets[0] : offsets[-1]]
@@ -348,10 +458,12 @@ def _delimiter(path: Path, header: str) -> str:
 
 def read_mutants(
     path: Path, chunk_rows: int = CHUNK_ROWS, covariates: list[str] | tuple[str, ...] = ()
-) -> Iterator[pa.Array | pa.Table]:
-    """The `mutant` column of a CSV/TSV (optionally .gz) in chunks of at most `chunk_rows` rows; with
-    `covariates` (the training's data.covariates), tables of `mutant` and those columns as float64,
-    every value present and finite (missing values are refused, as in training)."""
+) -> Iterator[pa.Table]:
+    """A CSV/TSV (optionally .gz) in tables of at most `chunk_rows` rows: every column as text,
+    exactly as in the file (the `mutant` column first, then the others in the file's order, each
+    under its output name: `output_column_names`). With `covariates` (the training's
+    data.covariates) their values must be present and finite numbers in every row (missing values
+    are refused, as in training)."""
     import pyarrow.csv as pacsv
 
     try:
@@ -361,7 +473,13 @@ def read_mutants(
         raise DataError(f"{path}: cannot be read ({exc})") from None
     header = head.lstrip("\ufeff").splitlines()[0] if head.strip() else ""
     sep = _delimiter(path, header)
-    columns = [c.strip().strip('"') for c in header.split(sep)]
+    read = pacsv.ReadOptions(block_size=1 << 22)
+    parse = pacsv.ParseOptions(delimiter=sep, newlines_in_values=True)
+    try:
+        # the column names as Arrow reads them (quotes, BOM): a first reader only for its schema
+        columns = pacsv.open_csv(pa.input_stream(str(path), compression="detect"), read, parse).schema.names
+    except pa.ArrowException as exc:
+        raise DataError(f"{path}: not a readable CSV/TSV ({exc})") from None
     if "mutant" not in columns:
         raise DataError(
             f"{path}: no 'mutant' column (columns: {', '.join(columns[:20]) or 'none'}); "
@@ -373,51 +491,89 @@ def read_mutants(
             f"{path}: no column {', '.join(map(repr, absent))}: the experiment was trained with data.covariates "
             f"({', '.join(covariates)}); give each mutant's values as columns of the input file"
         )
-    types = {"mutant": pa.large_string(), **dict.fromkeys(covariates, pa.float64())}
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:
+        raise DataError(
+            f"{path}: column {', '.join(map(repr, twice))} appears more than once; give each a distinct name"
+        )
+    others = [c for c in columns if c != "mutant"]
+    try:
+        names = output_column_names(others)
+    except ValueError as exc:
+        raise DataError(f"{path}: {exc}") from None
     row = 0
     try:
         reader = pacsv.open_csv(
             pa.input_stream(str(path), compression="detect"),
-            read_options=pacsv.ReadOptions(block_size=1 << 22),
-            parse_options=pacsv.ParseOptions(delimiter=sep, newlines_in_values=True),
+            read_options=read,
+            parse_options=parse,
             convert_options=pacsv.ConvertOptions(
-                include_columns=["mutant", *covariates], column_types=types, strings_can_be_null=False
+                column_types=dict.fromkeys(columns, pa.large_string()), strings_can_be_null=False
             ),
         )
         for batch in reader:
+            table = pa.Table.from_batches([batch]).select(["mutant", *others]).rename_columns(["mutant", *names])
             if covariates:
-                _check_covariates(path, batch, covariates, row)
+                _check_covariates(path, table, [names[others.index(c)] for c in covariates], covariates, row)
             row += batch.num_rows
-            part = pa.Table.from_batches([batch]) if covariates else batch.column(0)
-            for start in range(0, len(part), chunk_rows):
-                yield part.slice(start, chunk_rows)
+            for start in range(0, len(table), chunk_rows):
+                yield table.slice(start, chunk_rows)
     except pa.ArrowException as exc:
         raise DataError(f"{path}: not a readable CSV/TSV ({exc})") from None
 
 
-def _check_covariates(path: Path, batch: pa.RecordBatch, covariates, row: int) -> None:
+def covariate_values(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A text column of covariate values as float64 (NaN where missing: empty, NA, NaN… as Arrow's
+    CSV reader reads them). ValueError naming the first value that is not a number."""
+    import pyarrow.csv as pacsv
+
+    text = pc.utf8_trim_whitespace(column)
+    missing = pc.is_in(text, value_set=pa.array(pacsv.ConvertOptions().null_values, pa.large_string()))
+    text = pc.if_else(missing, "nan", text)
+    try:
+        return pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False)
+    except pa.ArrowInvalid:
+        for value in text.to_pylist():  # the error path only: find the value to name
+            try:
+                float(value)
+            except ValueError:
+                raise ValueError(f"value {value!r} is not a number") from None
+        raise
+
+
+def _check_covariates(path: Path, table: pa.Table, columns: list[str], covariates, row: int) -> None:
     """Every covariate of every input row present and finite: prediction imputes nothing, as training."""
-    for name in covariates:
-        values = batch.column(name).to_numpy(zero_copy_only=False)  # float64; a null reads as NaN
+    for name, given in zip(columns, covariates, strict=True):
+        try:
+            values = covariate_values(table.column(name))
+        except ValueError as exc:
+            raise DataError(f"{path}: column {given!r}: {exc}; covariates are numbers") from None
         missing = ~np.isfinite(values)
         if missing.any():
             first = row + int(np.flatnonzero(missing)[0]) + 2  # the file's line: 1-based, after the header
             raise DataError(
-                f"{path}: column {name!r} is missing (empty, NaN or infinite) in {int(missing.sum())} row(s) "
+                f"{path}: column {given!r} is missing (empty, NaN or infinite) in {int(missing.sum())} row(s) "
                 f"(first on line {first}); every mutant needs its covariates: fill them in or leave those rows out"
             )
 
 
-def chunk_parts(chunk: pa.Array | pa.Table, covariates: list[str]) -> tuple[pa.Array, np.ndarray | None]:
-    """A chunk of input as (mutants, covariate values N × K in `covariates`' order, or None)."""
-    if isinstance(chunk, pa.Table | pa.RecordBatch):
-        mutants = chunk.column("mutant")
-        mutants = mutants.combine_chunks() if isinstance(mutants, pa.ChunkedArray) else mutants
-        if not covariates:
-            return mutants, None
-        values = [chunk.column(c).to_numpy() for c in covariates]
-        return mutants, np.stack(values, axis=1).astype(np.float64)
-    return chunk, None
+def chunk_parts(
+    chunk: pa.Array | pa.Table, covariates: list[str]
+) -> tuple[pa.Array, np.ndarray | None, pa.Table | None]:
+    """A chunk of input as (mutants, covariate values N × K in `covariates`' order or None, the
+    other input columns as a table or None). A covariate is found under its output name."""
+    if not isinstance(chunk, pa.Table | pa.RecordBatch):
+        return chunk, None, None
+    mutants = chunk.column("mutant")
+    mutants = mutants.combine_chunks() if isinstance(mutants, pa.ChunkedArray) else mutants
+    inputs = chunk.select([i for i, name in enumerate(chunk.column_names) if name != "mutant"])
+    if isinstance(inputs, pa.RecordBatch):
+        inputs = pa.Table.from_batches([inputs])
+    if not covariates:
+        return mutants, None, inputs
+    names = output_column_names(covariates)
+    values = [covariate_values(chunk.column(c)) for c in names]
+    return mutants, np.stack(values, axis=1).astype(np.float64), inputs
 
 
 def saturation_mutants(template: str, vocab: BaseVocabProcessor) -> pa.Array:
@@ -436,8 +592,8 @@ def saturation_mutants(template: str, vocab: BaseVocabProcessor) -> pa.Array:
 class TopN:
     """The N highest predictions seen so far (ties: the earlier row first), merged chunk by chunk."""
 
-    def __init__(self, n: int):
-        self.n = n
+    def __init__(self, n: int, schema: pa.Schema = OUTPUT_SCHEMA):
+        self.n, self.schema = n, schema
         self.best: pa.Table | None = None
 
     def add(self, table: pa.Table) -> None:
@@ -452,7 +608,7 @@ class TopN:
 
     def result(self) -> pa.Table:
         if self.best is None or len(self.best) == 0:
-            return OUTPUT_SCHEMA.empty_table()
+            return self.schema.empty_table()
         order = np.argsort(-self.best.column("prediction").to_numpy(), kind="stable")
         return self.best.take(pa.array(order))
 
@@ -460,7 +616,7 @@ class TopN:
 class Sink:
     """Rows written to `<out>.<random>.tmp` beside `out`; `commit` renames it into place."""
 
-    def __init__(self, out: Path, fmt: str):
+    def __init__(self, out: Path, fmt: str, schema: pa.Schema = OUTPUT_SCHEMA):
         import secrets
 
         import pyarrow.csv as pacsv
@@ -469,9 +625,7 @@ class Sink:
         self.out = out
         self.tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
         self.writer = (
-            pq.ParquetWriter(str(self.tmp), OUTPUT_SCHEMA)
-            if fmt == "parquet"
-            else pacsv.CSVWriter(str(self.tmp), OUTPUT_SCHEMA)
+            pq.ParquetWriter(str(self.tmp), schema) if fmt == "parquet" else pacsv.CSVWriter(str(self.tmp), schema)
         )
 
     def write(self, table: pa.Table) -> None:
@@ -487,24 +641,35 @@ class Sink:
 
 
 def predict_to_file(
-    predictor: Predictor, chunks: Iterator[pa.Array], out: Path, fmt: str = "csv", top: int | None = None
+    predictor: Predictor, chunks: Iterator[pa.Array | pa.Table], out: Path, fmt: str = "csv", top: int | None = None
 ) -> dict:
-    """Score every chunk and write the rows (or the `top` best) to `out` atomically; the summary."""
+    """Score every chunk and write the rows (or the `top` best) to `out` atomically; the summary.
+
+    A chunk is the mutants (an Arrow string array) or a table of `mutant` and the input's other
+    columns as text (`read_mutants`); every chunk has the same columns.
+    """
     started = time.perf_counter()
-    sink = Sink(out, fmt)
-    keep_top = TopN(top) if top else None
-    rows = errors = 0
+    sink: Sink | None = None
+    keep_top: TopN | None = None
+    schema = OUTPUT_SCHEMA
+    rows = errors = measured = in_train = 0
     by_reason = dict.fromkeys(REASONS, 0)
     try:
         for chunk in chunks:
-            mutants, covariates = chunk_parts(chunk, predictor.covariates)
+            mutants, covariates, inputs = chunk_parts(chunk, predictor.covariates)
             scored = predictor.score(mutant_text(mutants), covariates)
-            table = predictor.table(mutants, scored)
+            table = predictor.table(mutants, scored, inputs)
+            if sink is None:  # the header is the first chunk's columns
+                schema = table.schema
+                sink = Sink(out, fmt, schema)
+                keep_top = TopN(top, schema) if top else None
             rows += len(table)
             counts = np.bincount(scored.reason, minlength=len(REASONS) + 1)
             errors += int(counts[1:].sum())
             for reason, count in zip(REASONS, counts[1:], strict=True):
                 by_reason[reason] += int(count)
+            measured += pc.sum(table.column("measured")).as_py() or 0  # a bool sum counts the trues
+            in_train += pc.sum(table.column("in_train")).as_py() or 0
             if keep_top is not None:
                 keep_top.add(table)
             else:
@@ -515,7 +680,8 @@ def predict_to_file(
             sink.write(keep_top.result())
         sink.commit()
     except BaseException:
-        sink.discard()
+        if sink is not None:
+            sink.discard()
         raise
     return {
         "rows": rows,
@@ -526,6 +692,10 @@ def predict_to_file(
         "out": str(out),
         "format": fmt,
         "seconds": round(time.perf_counter() - started, 3),
+        "columns": schema.names,
+        # null: the experiment lacks the files to tell (trained before infra wrote them)
+        "measured": int(measured) if predictor.known.measured is not None else None,
+        "in_train": int(in_train) if predictor.known.train is not None else None,
     }
 
 

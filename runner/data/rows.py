@@ -15,47 +15,35 @@ from runner.errors import DataError, shorten
 # --- checking rows ----------------------------------------------------------------------------------
 
 
-SUBSTITUTION = re.compile(r"([A-Za-z])([0-9]{1,9})([A-Za-z*])")
+SUBSTITUTION = re.compile(r"([A-Za-z])([0-9]{1,9})([A-Za-z*])")  # the fast path's pre-check, see _fast_substitutions
 TEMPLATE = re.compile(r"[A-Za-z*]+")
-WILD_TYPE_SPELLINGS = {"", "_wt", "wt", "WT", "wildtype", "wild_type"}
 MISSING_VALUES = {"", "nan", "NaN", "NAN", "NA", "N/A", "na", "null", "NULL", "None"}
 SEQUENCE_COLUMN = "mutated_sequence"
 
 
+def _mutants():
+    """`runner.data.mutants` (the parser prediction shares), imported on first use: it needs numpy,
+    which `infra data` must not load at start-up (tests/test_data_import.py checks)."""
+    from runner.data import mutants
+
+    return mutants
+
+
 def parse_substitutions(mutant: str, where: str) -> list[tuple[str, int, str]]:
-    """`A23G:L45P` -> [('A', 23, 'G'), ('L', 45, 'P')]; [] for the wild type. DataError when malformed."""
-    if mutant in WILD_TYPE_SPELLINGS:
-        return []
-    out = []
-    seen: set[int] = set()
-    for part in mutant.split(":"):
-        match = SUBSTITUTION.fullmatch(part)
-        if match is None:
-            raise DataError(
-                f"{where}: mutant {shorten(mutant)} is malformed at {shorten(part, 30)}; "
-                "expected e.g. 'A23G' or 'A23G:L45P' (1-based)"
-            )
-        wt, pos_text, new = match.groups()
-        pos = int(pos_text)
-        if pos in seen:
-            raise DataError(f"{where}: mutant {shorten(mutant)} mutates position {pos} twice")
-        seen.add(pos)
-        out.append((wt.upper(), pos, new.upper()))
-    return out
+    """`A23G:L45P` -> [('A', 23, 'G'), ('L', 45, 'P')]; [] for the wild type. DataError when the
+    text alone is wrong (syntax, a position twice, a non-standard residue): the rules and messages
+    of `runner.data.mutants`, which prediction applies too."""
+    subs, problem = _mutants().check_mutant(mutant)
+    if problem is not None:
+        raise DataError(f"{where}: mutant {shorten(mutant)}: {problem}")
+    return subs
 
 
 def check_substitutions(subs: list[tuple[str, int, str]], mutant: str, template: str, where: str, hint: str) -> None:
     """DataError unless every substitution lies in `template` and names its wild-type letter."""
-    for wt, pos, _ in subs:
-        if not 1 <= pos <= len(template):
-            raise DataError(
-                f"{where}: mutant {shorten(mutant)}: position {pos} is outside the template (length {len(template)})"
-            )
-        if template[pos - 1] != wt:
-            raise DataError(
-                f"{where}: mutant {shorten(mutant)}: wild type {wt!r} at position {pos} does not match the template's "
-                f"{template[pos - 1]!r}; {hint}"
-            )
+    _, problem = _mutants().check_mutant(mutant, template)
+    if problem is not None:
+        raise DataError(f"{where}: mutant {shorten(mutant)}: {problem}; {hint}")
 
 
 def parse_mutant(mutant: str, template: str, where: str) -> int:
@@ -185,14 +173,17 @@ def _row_reader(table: Table, spec: _Spec, counts: _Counts) -> Iterator[tuple]:
 KNOWN_MAX = 1 << 18  # cache of checked substitutions (a template has at most ~21 per position)
 
 
-def _fast_substitutions(mutant: Any, template: str, known: dict[str, tuple[str, int, str]]) -> list | None:
+def _fast_substitutions(
+    mutant: Any, template: str, known: dict[str, tuple[str, int, str]], wild: frozenset, standard: frozenset
+) -> list | None:
     """The substitutions of an ordinary mutant, each checked against the template, or None when the
-    row needs the careful path (wild type, anything malformed or mismatched: it names the problem).
+    row needs the careful path (wild type, anything malformed, mismatched or refused: the shared
+    parser names the problem). It accepts only what `runner.data.mutants` accepts.
 
     Checked substitutions are cached by their text, so a row costs a few dict lookups; the cache is
     bounded by the template's possible substitutions, not by the file.
     """
-    if not isinstance(mutant, str) or not mutant or mutant in WILD_TYPE_SPELLINGS:
+    if not isinstance(mutant, str) or not mutant or mutant in wild:
         return None
     subs = []
     for part in mutant.split(":"):
@@ -203,7 +194,7 @@ def _fast_substitutions(mutant: Any, template: str, known: dict[str, tuple[str, 
                 return None
             wt, pos_text, new = match.groups()
             pos = int(pos_text)
-            if not 1 <= pos <= len(template) or template[pos - 1] != wt.upper():
+            if not 1 <= pos <= len(template) or template[pos - 1] != wt.upper() or new.upper() not in standard:
                 return None
             hit = (wt.upper(), pos, new.upper())
             if len(known) < KNOWN_MAX:
@@ -220,6 +211,8 @@ def _rows(table, spec, counts, hint, i_mutant, i_score, i_bin, i_seq, i_extras) 
     width = len(table.header)
     template = spec.template
     known: dict[str, tuple[str, int, str]] = {}
+    rules = _mutants()
+    wild, standard = frozenset(rules.WILD_TYPE_SPELLINGS), frozenset(rules.STANDARD_AMINO_ACIDS + rules.STOP)
     for loc, values in table.rows:
         if len(values) != width:
             more = "more" if len(values) > width else "fewer"
@@ -227,7 +220,7 @@ def _rows(table, spec, counts, hint, i_mutant, i_score, i_bin, i_seq, i_extras) 
         mutant = values[i_mutant]
         if isinstance(mutant, str):
             mutant = mutant.strip()
-        subs = _fast_substitutions(mutant, template, known) if template is not None else None
+        subs = _fast_substitutions(mutant, template, known, wild, standard) if template is not None else None
         if subs is None:
             where = table.where(loc)
             mutant = "" if mutant is None else str(mutant).strip()
