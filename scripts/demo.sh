@@ -36,5 +36,6 @@ infra run "$WORK/plans/demo.json" --workdir "$WORK"    # the progress view: buil
 # the same plan now names the same experiment (its images exist): ask for its id without running anything
 EXP_ID=$(infra run "$WORK/plans/demo.json" --workdir "$WORK" --dry-run --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["experiment_id"])')
 # the usual first design question: which single substitutions does the trained model like best?
-infra predict "$EXP_ID" --saturation --top 10 --workdir "$WORK" --out "$WORK/top10-$EXP_ID.csv"
-cat "$WORK/top10-$EXP_ID.csv"
+# --out - on a terminal: a readable table (mutant, prediction, measured, in_train; --sequences adds them);
+# into a pipe or with --out FILE the same rows are a CSV with the full sequences
+infra predict "$EXP_ID" --saturation --top 10 --workdir "$WORK" --out - --table

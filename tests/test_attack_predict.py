@@ -104,7 +104,8 @@ def scratch_with(tmp_path: Path, content: bytes | None = None, mode: int = 0o644
 
 
 GOOD_CSV = (
-    b'"mutant","sequence","prediction","error"\n"H5A","MSIQA",-0.25,\n"X1A",,,"wild-type residue does not match"\n'
+    b'"mutant","sequence","prediction","error","measured","in_train"\n"H5A","MSIQA",-0.25,,true,false\n'
+    b'"X1A",,,"wild-type residue does not match",,\n'
 )
 
 
@@ -123,8 +124,9 @@ def test_delivered_file_is_a_new_file_of_the_invoker(tmp_path, umask):
     assert stat.S_IMODE(st.st_mode) == 0o644 & ~umask and st.st_uid == os.geteuid()
     assert os.stat(scratch / "result.csv").st_ino != st.st_ino  # a copy, never the container's file
     rows = list(csv.reader(out.open(newline="")))
-    assert rows == [["mutant", "sequence", "prediction", "error"], ["H5A", "MSIQA", "-0.25", ""],
-                    ["X1A", "", "", "wild-type residue does not match"]]  # fmt: skip
+    assert rows == [["mutant", "sequence", "prediction", "error", "measured", "in_train"],
+                    ["H5A", "MSIQA", "-0.25", "", "true", "false"],
+                    ["X1A", "", "", "wild-type residue does not match", "", ""]]  # fmt: skip
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
@@ -132,10 +134,13 @@ def test_delivered_file_is_a_new_file_of_the_invoker(tmp_path, umask):
     ("content", "why"),
     [
         (b"\x7fELF\x02\x01\x01\xff\xfe" + b"\0" * 100, "is not a UTF-8 CSV"),
-        (b"a,b\n1,2\n", "is not infra's prediction table (its header is not mutant,sequence,prediction,error)"),
-        (GOOD_CSV + b"H1A,M,1,,extra\n", "data row 3 has 5 cells, not 4"),
-        (GOOD_CSV + b'H1A,M,"=1+1",\n', "data row 3: the prediction is not a number"),
-        (GOOD_CSV + b"H1A," + b"M" * 4096 + b",1,\n", "bytes, more than the 4,096 its input can give"),
+        (
+            b"a,b\n1,2\n",
+            "is not infra's prediction table (its header is not mutant,sequence,prediction,error,measured,in_train)",
+        ),
+        (GOOD_CSV + b"H1A,M,1,,,,extra\n", "data row 3 has 7 cells, not 6"),
+        (GOOD_CSV + b'H1A,M,"=1+1",,,\n', "data row 3: the prediction is not a number"),
+        (GOOD_CSV + b"H1A," + b"M" * 4096 + b",1,,,\n", "bytes, more than the 4,096 its input can give"),
     ],
     ids=["binary", "header", "cells", "prediction", "size"],
 )
@@ -166,35 +171,33 @@ def test_a_link_or_fifo_result_is_refused_without_blocking(tmp_path):
     assert not (tmp_path / "p.csv").exists()
 
 
-def test_parquet_needs_its_magic_at_both_ends(tmp_path):
-    from runner.errors import ExperimentFailed
+def test_parquet_is_written_by_the_host_from_the_checked_rows(tmp_path):
+    import pyarrow.parquet as pq
+
     from runner.run.predict import deliver
 
-    scratch = scratch_with(tmp_path)
-    for content, why in ((b"#!/bin/sh\n" * 4, "no PAR1 magic at its start"), (b"PAR1" + b"x" * 64, "at its end")):
-        (scratch / "result.parquet").write_bytes(content)
-        with pytest.raises(ExperimentFailed, match=why):
-            deliver(scratch, "result.parquet", tmp_path / "p.parquet", "parquet", 1 << 20, "e1")
+    # the container's bytes never become the Parquet file: the host writes it from the checked CSV
+    scratch = scratch_with(tmp_path, GOOD_CSV, mode=0o4755)
     (scratch / "result.parquet").write_bytes(b"PAR1" + b"x" * 64 + b"PAR1")
-    os.chmod(scratch / "result.parquet", 0o4755)
-    assert deliver(scratch, "result.parquet", tmp_path / "p.parquet", "parquet", 1 << 20, "e1") is None
+    assert deliver(scratch, "result.csv", tmp_path / "p.parquet", "parquet", 1 << 20, "e1") == 2
     assert stat.S_IMODE(os.stat(tmp_path / "p.parquet").st_mode) & 0o7000 == 0
+    assert pq.read_table(tmp_path / "p.parquet").column("mutant").to_pylist() == ["H5A", "X1A"]
 
 
 def test_formula_cells_get_a_leading_quote_numbers_do_not(tmp_path):
     from runner.run.predict import deliver
 
     content = (
-        b'"mutant","sequence","prediction","error"\n'
-        b'"=HYPERLINK(""http://x/"",""a"")","+MK",-1.5e-3,"@SUM(A1)"\n'
-        b'"-2+3","\tM",+2,"\rx"\n'
+        b'"mutant","sequence","prediction","error","measured","in_train"\n'
+        b'"=HYPERLINK(""http://x/"",""a"")","+MK",-1.5e-3,"@SUM(A1)",,\n'
+        b'"-2+3","\tM",+2,"\rx",,\n'
     )
     out = tmp_path / "p.csv"
     deliver(scratch_with(tmp_path, content), "result.csv", out, "csv", 1 << 20, "e1")
     rows = list(csv.reader(out.open(newline="")))[1:]
     assert rows == [
-        ['\'=HYPERLINK("http://x/","a")', "'+MK", "-0.0015", "'@SUM(A1)"],  # numbers as Python writes them
-        ["'-2+3", "'\tM", "2.0", "'\rx"],
+        ['\'=HYPERLINK("http://x/","a")', "'+MK", "-0.0015", "'@SUM(A1)", "", ""],  # numbers as Python writes them
+        ["'-2+3", "'\tM", "2.0", "'\rx", "", ""],
     ]
 
 
@@ -300,8 +303,8 @@ def test_formula_cells_from_the_input_or_the_container_are_neutralised(hostile, 
     )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.reader(out.open(newline="")))[1:]
-    assert rows[0][1].startswith("'=HYPERLINK(") and rows[0][2] == "-0.5"  # a negative number stays a number
-    assert rows[1] == ["'@SUM(1+1)*cmd|' /C calc'!A0", "'+MKS", "", "'-2+3"]
+    assert rows[0][2].startswith("'=HYPERLINK(") and rows[0][3] == "-0.5"  # a negative number stays a number
+    assert rows[1] == ["'@SUM(1+1)*cmd|' /C calc'!A0", "'-1+1", "'+MKS", "", "'-2+3", "", ""]
 
     # the core copies an input's mutant text into the output: a formula there is neutralised too
     inp = attack_input(work, run_user, "none", mutants=("=cmd|' /C calc'!A0", "H24A"))
@@ -351,8 +354,8 @@ def test_a_signal_mid_prediction_removes_container_and_scratch(hostile, run_user
     inp = attack_input(work, run_user, "block")
     proc = infra_as(run_user, "predict", eid, str(inp), "--out", str(out), workdir=work, background=True)
     try:
-        # held: the plugin waits in the container, its marker in the scratch folder beside --out
-        wait_for(lambda: list(work.glob(".infra-predict-*/.blocked")), 300, "the prediction to block")
+        # held: the plugin waits in the container, its marker in the member's folder (m0) of the scratch folder beside --out
+        wait_for(lambda: list(work.glob(".infra-predict-*/m0/.blocked")), 300, "the prediction to block")
         os.kill(python_child(proc.pid), signum)
         _, err = proc.communicate(timeout=120)
     finally:

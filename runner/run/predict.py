@@ -8,30 +8,33 @@ none, a read-only root, only the checkpoint, the prediction state and the input 
 one fresh output folder), or as a host process with `--backend local` (trusted code, as
 `infra run --backend local`). The container runs with the training's memory and CPU limits (the
 plan's `resources`, from the plan the record vouches for) and an overall time limit (`--timeout`).
-The core writes into a private folder beside `--out`; that file is the container's (any mode, any
-content), so the host never hands it over: it checks it (a regular file no larger than the input
-can give, infra's CSV header or Parquet's magic) and writes a NEW file of its own beside `--out`
-(the invoker's, mode 0644 & ~umask), CSV cells that a spreadsheet would run as a formula prefixed
-with a quote, then renames that into place: `--out` is either the complete new file or untouched.
+The core writes a CSV into a private folder beside `--out`; that file is the container's (any mode,
+any content), so the host never hands it over: it reads it row by row as untrusted input (a regular
+file no larger than the input can give, infra's header for this input, every cell checked:
+`runner.run.predict_io`) and writes a NEW file of its own beside `--out` (the invoker's, mode 0644 &
+~umask; CSV cells that a spreadsheet would run as a formula prefixed with a quote, or Parquet of
+infra's schema), then renames that into place: `--out` is either the complete new file or
+untouched. `--out -` writes that file to stdout once it is complete. Several experiments (ids, or a
+study's points) are an ensemble: each member runs as above, one after the other, and their rows
+are merged as they stream (`runner.run.ensemble`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import stat
-import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner import safefs
@@ -43,7 +46,9 @@ from runner.errors import (
     Interrupted,
     UsageError,
 )
+from runner.run.ensemble import check_same_templates, merge, parse_rank, top_rows
 from runner.run.jobs import PREDICT_MAX_TEMPLATE, Limits, core_error
+from runner.run.predict_io import Layout, Row, input_columns, open_result, read_result, writer_for
 from runner.run.records import Experiment, find, plan_sha256
 
 log = logging.getLogger(__name__)
@@ -51,25 +56,29 @@ log = logging.getLogger(__name__)
 FORMATS = ("csv", "parquet")
 CHECKPOINTS = ("best.ckpt", "last.ckpt")  # the best epoch's weights, else the last epoch's
 STATE_FILES = ("config/predict.json", "config/target_sorted.npy")  # the second only for data.transform rank
+# what the core tells `measured` and `in_train` from, mounted when the experiment has them
+DATA_FILES = ("data/selected.parquet", "splits/train.npy")
 SUMMARY = "summary.json"
 OUTPUT_TAIL_LINES = 40
 UNFINISHED = ("created", "building", "starting", "running")
 DEFAULT_TIMEOUT_S = 3600.0  # `--timeout`: the whole prediction, container start to exit
-# The most bytes a result may have: OUTPUT_SLACK + rows × (template length + OUTPUT_ROW_BYTES) + twice
-# the (uncompressed) input, where rows is at most the input's line count (+1), --top N, or for
-# --saturation template length × 255. Twice the input: a mutant's text is copied, quotes doubled.
-OUTPUT_ROW_BYTES = 256  # sequence separators, the prediction, the longest error text, quoting
-OUTPUT_SLACK = 1 << 20  # the header, and Parquet's own metadata
-CSV_HEADER = ["mutant", "sequence", "prediction", "error"]
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # OWASP: what makes a spreadsheet cell a formula
+# The most bytes a result may have: OUTPUT_SLACK + rows × (template length + OUTPUT_ROW_BYTES) + three
+# times the (uncompressed) input, where rows is at most the input's line count (+1), --top N, or for
+# --saturation template length × 255. Three times the input: every input cell is copied, quoted
+# (an empty cell `,` becomes `"",`: 3 bytes for 1), its quotes doubled.
+OUTPUT_ROW_BYTES = 256  # sequence separators, the prediction, the longest error text, flags, quoting
+OUTPUT_SLACK = 1 << 20  # the header
 COPY_CHUNK = 1 << 20
+RESULT = "result.csv"  # the core always writes CSV for the host: the Parquet a user gets is the host's
+STDOUT = "-"
 
 
 @dataclass(frozen=True)
 class PredictRequest:
-    """What `infra predict` was asked for (checked by `check_request`)."""
+    """What `infra predict` was asked for (checked by `check_request`): one experiment, or several (an
+    ensemble; `study` names the study they came from). `out` Path("-") is stdout."""
 
-    experiment_id: str
+    experiment_ids: tuple[str, ...]
     input: Path | None = None
     saturation: bool = False
     out: Path | None = None
@@ -77,6 +86,12 @@ class PredictRequest:
     top: int | None = None
     source: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
+    rank: str = "mean"
+    study: str | None = None
+
+    @property
+    def to_stdout(self) -> bool:
+        return self.out is not None and str(self.out) == STDOUT
 
 
 def output_format(out: Path | None, fmt: str | None) -> str:
@@ -88,29 +103,45 @@ def output_format(out: Path | None, fmt: str | None) -> str:
     return "parquet" if out is not None and out.suffix.lower() in (".parquet", ".pq") else "csv"
 
 
-def default_out(experiment_id: str, fmt: str, saturation: bool) -> Path:
-    """`./predictions-<id>[-saturation].<csv|parquet>` in the current directory."""
-    return Path.cwd() / f"predictions-{experiment_id}{'-saturation' if saturation else ''}.{fmt}"
+def default_out(name: str, fmt: str, saturation: bool) -> Path:
+    """`./predictions-<name>[-saturation].<csv|parquet>` in the current directory (`name`: the
+    experiment id, a study id, or the first member's id and `-ensemble<N>`)."""
+    return Path.cwd() / f"predictions-{name}{'-saturation' if saturation else ''}.{fmt}"
 
 
-def check_request(req: PredictRequest, workdir: Path | None = None) -> tuple[Path | None, Path, str]:
+def request_name(req: PredictRequest) -> str:
+    if req.study:
+        return req.study
+    ids = req.experiment_ids
+    return ids[0] if len(ids) == 1 else f"{ids[0]}-ensemble{len(ids)}"
+
+
+def check_request(req: PredictRequest, workdir: Path | None = None) -> tuple[Path | None, Path | None, str]:
     """(input, out, format) once the flags, the input file and the output folder are usable; UsageError else.
 
-    The input must be a regular file (opened without blocking: a FIFO or a device is refused, never
-    waited on); `--out` must not be inside `workdir`'s experiments folder (the host's records live there).
+    `out` is None for stdout (`--out -`). The input must be a regular file (opened without blocking:
+    a FIFO or a device is refused, never waited on); `--out` must not be inside `workdir`'s
+    experiments folder (the host's records live there).
     """
+    if not req.experiment_ids:
+        raise UsageError("give an experiment id (several for an ensemble) or --study STUDY")
     if (req.input is None) == (not req.saturation):
         raise UsageError("give an INPUT file of mutants or --saturation (not both)")
     if req.top is not None and req.top < 1:
         raise UsageError(f"--top {req.top}: must be a positive number of rows")
     if not req.timeout_s > 0:
         raise UsageError(f"--timeout {req.timeout_s:g}: must be a positive number of seconds")
-    fmt = output_format(req.out, req.fmt)
+    rank = parse_rank(req.rank)
+    if rank.ucb and len(req.experiment_ids) < 2:
+        raise UsageError(f"--rank {req.rank}: one model has no spread; give several experiments or --study")
+    fmt = output_format(None if req.to_stdout else req.out, req.fmt)
     source = None
     if req.input is not None:
         source = Path(req.input).absolute()
         _check_input(source, req.input)
-    out = Path(req.out).absolute() if req.out is not None else default_out(req.experiment_id, fmt, req.saturation)
+    if req.to_stdout:
+        return source, None, fmt
+    out = Path(req.out).absolute() if req.out is not None else default_out(request_name(req), fmt, req.saturation)
     if out.is_dir():
         raise UsageError(f"--out {out}: is a directory; name the file to write")
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
@@ -175,8 +206,17 @@ def _regular(exp: Experiment, rel: str) -> bool:
     return True
 
 
+def _folder_has(exp: Experiment, rel: str) -> bool:
+    """`_regular`, False when the folder itself is missing too (an experiment from before it was kept)."""
+    try:
+        return _regular(exp, rel)
+    except FileNotFoundError:
+        return False
+
+
 def model_files(exp: Experiment) -> tuple[str, list[str]]:
-    """The checkpoint to load (relative path) and the prediction state files present."""
+    """The checkpoint to load (relative path) and the files the core reads besides it: the prediction
+    state, and the experiment's selected data and training split when it has them (`measured`, `in_train`)."""
     try:
         ckpt = next((f"ckpts/{n}" for n in CHECKPOINTS if _regular(exp, f"ckpts/{n}")), None)
         if ckpt is None:
@@ -190,6 +230,7 @@ def model_files(exp: Experiment) -> tuple[str, list[str]]:
                 "needs (template, vocab, target transform); run it again with 'infra run PLAN --rerun'"
             )
         state = [rel for rel in STATE_FILES if _regular(exp, rel)]
+        state += [rel for rel in DATA_FILES if _folder_has(exp, rel)]
     except FileNotFoundError as exc:  # a folder of the layout is missing
         raise ExperimentFailed(f"experiment {exp.id}: {exc.filename or 'a folder'} is missing; run it again") from None
     return ckpt, state
@@ -300,18 +341,31 @@ def output_bound(source: Path | None, saturation: bool, top: int | None, templat
         rows = lines + 1
     if top is not None:
         rows = min(rows, top)
-    return OUTPUT_SLACK + rows * (template_len + OUTPUT_ROW_BYTES) + 2 * text
+    return OUTPUT_SLACK + rows * (template_len + OUTPUT_ROW_BYTES) + 3 * text
 
 
-def predict(workdir: Path, req: PredictRequest, backend=None) -> dict:
-    """Run one prediction on `backend` (default: the one that trained the experiment); the summary
-    document (rows, predicted, errors, out, format, seconds, …).
+@dataclass
+class Predicted:
+    """What `predict` did: the summary document, the output's columns, and the first rows written
+    (at most `preview` of them) for the caller to show."""
 
-    SIGTERM and SIGHUP act as Ctrl-C while it runs: the backend stops and removes the container (or
-    kills the core's process group), the scratch folder is removed, and the command exits 130.
+    summary: dict
+    layout: Layout
+    shown: list[Row] = field(default_factory=list)
+
+
+def predict(workdir: Path, req: PredictRequest, backend=None, stream=None, preview: int = 0) -> Predicted:
+    """Run the prediction of one experiment, or of each member of an ensemble, on `backend` (default:
+    the one that trained each experiment) and write the output; the summary document (rows,
+    predicted, errors, written, out, format, seconds, …).
+
+    With `--out -` the complete output is written to the binary `stream` (nothing when it is None: the
+    caller shows the `preview` rows instead). SIGTERM and SIGHUP act as Ctrl-C while it runs: the
+    backend stops and removes the container (or kills the core's process group), the scratch folder
+    is removed, and the command exits 130.
     """
     with _signals_interrupt():
-        return _predict(workdir, req, backend)
+        return _predict(workdir, req, backend, stream, preview)
 
 
 @contextlib.contextmanager
@@ -334,76 +388,149 @@ def _signals_interrupt():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def _predict(workdir: Path, req: PredictRequest, backend=None) -> dict:
-    from runner.run.backends import CoreTimeout, backend_of
+@dataclass
+class Member:
+    """One experiment of the prediction, checked and ready to run."""
+
+    exp: Experiment
+    checkpoint: str
+    files: list[str]
+    limits: Limits
+    models: object
+    backend: object
+    image: tuple[str | None, str | None]
+    bound: int
+
+
+def prepare_member(workdir: Path, eid: str, source: Path | None, req: PredictRequest, top, backend=None) -> Member:
+    """An experiment's checks before anything runs (a bad member stops the ensemble before its first
+    container): succeeded, its model files, template length, vouched plan, limits, image."""
+    from runner.run.backends import backend_of
+
+    exp, record = succeeded_experiment(workdir, eid)
+    ckpt, files = model_files(exp)
+    template_len = state_template_length(exp)
+    plan = vouched_plan(exp, record)
+    models = plan_models(plan, record, workdir)
+    chosen = backend or backend_of(record)
+    return Member(
+        exp=exp,
+        checkpoint=ckpt,
+        files=files,
+        limits=Limits.from_resources(plan.resources),
+        models=models,
+        backend=chosen,
+        image=chosen.experiment_image(record),
+        bound=output_bound(source, req.saturation, top, template_len),
+    )
+
+
+def _predict(workdir: Path, req: PredictRequest, backend, stream, preview: int) -> Predicted:
+    started = time.perf_counter()
+    source, out, fmt = check_request(req, workdir)
+    rank = parse_rank(req.rank)
+    ensemble = len(req.experiment_ids) > 1
+    layout = Layout(input_columns(source), ensemble, rank.ucb)
+    top = None if ensemble else req.top  # an ensemble's members predict every row: the host ranks the merge
+    members = [prepare_member(workdir, eid, source, req, top, backend) for eid in req.experiment_ids]
+    if ensemble:
+        check_same_templates([m.exp for m in members])
+    where = str(out) if out is not None else "stdout"
+    scratch = Path(tempfile.mkdtemp(prefix=".infra-predict-", dir=out.parent if out else None))
+    try:
+        cores = []
+        for i, member in enumerate(members):
+            folder = scratch / f"m{i}"
+            folder.mkdir(mode=0o700)
+            cores.append(run_member(workdir, member, folder, source, req, top, where))
+        ids = [m.exp.id for m in members]
+        results = [
+            read_result(open_result(scratch / f"m{i}", RESULT, m.bound, refusal(m.exp.id, where)), layout.inputs,
+                        refusal(m.exp.id, where))
+            for i, m in enumerate(members)
+        ]  # fmt: skip
+        counts = Counts()
+        rows = counts.through(merge(results, ids, rank) if ensemble else results[0])
+        if ensemble and req.top:
+            rows = iter(top_rows(rows, req.top, rank)[0])
+        written, shown = write_output(rows, layout, fmt, out, scratch, stream, preview)
+    finally:
+        safefs.remove_tree(scratch, ignore_errors=True)  # iterative: the container may leave any depth
+    summary = summarise(cores, counts, ensemble, top)
+    summary.update(written=written, format=fmt, columns=layout.header(), out=str(out) if out else STDOUT)
+    if ensemble:
+        summary.update(
+            experiment_ids=ids,
+            study=req.study,
+            rank=str(rank),
+            members=[{"experiment_id": m.exp.id, "backend": m.backend.name, "checkpoint": m.checkpoint,
+                      **{k: c[k] for k in ("rows", "predicted", "errors", "seconds")}}
+                     for m, c in zip(members, cores, strict=True)],
+        )  # fmt: skip
+    else:
+        summary.update(experiment_id=ids[0], checkpoint=members[0].checkpoint, backend=members[0].backend.name)
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    if summary["predicted"] == 0:
+        error = UsageError(
+            f"none of the {summary['rows']} rows could be predicted; each row's reason is in the error column of {where}"
+        )
+        error.document = summary
+        raise error
+    return Predicted(summary, layout, shown)
+
+
+def refusal(eid: str, where: str):
+    def refuse(why: str) -> ExperimentFailed:
+        return ExperimentFailed(f"prediction with {eid} left a result that {why}; nothing was written to {where}")
+
+    return refuse
+
+
+def run_member(workdir: Path, m: Member, folder: Path, source, req: PredictRequest, top, where: str) -> dict:
+    """Run one member's core into `folder` (its result: `folder/RESULT`, unread); its checked summary."""
+    from runner.run.backends import CoreTimeout
     from runner.run.jobs import predict_job
     from runner.run.spec import LABEL_PURPOSE, workdir_identity
 
     started = time.perf_counter()
-    source, out, fmt = check_request(req, workdir)
-    exp, record = succeeded_experiment(workdir, req.experiment_id)
-    ckpt, state = model_files(exp)
-    template_len = state_template_length(exp)
-    plan = vouched_plan(exp, record)
-    limits = Limits.from_resources(plan.resources)
-    models = plan_models(plan, record, workdir)
-    bound = output_bound(source, req.saturation, req.top, template_len)
-    backend = backend or backend_of(record)
-    image, image_id = backend.experiment_image(record)
-    scratch = Path(tempfile.mkdtemp(prefix=".infra-predict-", dir=out.parent))
+    core_args = ["--format", "csv"]
+    core_args += ["--saturation"] if req.saturation else []
+    core_args += ["--top", str(top)] if top else []
+    core_args += ["--source", req.source] if req.source else []
+    job = predict_job(
+        experiment_id=m.exp.id,
+        exp_root=m.exp.root,
+        checkpoint=m.checkpoint,
+        state_files=tuple(m.files),
+        source=source,
+        out_dir=folder,
+        result_name=RESULT,
+        summary_name=SUMMARY,
+        core_args=tuple(core_args),
+        workdir=workdir,
+        labels={LABEL_PURPOSE: "predict"},
+        name=f"infra-predict-{m.exp.id}-{workdir_identity(workdir)[:8]}-{secrets.token_hex(3)}",
+        limits=m.limits,
+        timeout_s=req.timeout_s,
+        models=m.models,
+    ).with_image(*m.image)
     try:
-        result_name = f"result.{fmt}"
-        core_args = ["--format", fmt]
-        core_args += ["--saturation"] if req.saturation else []
-        core_args += ["--top", str(req.top)] if req.top else []
-        core_args += ["--source", req.source] if req.source else []
-        job = predict_job(
-            experiment_id=exp.id,
-            exp_root=exp.root,
-            checkpoint=ckpt,
-            state_files=tuple(state),
-            source=source,
-            out_dir=scratch,
-            result_name=result_name,
-            summary_name=SUMMARY,
-            core_args=tuple(core_args),
-            workdir=workdir,
-            labels={LABEL_PURPOSE: "predict"},
-            name=f"infra-predict-{exp.id}-{workdir_identity(workdir)[:8]}-{secrets.token_hex(3)}",
-            limits=limits,
-            timeout_s=req.timeout_s,
-            models=models,
-        ).with_image(image, image_id)
-        try:
-            output = backend.run_once(job)
-        except KeyboardInterrupt:
-            raise Interrupted(f"prediction with {exp.id} interrupted; nothing was written") from None
-        except CoreTimeout:
-            raise ExperimentFailed(
-                f"prediction with {exp.id} did not finish within {req.timeout_s:g} s (--timeout); "
-                "it was stopped and nothing was written"
-            ) from None
-        summary = _collect(scratch, result_name, out, output.exit_code, output.stderr, exp.id, bound)
-    finally:
-        safefs.remove_tree(scratch, ignore_errors=True)  # iterative: the container may leave any depth
-    summary.update(
-        experiment_id=exp.id,
-        checkpoint=ckpt,
-        backend=backend.name,
-        out=str(out),
-        seconds=round(time.perf_counter() - started, 3),
-    )
-    if summary["predicted"] == 0:
-        error = UsageError(
-            f"none of the {summary['rows']} rows could be predicted; each row's reason is in the error column of {out}"
-        )
-        error.document = summary
-        raise error
+        output = m.backend.run_once(job)
+    except KeyboardInterrupt:
+        raise Interrupted(f"prediction with {m.exp.id} interrupted; nothing was written") from None
+    except CoreTimeout:
+        raise ExperimentFailed(
+            f"prediction with {m.exp.id} did not finish within {req.timeout_s:g} s (--timeout); "
+            f"it was stopped and nothing was written to {where}"
+        ) from None
+    summary = core_summary(folder, output.exit_code, output.stderr, m.exp.id)
+    summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
 
 
-def _collect(scratch: Path, result_name: str, out: Path, code: int, output: str, eid: str, bound: int) -> dict:
-    """Check what the core left in `scratch` (untrusted) and write `out` from it (`deliver`); the summary."""
+def core_summary(folder: Path, code: int, output: str, eid: str) -> dict:
+    """The core's exit and summary (untrusted: shapes checked) as {rows, predicted, errors,
+    errors_by_reason, measured, in_train}; ExperimentFailed when it failed, DataError when it refused its input."""
     from runner.lines import terminal_safe
 
     tail = terminal_safe("\n".join(output.splitlines()[-OUTPUT_TAIL_LINES:]))
@@ -413,11 +540,8 @@ def _collect(scratch: Path, result_name: str, out: Path, code: int, output: str,
             f"prediction with {eid} failed (exit {code}){': ' + reason if reason else ''}", code, tail, reason
         )
     try:
-        summary = json.loads(safefs.read_bytes(scratch, SUMMARY, limit=1 << 20))
-        ok = isinstance(summary, dict) and all(
-            isinstance(summary.get(k), int) and not isinstance(summary.get(k), bool)
-            for k in ("rows", "predicted", "errors")
-        )
+        summary = json.loads(safefs.read_bytes(folder, SUMMARY, limit=1 << 20))
+        ok = isinstance(summary, dict) and all(_count(summary.get(k)) for k in ("rows", "predicted", "errors"))
     except FileNotFoundError:
         if code == EXIT_USAGE:
             raise DataError(reason or f"prediction with {eid} refused its input (exit 2)") from None
@@ -426,146 +550,109 @@ def _collect(scratch: Path, result_name: str, out: Path, code: int, output: str,
         summary, ok = None, False
     if not ok:
         raise ExperimentFailed(f"prediction with {eid} left no usable summary", code, tail)
-    fmt = "parquet" if result_name.endswith("parquet") else "csv"
-    written = deliver(scratch, result_name, out, fmt, bound, eid)
-    if written is None:  # Parquet: the host checks its frame, not its rows
-        written = summary.get("written") if type(summary.get("written")) is int else None
     errors = summary.get("errors_by_reason")
     return {
         "rows": summary["rows"],
         "predicted": summary["predicted"],
         "errors": summary["errors"],
         # the core's reason names (printed by the CLI): plain words only
-        "errors_by_reason": {k: v for k, v in errors.items() if _REASON.fullmatch(str(k)) and type(v) is int}
+        "errors_by_reason": {k: v for k, v in errors.items() if _REASON.fullmatch(str(k)) and _count(v)}
         if isinstance(errors, dict)
         else {},
-        "written": written,
-        "format": fmt,
+        "measured": summary.get("measured") if _count(summary.get("measured")) else None,
+        "in_train": summary.get("in_train") if _count(summary.get("in_train")) else None,
     }
 
 
-def deliver(scratch: Path, result_name: str, out: Path, fmt: str, bound: int, eid: str) -> int | None:
-    """Write `out` as a new file of this process's from the core's result (never that file itself).
+def _count(value) -> bool:
+    return type(value) is int and value >= 0
 
-    The result is opened without following links or blocking and must be a regular file of at most
-    `bound` bytes; a CSV must have infra's header and four cells a row, with a number or nothing as
-    the prediction, and cells that start a spreadsheet formula get a leading `'`; a Parquet file must
-    begin and end with its magic. The new file (mode 0644 & ~umask) is written beside `out` and
-    renamed into place, or removed on any failure. Returns the CSV's data rows (None for Parquet).
-    """
 
-    def refuse(why: str) -> ExperimentFailed:
-        return ExperimentFailed(f"prediction with {eid} left a result that {why}; nothing was written to {out}")
+class Counts:
+    """Rows, predicted rows and flags counted as the rows stream past (before --top keeps some)."""
 
+    def __init__(self):
+        self.rows = self.predicted = self.measured = self.in_train = 0
+        self.flagged = False  # whether any row could tell measured/in_train
+
+    def through(self, rows: Iterator[Row]) -> Iterator[Row]:
+        for row in rows:
+            self.rows += 1
+            self.predicted += row.prediction is not None
+            if row.measured is not None:
+                self.flagged = True
+                self.measured += row.measured
+            self.in_train += bool(row.in_train)
+            yield row
+
+
+def summarise(cores: list[dict], counts: Counts, ensemble: bool, top) -> dict:
+    """The summary's counts: the core's for one model (its --top saw every row; the host only the N
+    kept), the host's own over the merged rows for an ensemble (errors_by_reason: the first member's)."""
+    first = cores[0]
+    if not ensemble:
+        return {k: first[k] for k in ("rows", "predicted", "errors", "errors_by_reason", "measured", "in_train")}
+    if counts.rows != first["rows"]:
+        raise ExperimentFailed(
+            f"the members' results have {counts.rows:,} rows where their summaries say {first['rows']:,}; "
+            "nothing was written"
+        )
+    return {
+        "rows": counts.rows,
+        "predicted": counts.predicted,
+        "errors": counts.rows - counts.predicted,
+        "errors_by_reason": first["errors_by_reason"],
+        "measured": counts.measured if counts.flagged else None,
+        "in_train": counts.in_train if counts.flagged else None,  # rows at least one member trained on
+    }
+
+
+def write_output(rows, layout: Layout, fmt: str, out: Path | None, scratch: Path, stream, preview: int):
+    """Write `rows` as a new file of this process's (mode 0644 & ~umask) beside `out`, renamed into
+    place once complete; for stdout (`out` None) into `scratch`, then copied to `stream` (only once
+    every row passed its checks: nothing half-written). (rows written, the first `preview` rows)."""
+    target = out if out is not None else scratch / f"output.{fmt}"
+    shown: list[Row] = []
+    written = 0
+    if out is None and stream is None:  # a terminal's table only: no file to make
+        for row in rows:
+            written += 1
+            if len(shown) < preview:
+                shown.append(row)
+        return written, shown
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
-        # scratch is this process's own 0700 folder (the mount point: the core cannot replace it)
-        fd = os.open(scratch / result_name, safefs.READ_FLAGS)
-    except FileNotFoundError:
-        raise refuse("is missing") from None
-    except OSError as exc:  # ELOOP: a symbolic link
-        raise refuse(f"cannot be opened as a file ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as src:
-        st = os.fstat(src.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise refuse(f"is {safefs._kind(st.st_mode)}")
-        if st.st_size > bound:
-            raise refuse(f"has {st.st_size:,} bytes, more than the {bound:,} its input can give")
-        bounded = io.BufferedReader(_Capped(src, bound), COPY_CHUNK)
-        tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
-        dst_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            with os.fdopen(dst_fd, "wb") as dst:
-                rows = _copy_csv(bounded, dst, refuse) if fmt == "csv" else _copy_parquet(bounded, dst, refuse)
-                dst.flush()
-                os.fsync(dst.fileno())
+        with os.fdopen(fd, "wb") as fh:
+            writer = writer_for(fmt, fh, layout)
+            for row in rows:
+                writer.write(row)
+                written += 1
+                if len(shown) < preview:
+                    shown.append(row)
+            writer.close()
+            fh.flush()
+            if out is not None:
+                os.fsync(fh.fileno())
+        if out is not None:
             os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    return rows
+        else:
+            with open(tmp, "rb") as src:
+                shutil.copyfileobj(src, stream, COPY_CHUNK)
+            stream.flush()
+    finally:
+        tmp.unlink(missing_ok=True)
+    return written, shown
 
 
-class _Capped(io.RawIOBase):
-    """A raw reader over `src` that fails once more than `limit` bytes came through (the file could
-    still grow after it was measured, e.g. by a process the core left behind)."""
-
-    def __init__(self, src, limit: int):
-        self.src, self.left = src, limit
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        data = self.src.read(min(len(buffer), self.left + 1))
-        if len(data) > self.left:
-            raise ExperimentFailed("the prediction's result grew past its size limit while it was read")
-        self.left -= len(data)
-        buffer[: len(data)] = data
-        return len(data)
+def deliver(scratch: Path, result_name: str, out: Path, fmt: str, bound: int, eid: str, inputs=()) -> int:
+    """Write `out` as a new file of this process's from one core's CSV result (never that file itself):
+    every row checked (`read_result`), formula cells neutralised, renamed into place or nothing
+    written. The number of data rows."""
+    refuse = refusal(eid, str(out))
+    rows = read_result(open_result(scratch, result_name, bound, refuse), tuple(inputs), refuse)
+    written, _ = write_output(rows, Layout(tuple(inputs)), fmt, out, scratch, None, 0)
+    return written
 
 
 _REASON = re.compile(r"[a-z_]{1,32}")
-
-
-def _neutral(cell: str) -> str:
-    """A text cell a spreadsheet would run as a formula, prefixed with a quote (OWASP's advice)."""
-    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
-
-
-def _quoted(cell: str) -> str:
-    return '"' + _neutral(cell).replace('"', '""') + '"'
-
-
-def _copy_csv(src, dst, refuse) -> int:
-    """infra's four-column CSV from `src` to `dst`, re-written cell by cell; the number of data rows.
-
-    As the core writes it: text cells always quoted (so a line break or a comma inside one stays
-    inside it), the prediction a bare number (Python's shortest repr of the parsed float) or nothing.
-    """
-    text = io.TextIOWrapper(src, encoding="utf-8", errors="strict", newline="")
-    sink = io.TextIOWrapper(dst, encoding="utf-8", newline="", write_through=False)
-    saved = csv.field_size_limit()
-    csv.field_size_limit(sys.maxsize)  # the whole file is bounded already; a mutant's text may be long
-    rows = 0
-    try:
-        reader = csv.reader(text, strict=True)
-        if next(reader, None) != CSV_HEADER:
-            raise refuse(f"is not infra's prediction table (its header is not {','.join(CSV_HEADER)})")
-        sink.write(",".join(_quoted(c) for c in CSV_HEADER) + "\n")
-        for row in reader:
-            rows += 1
-            if len(row) != 4:
-                raise refuse(f"is not infra's prediction table (data row {rows} has {len(row)} cells, not 4)")
-            mutant, sequence, prediction, error = row
-            try:
-                prediction = repr(float(prediction)) if prediction else ""
-            except ValueError:
-                raise refuse(
-                    f"is not infra's prediction table (data row {rows}: the prediction is not a number)"
-                ) from None
-            sink.write(f"{_quoted(mutant)},{_quoted(sequence)},{prediction},{_quoted(error)}\n")
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise refuse(f"is not a UTF-8 CSV ({type(exc).__name__} near data row {rows})") from None
-    finally:
-        csv.field_size_limit(saved)
-    sink.flush()
-    sink.detach()
-    return rows
-
-
-PARQUET_MAGIC = b"PAR1"
-
-
-def _copy_parquet(src, dst, refuse) -> None:
-    """The Parquet file's bytes from `src` to `dst`, checked to begin and end with Parquet's magic."""
-    head = src.read(len(PARQUET_MAGIC))
-    if head != PARQUET_MAGIC:
-        raise refuse("is not a Parquet file (no PAR1 magic at its start)")
-    dst.write(head)
-    tail = head
-    while chunk := src.read(COPY_CHUNK):
-        dst.write(chunk)
-        tail = (tail + chunk)[-len(PARQUET_MAGIC) :]
-    if dst.tell() < 3 * len(PARQUET_MAGIC) or tail != PARQUET_MAGIC:
-        raise refuse("is not a complete Parquet file (no PAR1 magic at its end)")
-    return None

