@@ -171,6 +171,11 @@ def _run_one(loaded, wd: Path, opts, source: str, view: RunView, *, events: bool
     finally:
         view.stop()
     doc = {**outcome.to_dict(), **metrics_summary(outcome.exp_dir), **outcome_summary(outcome.exp_dir)}
+    if loaded.plan.tracking is not None:
+        from runner.run.records import Experiment
+        from runner.run.tracking import tracked_url
+
+        doc["mlflow_run_url"] = tracked_url(Experiment(outcome.exp_dir), outcome.record)
     if events:
         emit_event({"event": "result", **doc})
     elif json_out:
@@ -186,6 +191,8 @@ def _run_one(loaded, wd: Path, opts, source: str, view: RunView, *, events: bool
         test = doc.get("test") or {}
         shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
         say(f"experiment {eid} succeeded{': test ' + shown if shown else ''} ({outcome.exp_dir})")
+    if doc.get("mlflow_run_url") and not opts.detach:
+        say(f"MLflow run: {doc['mlflow_run_url']}")
     if not (json_out or events) and opts.detach:
         echo(eid)
 

@@ -434,8 +434,14 @@ def _archive_outputs(exp: Experiment, attempt: int) -> None:
 
 
 def follow(exp: Experiment, backend: Backend, opts: RunOptions, attached: bool = False) -> RunOutcome:
-    """Stream the training's output until it ends; Ctrl-C stops it gracefully and records `cancelled`."""
+    """Stream the training's output until it ends; Ctrl-C stops it gracefully and records `cancelled`.
+
+    With a tracking section, the run is logged to MLflow live while it goes (`runner.run.tracking_live`).
+    """
+    from runner.run import tracking_live
+
     record = exp.read()
+    tracking_live.begin(exp, record)
     try:
         record = backend.follow(exp, record, opts.on_log)
     except KeyboardInterrupt:
@@ -444,6 +450,8 @@ def follow(exp: Experiment, backend: Backend, opts: RunOptions, attached: bool =
         raise _with_record(
             Interrupted(f"experiment {exp.id} interrupted: stopped and marked {record['state']}"), record
         ) from None
+    finally:
+        tracking_live.end(exp)  # not finalised here (another reader did, or it failed): its client goes
     opts.on_event(
         {"event": "state", "experiment_id": exp.id, "state": record["state"], "exit_code": record.get("exit_code")}
     )

@@ -226,7 +226,14 @@ class Slot:
         doc = {**request, "seq": self.seq, "experiment_id": exp.id, "exp_dir": self.process.stage(exp)}
         safefs.write_atomic(self.dir / "control", slot_point_file(self.seq), json.dumps(doc).encode(), mode=0o644)
         self.begin = f"{SLOT_MARK} begin {self.seq} {exp.id}".encode()
-        self.on_begin = on_begin
+
+        def begun() -> None:
+            on_begin()  # the record says running, with its start time
+            from runner.run import tracking_live
+
+            tracking_live.begin(exp)  # the end (`lanes._final`) takes it; the study's lane ends what is left
+
+        self.on_begin = begun
         return self.run_rest(on_line)
 
     def run_rest(self, on_line: Callable[[bytes], None]) -> PointEnd:

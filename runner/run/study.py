@@ -251,6 +251,8 @@ class Study:
             return None
 
     def _lane_worker(self, lane: Lane) -> None:
+        from runner.run import tracking_live
+
         try:
             while (i := self._next()) is not None:
                 target, result = self.targets[i], self.results[i]
@@ -282,6 +284,7 @@ class Study:
                     self.error = self.error or error
                     result.state, result.exit_code, result.message = "error", error.exit_code, error.message
                 finally:
+                    tracking_live.end(target.exp)  # a live MLflow client no final record took (it failed)
                     self._finish_result(result)
         finally:
             lane.close()

@@ -17,6 +17,8 @@ the run's state or exit code.
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import importlib.util
 import json
 import logging
@@ -56,6 +58,25 @@ METRICS_PER_BATCH = 1000
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 PLOT_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}\.png$")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DB_HASH_LIMIT = 16 << 30  # sha256 reads ~0.5-1 GiB/s: at most half a minute per database version
+# Files of the experiment logged as artifacts: (path, MLflow artifact folder, size cap). Beyond the cap
+# a file is skipped with a warning and named in the `infra.artifacts_skipped` tag.
+ARTIFACT_FILES = (
+    ("config/plan.json", "config", 16 << 20),
+    ("metrics/metrics.json", "metrics", 16 << 20),
+    ("metrics/metrics.jsonl", "metrics", METRICS_LINES_LIMIT),
+    ("artifacts/predictions.parquet", "predictions", 256 << 20),
+    ("artifacts/predictions.csv", "predictions", 256 << 20),
+    ("logs/train.log", "logs", 64 << 20),
+    ("container.log", "logs", 64 << 20),  # the host's copy of the output (host-written, capped there too)
+)
+MODEL_FILE_LIMIT = 2 << 30  # one file of the MLflow model (a checkpoint)
+MODEL_CODE = Path(__file__).resolve().parent.parent / "core" / "mlflow_model.py"
+BUILTIN = {  # components whose code is infra's own; anything else is a workdir plugin (no MLflow model)
+    "model": {"ridge", "linear", "mlp", "cnn", "ge"},
+    "embeddings": {"onehot", "blosum62"},  # plm needs the node's model store: no MLflow model
+    "vocab": {"IUPAC"},
+}
 
 
 def client_installed() -> bool:
@@ -122,8 +143,22 @@ def refused_server(uri: str, allowed: tuple[str, ...]) -> str | None:
 def track_finished(exp: Experiment, record: dict) -> str | None:
     """Log the finished attempt `record` of `exp` when its plan has a tracking section; the MLflow run id.
 
-    Never raises for a tracking problem: it is reported as a warning and a `tracking_failed` event.
+    The attempt's live run (`runner.run.tracking_live`: this process followed it) gets the final
+    payload; without one, the run its `tracking_started` event names (a follower that went away) or
+    a new run is logged post-hoc. Never raises for a tracking problem: it is reported as a warning
+    and a `tracking_failed` event.
     """
+    from runner.run import tracking_live
+
+    live = tracking_live.take(exp, record)
+    try:
+        return _track_finished(exp, record, live)
+    finally:
+        if live is not None:
+            live.close()
+
+
+def _track_finished(exp: Experiment, record: dict, live) -> str | None:
     if record.get("state") not in TRACKED_STATES:
         return None
     try:
@@ -144,16 +179,47 @@ def track_finished(exp: Experiment, record: dict) -> str | None:
         refusal = exc.message
     if refusal is None:
         try:
-            run_id = _log_attempt(exp, record, plan, uri, name, settings.tracking_timeout)
+            done = _log_attempt(exp, record, plan, uri, name, settings.tracking_timeout, live=live, resume=True)
         except Exception as exc:  # noqa: BLE001 - any client/server failure is reported, never raised
             refusal = _error_text(exc)
     if refusal is not None:
         log.warning("%s: not logged to MLflow at %s (the run's outcome is unchanged): %s", exp.id, uri, refusal)
         exp.event("tracking_failed", mlflow_uri=uri, error=refusal)
         return None
-    exp.event("tracked", mlflow_uri=uri, mlflow_experiment=name, run_id=run_id)
-    log.info("%s: logged to MLflow at %s (run %s)", exp.id, uri, run_id)
-    return run_id
+    _record_tracked(exp, record, uri, name, done)
+    log.info("%s: logged to MLflow at %s (run %s)", exp.id, uri, done["run_id"])
+    return done["run_id"]
+
+
+def _record_tracked(exp: Experiment, record: dict, uri: str, name: str, done: dict) -> None:
+    exp.event("tracked", attempt=record.get("attempt"), mlflow_uri=uri, mlflow_experiment=name,
+              mlflow_experiment_id=done.get("experiment_id"), run_id=done["run_id"],
+              url=run_url(uri, done.get("experiment_id"), done["run_id"]))  # fmt: skip
+
+
+def run_url(uri: str, experiment_id: str | None, run_id: str) -> str | None:
+    """The MLflow UI's page of a run: `<uri>/#/experiments/<experiment id>/runs/<run id>`."""
+    if not experiment_id:
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def tracked_url(exp: Experiment, record: dict) -> str | None:
+    """The URL of the MLflow run the attempt `record` was last logged to (its host events), else None."""
+    url = None
+    for event in exp.events():
+        if event.get("event") == "tracked" and event.get("attempt") in (None, record.get("attempt")):
+            url = event.get("url") if isinstance(event.get("url"), str) else None
+    return url
+
+
+def live_run_id(exp: Experiment, record: dict) -> str | None:
+    """The MLflow run a live client created for the attempt `record` (its `tracking_started` event)."""
+    found = None
+    for event in exp.events():
+        if event.get("event") == "tracking_started" and event.get("attempt") == record.get("attempt"):
+            found = event
+    return str(found["run_id"]) if found and isinstance(found.get("run_id"), str) else None
 
 
 def track_again(exp: Experiment, record: dict, uri: str | None = None, experiment: str | None = None) -> dict:
@@ -194,14 +260,22 @@ def track_again(exp: Experiment, record: dict, uri: str | None = None, experimen
     if server_address(spec.mlflow_uri) is None:
         raise UsageError(f"--mlflow-uri {spec.mlflow_uri}: the server must be a plain host[:port]")
     name = spec.experiment or plan["name"]
+    # the live run of an attempt never finished (its follower went away) is completed, not duplicated
+    resume = uri is None and experiment is None and not _was_tracked(exp, record)
     try:
-        run_id = _log_attempt(exp, record, plan, spec.mlflow_uri, name, node_settings().tracking_timeout)
+        done = _log_attempt(exp, record, plan, spec.mlflow_uri, name, node_settings().tracking_timeout, resume=resume)
     except Exception as exc:  # noqa: BLE001 - reported as the command's error
         error = _error_text(exc)
         exp.event("tracking_failed", mlflow_uri=spec.mlflow_uri, error=error)
         raise EnvironmentProblem(f"experiment {exp.id} not logged to MLflow at {spec.mlflow_uri}: {error}") from None
-    exp.event("tracked", mlflow_uri=spec.mlflow_uri, mlflow_experiment=name, run_id=run_id)
-    return {"experiment_id": exp.id, "mlflow_uri": spec.mlflow_uri, "mlflow_experiment": name, "run_id": run_id}
+    _record_tracked(exp, record, spec.mlflow_uri, name, done)
+    return {"experiment_id": exp.id, "mlflow_uri": spec.mlflow_uri, "mlflow_experiment": name,
+            "run_id": done["run_id"], "mlflow_run_url": run_url(spec.mlflow_uri, done.get("experiment_id"),
+                                                                  done["run_id"])}  # fmt: skip
+
+
+def _was_tracked(exp: Experiment, record: dict) -> bool:
+    return any(e.get("event") == "tracked" and e.get("attempt") in (None, record.get("attempt")) for e in exp.events())
 
 
 def verified_plan(exp: Experiment, record: dict) -> dict | None:
@@ -233,49 +307,78 @@ def _error_text(exc: Exception) -> str:
     return " ".join(text.split())[:300]
 
 
-def _log_attempt(exp: Experiment, record: dict, plan: dict, uri: str, experiment_name: str, timeout: int) -> str:
-    """Log one attempt in a child process given `timeout` seconds in all; the MLflow run id.
+def _log_attempt(
+    exp: Experiment, record: dict, plan: dict, uri: str, experiment_name: str, timeout: int, live=None, resume=False
+) -> dict:
+    """Log one attempt in a child process given `timeout` seconds in all; {"run_id", "experiment_id"}.
 
     Everything is read from the experiment here (through safefs, capped); the child gets plain data
     in a private folder and only talks to the server. A thread could not be stopped in the middle of
-    a read that a server answers one byte at a time; a process can be killed.
+    a read that a server answers one byte at a time; a process can be killed. `live`: the attempt's
+    live client (it logs into its own run); `resume`: without one, log into the run a live client
+    created for this attempt (its `tracking_started` event) when there is one.
     """
-    tags = {
-        "mlflow.runName": exp.id,
-        "infra.experiment_id": exp.id,
-        "infra.state": record["state"],
-        "infra.attempt": str(record.get("attempt")),
-        "infra.backend": str(record.get("backend")),
-        "infra.exit_code": str(record.get("exit_code")),
+    started, ended = _attempt_times(record)
+    end_ms = ended or int(time.time() * 1000)
+    tags = run_tags(exp, record, live=False)
+    metrics = [[k, v, end_ms, step] for step, k, v in epoch_metrics(exp)]
+    metrics += [[k, v, end_ms, 0] for k, v in final_metrics(exp).items()]
+    payload = {
+        "uri": uri,
+        "experiment": experiment_name,
+        "tags": tags,
+        "params": run_params(plan, record),
+        "metrics": metrics,
+        "tracked_by": f"infra {__version__}",
+        "status": TRACKED_STATES[record["state"]],
+        "timeout": timeout,
+        "start_time": started,
+        "end_time": ended,
+        "run_id": live_run_id(exp, record) if resume and live is None else None,
     }
-    if kept := kept_tag(exp):
-        tags["infra.kept"] = kept
-    now = int(time.time() * 1000)
-    metrics = [[k, v, now, step] for step, k, v in epoch_metrics(exp)]
-    metrics += [[k, v, now, 0] for k, v in final_metrics(exp).items()]
     with tempfile.TemporaryDirectory(prefix="infra-track-") as tmp:
-        folder = Path(tmp)
-        (folder / "plots").mkdir()
-        names = []
-        for name, data in plots(exp):
-            (folder / "plots" / name).write_bytes(data)
-            names.append(name)
-        payload = {
-            "uri": uri,
-            "experiment": experiment_name,
-            "tags": tags,
-            "params": run_params(plan, record),
-            "metrics": metrics,
-            "plots": names,
-            "tracked_by": f"infra {__version__}",
-            "status": TRACKED_STATES[record["state"]],
-            "timeout": timeout,
-        }
+        folder = live.folder if live is not None else Path(tmp)
+        payload["artifacts"], skipped = copy_artifacts(exp, folder / "files")
+        payload["model"], why_not = model_source(exp, record, plan, folder / "model-src")
+        tags["infra.model_logged"] = "yes" if payload["model"] else f"no: {why_not}"
+        if skipped:
+            tags["infra.artifacts_skipped"] = "; ".join(skipped)[:PARAM_VALUE_LIMIT]
+        if live is not None:
+            return live.finish(payload, timeout)
         (folder / "payload.json").write_text(json.dumps(payload), encoding="utf-8")
         return _run_client(folder, timeout)
 
 
-def _run_client(folder: Path, timeout: int) -> str:
+def _attempt_times(record: dict) -> tuple[int | None, int | None]:
+    """The attempt's start and end in ms since the epoch, from the (host-written) record."""
+    from datetime import datetime
+
+    out = []
+    for key in ("started_at", "finished_at"):
+        try:
+            out.append(int(datetime.fromisoformat(str(record.get(key)).replace("Z", "+00:00")).timestamp() * 1000))
+        except ValueError:
+            out.append(None)
+    return out[0], out[1]
+
+
+def run_tags(exp: Experiment, record: dict, live: bool) -> dict[str, str]:
+    """The run's tags; a live run's (made while the attempt runs) lack what only its end knows."""
+    tags = {
+        "mlflow.runName": exp.id,
+        "infra.experiment_id": exp.id,
+        "infra.attempt": str(record.get("attempt")),
+        "infra.backend": str(record.get("backend")),
+    }
+    if live:
+        return tags
+    tags.update({"infra.state": record["state"], "infra.exit_code": str(record.get("exit_code"))})
+    if kept := kept_tag(exp):
+        tags["infra.kept"] = kept
+    return tags
+
+
+def _run_client(folder: Path, timeout: int) -> dict:
     """Run `_client_main` on `folder` and wait for its result at most `timeout` s after it is ready."""
     code = "import sys; from runner.run.tracking import _client_main; _client_main(sys.argv[1])"
     with (folder / "client.log").open("wb") as client_log:
@@ -311,7 +414,7 @@ def _run_client(folder: Path, timeout: int) -> str:
     doc = json.loads(result)
     if "run_id" not in doc:
         raise ClientFailed(str(doc.get("error")))
-    return str(doc["run_id"])
+    return doc
 
 
 class _Lines:
@@ -338,6 +441,18 @@ class _Lines:
         return line.decode("utf-8", "replace")
 
 
+def _open_client(uri: str):
+    """An MlflowClient for `uri` with bounded requests (the node's own MLFLOW_HTTP_* choice wins)."""
+    # MLflow's client retries 7 times over minutes by default
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(REQUEST_RETRIES))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ["MLFLOW_UV_AUTO_DETECT"] = "false"  # save_model must not run `uv export` in our folder
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
 def _client_main(folder: str) -> None:
     """The MLflow client's process: log `folder/payload.json`, print "ready", then one JSON result line.
 
@@ -345,51 +460,89 @@ def _client_main(folder: str) -> None:
     """
     result = os.fdopen(os.dup(1), "w")
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    # MLflow's client retries 7 times over minutes by default; the node's own choice wins
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(REQUEST_RETRIES))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    from mlflow.tracking import MlflowClient
-
     payload = json.loads((Path(folder) / "payload.json").read_text(encoding="utf-8"))
-    client = MlflowClient(tracking_uri=payload["uri"])
+    client = _open_client(payload["uri"])
     result.write("ready\n")
     result.flush()
     signal.alarm(int(payload["timeout"]) + 10)  # ends this process should its parent be gone
     try:
-        doc = {"run_id": _send(client, payload, Path(folder))}
+        doc = _send(client, payload, Path(folder), run_id=payload.get("run_id"))
     except Exception as exc:  # noqa: BLE001 - the parent reports it
         doc = {"error": _error_text(exc)}
     result.write(json.dumps(doc) + "\n")
     result.flush()
 
 
-def _send(client, payload: dict, folder: Path) -> str:
+def _experiment_id(client, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created meanwhile by another finalising runner
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def _send(client, payload: dict, folder: Path, run_id=None, experiment_id=None, logged=None) -> dict:
+    """Log `payload` into run `run_id` (a live run: `logged` holds what it already has) or a new run;
+    {"run_id", "experiment_id"}."""
     from mlflow.entities import Metric, Param
     from mlflow.exceptions import MlflowException
 
-    name = payload["experiment"]
-    found = client.get_experiment_by_name(name)
-    if found is None:
+    if run_id is not None and experiment_id is None:  # a live run whose follower went away
         try:
-            experiment_id = client.create_experiment(name)
-        except MlflowException:  # created meanwhile by another finalising runner
-            found = client.get_experiment_by_name(name)
-            if found is None:
-                raise
-            experiment_id = found.experiment_id
+            found = client.get_run(run_id)
+        except MlflowException:  # removed from the server meanwhile: a new run
+            run_id = None
+        else:
+            experiment_id = found.info.experiment_id
+            logged = {(m.key, m.step): m.value for key in {m[0] for m in payload["metrics"]}
+                      for m in client.get_metric_history(run_id, key)}  # fmt: skip
+    if run_id is None:
+        experiment_id = _experiment_id(client, payload["experiment"])
+        run_id = client.create_run(experiment_id, start_time=payload["start_time"], tags=payload["tags"]).info.run_id
     else:
-        experiment_id = found.experiment_id
-    run_id = client.create_run(experiment_id, tags=payload["tags"]).info.run_id
+        client.log_batch(run_id, tags=[_tag(k, v) for k, v in payload["tags"].items()])
+    logged = logged or {}
     for chunk in _chunks([Param(k, v) for k, v in payload["params"].items()], PARAMS_PER_BATCH):
         client.log_batch(run_id, params=chunk)
-    for chunk in _chunks([Metric(*m) for m in payload["metrics"]], METRICS_PER_BATCH):
+    metrics = [Metric(*m) for m in payload["metrics"] if logged.get((m[0], m[3])) != m[1]]
+    for chunk in _chunks(metrics, METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=chunk)
-    for plot in payload["plots"]:
-        client.log_artifact(run_id, str(folder / "plots" / plot), artifact_path="plots")
+    for rel, artifact_path in payload["artifacts"]:
+        client.log_artifact(run_id, str(folder / "files" / rel), artifact_path=artifact_path)
+    if payload.get("model"):
+        client.log_artifacts(run_id, _save_model(folder, payload["model"]), artifact_path="model")
     client.set_tag(run_id, "infra.tracked_by", payload["tracked_by"])
-    client.set_terminated(run_id, status=payload["status"])
-    return run_id
+    client.set_terminated(run_id, status=payload["status"], end_time=payload.get("end_time"))
+    return {"run_id": run_id, "experiment_id": experiment_id}
+
+
+def _tag(key: str, value: str):
+    from mlflow.entities import RunTag
+
+    return RunTag(key, value)
+
+
+def _save_model(folder: Path, model: dict) -> str:
+    """Save the experiment's files as an MLflow pyfunc model (models from code: the wrapper file is
+    infra's own, runner/core/mlflow_model.py); the folder to log. No requirement is inferred: that
+    would load the model (torch, the checkpoint) in this process's child."""
+    import mlflow.pyfunc
+
+    out = folder / "model"
+    mlflow.pyfunc.save_model(
+        str(out),
+        python_model=model["code"],
+        artifacts={"experiment": str(folder / "model-src")},
+        pip_requirements=model["requirements"],
+    )
+    return str(out)
 
 
 def _chunks(items: list, size: int):
@@ -417,7 +570,41 @@ def run_params(plan: dict, record: dict) -> dict[str, str]:
             "infra.host": str(record.get("host")),
         }
     )
+    container_db = params.get("data.db")
+    host_db = record.get("db")
+    if isinstance(host_db, str):  # the host's file, as the record (host-only) names it
+        params["data.db"] = host_db[:PARAM_VALUE_LIMIT]
+        if container_db and container_db != host_db:
+            params["data.db_in_run"] = container_db
+        params["data.db_sha256"] = db_sha256(Path(host_db))
     return params
+
+
+_DB_HASHES: dict[tuple, str] = {}
+
+
+def db_sha256(path: Path) -> str:
+    """The sha256 of the database file, or why there is none. Computed once per file version in this
+    process (a study's points share it; keyed by device, inode, size and mtime) and only up to
+    `DB_HASH_LIMIT` bytes: a bigger file is named by its size instead of read for minutes."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return f"not computed: {exc.strerror}"
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _DB_HASHES:
+        return _DB_HASHES[key]
+    if st.st_size > DB_HASH_LIMIT:
+        return f"not computed: {st.st_size} bytes, more than the {DB_HASH_LIMIT} bytes infra hashes"
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        return f"not computed: {exc.strerror}"
+    _DB_HASHES[key] = digest.hexdigest()
+    return _DB_HASHES[key]
 
 
 def _number(value) -> float | None:
@@ -425,6 +612,25 @@ def _number(value) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def epoch_values(doc) -> list[tuple[int, str, float]]:
+    """(epoch, name, value) of one untrusted epoch record: an object with an integer `epoch`, plain
+    names, finite numbers (`val: {m: x}` as `val_m`); nothing for anything else."""
+    epoch = doc.get("epoch") if isinstance(doc, dict) else None
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch < MAX_EPOCHS_LOGGED:
+        return []
+    values = {k: doc[k] for k in doc if k not in ("epoch", "step")}
+    nested = values.pop("val", None)
+    if isinstance(nested, dict):
+        for k, v in nested.items():
+            values.setdefault(f"val_{k}", v)
+    out = []
+    for name, value in values.items():
+        number = _number(value)
+        if number is not None and NAME_RE.match(str(name)):
+            out.append((epoch, str(name), number))
+    return out
 
 
 def epoch_metrics(exp: Experiment) -> list[tuple[int, str, float]]:
@@ -436,28 +642,15 @@ def epoch_metrics(exp: Experiment) -> list[tuple[int, str, float]]:
         data = safefs.read_bytes(exp.root, "metrics/metrics.jsonl", limit=METRICS_LINES_LIMIT)
     except FileNotFoundError:
         return []
-    by_epoch: dict[int, dict] = {}
+    by_epoch: dict[int, list] = {}
     for line in data.decode("utf-8", errors="replace").splitlines():
         try:
-            doc = json.loads(line)
+            values = epoch_values(json.loads(line))
         except ValueError:
             continue
-        epoch = doc.get("epoch") if isinstance(doc, dict) else None
-        if isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch < MAX_EPOCHS_LOGGED:
-            by_epoch[epoch] = doc  # a resumed attempt repeats an epoch: its last record holds
-    out = []
-    for epoch in sorted(by_epoch):
-        doc = by_epoch[epoch]
-        values = {k: doc[k] for k in doc if k not in ("epoch", "step")}
-        nested = values.pop("val", None)
-        if isinstance(nested, dict):
-            for k, v in nested.items():
-                values.setdefault(f"val_{k}", v)
-        for name, value in values.items():
-            number = _number(value)
-            if number is not None and NAME_RE.match(str(name)):
-                out.append((epoch, str(name), number))
-    return out
+        if values:
+            by_epoch[values[0][0]] = values  # a resumed attempt repeats an epoch: its last record holds
+    return [value for epoch in sorted(by_epoch) for value in by_epoch[epoch]]
 
 
 def final_metrics(exp: Experiment) -> dict[str, float]:
@@ -510,3 +703,115 @@ def plots(exp: Experiment) -> list[tuple[str, bytes]]:
         if data.startswith(PNG_MAGIC):
             out.append((name, data))
     return out
+
+
+def _copy_capped(exp: Experiment, rel: str, dest: Path, limit: int) -> None:
+    """Copy the regular file `exp.root/rel` to `dest` (links refused), streaming; TooLarge past `limit`."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with safefs.open_read(exp.root, rel) as src, dest.open("wb") as out:
+        size = os.fstat(src.fileno()).st_size
+        if size > limit:
+            raise safefs.TooLarge(f"{rel}: {size} bytes, more than the {limit} bytes logged")
+        copied = 0
+        while chunk := src.read(min(1 << 20, limit + 1 - copied)):
+            copied += len(chunk)
+            if copied > limit:  # grew while being read
+                raise safefs.TooLarge(f"{rel}: more than the {limit} bytes logged")
+            out.write(chunk)
+
+
+def copy_artifacts(exp: Experiment, dest: Path) -> tuple[list[list[str]], list[str]]:
+    """Copy the files logged as artifacts into `dest`; ([[path under dest, artifact folder]], skipped).
+
+    Missing files are left out; a file that is not regular or too large is skipped with a warning.
+    """
+    out, skipped = [], []
+    for rel, folder, limit in ARTIFACT_FILES:
+        name = rel.rsplit("/", 1)[-1]
+        try:
+            _copy_capped(exp, rel, dest / folder / name, limit)
+        except FileNotFoundError:
+            continue
+        except (safefs.Tampered, safefs.TooLarge, OSError) as exc:
+            (dest / folder / name).unlink(missing_ok=True)
+            reason = getattr(exc, "message", None) or str(exc)
+            log.warning("%s: %s not logged to MLflow: %s", exp.id, rel, reason)
+            skipped.append(f"{rel}: {reason}")
+            continue
+        out.append([f"{folder}/{name}", folder])
+    for name, data in plots(exp):
+        (dest / "plots").mkdir(parents=True, exist_ok=True)
+        (dest / "plots" / name).write_bytes(data)
+        out.append([f"plots/{name}", "plots"])
+    return out, skipped
+
+
+def model_files() -> tuple[str, ...] | None:
+    """`MODEL_FILES` of runner/core/mlflow_model.py, read from its source (the host imports no core
+    module): a tuple of strings, names of the module's other string/tuple constants and `*NAME`s
+    resolved; None when the file or the constant is missing or not that plain."""
+    try:
+        tree = ast.parse(MODEL_CODE.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError):
+        return None
+    known: dict[str, object] = {}
+
+    def value(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in known:
+            return known[node.id]
+        if isinstance(node, ast.Tuple | ast.List):
+            out: list[str] = []
+            for item in node.elts:
+                inner = value(item.value if isinstance(item, ast.Starred) else item)
+                out += list(inner) if isinstance(item, ast.Starred) and isinstance(inner, tuple) else [inner]
+            return tuple(out) if all(isinstance(x, str) for x in out) else None
+        return None
+
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            known[node.targets[0].id] = value(node.value)
+    files = known.get("MODEL_FILES")
+    return files if isinstance(files, tuple) and files else None
+
+
+def model_requirements() -> list[str]:
+    """What the model needs to be loaded: infra's `core` extra, as installed here (markers dropped)."""
+    import importlib.metadata
+
+    try:
+        requires = importlib.metadata.requires("infra") or []
+    except importlib.metadata.PackageNotFoundError:
+        requires = []
+    core = [r.split(";", 1)[0].strip() for r in requires if 'extra == "core"' in r]
+    return core or ["torch", "lightning", "numpy", "pandas", "pyarrow"]
+
+
+def model_source(exp: Experiment, record: dict, plan: dict, dest: Path) -> tuple[dict | None, str]:
+    """Copy what the MLflow model needs into `dest`; ({"code", "requirements"}, "") or (None, why not)."""
+    if record.get("state") != "succeeded":
+        return None, f"the attempt {record.get('state')}"
+    for section, names in BUILTIN.items():
+        name = (plan.get(section) or {}).get("name") if isinstance(plan.get(section), dict) else None
+        if name == "plm":
+            return None, "the plm embedding needs the node's model store"
+        if name is not None and name not in names:
+            return None, f"{section} {str(name)[:64]!r} is a workdir plugin (its code is not part of infra)"
+    files = model_files()
+    if files is None:
+        return None, f"the MLflow model wrapper {MODEL_CODE.name} is not installed with this infra"
+    copied = []
+    for rel in files:
+        if rel.startswith("ckpts/") and any(c.startswith("ckpts/") for c in copied):
+            continue  # one checkpoint: the first listed that exists (best, else last), as `infra predict`
+        try:
+            _copy_capped(exp, rel, dest / rel, MODEL_FILE_LIMIT)
+        except FileNotFoundError:
+            continue
+        except (safefs.Tampered, safefs.TooLarge, OSError) as exc:
+            return None, f"{rel}: {getattr(exc, 'message', None) or exc}"
+        copied.append(rel)
+    if "config/predict.json" not in copied or not any(rel.startswith("ckpts/") for rel in copied):
+        return None, "the experiment has no config/predict.json or checkpoint"
+    return {"code": str(MODEL_CODE), "requirements": model_requirements()}, ""
