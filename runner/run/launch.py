@@ -353,6 +353,10 @@ def open_attempt(target: Target, backend_name: str, previous: dict | None, rerun
         previous=previous,
     )
     record.update(runner_pid=os.getpid(), gpus=target.gpus.text(), db=str(target.db))
+    if target.resolved.get("tracking"):  # logged to MLflow: hashed here, by the host, once per attempt
+        from runner.run.tracking import db_sha256
+
+        record["db_sha256"] = db_sha256(target.db)
     if target.weights:  # what `infra predict` checks the store's model against, and a rerun under this id
         record["model_sha256"] = target.weights
     exp.write(record)

@@ -48,10 +48,12 @@ REQUEST_RETRIES = 1
 CLIENT_START_S = 120  # the client's process importing mlflow; the network deadline starts after it
 RESULT_LINE_LIMIT = 64 << 10
 DEFAULT_PORTS = {"http": 80, "https": 443}
-METRICS_LINES_LIMIT = 16 << 20  # metrics.jsonl read back at most
+METRICS_LINES_LIMIT = 16 << 20  # metrics.jsonl read back at most (live: over the client's whole life)
 MAX_EPOCHS_LOGGED = 100_000
+MAX_NAMES_PER_EPOCH = 100  # values taken from one epoch record (the core writes about 20)
+MAX_METRIC_VALUES = 100_000  # epoch values logged per attempt (1000 epochs of 100 names), live or post-hoc
 MAX_PLOTS = 32
-PLOT_LIMIT = 32 << 20
+PLOT_LIMIT = 8 << 20  # a matplotlib PNG is ~100 KB
 PARAM_VALUE_LIMIT = 500
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limits: 100 params, 1000 metrics per request
 METRICS_PER_BATCH = 1000
@@ -60,17 +62,23 @@ PLOT_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}\.png$")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DB_HASH_LIMIT = 16 << 30  # sha256 reads ~0.5-1 GiB/s: at most half a minute per database version
 # Files of the experiment logged as artifacts: (path, MLflow artifact folder, size cap). Beyond the cap
-# a file is skipped with a warning and named in the `infra.artifacts_skipped` tag.
+# a file is skipped with a warning and named in the `infra.artifacts_skipped` tag. The caps bound what
+# the client copies (one file at a time, into a private temporary folder) and uploads after the run's
+# status is set: a test split's predictions are a few MB, the logs far less.
 ARTIFACT_FILES = (
     ("config/plan.json", "config", 16 << 20),
     ("metrics/metrics.json", "metrics", 16 << 20),
     ("metrics/metrics.jsonl", "metrics", METRICS_LINES_LIMIT),
-    ("artifacts/predictions.parquet", "predictions", 256 << 20),
-    ("artifacts/predictions.csv", "predictions", 256 << 20),
-    ("logs/train.log", "logs", 64 << 20),
-    ("container.log", "logs", 64 << 20),  # the host's copy of the output (host-written, capped there too)
+    ("artifacts/predictions.parquet", "predictions", 64 << 20),
+    ("artifacts/predictions.csv", "predictions", 64 << 20),
+    ("logs/train.log", "logs", 16 << 20),
+    ("container.log", "logs", 16 << 20),  # the host's copy of the output (host-written, capped there too)
 )
-MODEL_FILE_LIMIT = 2 << 30  # one file of the MLflow model (a checkpoint)
+MODEL_FILE_LIMIT = 256 << 20  # one file of the MLflow model; infra's built-in models' checkpoints are a few MB
+# A checkpoint is torch.save's output: a zip archive (torch >= 1.6) or a pickle (protocol 2+ starts with
+# PROTO, 0x80). Anything else under ckpts/ is not copied as the model's checkpoint.
+CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+ARTIFACTS_PENDING = "no: the upload did not finish (tracking_timeout or a server error; see the tracked event)"
 MODEL_CODE = Path(__file__).resolve().parent.parent / "core" / "mlflow_model.py"
 BUILTIN = {  # components whose code is infra's own; anything else is a workdir plugin (no MLflow model)
     "model": {"ridge", "linear", "mlp", "cnn", "ge"},
@@ -192,9 +200,12 @@ def _track_finished(exp: Experiment, record: dict, live) -> str | None:
 
 
 def _record_tracked(exp: Experiment, record: dict, uri: str, name: str, done: dict) -> None:
+    artifacts = done.get("artifacts", "logged")
+    if artifacts != "logged":  # the run's status and numbers are there; some of its files are not
+        log.warning("%s: MLflow run %s: artifacts %s", exp.id, done["run_id"], artifacts)
     exp.event("tracked", attempt=record.get("attempt"), mlflow_uri=uri, mlflow_experiment=name,
               mlflow_experiment_id=done.get("experiment_id"), run_id=done["run_id"],
-              url=run_url(uri, done.get("experiment_id"), done["run_id"]))  # fmt: skip
+              url=run_url(uri, done.get("experiment_id"), done["run_id"]), artifacts=artifacts)  # fmt: skip
 
 
 def run_url(uri: str, experiment_id: str | None, run_id: str) -> str | None:
@@ -336,17 +347,14 @@ def _log_attempt(
         "end_time": ended,
         "run_id": live_run_id(exp, record) if resume and live is None else None,
     }
+    # The files (artifacts, the model's) are copied by the client process itself, one at a time and
+    # after the run's status is set: copying counts against the deadline and never delays the status.
+    payload["files"] = {"exp_root": str(exp.root), "state": record["state"], "plan": plan}
+    if live is not None:
+        return live.finish(payload, timeout)
     with tempfile.TemporaryDirectory(prefix="infra-track-") as tmp:
-        folder = live.folder if live is not None else Path(tmp)
-        payload["artifacts"], skipped = copy_artifacts(exp, folder / "files")
-        payload["model"], why_not = model_source(exp, record, plan, folder / "model-src")
-        tags["infra.model_logged"] = "yes" if payload["model"] else f"no: {why_not}"
-        if skipped:
-            tags["infra.artifacts_skipped"] = "; ".join(skipped)[:PARAM_VALUE_LIMIT]
-        if live is not None:
-            return live.finish(payload, timeout)
-        (folder / "payload.json").write_text(json.dumps(payload), encoding="utf-8")
-        return _run_client(folder, timeout)
+        (Path(tmp) / "payload.json").write_text(json.dumps(payload), encoding="utf-8")
+        return _run_client(Path(tmp), timeout)
 
 
 def _attempt_times(record: dict) -> tuple[int | None, int | None]:
@@ -391,29 +399,45 @@ def _run_client(folder: Path, timeout: int) -> dict:
             cwd=folder,
         )
     try:
-        lines = _Lines(proc.stdout)
-        if lines.next(time.monotonic() + CLIENT_START_S) != "ready":
-            proc.kill()
-            proc.wait()
-            tail = (folder / "client.log").read_bytes()[-600:].decode("utf-8", "replace")
-            raise ClientFailed(f"ClientFailed: the MLflow client did not start: {tail.strip()[-300:]}")
-        result = lines.next(time.monotonic() + timeout)
-        if result is None and lines.eof:
-            tail = (folder / "client.log").read_bytes()[-600:].decode("utf-8", "replace")
-            raise ClientFailed(f"ClientFailed: the MLflow client exited without a result: {tail.strip()[-300:]}")
-        if result is None:
-            raise ClientFailed(
-                f"TimeoutError: gave up after {timeout} s (tracking_timeout): the server did not finish answering"
-            )
+        return client_results(_Lines(proc.stdout), timeout, lambda: client_log_tail(folder))
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
         proc.stdout.close()
         log.debug("MLflow client log: %s", (folder / "client.log").read_bytes()[-2000:])
-    doc = json.loads(result)
+
+
+def client_log_tail(folder: Path) -> str:
+    try:
+        return (folder / "client.log").read_bytes()[-600:].decode("utf-8", "replace").strip()[-300:]
+    except OSError:
+        return ""
+
+
+def client_results(lines: _Lines, timeout: int, tail) -> dict:
+    """The client's answers: "ready" (within CLIENT_START_S), then within `timeout` s of it the run's
+    line (its status is set: {"run_id", "experiment_id"}) and the artifacts' line. ClientFailed when
+    the run's line does not come; a missing artifacts' line is said in the result's "artifacts"."""
+    if lines.next(time.monotonic() + CLIENT_START_S) != "ready":
+        raise ClientFailed(f"ClientFailed: the MLflow client did not start: {tail()}")
+    deadline = time.monotonic() + timeout
+    gave_up = f"gave up after {timeout} s (tracking_timeout): the server did not finish answering"
+    first = lines.next(deadline)
+    if first is None and lines.eof:
+        raise ClientFailed(f"ClientFailed: the MLflow client exited without a result: {tail()}")
+    if first is None:
+        raise ClientFailed(f"TimeoutError: {gave_up}")
+    doc = json.loads(first)
     if "run_id" not in doc:
         raise ClientFailed(str(doc.get("error")))
+    second = lines.next(deadline)
+    if second is None:
+        why = f"the client exited: {tail()}" if lines.eof else gave_up
+        doc["artifacts"] = f"not all logged: {why}"
+    else:
+        end = json.loads(second)
+        doc["artifacts"] = "logged" if "error" not in end else f"not all logged: {end['error']}"
     return doc
 
 
@@ -462,15 +486,37 @@ def _client_main(folder: str) -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     payload = json.loads((Path(folder) / "payload.json").read_text(encoding="utf-8"))
     client = _open_client(payload["uri"])
-    result.write("ready\n")
-    result.flush()
+    say = _sayer(result)
+    say("ready")
     signal.alarm(int(payload["timeout"]) + 10)  # ends this process should its parent be gone
+    send_and_say(client, payload, Path(folder), say, run_id=payload.get("run_id"))
+
+
+def _sayer(pipe):
+    def say(line: str) -> None:
+        pipe.write(line + "\n")
+        pipe.flush()
+
+    return say
+
+
+def send_and_say(client, payload: dict, folder: Path, say, **run) -> None:
+    """`_send`, its two result lines said on the result pipe (an error as {"error"} in place of the line due)."""
+    sent = False
+
+    def terminated(doc: dict) -> None:
+        nonlocal sent
+        say(json.dumps(doc))
+        sent = True
+
     try:
-        doc = _send(client, payload, Path(folder), run_id=payload.get("run_id"))
+        _send(client, payload, folder, on_terminated=terminated, **run)
+        doc = {"artifacts": "logged"}
     except Exception as exc:  # noqa: BLE001 - the parent reports it
         doc = {"error": _error_text(exc)}
-    result.write(json.dumps(doc) + "\n")
-    result.flush()
+        if sent:  # the run's status is set; only its files are incomplete
+            print(f"artifacts: {doc['error']}", file=sys.stderr, flush=True)
+    say(json.dumps(doc))
 
 
 def _experiment_id(client, name: str) -> str:
@@ -488,9 +534,14 @@ def _experiment_id(client, name: str) -> str:
         return found.experiment_id
 
 
-def _send(client, payload: dict, folder: Path, run_id=None, experiment_id=None, logged=None) -> dict:
-    """Log `payload` into run `run_id` (a live run: `logged` holds what it already has) or a new run;
-    {"run_id", "experiment_id"}."""
+def _send(client, payload: dict, folder: Path, run_id=None, experiment_id=None, logged=None, on_terminated=None):
+    """Log `payload` into run `run_id` (a live run: `logged` holds what it already has) or a new run.
+
+    Params, metrics and tags first, then the run's status and end time (`on_terminated` gets
+    {"run_id", "experiment_id"} then), and only then the files: copied from the experiment one at a
+    time and uploaded (MLflow takes artifacts and tags on a finished run). A big upload that runs out
+    of time costs the files, never the run's final status.
+    """
     from mlflow.entities import Metric, Param
     from mlflow.exceptions import MlflowException
 
@@ -514,13 +565,31 @@ def _send(client, payload: dict, folder: Path, run_id=None, experiment_id=None, 
     metrics = [Metric(*m) for m in payload["metrics"] if logged.get((m[0], m[3])) != m[1]]
     for chunk in _chunks(metrics, METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=chunk)
-    for rel, artifact_path in payload["artifacts"]:
-        client.log_artifact(run_id, str(folder / "files" / rel), artifact_path=artifact_path)
-    if payload.get("model"):
-        client.log_artifacts(run_id, _save_model(folder, payload["model"]), artifact_path="model")
-    client.set_tag(run_id, "infra.tracked_by", payload["tracked_by"])
+    client.log_batch(run_id, tags=[_tag("infra.tracked_by", payload["tracked_by"]),
+                                   _tag("infra.artifacts_logged", ARTIFACTS_PENDING)])  # fmt: skip
     client.set_terminated(run_id, status=payload["status"], end_time=payload.get("end_time"))
-    return {"run_id": run_id, "experiment_id": experiment_id}
+    if on_terminated is not None:
+        on_terminated({"run_id": run_id, "experiment_id": experiment_id})
+    _send_files(client, run_id, payload["files"], folder)
+
+
+def _send_files(client, run_id: str, files: dict, folder: Path) -> None:
+    """Copy each artifact (then the model's files) into `folder`, upload it, remove the copy; the tags
+    that say what was logged last."""
+    exp = Experiment(Path(files["exp_root"]))
+    skipped: list[str] = []
+    for copy, artifact_path in each_artifact(exp, folder / "files", skipped):
+        try:
+            client.log_artifact(run_id, str(copy), artifact_path=artifact_path)
+        finally:
+            copy.unlink(missing_ok=True)
+    model, why_not = model_source(exp, {"state": files["state"]}, files["plan"], folder / "model-src")
+    if model:
+        client.log_artifacts(run_id, _save_model(folder, model), artifact_path="model")
+    tags = {"infra.model_logged": "yes" if model else f"no: {why_not}", "infra.artifacts_logged": "yes"}
+    if skipped:
+        tags["infra.artifacts_skipped"] = "; ".join(skipped)[:PARAM_VALUE_LIMIT]
+    client.log_batch(run_id, tags=[_tag(k, v) for k, v in tags.items()])
 
 
 def _tag(key: str, value: str):
@@ -576,7 +645,10 @@ def run_params(plan: dict, record: dict) -> dict[str, str]:
         params["data.db"] = host_db[:PARAM_VALUE_LIMIT]
         if container_db and container_db != host_db:
             params["data.db_in_run"] = container_db
-        params["data.db_sha256"] = db_sha256(Path(host_db))
+    # hashed by the host when the attempt started (`launch.open_attempt`), never here: whoever
+    # finalises (even `infra status`) must not read a database of gigabytes
+    if isinstance(record.get("db_sha256"), str):
+        params["data.db_sha256"] = record["db_sha256"][:PARAM_VALUE_LIMIT]
     return params
 
 
@@ -584,9 +656,10 @@ _DB_HASHES: dict[tuple, str] = {}
 
 
 def db_sha256(path: Path) -> str:
-    """The sha256 of the database file, or why there is none. Computed once per file version in this
-    process (a study's points share it; keyed by device, inode, size and mtime) and only up to
-    `DB_HASH_LIMIT` bytes: a bigger file is named by its size instead of read for minutes."""
+    """The sha256 of the database file, or why there is none; called when an attempt of a tracked plan
+    starts (the record's `db_sha256`). Computed once per file version in this process (a study's points
+    share it; keyed by device, inode, size and mtime) and only up to `DB_HASH_LIMIT` bytes: a bigger
+    file is named by its size instead of read for minutes."""
     try:
         st = path.stat()
     except OSError as exc:
@@ -630,13 +703,16 @@ def epoch_values(doc) -> list[tuple[int, str, float]]:
         number = _number(value)
         if number is not None and NAME_RE.match(str(name)):
             out.append((epoch, str(name), number))
+            if len(out) >= MAX_NAMES_PER_EPOCH:
+                break
     return out
 
 
 def epoch_metrics(exp: Experiment) -> list[tuple[int, str, float]]:
     """(epoch, name, value) from metrics/metrics.jsonl: plain names, finite numbers, the last line per epoch.
 
-    Untrusted: lines that are not objects with an integer `epoch` are skipped, the file is capped.
+    Untrusted: lines that are not objects with an integer `epoch` are skipped, the file is capped, and
+    so are the names per epoch and the values in all (`MAX_METRIC_VALUES`: the earliest epochs kept).
     """
     try:
         data = safefs.read_bytes(exp.root, "metrics/metrics.jsonl", limit=METRICS_LINES_LIMIT)
@@ -650,7 +726,7 @@ def epoch_metrics(exp: Experiment) -> list[tuple[int, str, float]]:
             continue
         if values:
             by_epoch[values[0][0]] = values  # a resumed attempt repeats an epoch: its last record holds
-    return [value for epoch in sorted(by_epoch) for value in by_epoch[epoch]]
+    return [value for epoch in sorted(by_epoch) for value in by_epoch[epoch]][:MAX_METRIC_VALUES]
 
 
 def final_metrics(exp: Experiment) -> dict[str, float]:
@@ -684,16 +760,17 @@ def kept_tag(exp: Experiment) -> str | None:
     return None
 
 
-def plots(exp: Experiment) -> list[tuple[str, bytes]]:
-    """The PNGs of artifacts/visualization (plain names, PNG content, capped count and size)."""
+def plots(exp: Experiment):
+    """The PNGs of artifacts/visualization (plain names, PNG content, capped count and size), one at a
+    time: (name, content)."""
     try:
         with safefs.open_dir(exp.root, "artifacts/visualization") as dfd:
             names = sorted(os.listdir(dfd))
     except FileNotFoundError:
-        return []
-    out = []
+        return
+    found = 0
     for name in names:
-        if not PLOT_NAME_RE.match(name) or len(out) >= MAX_PLOTS:
+        if not PLOT_NAME_RE.match(name) or found >= MAX_PLOTS:
             continue
         try:
             data = safefs.read_bytes(exp.root, f"artifacts/visualization/{name}", limit=PLOT_LIMIT)
@@ -701,49 +778,63 @@ def plots(exp: Experiment) -> list[tuple[str, bytes]]:
             log.warning("%s: plot %s not logged: %s", exp.id, name, exc)
             continue
         if data.startswith(PNG_MAGIC):
-            out.append((name, data))
-    return out
+            found += 1
+            yield name, data
 
 
-def _copy_capped(exp: Experiment, rel: str, dest: Path, limit: int) -> None:
-    """Copy the regular file `exp.root/rel` to `dest` (links refused), streaming; TooLarge past `limit`."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with safefs.open_read(exp.root, rel) as src, dest.open("wb") as out:
+class NotACheckpoint(InfraError):
+    """A file under ckpts/ that does not begin as torch.save's output does."""
+
+
+def _copy_capped(exp: Experiment, rel: str, dest: Path, limit: int, magic: tuple[bytes, ...] = ()) -> None:
+    """Copy the regular file `exp.root/rel` to `dest` (links refused), streaming; TooLarge past `limit`,
+    NotACheckpoint when `magic` is given and the file begins with none of it."""
+    with safefs.open_read(exp.root, rel) as src:
         size = os.fstat(src.fileno()).st_size
         if size > limit:
             raise safefs.TooLarge(f"{rel}: {size} bytes, more than the {limit} bytes logged")
+        if magic and not src.read(4).startswith(magic):
+            raise NotACheckpoint(f"{rel}: not a checkpoint (neither a zip archive nor a pickle)")
+        src.seek(0)
+        dest.parent.mkdir(parents=True, exist_ok=True)
         copied = 0
-        while chunk := src.read(min(1 << 20, limit + 1 - copied)):
-            copied += len(chunk)
-            if copied > limit:  # grew while being read
-                raise safefs.TooLarge(f"{rel}: more than the {limit} bytes logged")
-            out.write(chunk)
-
-
-def copy_artifacts(exp: Experiment, dest: Path) -> tuple[list[list[str]], list[str]]:
-    """Copy the files logged as artifacts into `dest`; ([[path under dest, artifact folder]], skipped).
-
-    Missing files are left out; a file that is not regular or too large is skipped with a warning.
-    """
-    out, skipped = [], []
-    for rel, folder, limit in ARTIFACT_FILES:
-        name = rel.rsplit("/", 1)[-1]
         try:
-            _copy_capped(exp, rel, dest / folder / name, limit)
+            with dest.open("wb") as out:
+                while chunk := src.read(min(1 << 20, limit + 1 - copied)):
+                    copied += len(chunk)
+                    if copied > limit:  # grew while being read
+                        raise safefs.TooLarge(f"{rel}: more than the {limit} bytes logged")
+                    out.write(chunk)
+        except BaseException:
+            dest.unlink(missing_ok=True)  # no partial copy left for anyone to upload
+            raise
+
+
+def each_artifact(exp: Experiment, dest: Path, skipped: list[str]):
+    """Copy the files logged as artifacts into `dest`, one at a time: (the copy, its artifact folder).
+    The caller uploads and removes each copy before the next is made, so the copies never take more
+    room than the largest file.
+
+    Missing files are left out; a file that is not regular or too large is skipped with a warning and
+    named in `skipped`.
+    """
+    for rel, folder, limit in ARTIFACT_FILES:
+        copy = dest / folder / rel.rsplit("/", 1)[-1]
+        try:
+            _copy_capped(exp, rel, copy, limit)
         except FileNotFoundError:
             continue
         except (safefs.Tampered, safefs.TooLarge, OSError) as exc:
-            (dest / folder / name).unlink(missing_ok=True)
+            copy.unlink(missing_ok=True)
             reason = getattr(exc, "message", None) or str(exc)
             log.warning("%s: %s not logged to MLflow: %s", exp.id, rel, reason)
             skipped.append(f"{rel}: {reason}")
             continue
-        out.append([f"{folder}/{name}", folder])
+        yield copy, folder
     for name, data in plots(exp):
         (dest / "plots").mkdir(parents=True, exist_ok=True)
         (dest / "plots" / name).write_bytes(data)
-        out.append([f"plots/{name}", "plots"])
-    return out, skipped
+        yield dest / "plots" / name, "plots"
 
 
 def model_files() -> tuple[str, ...] | None:
@@ -806,10 +897,10 @@ def model_source(exp: Experiment, record: dict, plan: dict, dest: Path) -> tuple
         if rel.startswith("ckpts/") and any(c.startswith("ckpts/") for c in copied):
             continue  # one checkpoint: the first listed that exists (best, else last), as `infra predict`
         try:
-            _copy_capped(exp, rel, dest / rel, MODEL_FILE_LIMIT)
+            _copy_capped(exp, rel, dest / rel, MODEL_FILE_LIMIT, CHECKPOINT_MAGIC if rel.startswith("ckpts/") else ())
         except FileNotFoundError:
             continue
-        except (safefs.Tampered, safefs.TooLarge, OSError) as exc:
+        except (safefs.Tampered, safefs.TooLarge, NotACheckpoint, OSError) as exc:
             return None, f"{rel}: {getattr(exc, 'message', None) or exc}"
         copied.append(rel)
     if "config/predict.json" not in copied or not any(rel.startswith("ckpts/") for rel in copied):

@@ -4,15 +4,17 @@
 starts one long-lived MLflow client process per attempt and returns at once: the follow loop never
 waits on it. That process creates the MLflow run (status RUNNING, start time = the record's
 `started_at`), records its id as a `tracking_started` event, then reads `metrics/metrics.jsonl`
-incrementally (through `runner.safefs`, bounded, the same rules as `tracking.epoch_metrics`) and
-logs each new epoch. When the attempt is final, `runner.run.tracking.track_finished` takes the live
+incrementally (`EpochReader`: through `runner.safefs`, each byte once, `METRICS_LINES_LIMIT` bytes
+over its whole life; a file that shrinks or is replaced stops it) and logs each new epoch once. One
+client per attempt, whichever followers attach: `begin` takes an O_EXCL claim file at the
+experiment's host-only top first. When the attempt is final, `runner.run.tracking.track_finished` takes the live
 process (`take`), hands it the final payload and waits for it at most `tracking_timeout` seconds, then
 kills it: a hanging server costs that much after the run and never changes its outcome.
 
-The process ends by itself when the follower is gone (its stdin closes, or its parent changes) or
-when the record turned final and nobody handed it the final payload within `ORPHAN_GRACE_S`: the
-MLflow run then stays RUNNING until whoever finalises the attempt logs to it post-hoc (the run id is
-in the `tracking_started` event).
+The process ends by itself (removing its folder) when the follower is gone (its stdin closes, or its
+parent changes) or when the record turned final and nobody handed it the final payload within
+`ORPHAN_GRACE_S`: the MLflow run then stays RUNNING until whoever finalises the attempt logs to it
+post-hoc (the run id is in the `tracking_started` event).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ POLL_S = 2.0  # how often the client looks for new epochs (one open + fstat of m
 ORPHAN_GRACE_S = 120.0  # a final record with no final payload handed over: the follower is not coming
 RETRY_MAX_S = 60.0  # back-off ceiling while the server refuses the run's creation or a batch
 MAX_LINE = 64 << 10  # an epoch line longer than this is skipped, not buffered
+METRICS_REL = "metrics/metrics.jsonl"
+CLAIM = ".tracking-live-{attempt}"  # at the experiment's host-only top: this attempt has its live client
 
 
 @dataclass
@@ -55,37 +59,23 @@ class LiveRun:
     def finish(self, payload: dict, timeout: int) -> dict:
         """Hand the final payload over and wait for the result (at most `timeout` s after the client is
         ready); {"run_id", "experiment_id"}; ClientFailed when it fails or runs out of time."""
-        from runner.run.tracking import CLIENT_START_S, ClientFailed, _Lines
+        from runner.run.tracking import ClientFailed, _Lines, client_results
 
         try:
-            (self.folder / "final.json").write_text(json.dumps(payload), encoding="utf-8")
             try:
+                (self.folder / "final.json").write_text(json.dumps(payload), encoding="utf-8")
                 self.proc.stdin.write(b"finish\n")
                 self.proc.stdin.flush()
-            except OSError:
+            except OSError:  # it gave up waiting (ORPHAN_GRACE_S) and removed its folder, or died
                 raise ClientFailed(f"ClientFailed: the live MLflow client had exited: {self._tail()}") from None
-            lines = _Lines(self.proc.stdout)
-            if lines.next(time.monotonic() + CLIENT_START_S) != "ready":
-                raise ClientFailed(f"ClientFailed: the MLflow client did not start: {self._tail()}")
-            result = lines.next(time.monotonic() + timeout)
-            if result is None and lines.eof:
-                raise ClientFailed(f"ClientFailed: the MLflow client exited without a result: {self._tail()}")
-            if result is None:
-                raise ClientFailed(
-                    f"TimeoutError: gave up after {timeout} s (tracking_timeout): the server did not finish answering"
-                )
-            doc = json.loads(result)
-            if "run_id" not in doc:
-                raise ClientFailed(str(doc.get("error")))
-            return doc
+            return client_results(_Lines(self.proc.stdout), timeout, self._tail)
         finally:
             self.close()
 
     def _tail(self) -> str:
-        try:
-            return (self.folder / "client.log").read_bytes()[-600:].decode("utf-8", "replace").strip()[-300:]
-        except OSError:
-            return ""
+        from runner.run.tracking import client_log_tail
+
+        return client_log_tail(self.folder)
 
     def close(self) -> None:
         """Stop the process (if still there) and remove its folder; the MLflow run is left as it is."""
@@ -126,13 +116,7 @@ def begin(exp: Experiment, record: dict | None = None) -> None:
 
 
 def _begin(exp: Experiment, record: dict) -> None:
-    from runner.run.tracking import (
-        client_installed,
-        live_run_id,
-        refused_server,
-        run_tags,
-        verified_plan,
-    )
+    from runner.run.tracking import client_installed, live_run_id, refused_server, verified_plan
     from runner.settings import node_settings
 
     if record.get("state") != "running" or not record.get("started_at"):
@@ -145,15 +129,53 @@ def _begin(exp: Experiment, record: dict) -> None:
     if not tracking or not client_installed():
         return
     uri = tracking["mlflow_uri"]
-    if refused_server(uri, node_settings().tracking_hosts) is not None:
+    if (refusal := refused_server(uri, node_settings().tracking_hosts)) is not None:
+        log.info("%s: not logged to MLflow while it runs: %s", exp.id, refusal)  # the end warns once
         return
     key = _key(exp, record)
     with _LOCK:
         for stale in [k for k, live in _LIVE.items() if live.proc.poll() is not None]:
             _LIVE.pop(stale).close()
-        if key in _LIVE or live_run_id(exp, record) is not None:
-            return  # another follower (or an earlier one of this process) has the live run
-        folder = Path(tempfile.mkdtemp(prefix="infra-live-"))
+        if key in _LIVE or live_run_id(exp, record) is not None or not _claim(exp, key[1]):
+            return  # another follower (of this process or another) has the live run
+        try:
+            _start(exp, record, key, uri, tracking, plan)
+        except BaseException:
+            _unclaim(exp, key[1])  # nothing started: another follower may try
+            raise
+    log.info("%s: logging to MLflow at %s while it runs", exp.id, uri)
+
+
+def _claim(exp: Experiment, attempt: int) -> bool:
+    """Whether this call took the attempt's one live client: a file created with O_EXCL at the
+    experiment's top (host-only, never mounted), so two followers attaching at the same moment, in
+    two processes, start one client. It stays: a follower that attaches later starts none."""
+    with safefs.open_dir(exp.root) as dfd:
+        try:
+            fd = os.open(CLAIM.format(attempt=attempt), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=dfd)  # fmt: skip
+        except FileExistsError:
+            return False
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    return True
+
+
+def _unclaim(exp: Experiment, attempt: int) -> None:
+    with safefs.open_dir(exp.root) as dfd:
+        try:
+            os.unlink(CLAIM.format(attempt=attempt), dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+
+
+def _start(exp: Experiment, record: dict, key: tuple[str, int], uri: str, tracking: dict, plan: dict) -> None:
+    from runner.run.tracking import run_tags
+
+    folder = Path(tempfile.mkdtemp(prefix="infra-live-"))
+    try:
         payload = {
             "uri": uri,
             "experiment": tracking.get("experiment") or plan["name"],
@@ -172,8 +194,10 @@ def _begin(exp: Experiment, record: dict) -> None:
                 stderr=client_log,
                 cwd=folder,
             )
-        _LIVE[key] = LiveRun(key, proc, folder)
-    log.info("%s: logging to MLflow at %s while it runs", exp.id, uri)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    _LIVE[key] = LiveRun(key, proc, folder)
 
 
 def take(exp: Experiment, record: dict) -> LiveRun | None:
@@ -208,81 +232,133 @@ def _ms(iso: str) -> int:
 class EpochReader:
     """New epoch records of an experiment's `metrics/metrics.jsonl`, from where the last call stopped.
 
-    Untrusted like `tracking.epoch_metrics`: read through safefs (no links), only complete lines, a
-    line over `MAX_LINE` skipped, at most `METRICS_LINES_LIMIT` bytes in all; a file that shrank
-    (replaced) is read again from its start.
+    Untrusted like `tracking.epoch_metrics`, and read every `POLL_S` for as long as the run goes, so
+    bounded over its whole life, not per call: through safefs (a link or FIFO is not followed and never
+    blocks), each byte read once and `METRICS_LINES_LIMIT` bytes in all, only complete lines (a line
+    over `MAX_LINE` skipped, never buffered), each epoch once (its first record: an epoch already
+    logged is not sent again), at most `MAX_METRIC_VALUES` values. The core only appends to the file,
+    so a file that shrank, was replaced (another inode) or removed, or is not a regular file is a
+    training tampering with it: the reader stops (`stopped` says why) and the attempt's end logs
+    the file post-hoc, with its own caps.
     """
 
     def __init__(self, root: Path):
         self.root = root
-        self.offset = 0
+        self.offset = 0  # bytes consumed, over the reader's life
+        self.identity: tuple[int, int] | None = None  # (device, inode) of the file first read
+        self.partial = b""  # the start of a line not complete yet (at most MAX_LINE bytes)
+        self.skipping = False  # inside a line over MAX_LINE: dropped up to its newline
+        self.epochs: set[int] = set()
+        self.values = 0
+        self.stopped: str | None = None
 
     def new(self) -> list[tuple[int, str, float]]:
-        from runner.run.tracking import METRICS_LINES_LIMIT, epoch_values
+        from runner.run.tracking import METRICS_LINES_LIMIT
 
+        if self.stopped is not None:
+            return []
         try:
-            with safefs.open_read(self.root, "metrics/metrics.jsonl") as fh:
-                size = min(os.fstat(fh.fileno()).st_size, METRICS_LINES_LIMIT)
-                if size < self.offset:
-                    self.offset = 0
+            with safefs.open_read(self.root, METRICS_REL) as fh:
+                st = os.fstat(fh.fileno())
+                if self.identity is None:
+                    self.identity = (st.st_dev, st.st_ino)
+                elif (st.st_dev, st.st_ino) != self.identity:
+                    return self._stop("was replaced by another file")
+                if st.st_size < self.offset:
+                    return self._stop(f"shrank from {self.offset} to {st.st_size} bytes")
                 fh.seek(self.offset)
-                data = fh.read(size - self.offset)
-        except (FileNotFoundError, safefs.Tampered):
-            return []
-        end = data.rfind(b"\n")
-        if end < 0:
-            return []
-        self.offset += end + 1
-        out = []
-        for line in data[:end].split(b"\n"):
+                chunk = fh.read(max(0, min(st.st_size, METRICS_LINES_LIMIT) - self.offset))
+        except FileNotFoundError:
+            return self._stop("was removed") if self.identity is not None else []
+        except safefs.Tampered as exc:
+            return self._stop(exc.message)
+        self.offset += len(chunk)
+        out = self._values(chunk)
+        if self.offset >= METRICS_LINES_LIMIT and self.stopped is None:
+            self._stop(f"reached the {METRICS_LINES_LIMIT} bytes read live")
+        return out
+
+    def _values(self, chunk: bytes) -> list[tuple[int, str, float]]:
+        from runner.run.tracking import MAX_METRIC_VALUES, epoch_values
+
+        data = self.partial + chunk
+        if self.skipping:
+            cut = data.find(b"\n")
+            if cut < 0:
+                return []
+            data, self.skipping = data[cut + 1 :], False
+        lines = data.split(b"\n")
+        self.partial = lines.pop()
+        if len(self.partial) > MAX_LINE:
+            self.partial, self.skipping = b"", True
+        out: list[tuple[int, str, float]] = []
+        for line in lines:
             if len(line) > MAX_LINE:
                 continue
             try:
-                doc = json.loads(line)
+                values = epoch_values(json.loads(line))
             except ValueError:
                 continue
-            out += epoch_values(doc)
+            if not values or values[0][0] in self.epochs:
+                continue
+            room = MAX_METRIC_VALUES - self.values
+            if room <= 0:
+                self._stop(f"reached the {MAX_METRIC_VALUES} values logged live")
+                break
+            self.epochs.add(values[0][0])
+            self.values += len(values[:room])
+            out += values[:room]
         return out
+
+    def _stop(self, why: str) -> list:
+        self.stopped = f"{METRICS_REL} {why}"
+        return []
 
 
 def _live_main(folder: str) -> None:
     """The live client: "ready" once mlflow is imported; epochs while the run goes; on "finish" on stdin,
-    the final payload (final.json) and one JSON result line. Ends without a result when its parent goes."""
-    from runner.run.tracking import _error_text, _open_client
-
+    the final payload (final.json) and two JSON result lines (tracking.client_results). Ends without a
+    result when its parent goes."""
     here = Path(folder)
+    handed_over = False  # "finish" came: the follower waits for the result and removes the folder
+    try:
+        handed_over = _live(here)
+    finally:
+        if not handed_over:  # the follower is gone (or this failed first): nobody else removes the folder
+            shutil.rmtree(here, ignore_errors=True)
+
+
+def _live(here: Path) -> bool:
+    from runner.run.tracking import _error_text, _open_client, _sayer, send_and_say
+
     result = os.fdopen(os.dup(1), "w")
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     payload = json.loads((here / "live.json").read_text(encoding="utf-8"))
     parent = os.getppid()
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(parent, here), daemon=True).start()
     client = _open_client(payload["uri"])
-    result.write("ready\n")
-    result.flush()
+    say = _sayer(result)
+    say("ready")  # a follower killed meanwhile: BrokenPipeError, and the folder goes
     state = _LiveState(client, payload)
-    finishing = _follow(state)
-    if not finishing:
-        return  # the follower went away: whoever finalises the attempt logs it (to state.run_id)
+    if not _follow(state):
+        return False  # the follower went away: whoever finalises the attempt logs it (to state.run_id)
     final = json.loads((here / "final.json").read_text(encoding="utf-8"))
     signal.alarm(int(final["timeout"]) + 10)  # ends this process should its parent stop waiting
     try:
         state.log_epochs()  # the lines written since the last poll, at the time they were seen
     except Exception as exc:  # noqa: BLE001 - the final payload holds them too (at the attempt's end time)
         print(f"live logging: {_error_text(exc)}", file=sys.stderr, flush=True)
-    try:
-        from runner.run.tracking import _send
-
-        doc = _send(client, final, here, run_id=state.run_id, experiment_id=state.experiment_id, logged=state.logged)
-    except Exception as exc:  # noqa: BLE001 - the parent reports it
-        doc = {"error": _error_text(exc)}
-    result.write(json.dumps(doc) + "\n")
-    result.flush()
+    send_and_say(client, final, here, say, run_id=state.run_id, experiment_id=state.experiment_id,
+                 logged=state.logged)  # fmt: skip
+    return True
 
 
-def _watch_parent(parent: int) -> None:
-    """A request that hangs cannot see stdin close: this thread ends the process once its parent is gone."""
+def _watch_parent(parent: int, folder: Path) -> None:
+    """A request that hangs cannot see stdin close: this thread ends the process once its parent is
+    gone (a SIGKILLed follower), removing the process's folder (nobody else will)."""
     while os.getppid() == parent:
         time.sleep(1.0)
+    shutil.rmtree(folder, ignore_errors=True)
     os._exit(0)
 
 
@@ -295,7 +371,10 @@ class _LiveState:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.logged: dict[tuple[str, int], float] = {}  # (metric, step) → value, as sent
+        # read but not yet sent (the server failing): each value enters once (the reader's caps), so
+        # at most MAX_METRIC_VALUES
         self.pending: list[tuple[int, str, float, int]] = []
+        self.stop_said = False
         self.wait = 0.0  # the run is created at once; epochs are looked for every POLL_S after that
 
     def ensure_run(self) -> None:
@@ -319,6 +398,10 @@ class _LiveState:
 
         now = int(time.time() * 1000)
         self.pending += [(step, name, value, now) for step, name, value in self.reader.new()]
+        if self.reader.stopped is not None and not self.stop_said:
+            self.stop_said = True  # said once, before any request: a failing server does not hide it
+            print(f"live logging stopped: {self.reader.stopped}", file=sys.stderr, flush=True)
+            self.exp.event("tracking_live_stopped", attempt=self.payload["attempt"], reason=self.reader.stopped)
         if not self.pending:
             return
         self.ensure_run()
