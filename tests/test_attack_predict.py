@@ -298,9 +298,16 @@ def test_a_huge_or_linked_result_is_refused(hostile, run_user, docker_client, at
 def test_formula_cells_from_the_input_or_the_container_are_neutralised(hostile, run_user, docker_client):
     work, eid = hostile
     out = work / "p-formula.csv"
-    r = infra_as(
-        run_user, "predict", eid, str(attack_input(work, run_user, "formula")), "--out", str(out), workdir=work
-    )
+    # the plugin rewrites the result with formulas in every text cell; its mutant and input cells are
+    # the input's own (the host refuses a result whose rows differ from INPUT's), the rest its own.
+    # A double mutant: not among the measured single mutants, so the rewrite's empty flags agree
+    # with the core's summary (which the host checks the rows against)
+    inp = work / "in-formula.csv"
+    rows = [["mutant", "attack"], ["H24A:S2A", "formula"], ["@SUM(1+1)*cmd|' /C calc'!A0", "-1+1"]]
+    with inp.open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    chown_to(run_user, inp)
+    r = infra_as(run_user, "predict", eid, str(inp), "--out", str(out), workdir=work)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.reader(out.open(newline="")))[1:]
     assert rows[0][2].startswith("'=HYPERLINK(") and rows[0][3] == "-0.5"  # a negative number stays a number

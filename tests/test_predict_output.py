@@ -364,3 +364,301 @@ def test_bad_ensemble_requests_are_usage_errors(study_work, args, why):
     r = cli("predict", *[inp if a == "IN" else a for a in args], workdir=study_work)
     assert r.returncode == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not os.path.exists(study_work / "-")
+
+
+# --- the whole host path against a scripted core (what a hostile core can leave) ------------------------
+
+
+class ScriptedCore:
+    """The backend for `infra predict`'s members in these tests: instead of running the core it leaves
+    the given result bytes and summary in the job's output folder, exactly what a core (an honest one,
+    or plugin code in the container) can leave there. Everything else is the host's real path."""
+
+    name = "local"
+
+    def __init__(self, result: bytes, summary: dict):
+        self.result, self.summary = result, summary
+
+    def experiment_image(self, record):
+        return None, None
+
+    def run_once(self, job):
+        from runner.run.backends import CoreOutput
+
+        args = list(job.args)
+        args[args.index("--out") + 1].host.write_bytes(self.result)
+        args[args.index("--summary") + 1].host.write_text(json.dumps(self.summary))
+        return CoreOutput(0, b"", "")
+
+
+def honest_rows(mutants: list[str], measured: bool = False) -> list[list]:
+    """The result rows an honest core gives for these input rows: mutant, id, sequence, prediction
+    (the row's number), no error, with `measured` the first row measured (else the flag empty),
+    in_train empty."""
+    return [[m, f"v{i}", TEMPLATE, float(i), None, (i == 0) if measured else None, None] for i, m in enumerate(mutants)]
+
+
+def summary_for(rows: list[list], k: int = 1, **override) -> dict:
+    predicted = sum(r[k + 2] is not None for r in rows)
+    errors = len(rows) - predicted
+    doc = {"rows": len(rows), "predicted": predicted, "errors": errors,
+           "errors_by_reason": {"mismatch": errors} if errors else {}, "measured": None, "in_train": None}  # fmt: skip
+    return {**doc, **override}
+
+
+INPUT_MUTANTS = ["H5A", "Q4K", "F6L", "M1A"]
+
+
+@pytest.fixture
+def one(tmp_path) -> tuple[Path, str, Path]:
+    """(workdir, experiment id, INPUT): one succeeded experiment, an input of ids and mutants."""
+    work = tmp_path / "w"
+    eid = "blat-one-0000000001"
+    fake_experiment(work, eid, plan(1))
+    inp = tmp_path / "in.csv"
+    inp.write_text("mutant,id\n" + "".join(f"{m},v{i}\n" for i, m in enumerate(INPUT_MUTANTS)))
+    return work, eid, inp
+
+
+def scripted(monkeypatch, result: bytes, summary: dict) -> None:
+    """Every member of the next `infra predict` is played by ScriptedCore (the CLI picks each member's
+    backend with runner.run.backends.backend_of)."""
+    import runner.run.backends
+
+    monkeypatch.setattr(runner.run.backends, "backend_of", lambda record: ScriptedCore(result, summary))
+
+
+def test_an_honest_result_is_delivered_with_the_hosts_own_counts_and_top(one, monkeypatch, tmp_path):
+    work, eid, inp = one
+    rows = honest_rows(INPUT_MUTANTS)
+    scripted(monkeypatch, result_csv(rows, ("id",)), summary_for(rows))
+    out = tmp_path / "p.csv"
+    r = cli("predict", eid, str(inp), "--out", str(out), "--top", "2", "--json", workdir=work)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert (doc["rows"], doc["predicted"], doc["errors"], doc["written"]) == (4, 4, 0, 2)
+    # --top is the host's for one model too: the best two of every row, best first
+    assert [row[0] for row in csv.reader(out.open(newline=""))][1:] == ["M1A", "F6L"]
+
+
+def test_measured_without_in_train_is_told_on_its_own(one, monkeypatch, tmp_path):
+    # the experiment has data/selected.parquet (measured) but no splits/train.npy (in_train): the
+    # core says measured 1 and in_train null; the old summary line formatted None and raised a
+    # traceback after the file was written
+    work, eid, inp = one
+    (work / "experiments" / eid / "data").mkdir(exist_ok=True)
+    (work / "experiments" / eid / "data" / "selected.parquet").write_bytes(b"PAR1")
+    rows = honest_rows(INPUT_MUTANTS, measured=True)
+    scripted(monkeypatch, result_csv(rows, ("id",)), summary_for(rows, measured=1))
+    r = cli("predict", eid, str(inp), "--out", str(tmp_path / "p.csv"), workdir=work)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "predicted 4 of 4 rows; 1 measured; wrote 4 rows" in r.stderr
+    from runner.cli.predict import _summary_line
+
+    line = _summary_line({"errors_by_reason": {}, "predicted": 1, "rows": 1, "errors": 0, "measured": None,
+                          "in_train": 2, "written": 1, "out": "x", "seconds": 0.1}, False)  # fmt: skip
+    assert "; 2 in training; wrote" in line
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ("id", "changed INPUT: data row 2's input columns differ from INPUT's row 2"),
+        ("order", "changed INPUT: data row 1's mutant differ"),
+        ("drop", "has fewer rows (3) than INPUT"),
+        ("add", "has more rows than INPUT (4)"),
+        ("long-sequence", "its sequence has 61 residues, more than the template's 60"),
+    ],
+)
+def test_a_result_that_rewrites_the_users_rows_is_refused(one, monkeypatch, tmp_path, change, why):
+    work, eid, inp = one
+    rows = honest_rows(INPUT_MUTANTS)
+    if change == "id":
+        rows[1][1] = '=HYPERLINK("http://x/")'  # the user's id column rewritten by the container
+    elif change == "order":
+        rows[0], rows[1] = rows[1], rows[0]
+    elif change == "drop":
+        rows.pop()
+    elif change == "add":
+        rows.append(["A2C", "v9", TEMPLATE, 9.0, None, False, None])
+    else:
+        rows[0][2] = TEMPLATE + "A"
+    scripted(monkeypatch, result_csv(rows, ("id",)), summary_for(rows))
+    out = tmp_path / "p.csv"
+    r = cli("predict", eid, str(inp), "--out", str(out), workdir=work)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"prediction with {eid} left a result that" in r.stderr and why in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".infra-predict-*"))
+
+
+def test_a_saturation_result_must_be_the_templates_single_substitutions(one, monkeypatch, tmp_path):
+    work, eid, _ = one
+    good = [[f"{TEMPLATE[0]}1{a}", TEMPLATE, 0.1, None, None, None] for a in "ACD"]
+    scripted(monkeypatch, result_csv(good), summary_for(good, k=0))
+    r = cli("predict", eid, "--saturation", "--out", str(tmp_path / "s.csv"), workdir=work)
+    assert r.returncode == 0, r.stderr
+    for bad in (["Q1A"], ["M1A", "M1A"], ["M2A"], ["I3A", "M1A"], ["M01A"], ["M1A:I3A"]):
+        rows = [[m, TEMPLATE, 0.1, None, None, None] for m in bad]
+        scripted(monkeypatch, result_csv(rows), summary_for(rows, k=0))
+        r = cli("predict", eid, "--saturation", "--out", str(tmp_path / "bad.csv"), workdir=work)
+        assert r.returncode == 1 and "is not this saturation's table" in r.stderr, (bad, r.stderr)
+        assert not (tmp_path / "bad.csv").exists()
+
+
+@pytest.mark.parametrize("out", ["file", "-"])
+def test_a_summary_that_disagrees_with_the_rows_is_refused_before_anything_is_written(
+    one, monkeypatch, tmp_path, capfd, out
+):
+    # every row has an error, the summary claims them predicted: the old code believed the summary
+    work, eid, inp = one
+    rows = [[m, f"v{i}", None, None, "wild-type residue does not match", None, None]
+            for i, m in enumerate(INPUT_MUTANTS)]  # fmt: skip
+    scripted(monkeypatch, result_csv(rows, ("id",)), summary_for(rows, predicted=4, errors=0, errors_by_reason={}))
+    target = tmp_path / "p.csv"
+    r = cli("predict", eid, str(inp), "--out", str(target) if out == "file" else "-", workdir=work)
+    assert r.returncode == 1 and "has 4 rows (0 predicted) where its summary says 4 (4 predicted)" in r.stderr
+    assert "nothing was written" in r.stderr and not target.exists() and r.stdout == ""
+    # the honest summary of the same rows: none predicted is exit 2, the file written with the reasons
+    scripted(monkeypatch, result_csv(rows, ("id",)), summary_for(rows))
+    r = cli("predict", eid, str(inp), "--out", str(target), "--json", workdir=work)
+    assert r.returncode == 2 and "none of the 4 rows could be predicted" in r.stderr and target.exists()
+
+
+def test_a_flag_where_the_experiment_cannot_tell_it_is_refused(one, monkeypatch, tmp_path):
+    work, eid, inp = one  # no data/selected.parquet: the core was given nothing to tell measured from
+    rows = honest_rows(INPUT_MUTANTS, measured=True)
+    scripted(monkeypatch, result_csv(rows, ("id",)), summary_for(rows))
+    r = cli("predict", eid, str(inp), "--out", str(tmp_path / "p.csv"), workdir=work)
+    assert r.returncode == 1 and "says measured on rows though the experiment lacks the files" in r.stderr
+
+
+def test_a_result_cell_longer_than_the_request_can_give_is_refused(one, monkeypatch, tmp_path):
+    # the old reader took any cell up to the whole size bound (sys.maxsize field limit); now a cell is
+    # at most the longest INPUT cell or template plus FIELD_SLACK
+    from runner.run.predict_io import FIELD_SLACK
+
+    work, eid, inp = one
+    rows = honest_rows(INPUT_MUTANTS)
+    rows[2][4] = "x" * (FIELD_SLACK + 100)
+    rows[2][3] = None
+    scripted(monkeypatch, result_csv(rows, ("id",)), summary_for(rows))
+    before = csv.field_size_limit()
+    r = cli("predict", eid, str(inp), "--out", str(tmp_path / "p.csv"), workdir=work)
+    assert r.returncode == 1 and "is not a UTF-8 CSV of infra's (Error near data row 2: field larger" in r.stderr
+    assert csv.field_size_limit() == before
+
+
+def test_reading_interleaved_results_leaves_the_csv_field_limit_alone(tmp_path):
+    # two members' generators, advanced in turn and one abandoned: the old read_result saved and
+    # restored the process-wide limit inside each generator and left it at sys.maxsize
+    before = csv.field_size_limit()
+    folders = members(tmp_path, PREDICTIONS[:2])
+    a, b = (rows_of(f, ("id",)) for f in folders)
+    next(a), next(b), next(a)
+    list(a)  # the first one started ends first
+    list(b)
+    assert csv.field_size_limit() == before
+
+
+def test_inf_and_nan_predictions_are_not_infras_table(tmp_path):
+    from runner.errors import ExperimentFailed
+
+    for i, text in enumerate(("inf", "-inf", "nan", "1e999")):
+        content = result_csv([["H5A", "M", 1.0, None, None, None]]) + f'"Q4K","M",{text},,,\n'.encode()
+        with pytest.raises(ExperimentFailed, match=f"data row 2: the prediction '{text}' is not a finite number"):
+            list(rows_of(member_dir(tmp_path, f"r{i}", content)))
+
+
+def test_huge_member_predictions_merge_without_overflow(tmp_path):
+    # each member's 1e308 is a finite float the reader accepts; the old fsum/**2 raised OverflowError
+    # (a traceback) on the host
+    from runner.run.ensemble import parse_rank, top_rows
+
+    predictions = [[1e308, 1e200, 1.7e308, 1.0, 2.0], [1e308, -1e200, -1.7e308, 1.0, 2.0]]
+    rows = merged(tmp_path, "ucb:1.0", predictions)
+    assert (rows[0].prediction, rows[0].std) == (1e308, 0.0)
+    assert rows[1].prediction == 0.0 and rows[1].std == pytest.approx(math.sqrt(2) * 1e200)
+    assert rows[1].ucb == pytest.approx(math.sqrt(2) * 1e200)
+    assert (rows[2].prediction, rows[2].std, rows[2].ucb, rows[2].n) == (0.0, None, None, 2)  # std past the range
+    best, _ = top_rows(iter(rows), 5, parse_rank("ucb:1.0"))
+    assert [r.mutant for r in best] == ["H5A", "Q4K", "F6L", "M1A"]  # the row with no finite ucb is not ranked
+    from runner.run.predict import write_output
+    from runner.run.predict_io import Layout
+
+    write_output(iter(rows), Layout(("id",), True, True), "csv", tmp_path / "e.csv", tmp_path, None, 0)
+    got = list(csv.reader((tmp_path / "e.csv").open(newline="")))
+    assert got[3][3:7] == ["0.0", "", "2", ""]
+
+
+def test_every_table_cell_is_cut_but_asked_for_sequences(tmp_path):
+    from runner.cli.predict import CELL_MAX, ERROR_MAX, table_cells
+    from runner.run.predict import Predicted
+    from runner.run.predict_io import Layout, Row
+
+    long = Row("A1C:" * 1000, ["n" * 5000], TEMPLATE, None, "e" * 5000, None, None)
+    headers, body = table_cells(Predicted({}, Layout(("note",)), [long]), sequences=True)
+    cells = dict(zip(headers, body[0], strict=True))
+    assert len(cells["mutant"]) == len(cells["note"]) == CELL_MAX and cells["mutant"].endswith("…")
+    assert len(cells["error"]) == ERROR_MAX and cells["sequence"] == TEMPLATE
+
+
+def test_ucb_on_a_study_of_one_point_says_so(study_work):
+    inp = str(study_work.parent / "in.csv")
+    r = cli("predict", "--study", "blat-study", "--where", "train.lr=0.01", inp, "--rank", "ucb:1",
+            workdir=study_work)  # fmt: skip
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "study blat-study-00000000aa has one succeeded point matching --where" in r.stderr
+
+
+def test_a_prediction_state_whose_sources_are_not_objects_is_refused(study_work, tmp_path):
+    # `sources: [{...}, 5]`: the old length check skipped the 5 and the ensemble's template check
+    # then raised AttributeError (a traceback)
+    for eid in ("blat-s1-0000000000", "blat-s2-0000000001"):
+        path = study_work / "experiments" / eid / "config" / "predict.json"
+        state = json.loads(path.read_text())
+        path.write_text(json.dumps({**state, "sources": [*state["sources"], 5]}))
+    inp = str(study_work.parent / "in.csv")
+    r = cli("predict", "blat-s1-0000000000", "blat-s2-0000000001", inp, workdir=study_work, cwd=tmp_path)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "config/predict.json is not what the training writes" in r.stderr
+
+
+BROKEN_PIPE_DRIVER = """
+import json, sys
+import runner.run.backends
+from tests.test_predict_output import ScriptedCore
+result, summary = open(sys.argv[1], "rb").read(), json.load(open(sys.argv[2]))
+runner.run.backends.backend_of = lambda record: ScriptedCore(result, summary)
+from runner.cli import main
+main(sys.argv[3:])
+"""
+
+
+def test_out_dash_into_a_closed_pipe_stops_quietly(one, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    work, eid, _ = one
+    # several of write_output's 1 MiB copies (one large write into a closed pipe can end without EPIPE)
+    mutants = [f"{TEMPLATE[p % 60]}{p % 60 + 1}A" for p in range(40000)]
+    inp = tmp_path / "big.csv"
+    inp.write_text("mutant,id\n" + "".join(f"{m},v{i}\n" for i, m in enumerate(mutants)))
+    rows = [[m, f"v{i}", TEMPLATE, float(i), None, None, None] for i, m in enumerate(mutants)]
+    (tmp_path / "result.csv").write_bytes(result_csv(rows, ("id",)))
+    (tmp_path / "summary.json").write_text(json.dumps(summary_for(rows)))
+    (tmp_path / "driver.py").write_text(BROKEN_PIPE_DRIVER)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(scratch), "INFRA_WORKDIR": str(work)}
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "result.csv"), str(tmp_path / "summary.json"),
+         "predict", eid, str(inp), "--out", "-", "--workdir", str(work)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=env,
+    )  # fmt: skip
+    assert proc.stdout.read(100).startswith(b'"mutant","id"')  # `| head -c 100`
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+    assert list(scratch.iterdir()) == []  # the scratch folder is removed

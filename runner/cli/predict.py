@@ -14,7 +14,8 @@ from runner.run.backends import BackendName
 
 PREVIEW_ROWS = 10  # the table under a file written without --top
 TABLE_MAX = 1000  # the most rows a table shows (`--out -` on a terminal, --top N)
-CELL_MAX = 40  # characters of an input column's cell in the table
+CELL_MAX = 40  # characters of a mutant's or an input column's cell in the table
+ERROR_MAX = 120  # characters of an error cell in the table (the file has it whole)
 
 
 def predict(
@@ -132,18 +133,29 @@ def predict(
         timeout_s=timeout,
         rank=rank,
         study=sid,
+        where=tuple(where or ()),
     )
     stream = None
     if to_stdout and not table_only:
         sys.stdout.flush()
         stream = sys.stdout.buffer
-    result = run_predict(wd, request, None if backend is None else options.backend(backend), stream, preview)
-    summary = result.summary
-    if json_out:
-        emit_json(summary)
+    try:
+        result = run_predict(wd, request, None if backend is None else options.backend(backend), stream, preview)
+        summary = result.summary
+        if json_out:
+            emit_json(summary)
+            return
+        if shown:
+            _show(result, sequences)
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # `infra predict ... --out - | head` (or --table into one): the reader has all it wanted. The
+        # members ran (their containers are removed), the scratch folder went with the exception;
+        # stdout is pointed at /dev/null so that Python's exit flush finds no pipe. Exit 0, as `infra logs`.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
-    if shown:
-        _show(result, sequences)
     say(_summary_line(summary, table_only))
     written = summary["written"]
     if shown and len(result.shown) < written:
@@ -175,9 +187,11 @@ def _summary_line(summary: dict, table_only: bool) -> str:
     members = summary.get("members")
     what = f"ensemble of {len(members)} models (ranked by {summary['rank']}); " if members else ""
     place = "the table above" if table_only else summary["out"]
-    flags = ""
-    if summary.get("measured") is not None:
-        flags = f"; {summary['measured']:,} measured, {summary['in_train']:,} in training"
+    # each flag on its own: an experiment with data/selected.parquet but no splits/train.npy tells
+    # `measured` and not `in_train`
+    told = [f"{summary[k]:,} {word}" for k, word in (("measured", "measured"), ("in_train", "in training"))
+            if isinstance(summary.get(k), int)]  # fmt: skip
+    flags = "; " + ", ".join(told) if told else ""
     return (
         f"infra: {what}predicted {summary['predicted']:,} of {summary['rows']:,} rows"
         + (f" ({summary['errors']:,} with errors: {reasons})" if summary["errors"] else "")
@@ -188,7 +202,9 @@ def _summary_line(summary: dict, table_only: bool) -> str:
 
 def table_cells(result, sequences: bool) -> tuple[list[str], list[list[str]]]:
     """(headers, rows) of the table: mutant, the input's columns, [sequence], prediction, [std, n,
-    ucb], measured, in_train, and error when a shown row has one (pure; text not yet terminal-safe)."""
+    ucb], measured, in_train, and error when a shown row has one (pure; text not yet terminal-safe).
+    Every text cell is cut (mutant and input cells to CELL_MAX, errors to ERROR_MAX) but the
+    sequence, which --sequences asks for whole (the host refused any longer than the template)."""
     layout, rows = result.layout, result.shown
     members = len(result.summary.get("members") or [])
     errors = any(r.error for r in rows)
@@ -205,17 +221,18 @@ def table_cells(result, sequences: bool) -> tuple[list[str], list[list[str]]]:
 
     body = []
     for r in rows:
-        cells = [r.mutant, *(_cut(c) for c in r.inputs), *([r.sequence] if sequences else []), number(r.prediction)]
+        cells = [_cut(r.mutant), *(_cut(c) for c in r.inputs), *([r.sequence] if sequences else [])]
+        cells.append(number(r.prediction))
         cells += [number(r.std), str(r.n)] if layout.ensemble else []
         cells += [number(r.ucb)] if layout.ucb else []
         trained = f"{r.in_train}/{members}" if layout.ensemble and r.in_train is not None else flag(r.in_train)
-        cells += [flag(r.measured), trained, *([r.error] if errors else [])]
+        cells += [flag(r.measured), trained, *([_cut(r.error, ERROR_MAX)] if errors else [])]
         body.append(cells)
     return headers, body
 
 
-def _cut(text: str) -> str:
-    return text if len(text) <= CELL_MAX else text[: CELL_MAX - 1] + "…"
+def _cut(text: str, most: int = CELL_MAX) -> str:
+    return text if len(text) <= most else text[: most - 1] + "…"
 
 
 def _show(result, sequences: bool) -> None:

@@ -9,11 +9,12 @@ Decisions (docs/cli.md, "Predicting"):
 - Each member predicts the whole input (no --top); rows align by position and each row's mutant
   text must be the same in every member. The merge streams: one row of each member at a time.
 - A row's prediction is the mean of the members that predicted it, `std` their sample standard
-  deviation (ddof 1; none below two), `n` how many; `measured` is true when any member says so;
+  deviation (ddof 1; none below two, or beyond the float range), `n` how many (every prediction is
+  finite: `read_result` refuses inf and nan); `measured` is true when any member says so;
   `in_train` counts the members that trained on it; `error` is the first member's when none predicted.
 - `--rank mean` ranks by the mean; `--rank ucb:K` by mean + K·std (`ucb`), a row with n < 2 by its
-  mean (it has no spread to add). `--top N` keeps the N best in a heap (memory: N rows), ties by
-  input order.
+  mean (it has no spread to add); a row whose std or ucb is beyond the float range is not ranked.
+  `--top N` keeps the N best in a heap (memory: N rows), ties by input order; one model's too.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def study_members(workdir: Path, sid: str, where: list[str]) -> list[str]:
 
 def templates_of(exp) -> list:
     """The sources (name, template) of an experiment's `config/predict.json` (checked for shape by
-    `runner.run.predict.state_template_length` before)."""
+    `runner.run.predict.state_template_length` before: a list of objects with text names and templates)."""
     state = json.loads(safefs.read_bytes(exp.root, "config/predict.json"))
     return [(s.get("name"), s.get("template")) for s in state["sources"]]
 
@@ -139,15 +140,36 @@ def merge(members: list[Iterator[Row]], ids: list[str], rank: Rank) -> Iterator[
         yield combine(got, rank)
 
 
+def spread(values: list[float]) -> tuple[float | None, float | None]:
+    """(mean, sample standard deviation) of finite `values` ((None, None) for none; std None below
+    two). Computed on the values scaled by a power of two (exact) so that no intermediate overflows
+    (1e308 + 1e308, or (1e200 - -1e200)²); the mean of finite values is finite, a std beyond the
+    float range (values near ±1.8e308 of both signs) is None: the row then has no spread to show."""
+    n = len(values)
+    if not n:
+        return None, None
+    scale = math.frexp(max(abs(v) for v in values))[1]
+    scaled = [math.ldexp(v, -scale) for v in values]  # each in (-1, 1): sums and squares stay small
+    mean = math.fsum(scaled) / n
+    std = None
+    if n > 1:
+        deviation = math.sqrt(math.fsum((v - mean) ** 2 for v in scaled) / (n - 1))
+        try:
+            std = math.ldexp(deviation, scale)
+        except OverflowError:
+            std = None
+    return math.ldexp(mean, scale), std
+
+
 def combine(rows: list[Row], rank: Rank) -> Row:
     """The ensemble row of one variant's member rows (see the module's decisions)."""
     values = [r.prediction for r in rows if r.prediction is not None]
     n = len(values)
-    mean = math.fsum(values) / n if n else None
-    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    mean, std = spread(values)
     ucb = None
-    if rank.ucb and mean is not None:
+    if rank.ucb and mean is not None and (std is not None or n < 2):
         ucb = mean + rank.k * std if std is not None else mean
+        ucb = ucb if math.isfinite(ucb) else None  # beyond the float range: not ranked
     flags = [r.measured for r in rows if r.measured is not None]
     trained = [r.in_train for r in rows if r.in_train is not None]
     first = rows[0]

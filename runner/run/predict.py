@@ -10,11 +10,12 @@ one fresh output folder), or as a host process with `--backend local` (trusted c
 plan's `resources`, from the plan the record vouches for) and an overall time limit (`--timeout`).
 The core writes a CSV into a private folder beside `--out`; that file is the container's (any mode,
 any content), so the host never hands it over: it reads it row by row as untrusted input (a regular
-file no larger than the input can give, infra's header for this input, every cell checked:
-`runner.run.predict_io`) and writes a NEW file of its own beside `--out` (the invoker's, mode 0644 &
-~umask; CSV cells that a spreadsheet would run as a formula prefixed with a quote, or Parquet of
-infra's schema), then renames that into place: `--out` is either the complete new file or
-untouched. `--out -` writes that file to stdout once it is complete. Several experiments (ids, or a
+file no larger than the input can give, infra's header for this input, every cell checked, every
+row INPUT's own row or the template's next substitution: `runner.run.predict_io`), counts the rows
+itself (the core's summary is only checked against them), ranks `--top` itself, and writes a NEW
+file of its own beside `--out` (the invoker's, mode 0644 & ~umask; CSV cells that a spreadsheet
+would run as a formula prefixed with a quote, or Parquet of infra's schema), then renames that into
+place once every check passed: `--out` is either the complete new file or untouched. `--out -` writes that file to stdout once it is complete. Several experiments (ids, or a
 study's points) are an ensemble: each member runs as above, one after the other, and their rows
 are merged as they stream (`runner.run.ensemble`).
 """
@@ -48,7 +49,19 @@ from runner.errors import (
 )
 from runner.run.ensemble import check_same_templates, merge, parse_rank, top_rows
 from runner.run.jobs import PREDICT_MAX_TEMPLATE, Limits, core_error
-from runner.run.predict_io import Layout, Row, input_columns, open_result, read_result, writer_for
+from runner.run.predict_io import (
+    Layout,
+    Row,
+    field_chars,
+    field_limit,
+    input_checked,
+    input_columns,
+    longest_input_cell,
+    open_result,
+    read_result,
+    saturation_checked,
+    writer_for,
+)
 from runner.run.records import Experiment, find, plan_sha256
 
 log = logging.getLogger(__name__)
@@ -88,6 +101,7 @@ class PredictRequest:
     timeout_s: float = DEFAULT_TIMEOUT_S
     rank: str = "mean"
     study: str | None = None
+    where: tuple[str, ...] = ()  # the --where that chose the study's points (for messages)
 
     @property
     def to_stdout(self) -> bool:
@@ -133,6 +147,11 @@ def check_request(req: PredictRequest, workdir: Path | None = None) -> tuple[Pat
         raise UsageError(f"--timeout {req.timeout_s:g}: must be a positive number of seconds")
     rank = parse_rank(req.rank)
     if rank.ucb and len(req.experiment_ids) < 2:
+        if req.study:
+            raise UsageError(
+                f"--rank {req.rank}: study {req.study} has one succeeded point{' matching --where' if req.where else ''}"
+                ", and one model has no spread; run more seeds of it, or rank by mean"
+            )
         raise UsageError(f"--rank {req.rank}: one model has no spread; give several experiments or --study")
     fmt = output_format(None if req.to_stdout else req.out, req.fmt)
     source = None
@@ -247,9 +266,18 @@ def state_template_length(exp: Experiment) -> int:
         raise ExperimentFailed(f"{where} is not a readable prediction state; run the plan again with --rerun") from None
     sources = state.get("sources") if isinstance(state, dict) else None
     seq_len = state.get("seq_len") if isinstance(state, dict) else None
-    templates = [s.get("template") for s in sources if isinstance(s, dict)] if isinstance(sources, list) else []
-    if not templates or not all(isinstance(t, str) for t in templates) or type(seq_len) is not int:
-        raise ExperimentFailed(f"{where} names no templates or seq_len; run the plan again with --rerun")
+    # every source an object with a text name and template, as the training writes it (and as
+    # `runner.run.ensemble.templates_of` and the core read it)
+    fine = isinstance(sources, list) and bool(sources) and type(seq_len) is int
+    fine = fine and all(
+        isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("template"), str) for s in sources
+    )
+    if not fine:
+        raise ExperimentFailed(
+            f"{where} is not what the training writes (sources: objects with a name and a template; seq_len: a "
+            "number); the file was altered or is damaged: run the plan again with --rerun"
+        )
+    templates = [s["template"] for s in sources]
     longest = max(seq_len, *(len(t) for t in templates))
     if longest > PREDICT_MAX_TEMPLATE or seq_len < 1:
         raise ExperimentFailed(
@@ -400,9 +428,28 @@ class Member:
     backend: object
     image: tuple[str | None, str | None]
     bound: int
+    template_len: int  # the longest template or seq_len: no sequence of its result is longer
+    template: str | None  # the request's source's template (None: the core must refuse the request)
+
+    def tells(self, flag: str) -> bool:
+        """Whether the core was given the files to tell `measured` (data/selected.parquet) or `in_train`
+        (that and splits/train.npy): without them every row's flag must be empty."""
+        need = DATA_FILES[:1] if flag == "measured" else DATA_FILES
+        return all(rel in self.files for rel in need)
 
 
-def prepare_member(workdir: Path, eid: str, source: Path | None, req: PredictRequest, top, backend=None) -> Member:
+def source_template(exp: Experiment, source: str | None) -> str | None:
+    """The template the core predicts against: `--source`'s, or the only one (None when the request
+    does not pick one: the core refuses it)."""
+    from runner.run.ensemble import templates_of
+
+    sources = templates_of(exp)
+    if source is None:
+        return sources[0][1] if len(sources) == 1 else None
+    return next((t for n, t in sources if n == source), None)
+
+
+def prepare_member(workdir: Path, eid: str, source: Path | None, req: PredictRequest, backend=None) -> Member:
     """An experiment's checks before anything runs (a bad member stops the ensemble before its first
     container): succeeded, its model files, template length, vouched plan, limits, image."""
     from runner.run.backends import backend_of
@@ -421,7 +468,9 @@ def prepare_member(workdir: Path, eid: str, source: Path | None, req: PredictReq
         models=models,
         backend=chosen,
         image=chosen.experiment_image(record),
-        bound=output_bound(source, req.saturation, top, template_len),
+        bound=output_bound(source, req.saturation, None, template_len),  # every row: --top is the host's
+        template_len=template_len,
+        template=source_template(exp, req.source),
     )
 
 
@@ -431,10 +480,10 @@ def _predict(workdir: Path, req: PredictRequest, backend, stream, preview: int) 
     rank = parse_rank(req.rank)
     ensemble = len(req.experiment_ids) > 1
     layout = Layout(input_columns(source), ensemble, rank.ucb)
-    top = None if ensemble else req.top  # an ensemble's members predict every row: the host ranks the merge
-    members = [prepare_member(workdir, eid, source, req, top, backend) for eid in req.experiment_ids]
+    members = [prepare_member(workdir, eid, source, req, backend) for eid in req.experiment_ids]
     if ensemble:
         check_same_templates([m.exp for m in members])
+    ids = [m.exp.id for m in members]
     where = str(out) if out is not None else "stdout"
     scratch = Path(tempfile.mkdtemp(prefix=".infra-predict-", dir=out.parent if out else None))
     try:
@@ -442,21 +491,28 @@ def _predict(workdir: Path, req: PredictRequest, backend, stream, preview: int) 
         for i, member in enumerate(members):
             folder = scratch / f"m{i}"
             folder.mkdir(mode=0o700)
-            cores.append(run_member(workdir, member, folder, source, req, top, where))
-        ids = [m.exp.id for m in members]
-        results = [
-            read_result(open_result(scratch / f"m{i}", RESULT, m.bound, refusal(m.exp.id, where)), layout.inputs,
-                        refusal(m.exp.id, where))
-            for i, m in enumerate(members)
-        ]  # fmt: skip
-        counts = Counts()
-        rows = counts.through(merge(results, ids, rank) if ensemble else results[0])
-        if ensemble and req.top:
-            rows = iter(top_rows(rows, req.top, rank)[0])
-        written, shown = write_output(rows, layout, fmt, out, scratch, stream, preview)
+            cores.append(run_member(workdir, member, folder, source, req, where))
+        chars = field_chars(max(m.template_len for m in members), longest_input_cell(source))
+        with field_limit(chars):
+            counted = [Counts() for _ in members]
+            results = [
+                c.through(member_rows(scratch / f"m{i}", m, layout, source, refusal(m.exp.id, where)))
+                for i, (m, c) in enumerate(zip(members, counted, strict=True))
+            ]
+            merged = Counts()
+            rows = merged.through(merge(results, ids, rank) if ensemble else results[0])
+            if req.top:  # the host ranks, for one model as for an ensemble: the core gave every row
+                rows = iter(top_rows(rows, req.top, rank)[0])
+            summary: dict = {}
+
+            def check() -> None:  # every row read: before anything is put in place or on stdout
+                for m, core, c in zip(members, cores, counted, strict=True):
+                    cross_check(m, core, c, refusal(m.exp.id, where))
+                summary.update(summarise(cores, counted, merged))
+
+            written, shown = write_output(rows, layout, fmt, out, scratch, stream, preview, check)
     finally:
         safefs.remove_tree(scratch, ignore_errors=True)  # iterative: the container may leave any depth
-    summary = summarise(cores, counts, ensemble, top)
     summary.update(written=written, format=fmt, columns=layout.header(), out=str(out) if out else STDOUT)
     if ensemble:
         summary.update(
@@ -464,8 +520,9 @@ def _predict(workdir: Path, req: PredictRequest, backend, stream, preview: int) 
             study=req.study,
             rank=str(rank),
             members=[{"experiment_id": m.exp.id, "backend": m.backend.name, "checkpoint": m.checkpoint,
-                      **{k: c[k] for k in ("rows", "predicted", "errors", "seconds")}}
-                     for m, c in zip(members, cores, strict=True)],
+                      "rows": c.rows, "predicted": c.predicted, "errors": c.rows - c.predicted,
+                      "seconds": core["seconds"]}
+                     for m, core, c in zip(members, cores, counted, strict=True)],
         )  # fmt: skip
     else:
         summary.update(experiment_id=ids[0], checkpoint=members[0].checkpoint, backend=members[0].backend.name)
@@ -479,6 +536,15 @@ def _predict(workdir: Path, req: PredictRequest, backend, stream, preview: int) 
     return Predicted(summary, layout, shown)
 
 
+def member_rows(folder: Path, m: Member, layout: Layout, source: Path | None, refuse) -> Iterator[Row]:
+    """One member's result rows as they stream, each checked: infra's table (`read_result`), and the
+    request's rows: INPUT's mutant and cells row by row, or the template's single substitutions."""
+    rows = read_result(open_result(folder, RESULT, m.bound, refuse), layout.inputs, refuse, m.template_len)
+    if source is not None:
+        return input_checked(rows, source, refuse)
+    return saturation_checked(rows, m.template, refuse)
+
+
 def refusal(eid: str, where: str):
     def refuse(why: str) -> ExperimentFailed:
         return ExperimentFailed(f"prediction with {eid} left a result that {why}; nothing was written to {where}")
@@ -486,7 +552,7 @@ def refusal(eid: str, where: str):
     return refuse
 
 
-def run_member(workdir: Path, m: Member, folder: Path, source, req: PredictRequest, top, where: str) -> dict:
+def run_member(workdir: Path, m: Member, folder: Path, source, req: PredictRequest, where: str) -> dict:
     """Run one member's core into `folder` (its result: `folder/RESULT`, unread); its checked summary."""
     from runner.run.backends import CoreTimeout
     from runner.run.jobs import predict_job
@@ -495,7 +561,6 @@ def run_member(workdir: Path, m: Member, folder: Path, source, req: PredictReque
     started = time.perf_counter()
     core_args = ["--format", "csv"]
     core_args += ["--saturation"] if req.saturation else []
-    core_args += ["--top", str(top)] if top else []
     core_args += ["--source", req.source] if req.source else []
     job = predict_job(
         experiment_id=m.exp.id,
@@ -569,48 +634,73 @@ def _count(value) -> bool:
 
 
 class Counts:
-    """Rows, predicted rows and flags counted as the rows stream past (before --top keeps some)."""
+    """Rows, predicted rows and flags counted by the host as the rows stream past (before --top keeps
+    some): the summary's counts, never the core's."""
 
     def __init__(self):
         self.rows = self.predicted = self.measured = self.in_train = 0
-        self.flagged = False  # whether any row could tell measured/in_train
+        self.told = {"measured": False, "in_train": False}  # whether any row had the flag
 
     def through(self, rows: Iterator[Row]) -> Iterator[Row]:
         for row in rows:
             self.rows += 1
             self.predicted += row.prediction is not None
             if row.measured is not None:
-                self.flagged = True
+                self.told["measured"] = True
                 self.measured += row.measured
-            self.in_train += bool(row.in_train)
+            if row.in_train is not None:
+                self.told["in_train"] = True
+                self.in_train += bool(row.in_train)
             yield row
 
 
-def summarise(cores: list[dict], counts: Counts, ensemble: bool, top) -> dict:
-    """The summary's counts: the core's for one model (its --top saw every row; the host only the N
-    kept), the host's own over the merged rows for an ensemble (errors_by_reason: the first member's)."""
-    first = cores[0]
-    if not ensemble:
-        return {k: first[k] for k in ("rows", "predicted", "errors", "errors_by_reason", "measured", "in_train")}
-    if counts.rows != first["rows"]:
-        raise ExperimentFailed(
-            f"the members' results have {counts.rows:,} rows where their summaries say {first['rows']:,}; "
-            "nothing was written"
+def cross_check(m: Member, core: dict, counts: Counts, refuse) -> None:
+    """The core's summary against the rows the host read from its result: the same rows, predicted
+    rows and errors (its errors_by_reason adding up to them), the same flag counts; no flag where
+    the experiment lacks the files to tell it. A disagreement `refuse`s the result."""
+    got = (counts.rows, counts.predicted, counts.rows - counts.predicted)
+    said = (core["rows"], core["predicted"], core["errors"])
+    if got != said:
+        raise refuse(
+            f"has {got[0]:,} rows ({got[1]:,} predicted) where its summary says {said[0]:,} ({said[1]:,} predicted)"
         )
+    if sum(core["errors_by_reason"].values()) != got[2]:
+        raise refuse(f"has {got[2]:,} rows with errors where its summary's errors_by_reason add up to otherwise")
+    for flag in ("measured", "in_train"):
+        value = getattr(counts, flag)
+        if counts.told[flag] and not m.tells(flag):
+            raise refuse(f"says {flag} on rows though the experiment lacks the files to tell it")
+        if core[flag] is not None and core[flag] != value:
+            raise refuse(f"has {value:,} rows {flag} where its summary says {core[flag]:,}")
+
+
+def summarise(cores: list[dict], counted: list[Counts], merged: Counts) -> dict:
+    """The summary's counts: the host's own over the rows it read (every row: --top is applied after
+    counting); `measured`/`in_train` null when no member told them (no row has the flag and no core
+    said it could tell: the experiment lacks the files; for an ensemble `in_train` counts rows at
+    least one member trained on); errors_by_reason the first member's, checked to add up (`cross_check`)."""
+
+    def told(flag: str) -> bool:
+        return any(c.told[flag] or core[flag] is not None for core, c in zip(cores, counted, strict=True))
+
     return {
-        "rows": counts.rows,
-        "predicted": counts.predicted,
-        "errors": counts.rows - counts.predicted,
-        "errors_by_reason": first["errors_by_reason"],
-        "measured": counts.measured if counts.flagged else None,
-        "in_train": counts.in_train if counts.flagged else None,  # rows at least one member trained on
+        "rows": merged.rows,
+        "predicted": merged.predicted,
+        "errors": merged.rows - merged.predicted,
+        "errors_by_reason": cores[0]["errors_by_reason"],
+        "measured": merged.measured if told("measured") else None,
+        "in_train": merged.in_train if told("in_train") else None,
     }
 
 
-def write_output(rows, layout: Layout, fmt: str, out: Path | None, scratch: Path, stream, preview: int):
+def write_output(
+    rows, layout: Layout, fmt: str, out: Path | None, scratch: Path, stream, preview: int, before_commit=None
+):
     """Write `rows` as a new file of this process's (mode 0644 & ~umask) beside `out`, renamed into
     place once complete; for stdout (`out` None) into `scratch`, then copied to `stream` (only once
-    every row passed its checks: nothing half-written). (rows written, the first `preview` rows)."""
+    every row passed its checks: nothing half-written). `before_commit()`, called once every row is
+    read and before the rename or the copy, may still refuse (its exception leaves nothing written).
+    (rows written, the first `preview` rows)."""
     target = out if out is not None else scratch / f"output.{fmt}"
     shown: list[Row] = []
     written = 0
@@ -619,6 +709,8 @@ def write_output(rows, layout: Layout, fmt: str, out: Path | None, scratch: Path
             written += 1
             if len(shown) < preview:
                 shown.append(row)
+        if before_commit is not None:
+            before_commit()
         return written, shown
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -634,6 +726,8 @@ def write_output(rows, layout: Layout, fmt: str, out: Path | None, scratch: Path
             fh.flush()
             if out is not None:
                 os.fsync(fh.fileno())
+        if before_commit is not None:
+            before_commit()
         if out is not None:
             os.replace(tmp, out)
         else:
@@ -650,8 +744,9 @@ def deliver(scratch: Path, result_name: str, out: Path, fmt: str, bound: int, ei
     every row checked (`read_result`), formula cells neutralised, renamed into place or nothing
     written. The number of data rows."""
     refuse = refusal(eid, str(out))
-    rows = read_result(open_result(scratch, result_name, bound, refuse), tuple(inputs), refuse)
-    written, _ = write_output(rows, Layout(tuple(inputs)), fmt, out, scratch, None, 0)
+    with field_limit(field_chars(PREDICT_MAX_TEMPLATE, 0)):
+        rows = read_result(open_result(scratch, result_name, bound, refuse), tuple(inputs), refuse)
+        written, _ = write_output(rows, Layout(tuple(inputs)), fmt, out, scratch, None, 0)
     return written
 
 

