@@ -30,7 +30,7 @@ plan = json.load(open(sys.argv[1]))
 plan["data"]["db"] = os.path.abspath(os.path.join(os.path.dirname(sys.argv[1]), plan["data"]["db"]))
 plan["name"] = "blat-cv-f{split.fold}"
 plan["split"] = {"strategy": "random", "n_folds": 5, "fold": "all", "val_fraction": 0.1, "seed": 0}
-plan["train"]["max_epochs"] = 30
+plan["train"].update(max_epochs=40, early_stopping_patience=40)  # long enough to be read mid-training
 plan["tracking"] = {"mlflow_uri": sys.argv[3], "experiment": "blat-loop"}
 json.dump(plan, open(sys.argv[2], "w"), indent=2)
 EOF
@@ -65,9 +65,11 @@ WATCH=$!
 
 echo "\$ infra run plan.json --backend $BACKEND  (5 folds, a study, tracked live)"
 infra run "$TMP/plan.json" --workdir "$WORK" --backend "$BACKEND"
-wait $WATCH || true
+kill $WATCH 2>/dev/null || true   # it has ended when it saw a run mid-training
+wait $WATCH 2>/dev/null || true
 WATCH=
 cat "$TMP/live.txt"
+[ -s "$TMP/live.txt" ] || echo "(the watcher saw no run mid-training)"
 STUDY=$(infra ls --studies --workdir "$WORK" --json | "$PYTHON" -c '
 import json, sys
 print(next(s["study_id"] for s in json.load(sys.stdin)["studies"] if s["study_id"].startswith("blat-cv")))')

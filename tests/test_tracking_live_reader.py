@@ -91,7 +91,7 @@ def truncate_and_write(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
-def test_a_replaced_or_removed_file_stops_live_reading(tmp_path):
+def test_a_replaced_file_stops_live_reading_a_removed_one_is_waited_for(tmp_path):
     exp = experiment(tmp_path)
     jsonl(exp).write_bytes(epoch(0, a=1))
     reader = EpochReader(exp.root)
@@ -104,8 +104,12 @@ def test_a_replaced_or_removed_file_stops_live_reading(tmp_path):
     jsonl(removed).write_bytes(epoch(0, a=1))
     gone = EpochReader(removed.root)
     gone.new()
-    jsonl(removed).unlink()
-    assert gone.new() == [] and "removed" in gone.stopped
+    other = jsonl(removed).with_name("other.jsonl")
+    other.write_bytes(epoch(0, a=1) + epoch(1, a=2))  # made while the first exists: another inode
+    jsonl(removed).unlink()  # a docker study slot moves the folders back when its point ends
+    assert gone.new() == [] and gone.stopped is None
+    os.replace(other, jsonl(removed))  # another file where it was
+    assert gone.new() == [] and "replaced" in gone.stopped
 
 
 def test_a_link_in_place_of_metrics_is_not_followed(tmp_path):

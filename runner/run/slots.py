@@ -231,7 +231,9 @@ class Slot:
             on_begin()  # the record says running, with its start time
             from runner.run import tracking_live
 
-            tracking_live.begin(exp)  # the end (`lanes._final`) takes it; the study's lane ends what is left
+            # while the point runs its output folders are the process's (`outputs`): a docker slot's
+            # own folder. The end (`lanes._final`) takes the client; the study's lane ends what is left
+            tracking_live.begin(exp, outputs=self.process.outputs(exp))
 
         self.on_begin = begun
         return self.run_rest(on_line)

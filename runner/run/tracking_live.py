@@ -102,27 +102,30 @@ def _key(exp: Experiment, record: dict) -> tuple[str, int]:
     return (str(exp.root), int(record.get("attempt") or 0))
 
 
-def begin(exp: Experiment, record: dict | None = None) -> None:
+def begin(exp: Experiment, record: dict | None = None, outputs: Path | None = None) -> None:
     """Start live logging of the running attempt `record` (read when None) when its plan asks for
     tracking, the server is allowed and the client installed; otherwise nothing (the end reports why).
+    `outputs`: where the experiment's output folders (config/, metrics/) are while it runs, when not
+    in the experiment directory (a docker study slot moves them into its own folder until the point
+    ends: `slots.stage_outputs`).
 
     Never raises and never waits for the server: a problem here leaves the attempt to be logged
     post-hoc at its end, as before.
     """
     try:
-        _begin(exp, exp.read() if record is None else record)
+        _begin(exp, exp.read() if record is None else record, outputs or exp.root)
     except Exception as exc:  # noqa: BLE001 - the run must go on; its end logs it post-hoc and says why
         log.warning("%s: live MLflow logging not started (the run is logged when it ends): %s", exp.id, exc)
 
 
-def _begin(exp: Experiment, record: dict) -> None:
+def _begin(exp: Experiment, record: dict, outputs: Path) -> None:
     from runner.run.tracking import client_installed, live_run_id, refused_server, verified_plan
     from runner.settings import node_settings
 
     if record.get("state") != "running" or not record.get("started_at"):
         return
     try:
-        plan = verified_plan(exp, record)
+        plan = verified_plan(Experiment(outputs), record)  # the plan the host wrote, where it is now
     except (InfraError, OSError):
         return  # the end reports it (tracking_failed) with the reason
     tracking = plan.get("tracking") if plan else None
@@ -139,7 +142,7 @@ def _begin(exp: Experiment, record: dict) -> None:
         if key in _LIVE or live_run_id(exp, record) is not None or not _claim(exp, key[1]):
             return  # another follower (of this process or another) has the live run
         try:
-            _start(exp, record, key, uri, tracking, plan)
+            _start(exp, record, key, uri, tracking, plan, outputs)
         except BaseException:
             _unclaim(exp, key[1])  # nothing started: another follower may try
             raise
@@ -171,7 +174,9 @@ def _unclaim(exp: Experiment, attempt: int) -> None:
             pass
 
 
-def _start(exp: Experiment, record: dict, key: tuple[str, int], uri: str, tracking: dict, plan: dict) -> None:
+def _start(
+    exp: Experiment, record: dict, key: tuple[str, int], uri: str, tracking: dict, plan: dict, outputs: Path
+) -> None:
     from runner.run.tracking import run_tags
 
     folder = Path(tempfile.mkdtemp(prefix="infra-live-"))
@@ -180,6 +185,7 @@ def _start(exp: Experiment, record: dict, key: tuple[str, int], uri: str, tracki
             "uri": uri,
             "experiment": tracking.get("experiment") or plan["name"],
             "exp_root": str(exp.root),
+            "outputs_root": str(outputs),  # metrics/metrics.jsonl is read here while the attempt runs
             "attempt": key[1],
             "tags": run_tags(exp, record, live=True),
             "start_time": _ms(record["started_at"]),
@@ -237,9 +243,10 @@ class EpochReader:
     blocks), each byte read once and `METRICS_LINES_LIMIT` bytes in all, only complete lines (a line
     over `MAX_LINE` skipped, never buffered), each epoch once (its first record: an epoch already
     logged is not sent again), at most `MAX_METRIC_VALUES` values. The core only appends to the file,
-    so a file that shrank, was replaced (another inode) or removed, or is not a regular file is a
-    training tampering with it: the reader stops (`stopped` says why) and the attempt's end logs
-    the file post-hoc, with its own caps.
+    so a file that shrank, was replaced (another inode) or is not a regular file is a training
+    tampering with it: the reader stops (`stopped` says why) and the attempt's end logs the file
+    post-hoc, with its own caps. A file that is gone is waited for (a study slot moves the output
+    folders back when its point ends); one that reappears as another file is "replaced".
     """
 
     def __init__(self, root: Path):
@@ -269,7 +276,7 @@ class EpochReader:
                 fh.seek(self.offset)
                 chunk = fh.read(max(0, min(st.st_size, METRICS_LINES_LIMIT) - self.offset))
         except FileNotFoundError:
-            return self._stop("was removed") if self.identity is not None else []
+            return []  # not there yet, or moved back by the slot at the point's end: nothing to read
         except safefs.Tampered as exc:
             return self._stop(exc.message)
         self.offset += len(chunk)
@@ -367,7 +374,7 @@ class _LiveState:
         self.client = client
         self.payload = payload
         self.exp = Experiment(Path(payload["exp_root"]))
-        self.reader = EpochReader(self.exp.root)
+        self.reader = EpochReader(Path(payload.get("outputs_root") or payload["exp_root"]))
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.logged: dict[tuple[str, int], float] = {}  # (metric, step) → value, as sent
