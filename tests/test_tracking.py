@@ -129,6 +129,29 @@ def runs_of(uri: str, experiment: str) -> list:
 
 @pytest.mark.docker
 @pytest.mark.slow
+def test_docker_study_points_are_logged_live_from_the_slots_folders(
+    mlflow_server, base_image, workdir, run_user, monkeypatch
+):
+    """A docker study slot keeps a point's output folders in its own folder while the point runs; the
+    live client reads the plan and the epochs there (it found nothing in the experiment before)."""
+    allow(monkeypatch, mlflow_server)
+    plan = write_plan(workdir, "swept", tracking={"mlflow_uri": mlflow_server, "experiment": "infra-docker-study"})
+    os.chown(plan, run_user[0], run_user[1])
+    result = infra_as(run_user, "run", str(plan), "--json", "--sweep", "train.seed=11,12", workdir=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    points = json.loads(result.stdout)["experiments"]
+    assert len(points) == 2
+    for point in points:
+        exp_dir = Path(point["exp_dir"])
+        (started,) = host_events(exp_dir, "tracking_started")  # the live run, made when the point began
+        (tracked,) = host_events(exp_dir, "tracked")
+        assert tracked["run_id"] == started["run_id"]
+        assert not host_events(exp_dir, "tracking_live_stopped")  # the folders moving back is no tampering
+    assert {r.info.status for r in runs_of(mlflow_server, "infra-docker-study")} == {"FINISHED"}
+
+
+@pytest.mark.docker
+@pytest.mark.slow
 def test_container_run_is_tracked_and_logs_csv_and_tensorboard(
     mlflow_server, base_image, workdir, run_user, monkeypatch
 ):
