@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from runner.cli.options import JSON_OPT, WORKDIR_OPT, resolve_workdir
-from runner.cli.output import echo, emit_json, say
+from runner.cli.output import echo, emit_json, print_table, say
 from runner.lines import terminal_safe
 
 MAX_COMPLETIONS = 200
@@ -272,7 +272,6 @@ def logs(
     Example: infra logs blat-linear-3f2a9c01de --follow --tail 20
     """
     import os
-    import sys
 
     from runner.errors import UsageError
     from runner.run.logs import follow_logs
@@ -437,7 +436,7 @@ def ls(
     if json_out:
         emit_json({"experiments": docs})
         return
-    _print_table(*ls_cells(docs))
+    print_table(*ls_cells(docs))
 
 
 def ls_cells(docs: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -482,21 +481,4 @@ def _ls_studies(workdir: Path, json_out: bool) -> None:
         ]
         for d in docs
     ]
-    _print_table(headers, cells)
-
-
-def _print_table(headers: list[str], cells: list[list[str]]) -> None:
-    """A rich table on a terminal, aligned plain text otherwise."""
-    if sys.stdout.isatty():
-        from rich.console import Console
-        from rich.table import Table
-        from rich.text import Text
-
-        table = Table(*headers, box=None, header_style="bold")
-        for row in cells:
-            table.add_row(*(Text(c) for c in row))  # Text: a cell's "[link=…]" is text, not rich markup
-        Console().print(table)
-        return
-    widths = [max(len(r[i]) for r in [headers, *cells]) for i in range(len(headers))]
-    for row in [headers, *cells]:
-        echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    print_table(headers, cells)

@@ -55,3 +55,23 @@ def emit_event(event: dict) -> None:
     """One line of an `--events` JSON-lines stream, on stdout."""
     sys.stdout.write(json.dumps(event, default=str) + "\n")
     sys.stdout.flush()
+
+
+def print_table(headers: list[str], rows: list[list[str]], right: frozenset[str] = frozenset(), fold=False) -> None:
+    """A rich table on a terminal, aligned plain text otherwise (a pipe, a file). Columns named in
+    `right` are right-aligned on a terminal; `fold` wraps long cells there instead of cutting them."""
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(box=None, header_style="bold")
+        for h in headers:
+            table.add_column(h, justify="right" if h in right else "left", overflow="fold" if fold else "ellipsis")
+        for row in rows:
+            table.add_row(*(Text(c) for c in row))  # Text: a cell's "[link=…]" is text, not rich markup
+        Console().print(table)
+        return
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    for row in [headers, *rows]:
+        echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())

@@ -9,7 +9,7 @@ import typer
 from runner.cli import options
 from runner.cli.experiments import complete_experiment_ids, complete_study_ids, resolve_experiment, resolve_study
 from runner.cli.options import WORKDIR_OPT, resolve_workdir
-from runner.cli.output import echo, emit_json, say
+from runner.cli.output import emit_json, print_table, say
 from runner.run.backends import BackendName
 
 PREVIEW_ROWS = 10  # the table under a file written without --top
@@ -242,19 +242,4 @@ def _show(result, sequences: bool) -> None:
     headers, body = table_cells(result, sequences)
     headers = [terminal_safe(h, shown=True) for h in headers]
     body = [[terminal_safe(c, shown=True) for c in row] for row in body]
-    if sys.stdout.isatty():
-        from rich.console import Console
-        from rich.table import Table
-        from rich.text import Text
-
-        numeric = {"prediction", "std", "n", "ucb"}
-        grid = Table(box=None, header_style="bold")
-        for h in headers:
-            grid.add_column(h, justify="right" if h in numeric else "left", overflow="fold")
-        for row in body:
-            grid.add_row(*(Text(c) for c in row))  # Text: a cell's "[link=…]" is text, not rich markup
-        Console().print(grid)
-        return
-    widths = [max(len(r[i]) for r in [headers, *body]) for i in range(len(headers))]
-    for row in [headers, *body]:
-        echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    print_table(headers, body, right=frozenset({"prediction", "std", "n", "ucb"}), fold=True)
