@@ -450,10 +450,9 @@ def mutant_text(mutants: pa.Array) -> MutantText:
 
 
 def _delimiter(path: Path, header: str) -> str:
-    name = path.name.lower().removesuffix(".gz")
-    if name.endswith((".tsv", ".tab")):
-        return "\t"
-    return "\t" if "\t" in header and "," not in header else ","
+    from runner.data.tables import sniff_delimiter  # the host reads the same input the same way
+
+    return sniff_delimiter(header, path.name)
 
 
 def read_mutants(

@@ -174,6 +174,16 @@ def _check_header(name: str, header: list[str], where: str = "") -> list[str]:
     return header
 
 
+def sniff_delimiter(header: str, name: str = "") -> str:
+    """Tab for a `.tsv`/`.tab` file name (a `.gz` suffix ignored) or a header line with tabs and no
+    comma, else comma: the importer and `infra predict` (the host and the core, which must read the
+    same columns from one input) decide alike."""
+    stem = name.lower().removesuffix(".gz")
+    if stem.endswith((".tsv", ".tab")):
+        return "\t"
+    return "\t" if "\t" in header and "," not in header else ","
+
+
 def _text_rows(name: str, handle: io.TextIOBase, delimiter: str | None) -> Table:
     csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD))
     try:
@@ -183,7 +193,7 @@ def _text_rows(name: str, handle: io.TextIOBase, delimiter: str | None) -> Table
     if len(first) > MAX_ROW_CHARS:
         raise _row_too_long(f"{name}:1")
     if delimiter is None:  # sniff only what matters: a tab-separated header has tabs and no commas
-        delimiter = "\t" if "\t" in first and "," not in first else ","
+        delimiter = sniff_delimiter(first)
     try:
         header = next(csv.reader([first], delimiter=delimiter), [])
     except csv.Error as exc:

@@ -67,11 +67,10 @@ class Layout:
 
 
 def delimiter(path: Path, header: str) -> str:
-    """As the core decides (`runner.core.predict._delimiter`): a .tsv/.tab name, or a header with tabs and no comma."""
-    name = path.name.lower().removesuffix(".gz")
-    if name.endswith((".tsv", ".tab")):
-        return "\t"
-    return "\t" if "\t" in header and "," not in header else ","
+    """The input's delimiter, as the core decides it (`runner.data.tables.sniff_delimiter`)."""
+    from runner.data.tables import sniff_delimiter
+
+    return sniff_delimiter(header, path.name)
 
 
 def _open_input(source: Path, text_columns: list[str] | None = None):
