@@ -3,7 +3,7 @@
 Needs the base OS image and wheelhouse for the docker backend (see .ci/run), redis-server for
 `--queue`, and several minutes:
 
-    python benchmarks/bench_study.py [--backend docker|local] [--parallel 1,2] [--queue]
+    python benchmarks/bench_study.py [--backend docker|local] [--parallel 1,2] [--queue] [--epochs 2] [--limit 1500]
 
 Every variant runs the same grid in a workdir of its own (nothing is reused between them), in this
 one run, so the ratios compare like with like on a noisy machine. Prints per variant: the wall time
@@ -31,13 +31,13 @@ SEEDS = "0,1,2,3,4,5"
 RSS = re.compile(rb"infra-slot: point (\d+) ended \(-?\d+\); rss (\d+) MB, peak (\d+) MB")
 
 
-def make_workdir(top: Path, name: str, db: Path) -> tuple[Path, Path]:
+def make_workdir(top: Path, name: str, db: Path, limit: int = 1500, epochs: int = 2) -> tuple[Path, Path]:
     work = top / name
     shutil.copytree(REPO / "plugins_template", work)
     plan = json.loads((work / "plans" / "demo.json").read_text())
     plan["data"]["db"] = str(db)
-    plan["data"]["limit"] = 1500
-    plan["train"].update(max_epochs=2)
+    plan["data"]["limit"] = limit
+    plan["train"].update(max_epochs=epochs, early_stopping_patience=0)  # every point trains all its epochs
     plan.pop("model", None)
     plan["model"] = {"name": "ridge"}
     path = work / "plans" / "study.json"
@@ -83,14 +83,14 @@ def memory_lines(label: str, slots: dict[int, list[tuple[int, str, int, int]]]) 
     return lines
 
 
-def queue_variant(top: Path, db: Path, backend: str) -> float:
+def queue_variant(top: Path, db: Path, backend: str, limit: int, epochs: int) -> float:
     """The same grid submitted to Redis and run by two `infra worker --burst` (each with a warm slot)."""
     port = 6391
     server = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
                               stdout=subprocess.DEVNULL)  # fmt: skip
     try:
         time.sleep(0.5)
-        work, plan = make_workdir(top, "queue", db)
+        work, plan = make_workdir(top, "queue", db, limit, epochs)
         url = f"redis://127.0.0.1:{port}/0"
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "runner", "run", str(plan), "--sweep", f"model={MODELS}", "--sweep",
@@ -113,6 +113,8 @@ def main() -> int:
     parser.add_argument("--parallel", default="1,2", help="slot counts to measure, comma-separated")
     parser.add_argument("--queue", action="store_true", help="also the same grid through --submit and two workers")
     parser.add_argument("--skip-isolated", action="store_true", help="skip one-process-per-point (the slow baseline)")
+    parser.add_argument("--limit", type=int, default=1500, help="data.limit of every point (default 1500)")
+    parser.add_argument("--epochs", type=int, default=2, help="train.max_epochs of every point (default 2)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from runner.data.importer import build_demo_db
@@ -122,9 +124,9 @@ def main() -> int:
     build_demo_db(db)
     load = os.getloadavg()[0]
     print(f"# {os.cpu_count()} CPUs, load {load:.2f} before; backend {args.backend}; 24 points (4 models x 6 seeds,"
-          " data.limit 1500, 2 epochs)")  # fmt: skip
+          f" data.limit {args.limit}, {args.epochs} epochs)")  # fmt: skip
     if args.backend == "docker":  # every variant starts with the image built
-        warm, _ = make_workdir(top, "warm", db)
+        warm, _ = make_workdir(top, "warm", db, args.limit, args.epochs)
         subprocess.run(
             [sys.executable, "-m", "runner", "build", "--workdir", str(warm)], check=True, capture_output=True
         )
@@ -133,7 +135,7 @@ def main() -> int:
     variants += [(f"slots, --parallel {n}", ["--parallel", str(n)], n) for n in map(int, args.parallel.split(","))]
     baseline = None
     for label, extra, slots in variants:
-        work, plan = make_workdir(top, re.sub(r"\W+", "-", label), db)
+        work, plan = make_workdir(top, re.sub(r"\W+", "-", label), db, args.limit, args.epochs)
         wall, doc = run_sweep(work, plan, args.backend, extra)
         training = sum(p.get("training_seconds") or 0 for p in doc["experiments"])
         baseline = baseline or (wall if "--isolated" in extra else None)
@@ -145,7 +147,7 @@ def main() -> int:
         shown = f"{speedup:.2f}x" if speedup else "-"
         print(f"{label:40} {wall:8.1f} {training:12.1f} {ratio:17.2f} {shown:>9}")
     if args.queue:
-        wall = queue_variant(top, db, args.backend)
+        wall = queue_variant(top, db, args.backend, args.limit, args.epochs)
         print(f"{'--submit, 2 workers (warm slots)':40} {wall:8.1f}")
     print(f"# load {os.getloadavg()[0]:.2f} after")
     shutil.rmtree(top, ignore_errors=True)
