@@ -392,6 +392,55 @@ def test_worker_refuses_every_job_but_its_own_and_runs_nothing(redis_url, qworkd
         assert path in worker.stderr  # the node owner still sees why
 
 
+def test_a_study_plan_is_refused_by_submit_and_by_the_worker_before_anything_exists(redis_url, qworkdir):
+    """`split.fold: "all"` is a study (one experiment per fold), a job is one experiment: `infra submit`
+    refuses it before anything is enqueued, and a worker refuses such a job put on the queue by another
+    client before any experiment exists (before, the job created an experiment the core then refused)."""
+    import redis
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    from runner.queue.submit import FOLD_ALL_PROBLEM
+
+    plan = plan_file(qworkdir, "cv")
+    study = ("--set", "split.fold=all", "--set", "split.n_folds=3")
+    result = cli("submit", str(plan), "--redis", redis_url, *study, workdir=qworkdir)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == f"infra: error: {plan}: split.fold: {FOLD_ALL_PROBLEM}"
+    assert "'infra run PLAN --submit'" in FOLD_ALL_PROBLEM
+    assert status_doc(redis_url, qworkdir)["queues"] == []  # nothing enqueued
+
+    doc = {"name": "cv", "data": {"db": str(qworkdir / "data" / "blat.db")}, "model": {"name": "linear"},
+           "split": {"strategy": "random", "n_folds": 3, "fold": "all"}, "experiment_id": "h-cv"}  # fmt: skip
+    Queue("infra", connection=redis.Redis.from_url(redis_url), serializer=JSONSerializer).enqueue(
+        JOB_FUNC, args=(doc,), job_id="h-cv"
+    )
+    worker = infra("worker", "--redis", redis_url, "--backend", "local", "--burst", "--name", "cv",
+                   workdir=qworkdir, timeout=300)  # fmt: skip
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    job = job_of(redis_url, "h-cv")
+    assert job.get_status() == "failed"
+    assert job.latest_result().exc_string.strip().splitlines()[-1] == (
+        f"runner.errors.PlanError: job h-cv: split.fold: {FOLD_ALL_PROBLEM}"
+    )
+    assert not (qworkdir / "experiments").exists()
+
+
+@pytest.mark.core
+def test_a_warm_worker_refuses_an_unknown_component_before_the_experiment_exists(redis_url, qworkdir):
+    """The warm lane checks the plan's components against what the image registers, as `infra run` and
+    a study do: a misspelt model is refused with "did you mean", and no experiment folder is made."""
+    job_id = submit_plan(redis_url, qworkdir, plan_file(qworkdir, "typo", model={"name": "lineer"}))
+    worker = infra("worker", "--redis", redis_url, "--backend", "local", "--burst", "--name", "typo",
+                   workdir=qworkdir, timeout=300)  # fmt: skip
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    job = job_of(redis_url, job_id)
+    assert job.get_status() == "failed"
+    last = job.latest_result().exc_string.strip().splitlines()[-1]
+    assert last.startswith("runner.errors.PlanError: ") and "model.name" in last and "'linear'" in last, last
+    assert not (qworkdir / "experiments" / job_id).exists()
+
+
 def test_execute_plan_is_the_name_the_guard_allows():
     from runner.queue import job
 

@@ -59,7 +59,7 @@ def submit(
 
     wd = _optional_workdir(workdir)
     loaded = load_plan(plan, overrides or [], workdir=wd)
-    doc = enqueue(connect(redis_url), loaded.resolved, wd, queue_name=queue, retries=retries)
+    doc = enqueue(connect(redis_url), loaded.resolved, wd, queue_name=queue, retries=retries, source=loaded.source)
     if json_out:
         emit_json(doc)
     else:

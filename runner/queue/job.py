@@ -162,9 +162,10 @@ def _load_queued_plan(plan: dict, job_id: str | None, workdir):
     the detail that would let a queue client probe the worker's filesystem."""
     from runner.errors import PlanError, PlanIssue
     from runner.plan.load import load_plan_document
+    from runner.queue.submit import study_issues
 
     try:
-        return load_plan_document(plan, f"job {job_id}", workdir)
+        loaded = load_plan_document(plan, f"job {job_id}", workdir)
     except PlanError as exc:
         hidden = [i for i in exc.issues if i.path == "data.db"]
         if not hidden:
@@ -173,6 +174,10 @@ def _load_queued_plan(plan: dict, job_id: str | None, workdir):
             log.error("job %s: data.db: %s", job_id, issue.message)
         issues = [PlanIssue(i.path, HIDDEN_DB_PROBLEM) if i.path == "data.db" else i for i in exc.issues]
         raise PlanError(exc.source, issues) from None
+    issues = study_issues(loaded.plan.split.fold)  # a study put on the queue by another client
+    if issues:
+        raise PlanError(f"job {job_id}", issues)
+    return loaded
 
 
 def execute_plan(plan: dict) -> dict:

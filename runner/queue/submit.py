@@ -19,13 +19,27 @@ import time
 import uuid
 from pathlib import Path
 
-from runner.errors import EnvironmentProblem
+from runner.errors import EnvironmentProblem, PlanError, PlanIssue
 from runner.queue.connection import DEFAULT_QUEUE, queue, serializer
 
 SUBMIT_LOCK = "infra:submit-lock:{}"
 RESULT_TTL_S = 30 * 86400  # a finished job (and so the duplicate check) is kept for 30 days
 DEFAULT_RETRIES = 3
 PENDING = ("queued", "started", "deferred", "scheduled", "created")
+
+
+# A job is one experiment; `split.fold: "all"` is a study of one experiment per fold, which only
+# `infra run` expands (docs/studies.md). Said by `infra submit` before anything is enqueued, and by the
+# worker to a job some other client put on the queue, before anything exists.
+FOLD_ALL_PROBLEM = (
+    "'all' is a study (one experiment per fold) and a queue job is one experiment: put the study on the "
+    "queue with 'infra run PLAN --submit' (a job per fold), or set one fold"
+)
+
+
+def study_issues(fold) -> list[PlanIssue]:
+    """The issue of a plan whose `split.fold` makes it a study rather than one experiment."""
+    return [PlanIssue("split.fold", FOLD_ALL_PROBLEM)] if fold == "all" else []
 
 
 def submission_id(resolved: dict, workdir: Path | None) -> str:
@@ -45,9 +59,15 @@ def submission_id(resolved: dict, workdir: Path | None) -> str:
 
 
 def submit(
-    conn, resolved: dict, workdir: Path | None, queue_name: str = DEFAULT_QUEUE, retries: int = DEFAULT_RETRIES
+    conn,
+    resolved: dict,
+    workdir: Path | None,
+    queue_name: str = DEFAULT_QUEUE,
+    retries: int = DEFAULT_RETRIES,
+    source: str = "plan",
 ) -> dict:
-    """Enqueue a validated, resolved plan once; a duplicate is reported instead.
+    """Enqueue a validated, resolved plan once; a duplicate is reported instead. A study (`split.fold`
+    "all") is a PlanError naming `source` (the plan's file): nothing is enqueued.
 
     Returns {"job_id", "experiment_id", "queue", "status", "duplicate", "replaced"}.
     """
@@ -58,6 +78,9 @@ def submit(
     from runner.queue.job import JOB_FUNC  # the name RQ stores; the worker's guard allows only it
     from runner.run.records import now_iso
 
+    issues = study_issues((resolved.get("split") or {}).get("fold"))
+    if issues:
+        raise PlanError(source, issues)
     exp_id = submission_id(resolved, workdir)
     plan = {**resolved, "experiment_id": exp_id}
     lock = SUBMIT_LOCK.format(exp_id)

@@ -19,7 +19,16 @@ from filelock import FileLock
 from runner.errors import EXIT_OK
 from runner.plan.models import GpuRequest
 from runner.run.jobs import Limits, ModelPlaces, plm_places, slot_job
-from runner.run.launch import LOCK_TIMEOUT_S, BuildLog, Target, decide, open_attempt, plan_gpus, preflight_paths
+from runner.run.launch import (
+    LOCK_TIMEOUT_S,
+    BuildLog,
+    Target,
+    check_components,
+    decide,
+    open_attempt,
+    plan_gpus,
+    preflight_paths,
+)
 from runner.run.records import ACTIVE, Experiment, now_iso
 from runner.run.slots import PointEnd, Slot, slot_dir, slot_name
 from runner.run.spec import LABEL_PURPOSE, LABEL_SLOT, LABEL_STUDY
@@ -227,6 +236,8 @@ class WarmLane:
         build_log = BuildLog(opts.on_log)
         prepared = backend.prepare(workdir, gpus, build_log.add)
         image_id = backend.ensure_image(prepared, build_log.add)
+        # as `launch.run` and a study do: unknown components or parameters refused before anything exists
+        check_components([loaded], workdir, backend, prepared, build_log.add)
         target = Target.of(loaded, workdir, prepared.image_hash, gpus)
         spec = LaneSpec(backend, workdir, prepared.image_tag, image_id, (target.db,), gpus,
                         Limits.from_resources(loaded.plan.resources), self.group,
