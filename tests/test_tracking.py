@@ -133,17 +133,45 @@ def test_docker_study_points_are_logged_live_from_the_slots_folders(
     mlflow_server, base_image, workdir, run_user, monkeypatch
 ):
     """A docker study slot keeps a point's output folders in its own folder while the point runs; the
-    live client reads the plan and the epochs there (it found nothing in the experiment before)."""
+    live client reads the plan and the epochs there (it found nothing in the experiment before).
+
+    Each point is held at the gate after its first epoch until its live run exists: a point that ends
+    before the live client is ready is logged once at its end (no `tracking_started`), which is right,
+    but is not what this test is about, and on a loaded machine a 2-second point does that."""
+    from tests.e2e import add_gate_model, chown_to, wait_for
+
     allow(monkeypatch, mlflow_server)
-    plan = write_plan(workdir, "swept", tracking={"mlflow_uri": mlflow_server, "experiment": "infra-docker-study"})
+    add_gate_model(workdir, run_user)
+    plan = write_plan(workdir, "swept", model={"name": "gate", "params": {"after_checkpoint": True}},
+                      tracking={"mlflow_uri": mlflow_server, "experiment": "infra-docker-study"})  # fmt: skip
     os.chown(plan, run_user[0], run_user[1])
-    result = infra_as(run_user, "run", str(plan), "--json", "--sweep", "train.seed=11,12", workdir=workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    points = json.loads(result.stdout)["experiments"]
-    assert len(points) == 2
+    args = ("run", str(plan), "--json", "--sweep", "train.seed=11,12")
+    runner = infra_as(run_user, *args, workdir=workdir, background=True)
+    slots = workdir / "experiments" / ".slots"
+    opened: set[str] = set()
+    try:
+        for n in (1, 2):  # one slot: the points one after the other, each in the slot's points folder
+            (waiting,) = wait_for(lambda: [w for w in slots.glob("*/points/*/metrics/.gate-waiting")
+                                           if w.parent.parent.name not in opened] if slots.exists() else None,
+                                  300, f"point {n} at its gate")  # fmt: skip
+            point = waiting.parent.parent.name
+            exp_dir = workdir / "experiments" / point
+            wait_for(lambda exp_dir=exp_dir: host_events(exp_dir, "tracking_started"), 300,
+                     f"point {n}'s live MLflow run")  # fmt: skip
+            gate = waiting.with_name(".gate-open")
+            gate.touch()
+            chown_to(run_user, gate)
+            opened.add(point)
+        out, err = runner.communicate(timeout=600)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert runner.returncode == 0, err[-3000:]
+    points = json.loads(out)["experiments"]
+    assert len(points) == 2 and {p["experiment_id"] for p in points} == opened
     for point in points:
         exp_dir = Path(point["exp_dir"])
-        (started,) = host_events(exp_dir, "tracking_started")  # the live run, made when the point began
+        (started,) = host_events(exp_dir, "tracking_started")  # the live run, made while the point ran
         (tracked,) = host_events(exp_dir, "tracked")
         assert tracked["run_id"] == started["run_id"]
         assert not host_events(exp_dir, "tracking_live_stopped")  # the folders moving back is no tampering
