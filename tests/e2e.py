@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import DEFAULT_SIGINT
+
 REPO = Path(__file__).resolve().parent.parent
 TEST_USER = "infra-e2e"
 BASE_ENV = {"INFRA_BASE_OS": "infra-os:bookworm", "INFRA_TORCH_SPEC": "torch==2.13.0"}
@@ -86,6 +88,8 @@ def infra_as(run_user, *args, workdir: Path, background=False, timeout=900):
     env = {**os.environ, **BASE_ENV, "INFRA_WORKDIR": str(workdir), "PYTHONUNBUFFERED": "1"}
     env.pop("XDG_CONFIG_HOME", None)
     cmd = [sys.executable, "-c", "from runner.cli import main; main()", *args]
+    if background:  # a test may Ctrl-C it: SIGINT must not stay ignored (DEFAULT_SIGINT says why)
+        cmd = [*DEFAULT_SIGINT, *cmd]
     if os.geteuid() == 0 and uid != 0:
         env["HOME"] = pwd.getpwnam(name).pw_dir
         cmd = ["runuser", "-u", name, "--", *cmd]

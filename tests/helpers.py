@@ -183,6 +183,12 @@ def _warning_to_stderr(message, category, filename, lineno, file=None, line=None
 _CLI_IMPORT_ENV = _cli_import_env()
 
 
+# A process started while SIGINT is ignored keeps ignoring it (POSIX: `cmd &` in a script, `nohup`), and
+# Python then installs no KeyboardInterrupt handler: a suite launched in the background would see every
+# Ctrl-C test hang until its timeout. Tests that interrupt what they start run it through this.
+DEFAULT_SIGINT = ("env", "--default-signal=INT")
+
+
 def infra_background(*args: str, workdir: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
     """Start `infra ARGS` in its own session (so a test can signal its whole process group).
 
@@ -190,7 +196,7 @@ def infra_background(*args: str, workdir: Path, log: Path, env: dict | None = No
     """
     with open(log, "w") as fh:
         return subprocess.Popen(
-            [*INFRA, *args],
+            [*DEFAULT_SIGINT, *INFRA, *args],
             stdout=fh,
             stderr=subprocess.STDOUT,
             env=infra_env(workdir, env),
