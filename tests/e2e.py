@@ -26,14 +26,19 @@ def run_user():
     """(uid, gid, name) of a non-root user in the docker group; the current user when not root."""
     if os.geteuid() != 0:
         return os.getuid(), os.getgid(), pwd.getpwuid(os.getuid()).pw_name
-    try:
-        entry = pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--groups", "docker", TEST_USER], check=True)
-        entry = pwd.getpwnam(TEST_USER)
-    # useradd leaves the account locked ("!"), which sshd refuses even for key logins; "*" means
-    # "no password" without locking.
-    subprocess.run(["usermod", "-p", "*", TEST_USER], check=True)
+    from filelock import FileLock
+
+    # CI runs the two tiers side by side: each session sets the user up, and useradd/usermod refuse to
+    # run while the other holds /etc/passwd's lock ("cannot lock /etc/passwd; try again later").
+    with FileLock(f"{tempfile.gettempdir()}/{TEST_USER}-setup.lock"):
+        try:
+            entry = pwd.getpwnam(TEST_USER)
+        except KeyError:
+            subprocess.run(["useradd", "--create-home", "--groups", "docker", TEST_USER], check=True)
+            entry = pwd.getpwnam(TEST_USER)
+        # useradd leaves the account locked ("!"), which sshd refuses even for key logins; "*" means
+        # "no password" without locking.
+        subprocess.run(["usermod", "-p", "*", TEST_USER], check=True)
     probe = subprocess.run(
         ["runuser", "-u", TEST_USER, "--", sys.executable, "-c", "import runner, docker"],
         capture_output=True,
