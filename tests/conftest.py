@@ -137,6 +137,7 @@ def pytest_pycollect_makemodule(module_path, parent):
 
 def pytest_collection_modifyitems(config, items):
     _check_declarations(items)
+    _check_engine_marks(items)
     tier = config.stash[TIER]
     if tier == "all":
         return
@@ -166,6 +167,25 @@ def _check_declarations(items) -> None:
                 f"{item.path.name}: write its tier as a literal top-level `pytestmark = pytest.mark.core` "
                 "(or a list of pytest.mark entries): the host tier reads it without importing the module"
             )
+
+
+# The fixtures through which a test reaches the Docker engine (directly or through another fixture).
+ENGINE_FIXTURES = frozenset({"docker_client", "base_image"})
+
+
+def _check_engine_marks(items) -> None:
+    """A test that uses the engine carries the `docker` mark: CI runs the core tier's unmarked tests beside
+    the host leg's engine tests, and only the mark keeps an engine test out of that part (docs/testing.md)."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("docker") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            f"{', '.join(unmarked)}: {'uses' if len(unmarked) == 1 else 'use'} the Docker engine "
+            "(docker_client/base_image) without the docker mark: add @pytest.mark.docker"
+        )
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -288,6 +288,7 @@ def test_a_run_under_a_fixed_id_refuses_other_weights(tmp_path, store, mini_db):
         refuse_other_plan(target, {"plan_sha256": target.plan_sha, "model_sha256": "0" * 64})
 
 
+@pytest.mark.docker
 def test_dry_run_mounts_the_store_read_only_and_the_cache_read_write(tmp_path, store, mini_db, docker_client):
     wd = tmp_path / "wd"
     wd.mkdir()

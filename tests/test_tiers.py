@@ -106,3 +106,26 @@ def test_host_tier_collects_without_importing_torch(tmp_path):
     assert core_modules and not core_modules & collected
     assert "tests/test_tiers.py" in collected
     assert f"host tier: {len(core_modules)} core module(s) not collected, by design" in result.stdout
+
+
+def test_an_engine_test_without_the_docker_mark_stops_the_collection():
+    """CI runs the core tier's tests that lack the docker mark beside the host leg's engine tests: a test
+    that reaches the engine through a fixture, however indirectly, must carry the mark."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from tests.conftest import _check_engine_marks
+
+    def item(nodeid, fixtures, docker):
+        return SimpleNamespace(
+            nodeid=nodeid,
+            fixturenames=fixtures,
+            get_closest_marker=lambda name: object() if name == "docker" and docker else None,
+        )
+
+    _check_engine_marks(
+        [item("t::ok", ["tmp_path", "base_image", "docker_client"], True), item("t::pure", ["x"], False)]
+    )
+    with pytest.raises(pytest.UsageError, match=r"t::a, t::b: use the Docker engine .* add @pytest.mark.docker"):
+        _check_engine_marks([item("t::a", ["seeds", "base_image"], False), item("t::b", ["docker_client"], False)])
