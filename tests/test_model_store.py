@@ -316,7 +316,7 @@ def test_dry_run_mounts_the_store_read_only_and_the_cache_read_write(tmp_path, s
 def test_study_slots_and_predictions_get_the_store_and_the_cache(tmp_path, store, mini_db):
     from runner.plan.load import load_plan
     from runner.plan.models import GpuRequest
-    from runner.run.jobs import Limits, plm_places, predict_job, slot_job
+    from runner.run.jobs import Limits, PredictMember, plm_places, predict_job, slot_job
 
     assert cli("models", "add", "tiny", str(model_dir(tmp_path / "a"))).returncode == 0
     plm = load_plan(str(plm_plan(tmp_path, mini_db))).plan
@@ -328,8 +328,8 @@ def test_study_slots_and_predictions_get_the_store_and_the_cache(tmp_path, store
     assert (wd / "cache" / "embeddings").is_dir()
     slot = slot_job(slot_dir=tmp_path / "slot", dbs=(mini_db,), workdir=wd, name="s", gpus=GpuRequest(),
                     limits=Limits(), labels={}, idle_exit_s=1, alive_timeout_s=1, models=models)  # fmt: skip
-    predict = predict_job(experiment_id="e", exp_root=tmp_path / "e", checkpoint="ckpts/best.ckpt", state_files=(),
-                          source=None, out_dir=tmp_path / "out", result_name="r.csv", summary_name="s.json",
+    member = PredictMember("e", tmp_path / "e", "ckpts/best.ckpt", (), tmp_path / "out")
+    predict = predict_job(members=(member,), source=None, result_name="r.csv", summary_name="s.json",
                           core_args=(), workdir=wd, labels={}, name="p", limits=Limits(), timeout_s=10,
                           models=models)  # fmt: skip
     for job in (slot, predict):

@@ -598,18 +598,15 @@ def test_several_sources_need_source(trained, tmp_path):
 
 def test_predict_spec_mounts_only_what_prediction_reads_with_the_trainings_limits(tmp_path):
     from runner.errors import UsageError
-    from runner.run.jobs import Limits, predict_job
+    from runner.run.jobs import Limits, PredictMember, predict_job
     from runner.run.spec import LABEL_PURPOSE, LABEL_WORKDIR, container_spec, workdir_identity
     from runner.settings import node_settings
 
     exp = tmp_path / "experiments" / "e1"
+    member = PredictMember("e1", exp, "ckpts/best.ckpt", ("config/predict.json",), tmp_path / ".infra-predict-x")
     job = predict_job(
-        experiment_id="e1",
-        exp_root=exp,
-        checkpoint="ckpts/best.ckpt",
-        state_files=("config/predict.json",),
+        members=(member,),
         source=tmp_path / "in.csv",
-        out_dir=tmp_path / ".infra-predict-x",
         result_name="result.csv",
         summary_name="summary.json",
         core_args=("--format", "csv"),
@@ -641,6 +638,28 @@ def test_predict_spec_mounts_only_what_prediction_reads_with_the_trainings_limit
     assert spec.labels[LABEL_PURPOSE] == "predict" and spec.labels[LABEL_WORKDIR] == workdir_identity(tmp_path)
     with pytest.raises(UsageError, match="never run as uid 0"):
         container_spec(job, user=(0, 0), settings=node_settings())
+
+    # an ensemble's members of one image: one process, each member's files and output folder apart
+    second = PredictMember("e2", tmp_path / "experiments" / "e2", "ckpts/last.ckpt", (), tmp_path / "o2")
+    pair = predict_job(
+        members=(member, second), source=None, result_name="r.csv", summary_name="s.json", core_args=(),
+        workdir=tmp_path, labels={}, name="p", limits=Limits(), timeout_s=10,
+    ).with_image("infra-plugins:aaaaaaaaaaaa", "sha256:" + "a" * 64)  # fmt: skip
+    spec = container_spec(pair, user=(1000, 1000), settings=node_settings())
+    assert [m.describe() for m in spec.mounts] == [
+        f"{exp}/ckpts/best.ckpt:/exp/m0/ckpts/best.ckpt:ro",
+        f"{exp}/config/predict.json:/exp/m0/config/predict.json:ro",
+        f"{tmp_path}/experiments/e2/ckpts/last.ckpt:/exp/m1/ckpts/last.ckpt:ro",
+        f"{tmp_path}/.infra-predict-x:/out/m0:rw",
+        f"{tmp_path}/o2:/out/m1:rw",
+    ]
+    assert spec.command == (
+        "python", "-m", "runner.core.predict",
+        "--member", "/exp/m0", "/exp/m0/ckpts/best.ckpt", "/out/m0/r.csv", "/out/m0/s.json",
+        "--member", "/exp/m1", "/exp/m1/ckpts/last.ckpt", "/out/m1/r.csv", "/out/m1/s.json",
+        "--workdir", "/workdir",
+    )  # fmt: skip
+    assert pair.experiment_id == "e1"
 
 
 class PickledObject:

@@ -216,3 +216,29 @@ def test_local_ensemble_to_stdout_and_the_table(local_seeds, tmp_path):
             "--backend", "local", workdir=work)  # fmt: skip
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 3 and "sequence" in r.stdout.splitlines()[0]
     assert "wrote 2 rows to the table above" in r.stderr
+    r = cli("predict", "--study", sid, str(inp), "--out", str(tmp_path / "j.csv"), "--json", "--backend", "local",
+            workdir=work)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    members = json.loads(r.stdout)["members"]
+    assert [m["experiment_id"] for m in members] == ids
+    assert {m["run"] for m in members} == {0} and len({m["seconds"] for m in members}) == 1  # one core run
+
+
+@pytest.mark.core
+@pytest.mark.slow
+def test_the_member_that_fails_a_shared_run_is_named_and_nothing_is_written(local_seeds, tmp_path):
+    """The members of one image run in one core process; when the second one's checkpoint is not a
+    checkpoint, the first has already predicted: the error names the second, nothing is written."""
+    work, sid, ids = local_seeds
+    ckpt = work / "experiments" / ids[1] / "ckpts" / "best.ckpt"
+    kept = ckpt.read_bytes()
+    ckpt.write_bytes(b"not a checkpoint")
+    try:
+        out = tmp_path / "p.csv"
+        r = cli("predict", *ids, "--saturation", "--out", str(out), "--backend", "local", workdir=work, cwd=tmp_path)
+    finally:
+        ckpt.write_bytes(kept)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"prediction with {ids[1]}: " in r.stderr and "best.ckpt: not a usable checkpoint" in r.stderr
+    assert ids[0] + ":" not in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".infra-predict-*"))

@@ -701,27 +701,68 @@ def predict_to_file(
 # --- entry point ----------------------------------------------------------------------------------
 
 
+def predict_member(args, exp_dir: Path, checkpoint: Path, out: Path) -> dict:
+    """One experiment's prediction of the request in `args` (input or saturation, format, top, source)
+    into `out`; its summary."""
+    predictor = load_predictor(exp_dir, checkpoint, args.workdir, args.source)
+    if args.saturation and predictor.covariates:
+        raise DataError(
+            f"--saturation: the experiment was trained with data.covariates ({', '.join(predictor.covariates)}), "
+            "which a generated mutant has no values of; give the mutants and their covariates in an input file"
+        )
+    chunks = (
+        iter([saturation_mutants(predictor.template, predictor.vocab)])
+        if args.saturation
+        else read_mutants(args.input, covariates=predictor.covariates)
+    )
+    return predict_to_file(predictor, chunks, out, args.format, args.top)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m runner.core.predict",
         description="Score mutants with an experiment's trained model (what 'infra predict' runs).",
     )
-    parser.add_argument("--exp-dir", required=True, type=Path, help="experiment directory (config/ is read)")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="the checkpoint to load")
+    parser.add_argument("--exp-dir", type=Path, help="experiment directory (config/ is read)")
+    parser.add_argument("--checkpoint", type=Path, help="the checkpoint to load")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", type=Path, help="CSV/TSV with a 'mutant' column")
     source.add_argument("--saturation", action="store_true", help="every single substitution of the template")
-    parser.add_argument("--out", required=True, type=Path, help="output file (written atomically)")
+    parser.add_argument("--out", type=Path, help="output file (written atomically)")
     parser.add_argument("--format", choices=("csv", "parquet"), default="csv")
     parser.add_argument("--top", type=int, default=None, help="keep only the N best predictions")
     parser.add_argument("--source", default=None, help="which template when the training had several")
     parser.add_argument("--summary", type=Path, default=None, help="also write the JSON summary here")
     parser.add_argument("--workdir", type=Path, default=None, help="workdir with the plugin folders")
+    parser.add_argument(
+        "--member",
+        nargs=4,
+        action="append",
+        type=Path,
+        metavar=("EXP_DIR", "CHECKPOINT", "OUT", "SUMMARY"),
+        help="instead of --exp-dir/--checkpoint/--out/--summary, and repeatable: one experiment of an "
+        "ensemble, all predicted in this one process in order (the input is read once per member)",
+    )
     return parser
 
 
+def _members(args, parser) -> list[tuple[Path, Path, Path, Path | None]]:
+    """(exp_dir, checkpoint, out, summary) of each experiment to predict: the --member quadruples, or
+    the one experiment of --exp-dir/--checkpoint/--out[/--summary]."""
+    single = (args.exp_dir, args.checkpoint, args.out)
+    if args.member:
+        if any(v is not None for v in (*single, args.summary)):
+            parser.error("--member replaces --exp-dir, --checkpoint, --out and --summary: give one or the other")
+        return [tuple(m) for m in args.member]
+    if any(v is None for v in single):
+        parser.error("give --exp-dir, --checkpoint and --out (or --member, once per experiment)")
+    return [(*single, args.summary)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    members = _members(args, parser)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     # per-row problems are the output's `error` column, not a warning per chunk
     logging.getLogger("runner.core.variants").setLevel(logging.ERROR)
@@ -731,24 +772,16 @@ def main(argv: list[str] | None = None) -> int:
         from runner.core.cli import _set_threads
 
         _set_threads()  # resources.cpus, as the training: INFRA_THREADS
-        predictor = load_predictor(args.exp_dir, args.checkpoint, args.workdir, args.source)
-        if args.saturation and predictor.covariates:
-            raise DataError(
-                f"--saturation: the experiment was trained with data.covariates ({', '.join(predictor.covariates)}), "
-                "which a generated mutant has no values of; give the mutants and their covariates in an input file"
-            )
-        chunks = (
-            iter([saturation_mutants(predictor.template, predictor.vocab)])
-            if args.saturation
-            else read_mutants(args.input, covariates=predictor.covariates)
-        )
-        summary = predict_to_file(predictor, chunks, args.out, args.format, args.top)
-        if args.summary is not None:
-            args.summary.write_text(json.dumps(summary) + "\n", encoding="utf-8")
-        print(json.dumps(summary), flush=True)
-        if summary["predicted"] == 0:
+        # Members run in order and the first failure ends the process: the caller (infra predict) tells
+        # which member failed by the first summary missing, and the ensemble fails as a whole.
+        for exp_dir, checkpoint, out, summary_file in members:
+            summary = predict_member(args, exp_dir, checkpoint, out)
+            if summary_file is not None:
+                summary_file.write_text(json.dumps(summary) + "\n", encoding="utf-8")
+            print(json.dumps(summary), flush=True)
+        if len(members) == 1 and summary["predicted"] == 0:  # an ensemble's members are judged together
             print(
-                f"infra-predict: error: none of the {summary['rows']} rows could be predicted; see the error column of {args.out}",
+                f"infra-predict: error: none of the {summary['rows']} rows could be predicted; see the error column of {out}",
                 file=sys.stderr,
             )
             return 2

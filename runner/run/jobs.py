@@ -308,14 +308,22 @@ def core_error(verb: Verb, output: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class PredictMember:
+    """One experiment of a prediction: its folder, the files the core reads from it (the checkpoint and
+    the prediction state, relative to `exp_root`) and the fresh folder its result and summary go to."""
+
+    experiment_id: str
+    exp_root: Path
+    checkpoint: str
+    state_files: tuple[str, ...]
+    out_dir: Path
+
+
 def predict_job(
     *,
-    experiment_id: str,
-    exp_root: Path,
-    checkpoint: str,
-    state_files: tuple[str, ...],
+    members: tuple[PredictMember, ...],
     source: Path | None,
-    out_dir: Path,
     result_name: str,
     summary_name: str,
     core_args: tuple[str, ...],
@@ -326,47 +334,50 @@ def predict_job(
     timeout_s: float,
     models: ModelPlaces | None = None,
 ) -> CoreJob:
-    """`python -m runner.core.predict`: the checkpoint, the prediction state and the input read-only,
-    one fresh output folder written; the image's filesystem read-only with a private /tmp.
+    """`python -m runner.core.predict`: each member's checkpoint and prediction state and the input
+    read-only, each member's fresh output folder written; the image's filesystem read-only with a
+    private /tmp. Several members (an ensemble's experiments of one image) are predicted one after
+    another by the one process, each under `/exp/mI` and `/out/mI`; one member is `/exp` and `/out`.
 
     `limits` are the training's memory and CPUs (the plan's `resources`), never its network: a
     prediction always runs with network none. `timeout_s` bounds the whole run (`infra predict --timeout`).
     `models`: the model store and the embedding cache of a `plm` experiment (cached sequences are read,
     new ones computed and added).
     """
+    if not members:
+        raise ValueError("a prediction job needs at least one member")
     extra, env_places = _with_models(models)
-    exp = Place(exp_root, CONTAINER_EXP)
-    ckpt = Place(exp_root / checkpoint, f"{CONTAINER_EXP}/{checkpoint}")
-    reads = [ckpt, *(Place(exp_root / rel, f"{CONTAINER_EXP}/{rel}") for rel in state_files)]
-    args: list[str | Place] = list(core_args)
+    reads: list[Place] = []
+    outs: list[Place] = []
+    args: list[str | Place] = []
+    for i, m in enumerate(members):
+        exp_inside, out_inside = (
+            (CONTAINER_EXP, PREDICT_OUT) if len(members) == 1 else (f"{CONTAINER_EXP}/m{i}", f"{PREDICT_OUT}/m{i}")
+        )
+        ckpt = Place(m.exp_root / m.checkpoint, f"{exp_inside}/{m.checkpoint}")
+        reads += [ckpt, *(Place(m.exp_root / rel, f"{exp_inside}/{rel}") for rel in m.state_files)]
+        outs.append(Place(m.out_dir, out_inside, read_only=False))
+        exp = Place(m.exp_root, exp_inside)
+        result = Place(m.out_dir / result_name, f"{out_inside}/{result_name}", read_only=False)
+        summary = Place(m.out_dir / summary_name, f"{out_inside}/{summary_name}", read_only=False)
+        if len(members) == 1:
+            args += ["--exp-dir", exp, "--checkpoint", ckpt, "--out", result, "--summary", summary]
+        else:
+            args += ["--member", exp, ckpt, result, summary]
+    args += list(core_args)
     if source is not None:
         # the suffixes keep .tsv / .csv.gz for the reader
         inside = Place(source, f"{PREDICT_IN}/input{''.join(source.suffixes[-2:])}")
         reads.append(inside)
         args += ["--input", inside]
-    out = Place(out_dir, PREDICT_OUT, read_only=False)
-    result = Place(out_dir / result_name, f"{PREDICT_OUT}/{result_name}", read_only=False)
-    summary = Place(out_dir / summary_name, f"{PREDICT_OUT}/{summary_name}", read_only=False)
     return CoreJob(
         verb="predict",
         module="runner.core.predict",
-        args=(
-            "--exp-dir",
-            exp,
-            "--checkpoint",
-            ckpt,
-            "--out",
-            result,
-            "--summary",
-            summary,
-            *args,
-            "--workdir",
-            Place(workdir, CONTAINER_WORKDIR),
-        ),  # fmt: skip
-        places=(*reads, out, *extra),
+        args=(*args, "--workdir", Place(workdir, CONTAINER_WORKDIR)),
+        places=(*reads, *outs, *extra),
         workdir=workdir,
         name=name,
-        experiment_id=experiment_id,
+        experiment_id=members[0].experiment_id,
         labels=labels,
         environment={"PYTHONDONTWRITEBYTECODE": "1"},
         limits=Limits(limits.memory, limits.cpus, limits.shm_size, "none", limits.threads),
