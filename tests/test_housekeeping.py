@@ -270,7 +270,7 @@ def test_prune_images_dry_run_through_the_cli(docker_client, wd):
         for n in (1, 2):  # the same tag twice: the first image is left dangling
             dockerfile = f"FROM scratch\nLABEL infra.kind=test infra.test-prune={token} n={n}\n"
             image, _ = docker_client.images.build(
-                fileobj=io.BytesIO(dockerfile.encode()), tag=f"infra-test-prune-{token}:a"
+                fileobj=io.BytesIO(dockerfile.encode()), tag=f"infra-test-prune-{token}:a", rm=True
             )
             if n == 1:
                 dangling = image.id
@@ -282,6 +282,8 @@ def test_prune_images_dry_run_through_the_cli(docker_client, wd):
         assert doc["bytes"] == sum(i["size"] for i in doc["images"])
         assert f"would remove image {dangling[:19]} (dangling, 0 B)" in result.stderr
         assert docker_client.api.images(filters={"label": label, "dangling": True}, quiet=True) == [dangling]
-    finally:
+    finally:  # the builder's step containers carry the label too
+        for c in docker_client.containers.list(all=True, filters={"label": label}):
+            c.remove(force=True)
         for image_id in docker_client.api.images(filters={"label": label}, quiet=True):
             docker_client.api.remove_image(image_id, force=True)

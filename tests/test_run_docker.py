@@ -133,7 +133,7 @@ def test_docker_kill_leaves_failed_with_logs(base_image, workdir, run_user, dock
     assert "epoch" in (exp_dir / "container.log").read_text().lower()
 
 
-def test_ctrl_c_leaves_cancelled_with_checkpoint(base_image, workdir, run_user):
+def test_ctrl_c_leaves_cancelled_with_checkpoint(base_image, workdir, run_user, docker_client):
     # held at its first step: the checkpoint can only come from the stop
     add_gate_model(workdir, run_user)
     args = ("run", "plans/demo.json", *gated(after_checkpoint=False), "--stop-timeout", "60")
@@ -144,8 +144,10 @@ def test_ctrl_c_leaves_cancelled_with_checkpoint(base_image, workdir, run_user):
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # the Ctrl-C did not end it: neither it nor its gated training may linger
             proc.kill()
+            for container in labelled_containers(docker_client, workdir):
+                container.remove(force=True)
     assert proc.returncode == 130, err[-2000:]
     status = json.loads((exp_dir / "status.json").read_text())
     assert status["state"] == "cancelled"
