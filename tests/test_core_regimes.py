@@ -77,6 +77,23 @@ def test_position_wise_folds_are_recognised_from_the_rows_not_the_name(pg_db):
     assert not positionwise(variants, shuffled)
 
 
+def test_contiguous_folds_are_blocks_within_each_template():
+    """A multi-template set's contiguous folds start again at every template: still one block per fold
+    and template (counting the change at the template boundary called them scattered)."""
+    from types import SimpleNamespace
+
+    pos = np.tile(np.repeat(np.arange(1, 21), 2), 2)  # 2 templates x 20 positions x 2 variants
+    source = np.repeat([0, 1], 40)
+    two = SimpleNamespace(first_pos=pos, source=source)
+    blocks = (pos - 1) // 4  # 5 blocks of 4 positions in each template
+    assert positionwise(two, blocks) and contiguous_folds(two, blocks)
+    assert not contiguous_folds(two, (pos - 1) % 5)  # modulo folds are scattered
+    split_block = np.where((pos > 18) & (source == 1), 0, blocks)  # fold 0 also at template 1's end
+    assert not contiguous_folds(two, split_block)
+    one = SimpleNamespace(first_pos=pos[:40], source=None)
+    assert contiguous_folds(one, blocks[:40]) and not contiguous_folds(one, ((pos - 1) % 5)[:40])
+
+
 def test_a_position_wise_fold_column_validates_on_held_out_positions(tmp_path, pg_db, capsys):
     code, exp = train(tmp_path, pg_db, "modulo0", split={"strategy": "column", "column": "fold_modulo_5",
                                                            "n_folds": 5, "fold": 0})  # fmt: skip

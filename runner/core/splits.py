@@ -95,12 +95,18 @@ def positionwise(variants, folds: np.ndarray) -> bool:
 
 
 def contiguous_folds(variants, folds: np.ndarray) -> bool:
-    """Whether each fold of a position-wise column is one block of consecutive positions (per template)."""
+    """Whether each fold of a position-wise column is one block of consecutive positions of each template
+    (a multi-template set's folds start again at every template: that is no change of block)."""
     keys = _position_keys(variants)
     mutated = keys > 0
-    positions, first = np.unique(keys[mutated], return_index=True)
-    fold = np.asarray(folds)[mutated][first]  # positions in order, with their fold
-    return int((fold[1:] != fold[:-1]).sum()) == len(np.unique(fold)) - 1
+    _, first = np.unique(keys[mutated], return_index=True)
+    fold = np.asarray(folds)[mutated][first]  # positions in (template, position) order, with their fold
+    source = getattr(variants, "source", None)
+    template = np.asarray(source)[mutated][first] if source is not None else np.zeros(len(fold), dtype=np.int64)
+    within = template[1:] == template[:-1]
+    changes = int(((fold[1:] != fold[:-1]) & within).sum())
+    blocks = sum(len(np.unique(fold[template == t])) for t in np.unique(template))
+    return changes == blocks - len(np.unique(template))
 
 
 def _by_test_positions(test_mask: np.ndarray, spec: SplitSpec, variants, contiguous: bool) -> dict[str, np.ndarray]:
