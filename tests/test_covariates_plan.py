@@ -106,3 +106,19 @@ def test_infra_validate_names_an_unknown_covariate(tmp_path, zs_db):
     assert result.returncode == 2
     assert "data.covariates[0]: no column 'evmutaton'" in result.stderr
     assert "did you mean 'evmutation'?" in result.stderr
+
+
+def test_cnn_with_covariates_is_refused_by_the_plan_before_anything_starts(tmp_path, zs_db):
+    """The built-in cnn reads per-position features: the plan check says so (it was the core's refusal at
+    start, after the experiment existed), for one plan and for each point of a study."""
+    assert issues_of({**doc(zs_db, ["evmutation"]), "model": {"name": "cnn"}}) == [
+        "data.covariates: model 'cnn' convolves over residue positions, where covariates would be read as one "
+        "more residue; use ridge, linear, mlp or ge with covariates, or drop data.covariates"
+    ]
+    load_plan("plan.json", text=json.dumps({**doc(zs_db, []), "model": {"name": "cnn"}}))  # cnn alone is fine
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(doc(zs_db, ["evmutation"])))
+    result = cli("run", str(plan), "--sweep", "model.name=ridge,cnn", "--backend", "local", workdir=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "data.covariates: model 'cnn' convolves over residue positions" in result.stderr
+    assert not (tmp_path / "experiments").exists() and not (tmp_path / "studies").exists()

@@ -202,10 +202,9 @@ class VariantModule(L.LightningModule):
             from runner.core.covariates import CovariateEmbedding
 
             if model_name == "cnn":
-                raise ParamError(
-                    "data.covariates: model 'cnn' convolves over residue positions, where covariates would be "
-                    "read as one more residue; use ridge, linear, mlp or ge with covariates, or drop data.covariates"
-                )
+                from runner.plan.load import CNN_WITH_COVARIATES
+
+                raise ParamError(f"data.covariates: {CNN_WITH_COVARIATES}")
             self.embed = CovariateEmbedding(self.embed, list(covariates), embedding_name)
         # what the model sees per variant: the sequence's positions, or an embedding's own length
         # (1 for pooled pLM features)

@@ -168,6 +168,13 @@ def _resolve_db(plan: Plan, base_dir: Path, workdir: Path | None) -> Plan:
     return plan.model_copy(update={"data": data})
 
 
+# The built-in cnn cannot take covariates (the core refuses them too, for a plan it is handed directly).
+CNN_WITH_COVARIATES = (
+    "model 'cnn' convolves over residue positions, where covariates would be read as one more residue; "
+    "use ridge, linear, mlp or ge with covariates, or drop data.covariates"
+)
+
+
 def semantic_issues(plan: Plan, check_db: bool = True) -> list[PlanIssue]:
     """Checks a schema cannot express: cross-field rules and the database's real contents."""
     issues: list[PlanIssue] = []
@@ -189,6 +196,8 @@ def semantic_issues(plan: Plan, check_db: bool = True) -> list[PlanIssue]:
         issues.append(
             PlanIssue("split.column", "only used with split.strategy 'column'; remove it or set the strategy")
         )
+    if plan.data.covariates and plan.model.name == "cnn":
+        issues.append(PlanIssue("data.covariates", CNN_WITH_COVARIATES))
     if plan.data.target == "DMS_score_bin" and plan.data.transform != "none":
         issues.append(PlanIssue("data.transform", "applies to regression only; use 'none' with target DMS_score_bin"))
     issues.extend(_size_issues(plan))
