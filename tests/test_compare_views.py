@@ -300,10 +300,15 @@ def test_ls_json_carries_the_same_fields(study):
 
 
 def test_ls_of_one_study_and_the_list_of_studies(study):
+    # an experiment of no study, recorded running by a process long gone: `ls` would reconcile it
+    other = make_experiment(study, "blat-0ther00001", plan_of("blat-0ther00001", "ridge", 9, study / "data" / "pg.db"),
+                            None, state="running", minute=40)  # fmt: skip
     result = run(study, "ls", "--study", "blat-st")
     assert result.returncode == 0, result.stderr
     ids = [line.split()[0] for line in result.stdout.splitlines()[1:]]
     assert ids == ["blat-0a1b2c3d4e", "blat-0a9f8e7d6c", "blat-5c0ffee000", "blat-5cab000001", "blat-9dead00002"]
+    assert other.read()["state"] == "running"  # one study's listing reads and reconciles only its points
+    assert "blat-0ther00001  lost" in run(study, "ls").stdout and other.read()["state"] == "lost"
     studies = run(study, "ls", "--studies")
     assert studies.stdout == (
         "STUDY                  NAME  POINTS  STATES                            CREATED\n"

@@ -429,7 +429,7 @@ def ls(
 
         points = read_study(wd, resolve_study(wd, study))["points"]
         order = {p["experiment_id"]: i for i, p in enumerate(points) if p["experiment_id"]}
-    rows = list_experiments(wd, states=state or None, since=since)
+    rows = list_experiments(wd, states=state or None, since=since, only=set(order) if order is not None else None)
     if order is not None:
         rows = sorted((r for r in rows if r.get("experiment_id") in order), key=lambda r: order[r["experiment_id"]])
     docs = [{**status_document(r), **listing_fields(r)} for r in rows]

@@ -110,8 +110,11 @@ def parse_since(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def list_experiments(workdir: Path, states: list[str] | None = None, since: str | None = None) -> list[dict]:
-    """Reconciled records of the workdir's experiments, newest first; one engine client for all.
+def list_experiments(
+    workdir: Path, states: list[str] | None = None, since: str | None = None, only: set[str] | None = None
+) -> list[dict]:
+    """Reconciled records of the workdir's experiments (`only` these ids, when given: nothing else is
+    read or reconciled), newest first; one engine client for all.
 
     A record that cannot be read is listed with state "unreadable" and the reason, never skipped
     silently and never a reason for the whole listing to fail.
@@ -127,6 +130,8 @@ def list_experiments(workdir: Path, states: list[str] | None = None, since: str 
     backends: dict = {}
     rows = []
     for exp in all_experiments(workdir):
+        if only is not None and exp.id not in only:
+            continue
         try:
             record = exp.read()
             if record.get("state") in ACTIVE:
