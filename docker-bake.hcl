@@ -51,8 +51,9 @@ target "base" {
     INFRA_VERSION = INFRA_VERSION
   }
   labels = {
-    "infra.kind"    = "base"
-    "infra.version" = INFRA_VERSION
+    "infra.kind"     = "base"
+    "infra.version"  = INFRA_VERSION
+    "infra.core_api" = "2" # runner.images.builds.CORE_API: what the core can do for the host
   }
   tags = [BASE_TAG]
 }
@@ -76,8 +77,9 @@ target "plugins" {
     BASE = BASE_TAG
   }
   labels = {
-    "infra.kind"    = "plugins"
-    "infra.version" = INFRA_VERSION
+    "infra.kind"     = "plugins"
+    "infra.version"  = INFRA_VERSION
+    "infra.core_api" = "2" # runner.images.builds.CORE_API
   }
   tags = [PLUGIN_TAG]
 }

@@ -74,6 +74,7 @@ def test_base_target_matches_the_runner(bake):
     assert base["args"]["BASE_IMAGE"] == default
     assert base["args"]["INFRA_VERSION"] == spec.buildargs["INFRA_VERSION"] == runner.__version__
     assert base["labels"]["infra.kind"] == spec.labels["infra.kind"] == "base"
+    assert base["labels"]["infra.core_api"] == spec.labels["infra.core_api"] == str(builds.CORE_API)
 
 
 def test_cpu_target_matches_the_runner_cpu_args(bake):
@@ -93,3 +94,4 @@ def test_plugins_target_matches_the_runner(bake, tmp_path):
     assert set(plugins["args"]) == set(spec.buildargs) == dockerfile_args(REPO / builds.PLUGIN_DOCKERFILE)
     assert plugins["labels"]["infra.kind"] == spec.labels["infra.kind"] == "plugins"
     assert plugins["labels"]["infra.version"] == runner.__version__
+    assert plugins["labels"]["infra.core_api"] == spec.labels["infra.core_api"] == str(builds.CORE_API)

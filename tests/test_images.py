@@ -149,6 +149,7 @@ def test_plugin_labels_and_args(tmp_path):
         "infra.kind": "plugins",
         "infra.version": runner.__version__,
         "infra.content_hash": spec.content_hash,
+        "infra.core_api": str(builds.CORE_API),
         "infra.base_image": "sha256:aaa",
     }
     assert spec.describe()["context"][0] == "Dockerfile"

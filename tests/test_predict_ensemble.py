@@ -129,6 +129,9 @@ def test_a_studys_ensemble_is_its_members_predictions_combined(seeds, run_user, 
     assert os.stat(out).st_uid == run_user[0]
     assert labelled_containers(docker_client, work) == []  # every member's container is removed
     assert not [p for p in work.iterdir() if p.name.startswith(".infra-predict-")]
+    # the members' image says its core predicts several experiments in one run (what grouping asks)
+    record = json.loads((work / "experiments" / ids[0] / "status.json").read_text())
+    assert docker_client.images.get(record["image_id"]).labels["infra.core_api"] == "2"
 
 
 @pytest.mark.docker

@@ -382,6 +382,9 @@ class ScriptedCore:
     def experiment_image(self, record):
         return None, None
 
+    def predicts_members_together(self, image):
+        return False  # one scripted result per run
+
     def run_once(self, job):
         from runner.run.backends import CoreOutput
 
@@ -662,3 +665,22 @@ def test_out_dash_into_a_closed_pipe_stops_quietly(one, tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
     assert list(scratch.iterdir()) == []  # the scratch folder is removed
+
+
+def test_members_share_a_run_only_when_their_images_core_can():
+    """An ensemble's members of one backend, image, limits and model store share one core run, in the
+    members' order; a member whose image's core predates shared runs (an older experiment) runs alone."""
+    from types import SimpleNamespace
+
+    from runner.run.jobs import Limits
+    from runner.run.predict import share_a_start
+
+    def member(image, together=True, limits=Limits(), backend="docker"):
+        return SimpleNamespace(backend=SimpleNamespace(name=backend), image=(f"t{image}", f"i{image}"),
+                               limits=limits, models=None, together=together)  # fmt: skip
+
+    members = [member(1), member(2), member(1), member(1, limits=Limits(memory="1g")), member(2), member(1)]
+    assert share_a_start(members) == [[0, 2, 5], [1, 4], [3]]
+    old = [member(1, together=False), member(1, together=False), member(1)]
+    assert share_a_start(old) == [[0], [1], [2]]
+    assert share_a_start([member(1), member(1, backend="local")]) == [[0], [1]]

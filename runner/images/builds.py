@@ -57,6 +57,12 @@ LABEL_KIND = "infra.kind"
 LABEL_VERSION = "infra.version"
 LABEL_CONTENT_HASH = "infra.content_hash"
 LABEL_BASE_IMAGE = "infra.base_image"
+# What the core inside an image can do for the host, as a level that grows with it; an image without
+# the label is level 1 (built before it existed). 2: `runner.core.predict --member` (several
+# experiments predicted by one core run). The host asks before relying on it: old experiments keep
+# predicting in their own images.
+LABEL_CORE_API = "infra.core_api"
+CORE_API = 2
 
 BASE_REPO = "infra-base"
 PLUGIN_REPO = "infra-plugins"
@@ -168,7 +174,12 @@ def base_build_args(base_image: str | None = None, torch_spec: str | None = None
 
 def labels_for(kind: str, content_hash: str, **extra: str) -> dict:
     """The `infra.*` labels every image carries."""
-    labels = {LABEL_KIND: kind, LABEL_VERSION: runner.__version__, LABEL_CONTENT_HASH: content_hash}
+    labels = {
+        LABEL_KIND: kind,
+        LABEL_VERSION: runner.__version__,
+        LABEL_CONTENT_HASH: content_hash,
+        LABEL_CORE_API: str(CORE_API),
+    }
     labels.update({f"infra.{k}": v for k, v in extra.items()})
     return labels
 

@@ -427,6 +427,7 @@ class Member:
     models: object
     backend: object
     image: tuple[str | None, str | None]
+    together: bool  # its image's core predicts several experiments in one run (an older one may not)
     bound: int
     template_len: int  # the longest template or seq_len: no sequence of its result is longer
     template: str | None  # the request's source's template (None: the core must refuse the request)
@@ -460,6 +461,7 @@ def prepare_member(workdir: Path, eid: str, source: Path | None, req: PredictReq
     plan = vouched_plan(exp, record)
     models = plan_models(plan, record, workdir)
     chosen = backend or backend_of(record)
+    image = chosen.experiment_image(record)
     return Member(
         exp=exp,
         checkpoint=ckpt,
@@ -467,7 +469,8 @@ def prepare_member(workdir: Path, eid: str, source: Path | None, req: PredictReq
         limits=Limits.from_resources(plan.resources),
         models=models,
         backend=chosen,
-        image=chosen.experiment_image(record),
+        image=image,
+        together=chosen.predicts_members_together(image),
         bound=output_bound(source, req.saturation, None, template_len),  # every row: --top is the host's
         template_len=template_len,
         template=source_template(exp, req.source),
@@ -560,10 +563,12 @@ def refusal(eid: str, where: str):
 def share_a_start(members: list[Member]) -> list[list[int]]:
     """The members' indices grouped by what their core run needs to be one (backend, image, limits,
     model store), in the members' order: an ensemble of one study's seeds is one group, so it pays one
-    core start-up (about 6 s of importing torch and Lightning) instead of one per member."""
+    core start-up (about 6 s of importing torch and Lightning) instead of one per member. A member whose
+    image's core predates shared runs (`Member.together` false) runs alone."""
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(members):
-        groups.setdefault((m.backend.name, m.image, m.limits, m.models), []).append(i)
+        key = (m.backend.name, m.image, m.limits, m.models) if m.together else ("alone", i)
+        groups.setdefault(key, []).append(i)
     return list(groups.values())
 
 
@@ -617,8 +622,13 @@ def run_members(
         eid = group[failed].exp.id
         try:
             core_summary(folders[failed], output.exit_code, output.stderr, eid)
-        except DataError as exc:  # a refusal says what, not whose: name the member
-            raise DataError(f"prediction with {eid}: {exc.message}") from None
+        except DataError as exc:  # a refusal says what, not always whose: name the member
+            named = (
+                exc.message
+                if exc.message.startswith(f"prediction with {eid} ")
+                else f"prediction with {eid}: {exc.message}"
+            )
+            raise DataError(named) from None
     seconds = round(time.perf_counter() - started, 3)
     summaries = []
     for m, folder in zip(group, folders, strict=True):

@@ -132,6 +132,10 @@ class Backend(Protocol):
     def experiment_image(self, record: dict) -> tuple[str | None, str | None]:
         """(tag, id) of the image an experiment ran in, checked against the engine (None, None: no image)."""
 
+    def predicts_members_together(self, image: tuple[str | None, str | None]) -> bool:
+        """Whether the core that runs in `image` (what `experiment_image` gave) predicts several experiments
+        in one run (`runner.core.predict --member`); an experiment's older image may not."""
+
     def run_once(self, job: CoreJob) -> CoreOutput:
         """Run a short core job to its end (prediction, discovery); CoreTimeout past `job.timeout_s`."""
 

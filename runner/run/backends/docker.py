@@ -307,6 +307,13 @@ class DockerBackend:
             )
         return tag, image_id
 
+    def predicts_members_together(self, image: tuple[str | None, str | None]) -> bool:
+        from runner import engine
+        from runner.images.builds import LABEL_CORE_API
+
+        level = engine.image_labels(self.handle.require(), image[1]).get(LABEL_CORE_API) if image[1] else None
+        return isinstance(level, str) and level.isdigit() and int(level) >= 2
+
     def run_once(self, job: CoreJob) -> CoreOutput:
         from runner import engine
 

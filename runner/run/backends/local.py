@@ -194,6 +194,9 @@ class LocalBackend:
     def experiment_image(self, record: dict) -> tuple[None, None]:
         return None, None  # the host's own core runs any experiment's model
 
+    def predicts_members_together(self, image: tuple[str | None, str | None]) -> bool:
+        return True  # the host's own core
+
     def run_once(self, job: CoreJob) -> CoreOutput:
         require_core()
         # Files, not pipes: what is kept of either stream stays bounded however much the core prints.
