@@ -513,6 +513,21 @@ def test_bad_paths_exit_codes_and_messages(local_run, tmp_path):
 
 
 @pytest.mark.docker
+def test_an_image_shares_prediction_runs_only_when_its_label_says_its_core_can(base_image, docker_client):
+    """infra's images carry infra.core_api 2 (`--member`); an image without it (one built by an older
+    infra, here the bare OS image the base is made from) gets one prediction run per member."""
+    from runner.run.backends import backend_for
+    from tests.e2e import BASE_ENV
+
+    backend = backend_for("docker")
+    assert backend.predicts_members_together((base_image.tag, base_image.id))
+    bare = docker_client.images.get(BASE_ENV["INFRA_BASE_OS"])
+    assert "infra.core_api" not in (bare.labels or {})
+    assert not backend.predicts_members_together((BASE_ENV["INFRA_BASE_OS"], bare.id))
+    assert not backend.predicts_members_together((None, None))
+
+
+@pytest.mark.docker
 @pytest.mark.slow
 def test_docker_predict_in_the_experiments_image(base_image, workdir, run_user, docker_client, tmp_path):
     import pandas as pd
